@@ -1,0 +1,230 @@
+"""The one place that knows SNAC: loading, chunk geometry, batched encode / seam-free decode.
+
+Geometry (DESIGN §1) is derived from the codec config, never hard-coded:
+
+    hop_length        = prod(encoder_rates)                         384 for snac_32khz
+    strides           = vq_strides, coarse -> fine                  (8, 4, 2, 1)
+    frames_per_chunk  = CHUNK_A_FRAMES * strides[0] // strides[l]   (64, 128, 256, 512)
+    samples_per_chunk = CHUNK_A_FRAMES * strides[0] * hop_length    196,608 (6.144 s)
+    pad_samples       = hop_length * lcm(strides[0], attn_window)   12,288: SNAC pads to this
+
+The decoder is non-causal and injects noise even in eval mode, so `decode` takes the preceding
+tokens as `context`, decodes everything together and cuts the context off (seam-free chunks), and
+runs under a seeded RNG (reproducible audio).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from snac import SNAC
+
+# A chunk is 64 frames of the coarsest level: 6.144 s at 32 kHz. A project-wide decision, not a
+# codec property, so it lives here as the one constant the geometry is built from.
+CHUNK_A_FRAMES = 64
+
+# The released 32 kHz model (DESIGN §1). SNAC()'s own defaults match no released model.
+SNAC_32KHZ_CONFIG = dict(
+    sampling_rate=32000, encoder_dim=64, encoder_rates=[2, 3, 8, 8], decoder_dim=1536,
+    decoder_rates=[8, 8, 3, 2], attn_window_size=32, codebook_size=4096, codebook_dim=8,
+    vq_strides=[8, 4, 2, 1], noise=True, depthwise=True,
+)
+SNAC_32KHZ_HUB_ID = "hubertsiuzdak/snac_32khz"
+
+# Same geometry as the real codec, tiny widths: tests run the real code path in well under a second.
+DEBUG_CODEC_CONFIG = dict(SNAC_32KHZ_CONFIG, encoder_dim=8, decoder_dim=64)
+
+
+class CodecLoadError(RuntimeError):
+    pass
+
+
+class Codec:
+    def __init__(self, snac: SNAC, config: dict, device: str | torch.device = "cpu"):
+        self.config = dict(config)
+        self.device = torch.device(device)
+        self.snac = snac.to(self.device).eval()
+        self.snac.requires_grad_(False)
+
+        self.sample_rate = int(config["sampling_rate"])
+        self.hop_length = int(math.prod(config["encoder_rates"]))
+        self.strides = tuple(int(s) for s in config["vq_strides"])
+        self.n_levels = len(self.strides)
+        self.codebook_size = int(config["codebook_size"])
+        if any(self.strides[0] % s for s in self.strides):
+            raise CodecLoadError(f"vq_strides {self.strides} must all divide the coarsest stride")
+        self.frames_per_chunk = tuple(CHUNK_A_FRAMES * self.strides[0] // s for s in self.strides)
+        self.samples_per_chunk = CHUNK_A_FRAMES * self.strides[0] * self.hop_length
+        window = config.get("attn_window_size") or 1
+        self.pad_samples = self.hop_length * math.lcm(self.strides[0], window)
+        if self.samples_per_chunk % self.pad_samples:
+            raise CodecLoadError(
+                f"a chunk ({self.samples_per_chunk} samples) is not a multiple of the codec's "
+                f"padding grid ({self.pad_samples} samples)"
+            )
+        # Coarse frames per padding unit: token lengths must be multiples of this per level.
+        self.pad_frames = tuple(self.pad_samples // (self.hop_length * s) for s in self.strides)
+        self._fingerprint: str | None = None
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, source: str | dict | os.PathLike, device: str | torch.device = "cpu",
+             seed: int = 0) -> Codec:
+        """Build from a config dict (random init, seeded), a local directory, or a hub id."""
+        if isinstance(source, dict):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                snac = SNAC(**source)
+            return cls(snac, source, device)
+        path = Path(source)
+        if path.is_dir():
+            return cls._from_dir(path, device)
+        if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+            raise CodecLoadError(
+                f"codec {str(source)!r} is neither a local directory nor a hub id of the form 'owner/name'"
+            )
+        return cls._from_hub(str(source), device)
+
+    @classmethod
+    def _from_dir(cls, path: Path, device) -> Codec:
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CodecLoadError(f"codec directory {path} has no config.json")
+        config = json.loads(config_file.read_text())
+        snac = SNAC(**config)
+        if (path / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(path / "model.safetensors")
+        elif (path / "pytorch_model.bin").is_file():
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise CodecLoadError(f"codec directory {path} has neither model.safetensors nor pytorch_model.bin")
+        try:
+            snac.load_state_dict(state)
+        except RuntimeError as e:
+            raise CodecLoadError(f"codec weights in {path} do not match its config.json: {e}") from e
+        return cls(snac, config, device)
+
+    @classmethod
+    def _from_hub(cls, repo_id: str, device) -> Codec:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config_file = hf_hub_download(repo_id=repo_id, filename="config.json")
+            weights_file = hf_hub_download(repo_id=repo_id, filename="pytorch_model.bin")
+        except Exception as e:  # network, auth, missing repo: all mean "cannot load this id"
+            raise CodecLoadError(
+                f"could not fetch codec {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                "Offline? Pass a local directory with config.json + pytorch_model.bin instead."
+            ) from e
+        config = json.loads(Path(config_file).read_text())
+        snac = SNAC(**config)
+        snac.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+        return cls(snac, config, device)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write a directory that both `Codec.load` and `snac.SNAC.from_pretrained` accept."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.snac.state_dict().items()}
+        (out / "config.json").write_text(json.dumps(self.config, indent=2))
+        torch.save(state, out / "pytorch_model.bin")
+        save_file(state, out / "model.safetensors")
+        return out
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of config + weights: tokens made by another codec must be refused, not mixed."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+            for name, tensor in sorted(self.snac.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def geometry(self) -> dict:
+        return dict(
+            sample_rate=self.sample_rate, hop_length=self.hop_length, strides=list(self.strides),
+            n_levels=self.n_levels, codebook_size=self.codebook_size,
+            frames_per_chunk=list(self.frames_per_chunk), samples_per_chunk=self.samples_per_chunk,
+            chunk_seconds=self.samples_per_chunk / self.sample_rate, pad_samples=self.pad_samples,
+        )
+
+    # ---------------------------------------------------------------- encode / decode
+    def padded_length(self, n_samples: int) -> int:
+        return math.ceil(n_samples / self.pad_samples) * self.pad_samples
+
+    @torch.inference_mode()
+    def encode(self, audio: torch.Tensor) -> list[torch.Tensor]:
+        """(B, T) float audio at `sample_rate` -> per-level (B, n_l) int64 codes.
+
+        T is right-padded with zeros to a multiple of `pad_samples`. Runs in fp32 even on GPU:
+        nearest-codeword choices flip under bf16, and encoding is a small share of the cost.
+        """
+        if audio.ndim != 2:
+            raise ValueError(f"encode expects audio of shape (B, T), got {tuple(audio.shape)}")
+        if audio.shape[-1] == 0:
+            raise ValueError("encode got empty audio")
+        if not torch.isfinite(audio).all():
+            raise ValueError("encode got NaN or infinite samples")
+        x = audio.to(self.device, torch.float32)
+        pad = self.padded_length(x.shape[-1]) - x.shape[-1]
+        x = torch.nn.functional.pad(x, (0, pad))[:, None, :]  # (B, 1, T)
+        return [c.long() for c in self.snac.encode(x)]
+
+    def validate_tokens(self, tokens: list[torch.Tensor], name: str = "tokens") -> None:
+        if len(tokens) != self.n_levels:
+            raise ValueError(f"{name}: expected {self.n_levels} levels, got {len(tokens)}")
+        batch, n0 = None, None
+        for level, t in enumerate(tokens):
+            if t.ndim != 2 or t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise ValueError(f"{name}[{level}]: expected an integer (B, n) tensor, got {t.dtype} {tuple(t.shape)}")
+            if batch is None:
+                batch, n0 = t.shape
+            elif t.shape[0] != batch:
+                raise ValueError(f"{name}[{level}]: batch {t.shape[0]} != {batch} of level 0")
+            want = n0 * self.strides[0] // self.strides[level]
+            if t.shape[1] != want:
+                raise ValueError(f"{name}[{level}]: length {t.shape[1]} is off the grid; level 0 has "
+                                 f"{n0} frames so level {level} needs {want}")
+            if t.numel() and (t.min() < 0 or t.max() >= self.codebook_size):
+                raise ValueError(f"{name}[{level}]: ids must lie in [0, {self.codebook_size})")
+        if n0 % self.pad_frames[0]:
+            raise ValueError(f"{name}: level-0 length {n0} is not a multiple of {self.pad_frames[0]} "
+                             f"frames ({self.pad_samples} samples, the codec's padding grid)")
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[torch.Tensor], context: list[torch.Tensor] | None = None,
+               seed: int | None = 0) -> torch.Tensor:
+        """Per-level codes -> (B, samples) float32 audio, `context` decoded along and cut off.
+
+        `seed` fixes the decoder's noise injection (None: use the global RNG). The context makes
+        consecutive chunks seamless: decode(b, context=a) == decode(a + b)[len(a):].
+        """
+        self.validate_tokens(tokens)
+        n_ctx_frames = 0
+        if context is not None:
+            self.validate_tokens(context, "context")
+            if context[0].shape[0] != tokens[0].shape[0]:
+                raise ValueError("context and tokens have different batch sizes")
+            n_ctx_frames = context[0].shape[1]
+            tokens = [torch.cat([c.to(t.device), t], dim=1) for c, t in zip(context, tokens)]
+        codes = [t.to(self.device) for t in tokens]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=self.device.type == "cuda"):
+                audio = self.snac.decode(codes)  # (B, 1, T)
+        cut = n_ctx_frames * self.strides[0] * self.hop_length
+        return audio[:, 0, cut:].float()

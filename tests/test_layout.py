@@ -1,0 +1,140 @@
+import math
+
+import pytest
+import torch
+
+from model import attention as attn
+from model.layout import (
+    CLEAN,
+    CONTEXT,
+    NOISED,
+    build_layout,
+    collate,
+    fill_tokens,
+)
+
+SMALL = ((4, 8, 16, 32), (8, 4, 2, 1))
+
+
+@pytest.mark.parametrize("n_ctx,expected", [(0, 448 + 960), (1, 960 + 448 + 960), (2, 3328)])
+def test_sequence_lengths_and_block_alignment(n_ctx, expected):
+    lay = build_layout(n_ctx)
+    assert lay.n_tokens == expected
+    assert len(lay.segments) == 4 * n_ctx + 3 + 4
+    assert all(s.length % 64 == 0 and s.start % 64 == 0 for s in lay.segments)
+    # segments tile the sequence in order
+    for a, b in zip(lay.segments, lay.segments[1:], strict=False):
+        assert b.start == a.start + a.length
+    for i, s in enumerate(lay.segments):
+        sl = slice(s.start, s.start + s.length)
+        assert (lay.seg_id[sl] == i).all() and (lay.level[sl] == s.level).all()
+        assert (lay.role[sl] == s.role).all()
+
+
+def test_positions_are_time_aligned():
+    lay = build_layout(2)
+    # token i of level l in chunk c sits at c*512 + (i + 0.5) * s_l - 0.5
+    for s in lay.segments:
+        stride = (8, 4, 2, 1)[s.level]
+        p = lay.pos[s.start : s.start + s.length]
+        i = torch.arange(s.length, dtype=torch.float32)
+        assert torch.equal(p, s.chunk * 512 + (i + 0.5) * stride - 0.5)
+    # the first A token and the mean of the first 8 D tokens of a chunk coincide
+    a0 = lay.segments[lay.find(NOISED, 0)]
+    d0 = lay.segments[lay.find(NOISED, 3)]
+    assert lay.pos[a0.start] == lay.pos[d0.start : d0.start + 8].mean()
+    assert a0.chunk == d0.chunk == 2
+
+
+def test_allowed_rules():
+    lay = build_layout(2)
+    seg = lay.segments
+    for qi, q in enumerate(seg):
+        for ki, k in enumerate(seg):
+            a = bool(lay.allowed[qi, ki])
+            if q.role == CONTEXT:
+                assert a == (k.role == CONTEXT)
+            elif q.role == CLEAN:
+                assert a == (k.role == CONTEXT or (k.role == CLEAN and k.level <= q.level))
+            else:
+                want = k.role == CONTEXT or (k.role == CLEAN and k.level < q.level)
+                want |= k.role == NOISED and k.level == q.level
+                assert a == want
+
+
+def test_bad_input():
+    with pytest.raises(ValueError):
+        build_layout(-1)
+    with pytest.raises(ValueError):
+        build_layout(1, (4, 8), (8, 2))
+
+
+def test_collate_pads_and_fill_tokens_keeps_recent_context():
+    fpc, st = SMALL
+    batch = collate([2, 0, 1], fpc, st)
+    N2 = 2 * 60 + 28 + 60
+    assert batch.shape == (3, N2)
+    assert (batch.seg_id[1, 28 + 60 :] == -1).all() and (batch.seg_id[1, : 28 + 60] >= 0).all()
+    assert batch.allowed.shape == (3, 15, 15)
+    assert not batch.allowed[1, 7:].any() and not batch.allowed[1, :, 7:].any()
+    # windows: 2 context chunks + target, token value encodes (level, chunk, index)
+    windows = [
+        (lvl * 10000 + torch.arange(3)[:, None] * 1000 + torch.arange(f))
+        .reshape(1, -1)
+        .repeat(3, 1)
+        for lvl, f in enumerate(fpc)
+    ]
+    tok = fill_tokens(batch, windows)
+    for b, n in enumerate(batch.n_ctx):
+        lay = build_layout(n, fpc, st)
+        for s in lay.segments:
+            got = tok[b, s.start : s.start + s.length]
+            window_chunk = 2 - n + s.chunk  # most recent context chunks, target = chunk 2
+            want = s.level * 10000 + window_chunk * 1000 + torch.arange(s.length)
+            assert torch.equal(got, want)
+    assert (tok[batch.seg_id < 0] == 0).all()
+    # target positions are found in every row
+    idx = batch.target_index(NOISED, 3)
+    assert (batch.role.gather(1, idx) == NOISED).all() and (batch.level.gather(1, idx) == 3).all()
+
+
+def _naive(q, k, v, seg_q, seg_k, allowed):
+    mask = attn.dense_mask(seg_q, seg_k, allowed)[:, None]
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+def test_attention_reference_matches_naive_and_zeroes_blind_rows():
+    torch.manual_seed(0)
+    batch = collate([2, 1], *SMALL)
+    B, N = batch.shape
+    q, k, v = (torch.randn(B, 2, N, 16) for _ in range(3))
+    seg = batch.seg_id.clone()
+    out = attn.attention(q, k, v, seg, seg, batch.allowed)
+    assert torch.allclose(out, _naive(q, k, v, seg, seg, batch.allowed), atol=1e-5)
+    assert (out[1][:, seg[1] < 0] == 0).all()  # padding rows output 0
+    # a (S, S) table broadcasts; a segment with nothing allowed outputs zeros, not NaN
+    allowed = batch.allowed[0].clone()
+    allowed[0] = False
+    out = attn.attention(q, k, v, seg, seg, allowed)
+    assert torch.isfinite(out).all() and (out[:, :, seg[0] == 0] == 0).all()
+
+
+def test_backend_switch():
+    assert attn.get_backend() == "auto"
+    with attn.attention_backend("sdpa"):
+        assert attn.get_backend() == "sdpa"
+    assert attn.get_backend() == "auto"
+    with pytest.raises(ValueError):
+        attn.set_backend("flash")
+    q = torch.randn(1, 1, 4, 8)
+    seg = torch.zeros(1, 4, dtype=torch.long)
+    allowed = torch.ones(1, 1, dtype=torch.bool)
+    # "auto" on CPU is the reference
+    assert torch.equal(
+        attn.attention(q, q, q, seg, seg, allowed), attn.attention_ref(q, q, q, seg, seg, allowed)
+    )
+    with pytest.raises(ValueError):
+        attn.attention(q, q, q, seg[:, :3], seg, allowed)

@@ -1,0 +1,296 @@
+"""The denoiser: one transformer trunk over all SNAC levels (DESIGN §4). It has no schedule.
+
+Input: a packed sequence of segments (see `model/layout.py`) — token ids per level, the layout
+tensors (segment ids, fractional positions, per-segment level/role, the allowed table) and a
+per-segment t. Conditioning (level, role, t) is computed once per segment and broadcast to its
+tokens through adaLN-Zero; positions enter through RoPE on the fractional finest-frame positions.
+
+    h = dit(tokens (B,N), layout: LayoutBatch, seg_t (B,S))   -> (B, N, d_model)
+    logits = dit.logits(h_l, level)                             -> (..., codebook_size)
+
+Only the caller knows which tokens it needs logits for (the noised segments), so the four
+4096-way heads are applied separately. With a `KVCache` the same forward runs on a token subset
+whose keys/values are appended after the cached prefix (staged sampling, `model/sampler.py`);
+the attention table is the training one, so cached inference equals a full recompute.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.attention import attention
+from model.layout import SNAC_FRAMES, SNAC_STRIDES, LayoutBatch, check_geometry
+
+
+@dataclass
+class DiTConfig:
+    # Codec geometry: must match the codec the tokens come from (the engine checks).
+    n_levels: int = 4  # SNAC 32 kHz has four VQ levels, A (coarse) .. D (fine)
+    codebook_size: int = 4096  # ids per level; id `codebook_size` is that level's [MASK]
+    frames_per_chunk: tuple[int, ...] = SNAC_FRAMES  # tokens per 6.144 s chunk, per level
+    strides: tuple[int, ...] = SNAC_STRIDES  # finest frames per token, per level (time alignment)
+    max_ctx_chunks: int = 2  # 12.288 s of context; layouts with 0..this many chunks are trained
+    # Trunk.
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8  # head dim d_model / n_heads; 64 suits the attention kernel best
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True  # RMS-normalised q/k keep attention logits bounded (bf16 training)
+    rope_base: float = 10000.0  # positions reach ~1.5k finest frames; the usual base suffices
+    t_freq_dim: int = 256  # sinusoidal features of t before its MLP (as in DiT)
+
+    def __post_init__(self):
+        self.frames_per_chunk, self.strides = check_geometry(self.frames_per_chunk, self.strides)
+        if len(self.frames_per_chunk) != self.n_levels:
+            raise ValueError(
+                f"frames_per_chunk has {len(self.frames_per_chunk)} levels, n_levels={self.n_levels}"
+            )
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"d_model {self.d_model} must split into {self.n_heads} even-sized heads"
+            )
+        if self.codebook_size < 2 or self.max_ctx_chunks < 0:
+            raise ValueError("codebook_size must be >= 2 and max_ctx_chunks >= 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> DiTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiTConfig:
+        """Inverse of `asdict` (JSON turns tuples into lists); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DiTConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Parameter counts (codebook 4096, four levels) are in docs/model.md and tests/test_dit.py.
+PRESETS: dict[str, dict] = {
+    "debug": dict(d_model=64, n_layers=2, n_heads=2),  # CPU tests in seconds
+    "small": dict(d_model=256, n_layers=6, n_heads=4),  # ~16 M, servable on a CPU
+    "base": dict(d_model=640, n_layers=12, n_heads=10),  # ~109 M
+    "large": dict(d_model=1024, n_layers=24, n_heads=16),  # ~490 M
+}
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+def rope_tables(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos/sin (B, 1, N, head_dim/2) for fractional positions pos (B, N), computed in fp32."""
+    inv_freq = base ** (
+        -torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim
+    )
+    ang = pos.float()[:, None, :, None] * inv_freq  # (B, 1, N, D/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)  # rotate-half pairing, (B, H, N, D/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (…, d): sinusoidal features then an MLP (DiT)."""
+
+    def __init__(self, d: int, freq_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+        arg = (t.float() * 1000.0)[..., None] * freqs  # DiT scales t to [0, 1000]
+        emb = torch.cat([arg.cos(), arg.sin()], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class KVCache:
+    """Preallocated per-layer keys/values of already-processed tokens (static shapes).
+
+    `length` is a Python int: every offset is known on the host, so filling and reading the
+    cache never syncs with the device. A forward with a cache writes its own K/V after the
+    committed prefix and attends to prefix + itself; `commit=True` keeps them.
+    """
+
+    def __init__(self, config: DiTConfig, batch: int, max_len: int, device, dtype):
+        shape = (config.n_layers, batch, config.n_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.seg = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, rope, seg_q, allowed, cache: KVCache | None, layer: int) -> Tensor:
+        B, N, d = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, H, N, Dh) each
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        seg_k = seg_q
+        if cache is not None:
+            end = cache.length + N
+            cache.k[layer, :, :, cache.length : end] = k
+            cache.v[layer, :, :, cache.length : end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, H, end, Dh)
+            seg_k = cache.seg[:, :end]
+        out = attention(q, k, v, seg_q, seg_k, allowed)  # (B, H, N, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, N, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero; modulation arrives per token (gathered)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d)
+        )
+        self.adaLN = nn.Linear(d, 6 * d)  # applied to SiLU(cond) per segment, not per token
+
+    def forward(self, x, cond, seg_idx, rope, seg_q, allowed, cache=None, layer=0) -> Tensor:
+        mod = gather_segments(self.adaLN(cond), seg_idx)  # (B, S+1, 6d) -> (B, N, 6d)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        x = x + gate1 * self.attn(h, rope, seg_q, allowed, cache, layer)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+def gather_segments(table: Tensor, seg_idx: Tensor) -> Tensor:
+    """table (B, S', C) per segment, seg_idx (B, N) -> (B, N, C) per token."""
+    return table.gather(1, seg_idx[:, :, None].expand(-1, -1, table.shape[-1]))
+
+
+class DiT(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        d, L, V = cfg.d_model, cfg.n_levels, cfg.codebook_size
+        # One table holds every level's ids plus its [MASK]: row = level * (V + 1) + id.
+        self.tok_emb = nn.Embedding(L * (V + 1), d)
+        self.level_emb = nn.Embedding(L, d)  # conditioning, per segment
+        self.role_emb = nn.Embedding(3, d)  # context / clean / noised
+        self.t_emb = TimestepEmbedder(d, cfg.t_freq_dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_adaLN = nn.Linear(d, 2 * d)
+        self.heads = nn.ModuleList(nn.Linear(d, V) for _ in range(L))
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        # Plain transformer init for the trunk (DiT): xavier linears, zero biases.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Embeddings small so the first LayerNorm sees similar scales for every level.
+        for emb in (self.tok_emb, self.level_emb, self.role_emb):
+            nn.init.normal_(emb.weight, std=0.02)
+        for lin in (self.t_emb.mlp[0], self.t_emb.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        # adaLN-Zero: every gate (and shift/scale) starts at 0, so each block is the identity at
+        # init and the network starts as a per-token embedding -> head map (tested).
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN.weight)
+            nn.init.zeros_(blk.adaLN.bias)
+        nn.init.zeros_(self.final_adaLN.weight)
+        nn.init.zeros_(self.final_adaLN.bias)
+        # Zero heads: uniform predictions at init, loss starts at exactly log(codebook_size).
+        for head in self.heads:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.config, batch, max_len, p.device, p.dtype)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        layout: LayoutBatch,
+        seg_t: Tensor,
+        cache: KVCache | None = None,
+        commit: bool = False,
+    ) -> Tensor:
+        """Hidden states (B, N, d) of `tokens` (B, N), ready for `logits(h, level)`.
+
+        tokens: ids in their level's vocabulary, `codebook_size` = [MASK]; ignored at padding.
+        layout: the LayoutBatch of these tokens (possibly `select`ed from a full batch).
+        seg_t: (B, S) diffusion time per segment (0 for context / clean segments).
+        cache: attend to its prefix too and write this call's K/V after it; `commit` keeps them.
+        """
+        cfg = self.config
+        B, N = tokens.shape
+        if layout.seg_id.shape != (B, N) or seg_t.shape != layout.seg_role.shape:
+            raise ValueError(
+                f"tokens {tuple(tokens.shape)}, layout {layout.shape}, seg_t {tuple(seg_t.shape)} disagree"
+            )
+        valid = layout.seg_id >= 0
+        ids = torch.where(valid, tokens, 0)
+        if not ids.is_cuda and ((ids < 0).any() or (ids > cfg.codebook_size).any()):
+            # Checked on CPU only: on a GPU it would cost a host sync per forward.
+            raise ValueError(f"token ids must lie in [0, {cfg.codebook_size}]")
+        x = self.tok_emb(layout.level * (cfg.codebook_size + 1) + ids)  # (B, N, d)
+
+        # Per-segment conditioning (B, S, d), plus a zero row S that padding tokens point to.
+        S = seg_t.shape[1]
+        cond = (
+            self.level_emb(layout.seg_level)
+            + self.role_emb(layout.seg_role.clamp(min=0))
+            + self.t_emb(seg_t)
+        )
+        cond = F.silu(torch.cat([cond, cond.new_zeros(B, 1, cond.shape[-1])], dim=1))  # (B, S+1, d)
+        seg_idx = torch.where(valid, layout.seg_id, S)  # (B, N)
+
+        rope = rope_tables(layout.pos, cfg.head_dim, cfg.rope_base)
+        if cache is not None:
+            if cache.length + N > cache.max_len:
+                raise ValueError(f"KV cache overflow: {cache.length} + {N} > {cache.max_len}")
+            cache.seg[:, cache.length : cache.length + N] = layout.seg_id
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cond, seg_idx, rope, layout.seg_id, layout.allowed, cache, i)
+        if cache is not None and commit:
+            cache.length += N
+
+        shift, scale = gather_segments(self.final_adaLN(cond), seg_idx).chunk(2, dim=-1)
+        return modulate(self.final_norm(x), shift, scale)
+
+    def logits(self, h: Tensor, level: int) -> Tensor:
+        """(…, d) hidden states of level-`level` tokens -> (…, codebook_size) logits."""
+        return self.heads[level](h)

@@ -1,0 +1,113 @@
+"""`create_app(settings)`: the FastAPI app. Its lifespan loads the engine, warms it, starts the
+batching worker, then reports ready; on shutdown it fails what is still queued with 503.
+
+Run with `python -m server`, or `uvicorn --factory server.app:create_app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from server.batcher import Batcher
+from server.deps import Service
+from server.errors import install_error_handlers
+from server.metrics import Metrics, MetricsMiddleware
+from server.params import PARAM_HEADERS, per_level
+from server.routes_generate import router as generate_router
+from server.routes_status import router as status_router
+from server.routes_status import version
+from server.settings import Settings, missing_weights_message
+
+log = logging.getLogger("server")
+
+
+class WeightsMissing(RuntimeError):
+    """Raised instead of serving an untrained model; the message says how to get weights."""
+
+
+def load_engine(settings: Settings):
+    """Load the engine the settings name (blocking; run it off the event loop)."""
+    message = missing_weights_message(settings)
+    if message:
+        raise WeightsMissing(message)
+    import torch
+    from model.engine import ContinuationEngine
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        log.warning("no GPU: serving on CPU, continuations will be slow")
+    dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    return ContinuationEngine.load(settings.weights, settings.codec, device=device, dtype=dtype)
+
+
+def _defaults(engine, settings: Settings):
+    defaults = engine.default_params
+    if settings.default_steps:
+        steps = per_level("SNAC_DIT_DEFAULT_STEPS", settings.default_steps, engine.codec.n_levels, int)
+        defaults = dataclasses.replace(defaults, steps=steps)
+    return defaults.validated(engine.codec.n_levels)
+
+
+def _warmup(engine, defaults) -> None:
+    # One tiny continuation: first-call costs (allocator, kernels, compile) are paid here,
+    # not by the first user. Steps=1 keeps it short.
+    import torch
+
+    n = engine.codec.n_levels
+    params = dataclasses.replace(defaults, steps=(1,) * n, seed=0)
+    engine.continue_batch([torch.zeros(engine.sample_rate)], [params])
+
+
+def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
+    """Build the app. `engine`: an already loaded engine (tests; several apps can share one)."""
+    settings = settings or Settings()
+    metrics = Metrics(settings.max_batch)
+    service = Service(settings=settings, metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        eng = engine if engine is not None else await asyncio.to_thread(load_engine, settings)
+        service.engine = eng
+        service.defaults = _defaults(eng, settings)
+        service.batcher = Batcher(eng, metrics, settings.max_batch, settings.max_wait_ms,
+                                  settings.max_queue)
+        service.batcher.start()
+        if settings.warmup:
+            await service.batcher.run_on_engine(_warmup, eng, service.defaults)
+        service.ready = True
+        log.info("engine ready on %s; accepting requests", getattr(eng, "device", "?"))
+        try:
+            yield
+        finally:
+            service.ready = False
+            await service.batcher.close()
+
+    app = FastAPI(
+        title="snac-dit",
+        version=version(),
+        summary="Continue music: 12.288 s of audio in, the next 6.144 s out.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(generate_router)
+    app.include_router(status_router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=[*PARAM_HEADERS, "X-Sample-Rate", "X-Input-Samples", "X-Chunks",
+                            "Retry-After"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,112 @@
+"""HTTP parameters -> `SamplingParams`: per-level lists, strict names, errors naming the field.
+
+`steps=16,12,8,8` sets each level; `steps=8` sets all levels. The same holds for temperature,
+top_p and guidance. Unknown names are rejected (a typo like `step=4` must not silently run the
+defaults). The seed is resolved here, before the engine runs, so the response can report it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Mapping
+
+from model.sampler import SamplingParams
+
+from server.errors import InvalidParameter
+
+SAMPLING_FIELDS = ("steps", "temperature", "top_p", "guidance", "seed")
+CONTINUE_PARAMS = (*SAMPLING_FIELDS, "include_input")
+EXTEND_PARAMS = (*CONTINUE_PARAMS, "chunks", "stream")
+SEED_MAX = 2**63 - 1
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def reject_unknown(given: Mapping[str, str], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise InvalidParameter(
+            f"unknown parameter(s): {', '.join(unknown)}; allowed: {', '.join(allowed)}",
+            code="unknown_parameter",
+        )
+
+
+def per_level(name: str, raw: str, n_levels: int, cast: type) -> tuple:
+    items = [s.strip() for s in raw.split(",")]
+    if len(items) not in (1, n_levels):
+        raise InvalidParameter(
+            f"{name}: expected one value or {n_levels} comma-separated values (one per level, "
+            f"coarse to fine), got {len(items)} in {raw!r}"
+        )
+    try:
+        values = [cast(s) for s in items]
+    except ValueError:
+        kind = "integers" if cast is int else "numbers"
+        raise InvalidParameter(f"{name}: expected {kind}, got {raw!r}") from None
+    if cast is float and not all(math.isfinite(v) for v in values):
+        raise InvalidParameter(f"{name}: values must be finite, got {raw!r}")
+    return tuple(values * n_levels if len(values) == 1 else values)
+
+
+def parse_bool(name: str, raw: str | None, default: bool = False) -> bool:
+    if raw is None:
+        return default
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise InvalidParameter(f"{name}: expected true or false, got {raw!r}")
+
+
+def parse_int(name: str, raw: str | None, default: int, lo: int, hi: int) -> int:
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise InvalidParameter(f"{name}: expected an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise InvalidParameter(f"{name}: must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def sampling_params(
+    given: Mapping[str, str], defaults: SamplingParams, n_levels: int, max_steps: int
+) -> SamplingParams:
+    """Overlay the given fields on `defaults`, check them, and fix a seed."""
+    changes: dict = {}
+    for name, cast in (("steps", int), ("temperature", float), ("top_p", float), ("guidance", float)):
+        if given.get(name) is not None:
+            changes[name] = per_level(name, given[name], n_levels, cast)
+    steps = changes.get("steps", defaults.steps)
+    if any(s < 1 for s in steps):
+        raise InvalidParameter(f"steps: every level needs at least 1 step, got {steps}")
+    if any(s > max_steps for s in steps):
+        raise InvalidParameter(f"steps: at most {max_steps} per level on this server, got {steps}")
+    seed = given.get("seed")
+    changes["seed"] = (
+        parse_int("seed", seed, 0, 0, SEED_MAX) if seed is not None else secrets.randbelow(2**31)
+    )
+    try:
+        return dataclasses.replace(defaults, **changes).validated(n_levels)
+    except ValueError as e:  # the sampler's own range checks; its message names the field
+        raise InvalidParameter(str(e)) from None
+
+
+def param_headers(p: SamplingParams) -> dict[str, str]:
+    """Response headers stating exactly what ran, so a result can be reproduced."""
+
+    def join(xs):
+        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in xs)
+
+    return {
+        "X-Seed": str(p.seed),
+        "X-Steps": join(p.steps),
+        "X-Temperature": join(p.temperature),
+        "X-Top-P": join(p.top_p),
+        "X-Guidance": join(p.guidance),
+    }
+
+
+PARAM_HEADERS = ("X-Seed", "X-Steps", "X-Temperature", "X-Top-P", "X-Guidance")

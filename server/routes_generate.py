@@ -1,0 +1,231 @@
+"""POST /continue and POST /extend: upload in, WAV (or a stream of WAV chunks) out.
+
+Order of checks, cheapest first: API key, parameter names, queue capacity, media type, size
+(while streaming), parameter values, decoding, duration; only then does work get queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.audio import read_audio, write_wav
+from server.deps import AuthDep, ReadyDep, Service
+from server.errors import ClientGone, InvalidParameter, error_payload
+from server.params import (
+    CONTINUE_PARAMS,
+    EXTEND_PARAMS,
+    param_headers,
+    parse_bool,
+    parse_int,
+    reject_unknown,
+    sampling_params,
+)
+from server.upload import read_upload
+
+router = APIRouter(tags=["generate"])
+
+_PER_LEVEL = "one value for all levels, or one per level coarse to fine (e.g. 16,12,8,8)"
+_PARAM_DOCS = {
+    "steps": ("string", f"denoising steps; {_PER_LEVEL}"),
+    "temperature": ("string", f"sampling temperature; {_PER_LEVEL}"),
+    "top_p": ("string", f"nucleus sampling mass; {_PER_LEVEL}"),
+    "guidance": ("string", f"classifier-free guidance scale, 1 = off; {_PER_LEVEL}"),
+    "seed": ("integer", "random seed; chosen and reported in X-Seed when absent"),
+    "include_input": ("boolean", "return the input followed by the continuation"),
+    "chunks": ("integer", "number of chained 6.144 s chunks (1..max_chunks)"),
+    "stream": ("boolean", "send each chunk as an NDJSON line as soon as it is generated"),
+}
+
+
+def _openapi(names: tuple[str, ...]) -> dict:
+    params = [
+        {"name": n, "in": "query", "required": False,
+         "schema": {"type": _PARAM_DOCS[n][0]}, "description": _PARAM_DOCS[n][1]}
+        for n in names
+    ]
+    body = {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["audio"],
+                           "properties": {"audio": {"type": "string", "format": "binary"}}}
+            },
+            "audio/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+    return {"parameters": params, "requestBody": body}
+
+
+def _given(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    items = request.query_params.multi_items()
+    given: dict[str, str] = {}
+    for k, v in items:
+        if k in given:
+            raise InvalidParameter(f"{k}: given more than once")
+        given[k] = v
+    reject_unknown(given, allowed)
+    return given
+
+
+async def _read_input(request: Request, svc: Service, allowed: tuple[str, ...]):
+    """-> (parameters by name, mono float32 audio at the engine rate)."""
+    given = _given(request, allowed)
+    svc.batcher.check_capacity()
+    upload = await read_upload(request, svc.settings.max_upload_bytes)
+    reject_unknown(upload.fields, allowed)
+    for k, v in upload.fields.items():
+        if k in given:
+            raise InvalidParameter(f"{k}: given both in the query and in the form")
+        given[k] = v
+    rate = svc.engine.sample_rate
+    audio = await run_in_threadpool(read_audio, upload.audio, rate)  # CPU work, off the loop
+    seconds = len(audio) / rate
+    if seconds < svc.settings.min_input_seconds:
+        raise InvalidParameter(
+            f"audio: {seconds:.2f} s is too short; send at least "
+            f"{svc.settings.min_input_seconds:g} s", code="audio_too_short"
+        )
+    return given, audio
+
+
+async def _until_done_or_gone(request: Request, awaitable):
+    """Await `awaitable`, raising ClientGone if the client disconnects first."""
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    raise ClientGone
+
+
+def _sampling(given: dict, svc: Service):
+    return sampling_params(given, svc.defaults, svc.engine.codec.n_levels, svc.settings.max_steps)
+
+
+def _wav_headers(svc: Service, params, n_input: int | None, **extra) -> dict[str, str]:
+    headers = param_headers(params)
+    headers["X-Sample-Rate"] = str(svc.engine.sample_rate)
+    if n_input is not None:  # where the continuation starts inside an include_input result
+        headers["X-Input-Samples"] = str(n_input)
+    headers.update({k: str(v) for k, v in extra.items()})
+    return headers
+
+
+@router.post(
+    "/continue",
+    summary="Continue a clip by 6.144 s",
+    response_class=Response,
+    responses={200: {"content": {"audio/wav": {}},
+                     "description": "32 kHz mono 16-bit WAV; X-Seed etc. state what ran"}},
+    openapi_extra=_openapi(CONTINUE_PARAMS),
+)
+async def continue_(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
+    given, audio = await _read_input(request, svc, CONTINUE_PARAMS)
+    params = _sampling(given, svc)
+    include_input = parse_bool("include_input", given.get("include_input"))
+
+    job = svc.batcher.submit_continue(audio, params)
+    try:
+        out = await _until_done_or_gone(request, job.future)
+    except ClientGone:
+        svc.batcher.cancel(job)
+        return Response(status_code=499)  # nobody reads this; it labels the metric
+    result = np.concatenate([audio, out]) if include_input else out
+    headers = _wav_headers(svc, params, len(audio) if include_input else None)
+    return Response(write_wav(result, svc.engine.sample_rate), media_type="audio/wav",
+                    headers=headers)
+
+
+@router.post(
+    "/extend",
+    summary="Continue a clip by N chained chunks (optionally streamed)",
+    response_class=Response,
+    responses={200: {"content": {"audio/wav": {}, "application/x-ndjson": {}},
+                     "description": "a WAV of N chunks, or with stream=true one NDJSON line per "
+                                    "chunk (base64 WAV), then a 'done' or 'error' line"}},
+    openapi_extra=_openapi(EXTEND_PARAMS),
+)
+async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
+    given, audio = await _read_input(request, svc, EXTEND_PARAMS)
+    params = _sampling(given, svc)
+    n = parse_int("chunks", given.get("chunks"), 1, 1, svc.settings.max_chunks)
+    include_input = parse_bool("include_input", given.get("include_input"))
+    stream = parse_bool("stream", given.get("stream"))
+    rate = svc.engine.sample_rate
+    headers = _wav_headers(svc, params, len(audio) if include_input else None, **{"X-Chunks": n})
+
+    job = svc.batcher.submit_extend(audio, params, n)
+
+    async def next_chunk():
+        item = await job.chunks.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    if not stream:
+        chunks = []
+        try:
+            for _ in range(n):
+                chunks.append(await _until_done_or_gone(request, next_chunk()))
+        except ClientGone:
+            svc.batcher.cancel(job)
+            return Response(status_code=499)
+        except BaseException:
+            svc.batcher.cancel(job)
+            raise
+        result = np.concatenate(([audio] if include_input else []) + chunks)
+        return Response(write_wav(result, rate), media_type="audio/wav", headers=headers)
+
+    # Wait for the first chunk before answering, so a failure up to there is a plain HTTP
+    # error; later failures can only go out inside the stream.
+    try:
+        first = await _until_done_or_gone(request, next_chunk())
+    except ClientGone:
+        svc.batcher.cancel(job)
+        return Response(status_code=499)
+    except BaseException:
+        svc.batcher.cancel(job)
+        raise
+
+    def line(obj: dict) -> bytes:
+        return (json.dumps(obj) + "\n").encode()
+
+    def audio_line(event: str, x: np.ndarray, **fields) -> bytes:
+        wav = base64.b64encode(write_wav(x, rate)).decode("ascii")
+        return line({"event": event, **fields, "samples": len(x), "sample_rate": rate,
+                     "audio": wav})
+
+    async def body():
+        try:
+            if include_input:
+                yield audio_line("input", audio)
+            yield audio_line("chunk", first, index=0)
+            for i in range(1, n):
+                try:
+                    chunk = await next_chunk()
+                except Exception as e:  # noqa: BLE001 - reported in-band, the stream is open
+                    _, payload, _ = error_payload(e)
+                    yield line({"event": "error", **payload})
+                    return
+                yield audio_line("chunk", chunk, index=i)
+            yield line({"event": "done", "chunks": n, "seed": params.seed})
+        finally:
+            svc.batcher.cancel(job)  # no-op once finished; drops the rest if the client left
+
+    return StreamingResponse(body(), media_type="application/x-ndjson", headers=headers)

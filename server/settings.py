@@ -1,0 +1,102 @@
+"""Server settings, read from the environment (prefix SNAC_DIT_) inside `create_app`.
+
+Nothing here is read at import time: tests build many apps with different settings.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# A Hugging Face hub id is exactly "owner/name"; anything else is a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SNAC_DIT_", extra="ignore")
+
+    # Where `make serve` looks by default; see docs/server.md for how to produce both.
+    weights: Path = Path("weights/demo/dit")
+    codec: str = "weights/demo/codec"  # hub id ("owner/name") or a local codec dir
+    device: str = "auto"  # "auto" = cuda when available, else cpu (with a warning)
+    dtype: str = "auto"  # "auto" lets the engine choose; or float32 / bfloat16 / float16
+
+    # Dynamic batching: a batch closes when full or when its oldest request has waited this
+    # long. A few ms costs nothing next to a multi-second continuation and lets bursts batch.
+    max_batch: int = Field(8, ge=1)
+    max_wait_ms: float = Field(20.0, ge=0)
+    # Requests waiting (queued + running /extend streams) before new ones get 429.
+    max_queue: int = Field(64, ge=1)
+    max_upload_mb: float = Field(50.0, gt=0)
+    max_chunks: int = Field(8, ge=1)  # bound on /extend?chunks=N
+    max_steps: int = Field(256, ge=1)  # per level; bounds the work one request can ask for
+    min_input_seconds: float = Field(1.0, ge=0)
+    default_steps: str | None = None  # e.g. "16,12,8,8"; overrides the engine's default
+
+    api_key: SecretStr | None = None  # when set, /continue /extend /info /metrics need it
+    # Closed by default: the page is served same-origin and needs no CORS.
+    cors_origins: Annotated[list[str], NoDecode] = []
+    warmup: bool = True  # one tiny continuation at startup, so the first user is not slow
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v):
+        # compose passes SNAC_DIT_API_KEY= when unset; an empty key must not mean "any key".
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v):
+        # Accept "a,b" as well as a JSON list, the usual shapes of an env var.
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                import json
+
+                return json.loads(v)
+            return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def codec_is_hub_id(self) -> bool:
+        return not Path(self.codec).exists() and bool(_HUB_ID.match(self.codec))
+
+
+def missing_weights(settings: Settings) -> list[str]:
+    """What is missing for the engine to load, as human instructions; empty when all is there.
+
+    Checked before loading so a fresh checkout says what to do instead of a traceback.
+    """
+    problems = []
+    w = settings.weights
+    if not (w / "model.safetensors").is_file() or not (w / "config.json").is_file():
+        problems.append(
+            f"DiT weights not found at '{w}' (SNAC_DIT_WEIGHTS; expected model.safetensors "
+            "and config.json there).\n"
+            "    train:  python training/train.py\n"
+            f"    export: python training/export.py CKPT {w}"
+        )
+    if not settings.codec_is_hub_id() and not Path(settings.codec).is_dir():
+        problems.append(
+            f"codec not found at '{settings.codec}' (SNAC_DIT_CODEC: a local codec dir or a "
+            "Hugging Face hub id).\n"
+            "    pretrained: SNAC_DIT_CODEC=hubertsiuzdak/snac_32khz (downloads from the hub)\n"
+            "    or train one: python training/train_codec.py, then point SNAC_DIT_CODEC at "
+            "its output dir"
+        )
+    return problems
+
+
+def missing_weights_message(settings: Settings) -> str | None:
+    problems = missing_weights(settings)
+    if not problems:
+        return None
+    return ("snac-dit server cannot start: the model is missing.\n  - "
+            + "\n  - ".join(problems) + "\nSee docs/server.md.")

@@ -1,0 +1,99 @@
+"""Command line: `python -m clients continue in.wav -o out.wav [--steps 16,12,8,8] [--seed 7]`,
+`python -m clients extend in.wav --chunks 5 -o out.wav [--stream]`, `python -m clients info`.
+
+The server URL comes from --url or $SNAC_DIT_URL (default http://127.0.0.1:8000); an API key
+from --api-key or $SNAC_DIT_API_KEY. Exit status: 0 ok, 1 the server refused or failed, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from clients.client import Client, join_chunks
+from clients.errors import SnacDitError
+from clients.wav import encode_wav
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("SNAC_DIT_URL", "http://127.0.0.1:8000"))
+    common.add_argument("--api-key", default=os.environ.get("SNAC_DIT_API_KEY"))
+    common.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+
+    gen = argparse.ArgumentParser(add_help=False)
+    gen.add_argument("input", type=Path, help="audio file (any format the server reads)")
+    gen.add_argument("-o", "--output", type=Path, required=True, help="WAV to write")
+    per_level = "one value, or one per level coarse to fine, e.g. 16,12,8,8"
+    gen.add_argument("--steps", help=per_level)
+    gen.add_argument("--temperature", help=per_level)
+    gen.add_argument("--top-p", help=per_level)
+    gen.add_argument("--guidance", help=per_level)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--include-input", action="store_true",
+                     help="write the input followed by the continuation")
+
+    ap = argparse.ArgumentParser(prog="python -m clients", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("continue", parents=[common, gen], help="continue a clip by 6.144 s")
+    ext = sub.add_parser("extend", parents=[common, gen], help="continue by N chained chunks")
+    ext.add_argument("--chunks", type=int, required=True)
+    ext.add_argument("--stream", action="store_true", help="report each chunk as it arrives")
+    sub.add_parser("info", parents=[common], help="print the server's /info")
+    return ap
+
+
+def _params(args) -> dict:
+    return dict(steps=args.steps, temperature=args.temperature, top_p=args.top_p,
+                guidance=args.guidance, seed=args.seed, include_input=args.include_input)
+
+
+def _run(args) -> None:
+    with Client(args.url, api_key=args.api_key, timeout=args.timeout) as c:
+        if args.command == "info":
+            print(json.dumps(c.info(), indent=2))
+            return
+        if not args.input.is_file():
+            raise FileNotFoundError(f"{args.input}: no such file")
+        start = time.perf_counter()
+        if args.command == "extend" and args.stream:
+            chunks = []
+            for ch in c.extend_stream(args.input, args.chunks, **_params(args)):
+                chunks.append(ch)
+                what = "input" if ch.index < 0 else f"chunk {ch.index + 1}/{args.chunks}"
+                print(f"{what} after {time.perf_counter() - start:.1f} s", file=sys.stderr)
+            audio, rate = join_chunks(chunks)
+            args.output.write_bytes(encode_wav(audio, rate))
+            seed, ran = chunks[0].seed, ""
+        else:
+            if args.command == "continue":
+                r = c.continue_(args.input, **_params(args))
+            else:
+                r = c.extend(args.input, args.chunks, **_params(args))
+            r.save(args.output)
+            audio, rate, seed = r.audio, r.sample_rate, r.seed
+            ran = " ".join(f"{k}={v}" for k, v in r.params.items())
+        print(f"wrote {args.output}: {len(audio) / rate:.3f} s at {rate} Hz, seed={seed} {ran}"
+              f" ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SnacDitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,583 @@
+"""Block-structured attention: a Triton flash-attention kernel that skips what the layout masks.
+
+What it computes (same contract as `model.attention.attention`):
+    q (B, H, Nq, D), k/v (B, H, Nk, D); seg_q (B, Nq), seg_k (B, Nk) integer segment ids,
+    negative = padding; allowed (B, S, S) or (S, S) bool.
+    Query i may see key j iff allowed[b, seg_q[b, i], seg_k[b, j]]; padding sees nothing and is
+    seen by nothing. out = softmax(scale * q kᵀ restricted to the visible keys) v, and rows that
+    see nothing output 0 (not NaN), with zero gradients.
+
+Algorithm.
+  1. Plan (`plan_block_attention`, pure torch, vectorised, no host sync). Tile queries by
+     BLOCK_M and keys by BLOCK_N and classify every (query tile, key tile) pair of each batch row:
+       FULL    every (i, j) in the tile is allowed  -> no per-element mask, no bounds checks;
+       PARTIAL some are                             -> per-element mask;
+       EMPTY   none are                             -> never loaded.
+     The count of allowed pairs in a tile is cnt_q @ allowed @ cnt_kᵀ, with cnt_* the per-tile
+     histogram of segment ids, so classification costs O(T·S²), not O(N²). Each query tile gets
+     a list of its key tiles sorted PARTIAL first, then FULL (EMPTY dropped); each key tile the
+     transposed list, for the dK/dV pass. The plan depends only on (seg_q, seg_k, allowed), so
+     one plan serves every layer and head of a forward (see `_PlanCache`).
+     The per-element mask is a bit test: q_bits[i] = the allowed row of i's segment packed into
+     an int64, k_bits[j] = 1 << seg_k[j]; (i, j) is visible iff q_bits[i] & k_bits[j] != 0.
+     Hence at most 64 segments (our layouts have <= 15).
+  2. Forward, one program per (query tile, batch*head): online softmax in base 2 over the
+     PARTIAL tiles, then the FULL tiles (a constexpr switch compiles the loop twice, the FULL
+     copy without masks); saves the log-sum-exp (base 2, +inf for rows that see nothing so the
+     backward's exp2(s - lse) is exactly 0 there).
+  3. Backward: delta = rowsum(dO * O); dK/dV programs (one per key tile) walk the transposed
+     lists, dQ programs (one per query tile) walk the forward lists. Every output element is
+     written by exactly one program in a fixed order: deterministic, no atomics.
+
+Constraints and caveats.
+  - dtypes fp16 / bf16 (fp32 accumulation) and fp32 (dots in IEEE fp32, not TF32, so the CPU
+    interpreter and GPU agree with the fp32 reference). D a power of two in [16, 256].
+  - The last dim of q/k/v must be contiguous (other strides are free: (B, N, H, D) views work).
+  - Offsets into q/k/v/o are int64: no overflow for B*H*N*D >= 2**31.
+  - Tile sizes are plan parameters (tests use 4..16; real segments are multiples of 64, so with
+    64-tiles almost every tile is FULL or EMPTY). Smaller tiles are legal but slower on GPU, and
+    tl.dot needs BLOCK_M, BLOCK_N >= 16 on GPU.
+  - On CPU this runs only under TRITON_INTERPRET=1 (set before this module is imported), in
+    fp32/fp16: the interpreter computes bf16 wrongly.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes
+MAX_SEGMENTS = 64  # q_bits is one int64 per query
+
+# ----------------------------------------------------------------------------- reference
+
+
+def dense_mask(seg_q: torch.Tensor, seg_k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """(B, Nq, Nk) bool: may query i see key j."""
+    B = seg_q.shape[0]
+    if allowed.dim() == 2:
+        allowed = allowed.expand(B, *allowed.shape)
+    sq, sk = seg_q.long(), seg_k.long()
+    b = torch.arange(B, device=seg_q.device)[:, None, None]
+    m = allowed[b, sq.clamp(min=0)[:, :, None], sk.clamp(min=0)[:, None, :]]  # (B, Nq, Nk)
+    return m & (sq >= 0)[:, :, None] & (sk >= 0)[:, None, :]
+
+
+def block_attention_ref(q, k, v, seg_q, seg_k, allowed, scale=None):
+    """Pure PyTorch: SDPA with the dense boolean mask; rows that see nothing output 0."""
+    mask = dense_mask(seg_q, seg_k, allowed)  # (B, Nq, Nk)
+    seen = mask.any(-1, keepdim=True)  # (B, Nq, 1)
+    # SDPA returns NaN for an all-False row: open such rows up, then zero their output (which
+    # also zeroes every gradient flowing through them).
+    mask = (mask | ~seen)[:, None]  # (B, 1, Nq, Nk)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out * seen[:, None].to(out.dtype)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class BlockPlan:
+    """Tile lists for one (seg_q, seg_k, allowed); shared by all layers and heads."""
+
+    block_m: int
+    block_n: int
+    n_q: int
+    n_k: int
+    tile_class: torch.Tensor  # (B, Tq, Tk) int8: EMPTY / PARTIAL / FULL
+    q_bits: torch.Tensor  # (B, Nq) int64: allowed key segments of each query, as bits
+    k_bits: torch.Tensor  # (B, Nk) int64: 1 << segment of each key (0 for padding)
+    fwd_idx: torch.Tensor  # (B, Tq, Tk) int32: key tiles of each query tile, PARTIAL then FULL
+    fwd_cnt: torch.Tensor  # (B, Tq, 2) int32: [n_partial, n_full]
+    bwd_idx: torch.Tensor  # (B, Tk, Tq) int32: query tiles of each key tile, PARTIAL then FULL
+    bwd_cnt: torch.Tensor  # (B, Tk, 2) int32
+
+    def density(self) -> dict[str, float]:
+        """Fractions of tile pairs per class (for benchmarks and docs; syncs)."""
+        c = self.tile_class
+        return {name: (c == v).float().mean().item() for name, v in
+                (("full", FULL), ("partial", PARTIAL), ("empty", EMPTY))}
+
+
+def _segment_histogram(seg: torch.Tensor, n_seg: int, block: int) -> torch.Tensor:
+    """(B, N) ids -> (B, T, S) float64: how many positions of each tile are in each segment."""
+    B, N = seg.shape
+    T = triton.cdiv(N, block)
+    valid = seg >= 0
+    onehot = F.one_hot(seg.long().clamp(min=0), n_seg).to(torch.float64) * valid[..., None]
+    onehot = F.pad(onehot, (0, 0, 0, T * block - N))  # out-of-range positions count as padding
+    return onehot.view(B, T, block, n_seg).sum(2)  # (B, T, S)
+
+
+def classify_tiles(seg_q, seg_k, allowed, block_m: int, block_n: int) -> torch.Tensor:
+    """(B, Tq, Tk) int8 tile classes. Exact: counts are integers < 2**53 in float64."""
+    B = seg_q.shape[0]
+    S = allowed.shape[-1]
+    allowed = allowed.expand(B, S, S).to(torch.float64)
+    cq = _segment_histogram(seg_q, S, block_m)  # (B, Tq, S)
+    ck = _segment_histogram(seg_k, S, block_n)  # (B, Tk, S)
+    n_allowed = cq @ allowed @ ck.transpose(1, 2)  # (B, Tq, Tk) allowed pairs per tile
+    # n_allowed <= valid_q * valid_k <= block_m * block_n, so equality means every pair of a
+    # full-size, padding-free tile is allowed.
+    cls = torch.full(n_allowed.shape, PARTIAL, dtype=torch.int8, device=seg_q.device)
+    cls[n_allowed == 0] = EMPTY
+    cls[n_allowed == block_m * block_n] = FULL
+    return cls
+
+
+def _tile_lists(cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, U) classes -> per-row lists (B, T, U) int32 (PARTIAL, then FULL, then EMPTY) and
+    counts (B, T, 2) int32."""
+    rank = torch.tensor([2, 0, 1], dtype=torch.int8, device=cls.device)[cls.long()]
+    idx = torch.sort(rank, dim=-1, stable=True).indices.to(torch.int32)
+    cnt = torch.stack([(cls == PARTIAL).sum(-1), (cls == FULL).sum(-1)], -1).to(torch.int32)
+    return idx.contiguous(), cnt.contiguous()
+
+
+def plan_block_attention(seg_q, seg_k, allowed, block_m: int = 64, block_n: int = 64) -> BlockPlan:
+    """Classify tiles and build the tile lists and mask bits. Vectorised; no host sync."""
+    B, Nq = seg_q.shape
+    Nk = seg_k.shape[1]
+    S = allowed.shape[-1]
+    if S > MAX_SEGMENTS:
+        raise ValueError(f"block_attention supports at most {MAX_SEGMENTS} segments, got {S}")
+    for name, blk in (("block_m", block_m), ("block_n", block_n)):
+        if blk < 1 or blk & (blk - 1):
+            raise ValueError(f"{name} must be a power of two, got {blk}")
+    cls = classify_tiles(seg_q, seg_k, allowed, block_m, block_n)
+    fwd_idx, fwd_cnt = _tile_lists(cls)
+    bwd_idx, bwd_cnt = _tile_lists(cls.transpose(1, 2))
+    # Pack each segment's allowed row into int64 bits (bit 63 lands on the sign: harmless, only
+    # bitwise & reads it).
+    bits = torch.arange(S, device=seg_q.device)
+    rows = (allowed.expand(B, S, S).long() << bits).sum(-1)  # (B, S): bit j = may see seg j
+    sq, sk = seg_q.long(), seg_k.long()
+    q_bits = torch.where(sq >= 0, rows.gather(1, sq.clamp(min=0)), 0)  # (B, Nq)
+    k_bits = torch.where(sk >= 0, torch.ones_like(sk) << sk.clamp(min=0), 0)  # (B, Nk)
+    return BlockPlan(block_m, block_n, Nq, Nk, cls, q_bits.contiguous(), k_bits.contiguous(),
+                     fwd_idx, fwd_cnt, bwd_idx, bwd_cnt)
+
+
+class _PlanCache:
+    """Remembers the last plan, keyed by the identity and version of its three input tensors.
+
+    The model passes the same seg/allowed tensors to every layer, so this turns per-layer
+    planning into per-forward planning without changing `attention()`'s signature. Identity is
+    checked through weakrefs (a freed tensor can never match) and `_version` catches in-place
+    edits; inference-mode tensors have no version counter, so they are never cached."""
+
+    def __init__(self):
+        self._refs: tuple = ()
+        self._key: tuple = ()
+        self._plan: BlockPlan | None = None
+
+    @staticmethod
+    def _key_of(tensors, block_m, block_n):
+        try:
+            return tuple(t._version for t in tensors) + (block_m, block_n)
+        except RuntimeError:  # inference tensor
+            return None
+
+    def get(self, seg_q, seg_k, allowed, block_m, block_n) -> BlockPlan:
+        tensors = (seg_q, seg_k, allowed)
+        key = self._key_of(tensors, block_m, block_n)
+        if (key is not None and key == self._key and self._plan is not None
+                and all(r() is t for r, t in zip(self._refs, tensors, strict=True))):
+            return self._plan
+        plan = plan_block_attention(seg_q, seg_k, allowed, block_m, block_n)
+        if key is not None:
+            self._refs, self._key, self._plan = tuple(weakref.ref(t) for t in tensors), key, plan
+        return plan
+
+
+_plan_cache = _PlanCache()
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, q_bits, k_base, v_base, kbits_base, idx_ptr, start, stop,
+               stride_kn, stride_vn, N_K, qk_scale, offs_n, offs_d,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    for i in range(start, stop):
+        start_n = tl.load(idx_ptr + i) * BLOCK_N
+        cols = start_n + offs_n  # (BN,) key positions
+        # int64 tile base, int32 offsets inside the tile
+        k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
+        v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
+        if MASKED:
+            in_k = cols < N_K
+            k = tl.load(k_ptrs, mask=in_k[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_k[:, None], other=0.0)
+            k_bits = tl.load(kbits_base + cols, mask=in_k, other=0)
+        else:  # FULL tiles are in range by construction
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BM, BN), log2 units
+        if MASKED:
+            s = tl.where((q_bits[:, None] & k_bits[None, :]) != 0, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with nothing visible yet keeps m = -inf; subtract 0 there to avoid inf - inf.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, QBITS, KBITS, IDX, CNT,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                H, N_Q, N_K, T_Q, T_K, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = qt.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < N_Q
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=in_q[:, None], other=0.0)
+    q_bits = tl.load(QBITS + b * N_Q + offs_m, mask=in_q, other=0)
+    row = b * T_Q + qt
+    n_partial = tl.load(CNT + row * 2)
+    n_full = tl.load(CNT + row * 2 + 1)
+    idx_ptr = IDX + row * T_K
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    kbits_base = KBITS + b * N_K
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_bits, k_base, v_base, kbits_base, idx_ptr,
+                               0, n_partial, stride_kn, stride_vn, N_K, qk_scale, offs_n, offs_d,
+                               BLOCK_N, True, DOT_PREC)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_bits, k_base, v_base, kbits_base, idx_ptr,
+                               n_partial, n_partial + n_full, stride_kn, stride_vn, N_K, qk_scale,
+                               offs_n, offs_d, BLOCK_N, False, DOT_PREC)
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=in_q[:, None])
+    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=in_q)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om,
+                      stride_db, stride_dh, stride_dm, H, N_Q,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = qt.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < N_Q
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=in_q[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :],
+                 mask=in_q[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=in_q)
+
+
+@triton.jit
+def _bwd_dkdv_tiles(dk, dv, k, v, k_bits, q_base, do_base, lse_base, delta_base, qbits_base,
+                    idx_ptr, start, stop, stride_qm, stride_dom, N_Q, qk_scale, offs_m, offs_d,
+                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    for i in range(start, stop):
+        start_m = tl.load(idx_ptr + i) * BLOCK_M
+        rows = start_m + offs_m  # (BM,) query positions
+        q_ptrs = q_base + start_m.to(tl.int64) * stride_qm + (offs_m[:, None] * stride_qm + offs_d[None, :])
+        do_ptrs = do_base + start_m.to(tl.int64) * stride_dom + (offs_m[:, None] * stride_dom + offs_d[None, :])
+        if MASKED:
+            in_q = rows < N_Q
+            q = tl.load(q_ptrs, mask=in_q[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=in_q[:, None], other=0.0)
+            lse = tl.load(lse_base + rows, mask=in_q, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=in_q, other=0.0)
+            q_bits = tl.load(qbits_base + rows, mask=in_q, other=0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if MASKED:
+            p_t = tl.where((k_bits[:, None] & q_bits[None, :]) != 0, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BN, BM)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QBITS, KBITS, IDX, CNT,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                     H, N_Q, N_K, T_Q, T_K, qk_scale, scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    kt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = kt.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_k = offs_n < N_K
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=in_k[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=in_k[:, None], other=0.0)
+    k_bits = tl.load(KBITS + b * N_K + offs_n, mask=in_k, other=0)
+    row = b * T_K + kt
+    n_partial = tl.load(CNT + row * 2)
+    n_full = tl.load(CNT + row * 2 + 1)
+    idx_ptr = IDX + row * T_Q
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + bh.to(tl.int64) * N_Q
+    delta_base = DELTA + bh.to(tl.int64) * N_Q
+    qbits_base = QBITS + b * N_Q
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, k_bits, q_base, do_base, lse_base, delta_base,
+                             qbits_base, idx_ptr, 0, n_partial, stride_qm, stride_dom, N_Q,
+                             qk_scale, offs_m, offs_d, BLOCK_M, True, DOT_PREC)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, k_bits, q_base, do_base, lse_base, delta_base,
+                             qbits_base, idx_ptr, n_partial, n_partial + n_full, stride_qm,
+                             stride_dom, N_Q, qk_scale, offs_m, offs_d, BLOCK_M, False, DOT_PREC)
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=in_k[:, None])
+
+
+@triton.jit
+def _bwd_dq_tiles(dq, q, do, lse, delta, q_bits, k_base, v_base, kbits_base, idx_ptr, start,
+                  stop, stride_kn, stride_vn, N_K, qk_scale, offs_n, offs_d,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    for i in range(start, stop):
+        start_n = tl.load(idx_ptr + i) * BLOCK_N
+        cols = start_n + offs_n  # (BN,) key positions
+        # int64 tile base, int32 offsets inside the tile
+        k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
+        v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
+        if MASKED:
+            in_k = cols < N_K
+            k = tl.load(k_ptrs, mask=in_k[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_k[:, None], other=0.0)
+            k_bits = tl.load(kbits_base + cols, mask=in_k, other=0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BM, BN)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where((q_bits[:, None] & k_bits[None, :]) != 0, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QBITS, KBITS, IDX, CNT,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dqb, stride_dqh, stride_dqm,
+                   H, N_Q, N_K, T_Q, T_K, qk_scale, scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = qt.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < N_Q
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=in_q[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :], mask=in_q[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=in_q, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=in_q, other=0.0)
+    q_bits = tl.load(QBITS + b * N_Q + offs_m, mask=in_q, other=0)
+    row = b * T_Q + qt
+    n_partial = tl.load(CNT + row * 2)
+    n_full = tl.load(CNT + row * 2 + 1)
+    idx_ptr = IDX + row * T_K
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    kbits_base = KBITS + b * N_K
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _bwd_dq_tiles(dq, q, do, lse, delta, q_bits, k_base, v_base, kbits_base, idx_ptr, 0,
+                       n_partial, stride_kn, stride_vn, N_K, qk_scale, offs_n, offs_d,
+                       BLOCK_N, True, DOT_PREC)
+    dq = _bwd_dq_tiles(dq, q, do, lse, delta, q_bits, k_base, v_base, kbits_base, idx_ptr,
+                       n_partial, n_partial + n_full, stride_kn, stride_vn, N_K, qk_scale,
+                       offs_n, offs_d, BLOCK_N, False, DOT_PREC)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
+
+
+# ----------------------------------------------------------------------------- autograd
+
+_LOG2E = 1.4426950408889634
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would otherwise run as TF32 on GPU (~1e-3 error); 16-bit inputs ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_warps(head_dim: int) -> int:
+    return 8 if head_dim >= 128 else 4
+
+
+class _BlockAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: BlockPlan, scale: float):
+        B, H, Nq, D = q.shape
+        Nk = k.shape[2]
+        assert k.shape == v.shape == (B, H, Nk, D) and q.dtype == k.dtype == v.dtype
+        assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        assert plan.n_q == Nq and plan.n_k == Nk and plan.q_bits.shape[0] == B
+        BM, BN = plan.block_m, plan.block_n
+        Tq, Tk = triton.cdiv(Nq, BM), triton.cdiv(Nk, BN)
+        o = torch.empty_like(q)
+        if o.stride(-1) != 1:
+            o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+        _fwd_kernel[(Tq, B * H)](
+            q, k, v, o, lse, plan.q_bits, plan.k_bits, plan.fwd_idx, plan.fwd_cnt,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            H, Nq, Nk, Tq, Tk, scale * _LOG2E,
+            HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, DOT_PREC=_dot_precision(q.dtype),
+            num_warps=_num_warps(D), num_stages=2,
+        )
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        B, H, Nq, D = q.shape
+        Nk = k.shape[2]
+        BM, BN = plan.block_m, plan.block_n
+        Tq, Tk = triton.cdiv(Nq, BM), triton.cdiv(Nk, BN)
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        delta = torch.empty_like(lse)  # (B, H, Nq) fp32
+        _bwd_delta_kernel[(Tq, B * H)](
+            o, do, delta, o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2), H, Nq, HEAD_DIM=D, BLOCK_M=BM,
+        )
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        common = dict(HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, DOT_PREC=_dot_precision(q.dtype),
+                      num_warps=_num_warps(D), num_stages=2)
+        _bwd_dkdv_kernel[(Tk, B * H)](
+            q, k, v, do, dk, dv, lse, delta, plan.q_bits, plan.k_bits, plan.bwd_idx, plan.bwd_cnt,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            H, Nq, Nk, Tq, Tk, scale * _LOG2E, scale, **common,
+        )
+        _bwd_dq_kernel[(Tq, B * H)](
+            q, k, v, do, dq, lse, delta, plan.q_bits, plan.k_bits, plan.fwd_idx, plan.fwd_cnt,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            H, Nq, Nk, Tq, Tk, scale * _LOG2E, scale, **common,
+        )
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def _check_inputs(q, k, v, seg_q, seg_k, allowed):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, Nq, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"k and v must be (B={B}, H={H}, Nk, D={D}); got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16,
+                                                               torch.float32):
+        raise ValueError(f"q, k, v must share one dtype of fp16/bf16/fp32; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
+    if seg_q.shape != (B, Nq) or seg_k.shape != (B, k.shape[2]):
+        raise ValueError(f"seg_q must be (B, Nq)={(B, Nq)} and seg_k (B, Nk)={(B, k.shape[2])}; "
+                         f"got {tuple(seg_q.shape)}, {tuple(seg_k.shape)}")
+    if seg_q.dtype.is_floating_point or seg_k.dtype.is_floating_point or seg_q.dtype == torch.bool:
+        raise ValueError(f"segment ids must be integers, got {seg_q.dtype}, {seg_k.dtype}")
+    if allowed.dtype != torch.bool or allowed.dim() not in (2, 3) or \
+            allowed.shape[-1] != allowed.shape[-2] or (allowed.dim() == 3 and allowed.shape[0] != B):
+        raise ValueError(f"allowed must be bool (S, S) or (B={B}, S, S); got {allowed.dtype} "
+                         f"{tuple(allowed.shape)}")
+    devices = {t.device for t in (q, k, v, seg_q, seg_k, allowed)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {devices}")
+
+
+def block_attention(q, k, v, seg_q, seg_k, allowed, scale=None, *, plan: BlockPlan | None = None,
+                    block_m: int = 64, block_n: int = 64):
+    """Masked attention over segment-structured sequences; see the module docstring.
+
+    q (B, H, Nq, D), k/v (B, H, Nk, D), seg_q (B, Nq), seg_k (B, Nk), allowed (S, S) or (B, S, S)
+    -> (B, H, Nq, D) in q's dtype. `plan` (from `plan_block_attention`) may be passed to reuse
+    tile lists explicitly; otherwise the last plan is reused while the same unmodified
+    seg/allowed tensors come back (every layer of one forward)."""
+    _check_inputs(q, k, v, seg_q, seg_k, allowed)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if plan is None:
+        plan = _plan_cache.get(seg_q, seg_k, allowed, block_m, block_n)
+    elif plan.q_bits.shape != seg_q.shape or plan.k_bits.shape != seg_k.shape:
+        raise ValueError("plan was built for other segment shapes")
+    if q.shape[2] == 0 or k.shape[2] == 0:  # nothing to attend: all rows see nothing
+        return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _BlockAttention.apply(q, k, v, plan, scale)
+
+
+if __name__ == "__main__":
+    # The benchmark lives in bench/attention.py (it needs a GPU and FlexAttention).
+    import runpy
+    import sys
+    from pathlib import Path
+
+    sys.argv[0] = str(Path(__file__).resolve().parents[2] / "bench" / "attention.py")
+    runpy.run_path(sys.argv[0], run_name="__main__")

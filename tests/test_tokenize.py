@@ -1,0 +1,236 @@
+"""The tokeniser through its real entry point, on short generated audio and the debug codec."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from model.codec import DEBUG_CODEC_CONFIG, Codec
+from server.audio import read_audio
+from tests.conftest import tone
+from training import shards
+from training.tokenize import KILL_HOOK_ENV, main
+
+ROOT = Path(__file__).resolve().parents[1]
+PIECE = "1.152"  # 3 grid units (36,864 samples): a 2.5 s file spans 3 pieces
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two intra-op threads on a 2-core box shared with other tests spin against each other:
+    # one thread encodes these tiny inputs several times faster.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_folder(root: Path) -> Path:
+    audio = root / "audio"
+    (audio / "sub" / "deeper").mkdir(parents=True)
+    sf.write(audio / "a.wav", tone(1.0, freq=440), 32000, subtype="PCM_16")
+    stereo = np.stack([tone(2.5, 48000, 220), tone(2.5, 48000, 330)], axis=1)
+    sf.write(audio / "sub" / "b.flac", stereo, 48000)
+    sf.write(audio / "sub" / "deeper" / "c.wav", tone(0.5, freq=660), 32000, subtype="FLOAT")
+    (audio / "bad.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEthis is not audio" * 4)
+    (audio / "notes.txt").write_text("not audio, ignored")
+    return audio
+
+
+def mtimes(out: Path) -> dict:
+    return {
+        p: p.stat().st_mtime_ns for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
+
+
+def all_tokens(out: Path) -> dict:
+    m = shards.read_manifest(out)
+    return {f["path"]: [np.asarray(t) for t in shards.file_tokens(out, m, f)] for f in m["files"]}
+
+
+def test_tokenise_folder_then_noop_rerun(tmp_path, debug_codec, debug_codec_dir, capsys):
+    audio = make_folder(tmp_path)
+    out = tmp_path / "tokens"
+    args = [
+        "--audio",
+        str(audio),
+        "--out",
+        str(out),
+        "--codec",
+        debug_codec_dir,
+        "--piece-seconds",
+        PIECE,
+        "--val-fraction",
+        "0.5",
+        "--no-progress",
+        "--workers",
+        "1",
+    ]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "bad.wav" in err and "undecodable_audio" in err
+
+    m = shards.read_manifest(out, expected_fingerprint=debug_codec.fingerprint)
+    assert [f["path"] for f in m["files"]] == ["a.wav", "sub/b.flac", "sub/deeper/c.wav"]
+    assert [(f["path"], f["code"]) for f in m["failed"]] == [("bad.wav", "undecodable_audio")]
+    assert m["codec"]["geometry"]["frames_per_chunk"] == [64, 128, 256, 512]
+    assert m["piece_samples"] == 36864
+    for f in m["files"]:
+        assert f["split"] == shards.split_of(f["path"], 0.5)
+        src = audio / f["path"]
+        assert (f["size"], f["mtime_ns"]) == (src.stat().st_size, src.stat().st_mtime_ns)
+    for name in (n for s in m["shards"] for n in s["levels"]):
+        assert np.load(out / name).dtype == np.uint16
+
+    tokens = all_tokens(out)
+    # A file shorter than a piece is encoded in one pass: exactly Codec.encode.
+    a = read_audio(audio / "a.wav", 32000)
+    want = debug_codec.encode(torch.from_numpy(a)[None])
+    assert m["files"][0]["n_frames"] == want[0].shape[1] == 12  # 1.0 s pads to 1.152 s
+    assert m["files"][0]["duration"] == pytest.approx(1.0)
+    for got, w in zip(tokens["a.wav"], want, strict=True):
+        np.testing.assert_array_equal(got, w[0].numpy())
+    # A longer one is encoded piece by piece on the grid; the pieces concatenate.
+    b = read_audio(audio / "sub" / "b.flac", 32000)
+    pieces = [
+        debug_codec.encode(torch.from_numpy(b[i : i + 36864])[None])
+        for i in range(0, len(b), 36864)
+    ]
+    for level, got in enumerate(tokens["sub/b.flac"]):
+        np.testing.assert_array_equal(got, torch.cat([p[level][0] for p in pieces]).numpy())
+    assert m["files"][1]["n_frames"] == 28  # 2.5 s -> 80,000 samples -> 7 grid units
+
+    # Second run: nothing to do, nothing rewritten.
+    before = mtimes(out)
+    assert main(args) == 0
+    assert mtimes(out) == before
+    assert "tokenised 0 files" in capsys.readouterr().err
+
+    # A changed file is re-tokenised, alone, into a new shard; the others are kept.
+    sf.write(audio / "sub" / "deeper" / "c.wav", tone(0.8, freq=550), 32000)
+    assert main(args) == 0
+    m2 = shards.read_manifest(out)
+    assert len(m2["shards"]) == len(m["shards"]) + 1
+    c = next(f for f in m2["files"] if f["path"] == "sub/deeper/c.wav")
+    assert c["shard"] == m2["shards"][-1]["id"] and c["duration"] == pytest.approx(0.8)
+    assert all(f in m2["files"] for f in m["files"] if f["path"] != "sub/deeper/c.wav")
+
+
+def test_other_codec_is_refused(tmp_path, debug_codec_dir, capsys):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "x.wav", tone(0.5), 32000)
+    out = tmp_path / "tokens"
+    base = ["--audio", str(audio), "--out", str(out), "--no-progress"]
+    assert main(base + ["--codec", debug_codec_dir]) == 0
+    before = mtimes(out)
+
+    other = Codec.load(DEBUG_CODEC_CONFIG, seed=1).save(tmp_path / "other_codec")
+    capsys.readouterr()
+    assert main(base + ["--codec", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "fingerprint" in err and "another --out" in err
+    assert mtimes(out) == before
+    with pytest.raises(shards.ManifestError, match="must not be mixed"):
+        shards.read_manifest(
+            out, expected_fingerprint=Codec.load(DEBUG_CODEC_CONFIG, seed=1).fingerprint
+        )
+
+
+def test_refusals_and_empty_folder(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no audio here")
+    out = tmp_path / "tokens"
+    assert (
+        main(["--audio", str(empty), "--out", str(out), "--codec", "debug", "--no-progress"]) == 1
+    )
+    assert "no audio could be tokenised" in capsys.readouterr().err
+    assert main(["--audio", str(tmp_path / "missing"), "--out", str(out), "--codec", "debug"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    (out / "manifest.json").write_text("{ truncated")
+    assert main(["--audio", str(empty), "--out", str(out), "--codec", "debug"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def run_cli(audio: Path, out: Path, codec_dir: str, **env) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "training.tokenize",
+        "--audio",
+        str(audio),
+        "--out",
+        str(out),
+        "--codec",
+        codec_dir,
+        "--piece-seconds",
+        PIECE,
+        "--shard-seconds",
+        "0.1",
+        "--no-progress",
+        "--workers",
+        "1",
+    ]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def test_killed_run_resumes_to_the_clean_result(tmp_path, debug_codec_dir):
+    audio = tmp_path / "audio"
+    (audio / "d").mkdir(parents=True)
+    for i, (name, secs) in enumerate(
+        [("1.wav", 0.6), ("2.wav", 1.3), ("d/3.wav", 0.4), ("d/4.wav", 0.9)]
+    ):
+        sf.write(audio / name, tone(secs, freq=200 + 100 * i), 32000)
+
+    # Shard 2 hits the disk, then the process is SIGKILLed before the manifest names it.
+    killed = run_cli(audio, tmp_path / "resumed", debug_codec_dir, **{KILL_HOOK_ENV: "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    partial = shards.read_manifest(tmp_path / "resumed")
+    assert [f["path"] for f in partial["files"]] == ["1.wav"]  # the committed shard survives
+    assert (tmp_path / "resumed" / shards.shard_level_name(1, 0)).exists()  # the orphan
+
+    resumed = run_cli(audio, tmp_path / "resumed", debug_codec_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "tokenised 3 files" in resumed.stderr and "skipped 1 done" in resumed.stderr
+
+    assert (
+        main(
+            [
+                "--audio",
+                str(audio),
+                "--out",
+                str(tmp_path / "clean"),
+                "--codec",
+                debug_codec_dir,
+                "--piece-seconds",
+                PIECE,
+                "--shard-seconds",
+                "0.1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    got, want = all_tokens(tmp_path / "resumed"), all_tokens(tmp_path / "clean")
+    assert list(got) == list(want) == ["1.wav", "2.wav", "d/3.wav", "d/4.wav"]
+    for path in want:
+        for g, w in zip(got[path], want[path], strict=True):
+            np.testing.assert_array_equal(g, w)
+    m_resumed = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    m_clean = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    strip = lambda m: [
+        {k: v for k, v in f.items() if k not in ("shard", "offsets")} for f in m["files"]
+    ]  # noqa: E731
+    assert strip(m_resumed) == strip(m_clean)
+    assert not list((tmp_path / "resumed").rglob(".*.tmp-*"))

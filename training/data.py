@@ -1,0 +1,343 @@
+"""Windows of SNAC tokens for training, read from a token directory (training/shards.py).
+
+A window is n_ctx context chunks + 1 target chunk of one file, every level: level l holds
+(n_ctx + 1) * F_l tokens (F = 64/128/256/512 per chunk for SNAC 32 kHz). Window starts lie on
+the codec's padding grid (4 coarse frames = 0.384 s), so every level starts on a whole token and
+a window is exactly what `Codec.encode` gives for the same stretch of audio (pieces aside, see
+tokenize.py). Windows never cross files; files shorter than a window give none.
+
+Indexing is flat and deterministic: `dataset.window(i)` says which file/start/n_ctx item i is,
+`dataset[i]` reads it. `WindowBatchSampler` turns (seed, epoch, position) into batches with O(1)
+memory, so a trainer resumes exactly by saving `batch["data_state"]` (see the class).
+
+Shards are memory-mapped lazily, per process (DataLoader workers open their own maps), with a
+bounded LRU of open maps: each map holds a file descriptor.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from training.shards import read_manifest
+
+
+class WindowRef(NamedTuple):
+    n_ctx: int
+    file: int  # index into dataset.files
+    start: int  # first coarse frame (level 0) of the window, a multiple of dataset.grid
+
+
+class WindowKey(NamedTuple):
+    """What `WindowBatchSampler` yields: the window plus the sampler position after its batch."""
+
+    index: int
+    epoch: int
+    position: int  # batches of this epoch done once this key's batch is consumed
+
+
+class TokenWindows(Dataset):
+    """Fixed-length token windows of one split of a token directory.
+
+    n_ctx: an int or a sequence of ints (a mix: the index space is the concatenation of each
+        value's windows, in the given order; `ranges[n]` says where value n lives).
+    expected_fingerprint: refuse a directory tokenised by another codec (`Codec.fingerprint`).
+    start_step: window starts every `start_step` grid steps (1 = every 0.384 s; windows overlap,
+        which is the point: every shift of the music is a distinct sample).
+    """
+
+    def __init__(self, token_dir: str | os.PathLike, split: str = "train", n_ctx=2,
+                 expected_fingerprint: str | None = None, start_step: int = 1,
+                 max_open_shards: int = 256):
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+        self.n_ctx_values = (n_ctx,) if isinstance(n_ctx, int) else tuple(int(n) for n in n_ctx)
+        if not self.n_ctx_values or min(self.n_ctx_values) < 0 or len(set(self.n_ctx_values)) != len(self.n_ctx_values):
+            raise ValueError(f"n_ctx must be a non-negative int or distinct ints, got {n_ctx!r}")
+        if start_step < 1:
+            raise ValueError("start_step must be at least 1")
+        self.token_dir = os.fspath(token_dir)
+        manifest = read_manifest(token_dir, expected_fingerprint)
+        geo = manifest["codec"]["geometry"]
+        self.fingerprint = manifest["codec"]["fingerprint"]
+        self.strides = tuple(geo["strides"])
+        self.frames_per_chunk = tuple(geo["frames_per_chunk"])
+        self.n_levels = len(self.strides)
+        self.grid = int(geo["pad_frames"][0])  # coarse frames per padding unit (4)
+        self.step = self.grid * start_step
+        self.split = split
+        self.files = [f for f in manifest["files"] if split == "all" or f["split"] == split]
+        self.shard_levels = {s["id"]: s["levels"] for s in manifest["shards"]}
+        self.max_open_shards = max_open_shards
+
+        self._shard = np.array([f["shard"] for f in self.files], dtype=np.int64)
+        self._offsets = np.array([f["offsets"] for f in self.files], dtype=np.int64).reshape(-1, self.n_levels)
+        self._n_frames = np.array([f["n_frames"] for f in self.files], dtype=np.int64)
+        # Per n_ctx value: cumulative window counts over files, for index -> (file, start).
+        self._cum, self.ranges, lo = {}, {}, 0
+        for n in self.n_ctx_values:
+            span = (n + 1) * self.frames_per_chunk[0]
+            counts = np.where(self._n_frames >= span, (self._n_frames - span) // self.step + 1, 0)
+            self._cum[n] = np.concatenate([[0], np.cumsum(counts)])
+            self.ranges[n] = (lo, lo + int(self._cum[n][-1]))
+            lo = self.ranges[n][1]
+        self._len = lo
+        self._maps: collections.OrderedDict = collections.OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self._len
+
+    def window(self, index: int) -> WindowRef:
+        if not 0 <= index < self._len:
+            raise IndexError(f"window {index} out of range [0, {self._len})")
+        for n in self.n_ctx_values:
+            lo, hi = self.ranges[n]
+            if index < hi:
+                cum = self._cum[n]
+                i = index - lo
+                f = int(np.searchsorted(cum, i, side="right")) - 1
+                return WindowRef(n, f, int(i - cum[f]) * self.step)
+        raise AssertionError("unreachable")
+
+    def _level_map(self, shard: int, level: int) -> np.ndarray:
+        if self._pid != os.getpid():  # forked into a worker: maps are per process
+            self._maps, self._pid = collections.OrderedDict(), os.getpid()
+        key = (shard, level)
+        m = self._maps.get(key)
+        if m is None:
+            path = os.path.join(self.token_dir, self.shard_levels[shard][level])
+            m = np.load(path, mmap_mode="r")
+            self._maps[key] = m
+            if len(self._maps) > self.max_open_shards * self.n_levels:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(key)
+        return m
+
+    def read(self, ref: WindowRef) -> list[torch.Tensor]:
+        """Per level int64 tokens ((n_ctx + 1) * F_l,) of one window."""
+        out = []
+        for level, s in enumerate(self.strides):
+            scale = self.strides[0] // s
+            a = int(self._offsets[ref.file, level]) + ref.start * scale
+            n = (ref.n_ctx + 1) * self.frames_per_chunk[level]
+            tokens = self._level_map(int(self._shard[ref.file]), level)[a:a + n]
+            out.append(torch.from_numpy(tokens.astype(np.int64)))
+        return out
+
+    def __getitem__(self, key) -> dict:
+        """int or WindowKey -> dict(tokens=[(n_ctx+1)*F_l int64 per level], n_ctx, index[, data_state])."""
+        index = key.index if isinstance(key, WindowKey) else int(key)
+        ref = self.window(index)
+        item = dict(tokens=self.read(ref), n_ctx=ref.n_ctx, index=index)
+        if isinstance(key, WindowKey):
+            item["data_state"] = dict(epoch=key.epoch, position=key.position)
+        return item
+
+    def __getstate__(self):  # spawn-started workers: ship no open maps
+        state = dict(self.__dict__)
+        state["_maps"] = collections.OrderedDict()
+        return state
+
+    def describe(self) -> dict:
+        return dict(
+            split=self.split, files=len(self.files), windows=self._len,
+            windows_per_n_ctx={n: hi - lo for n, (lo, hi) in self.ranges.items()},
+            hours=sum(f["duration"] for f in self.files) / 3600,
+        )
+
+
+def collate_windows(items: list[dict], pad_id: int = -1) -> dict:
+    """Stack dataset items into a batch.
+
+    tokens: per level (B, (W + 1) * F_l) int64 with W = the batch's largest n_ctx. Rows with fewer
+        context chunks are LEFT-padded with `pad_id`, so the target is always the last chunk and
+        a row's context chunks are the most recent ones: what `model.layout.fill_tokens` reads
+        (it never touches the padding).
+    n_ctx: (B,) int64. index: (B,) int64. data_state: the sampler position after this batch
+        (from the last item; present when the batch came from WindowBatchSampler).
+    """
+    if not items:
+        raise ValueError("empty batch")
+    n_ctx = [it["n_ctx"] for it in items]
+    W = max(n_ctx)
+    tokens = []
+    for level in range(len(items[0]["tokens"])):
+        F = items[0]["tokens"][level].shape[0] // (items[0]["n_ctx"] + 1)
+        out = torch.full((len(items), (W + 1) * F), pad_id, dtype=torch.int64)
+        for row, it in enumerate(items):
+            t = it["tokens"][level]
+            out[row, out.shape[1] - t.shape[0]:] = t
+        tokens.append(out)
+    batch = dict(tokens=tokens, n_ctx=torch.tensor(n_ctx, dtype=torch.int64),
+                 index=torch.tensor([it["index"] for it in items], dtype=torch.int64))
+    if "data_state" in items[-1]:
+        batch["data_state"] = items[-1]["data_state"]
+    return batch
+
+
+# --------------------------------------------------------------------------- sampling
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a cheap, well-mixing uint64 -> uint64 hash (vectorised)."""
+    with np.errstate(over="ignore"):
+        x = x.astype(np.uint64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _key(*parts: int) -> int:
+    h = np.uint64(0x9E3779B97F4A7C15)
+    for p in parts:
+        h = _mix64(np.array([h ^ np.uint64(p & 0xFFFFFFFFFFFFFFFF)]))[0]
+    return int(h)
+
+
+def permute(x: np.ndarray, n: int, key: int) -> np.ndarray:
+    """A keyed pseudo-random bijection of [0, n) applied to x, in O(1) memory.
+
+    An 8-round Feistel network on the smallest even bit width covering n, with cycle walking
+    (re-apply until the value lands below n: a bijection restricted to [0, n) stays one; fewer
+    than 4 rounds of walking on average). Lets an epoch over 10^8+ windows be shuffled without
+    materialising a permutation.
+    """
+    x = np.asarray(x, dtype=np.uint64)
+    if n <= 1:
+        return np.zeros_like(x)
+    bits = max(2, (n - 1).bit_length())
+    bits += bits & 1
+    half = np.uint64(bits // 2)
+    mask = np.uint64((1 << (bits // 2)) - 1)
+    round_keys = [np.uint64(_key(key, r)) for r in range(8)]
+
+    def feistel(v):
+        left, right = v >> half, v & mask
+        for k in round_keys:
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        return (left << half) | right
+
+    out = feistel(x)
+    todo = out >= np.uint64(n)
+    while todo.any():
+        out[todo] = feistel(out[todo])
+        todo = out >= np.uint64(n)
+    return out
+
+
+@dataclass
+class SamplerState:
+    epoch: int = 0
+    position: int = 0  # batches of `epoch` already produced
+
+
+class WindowBatchSampler(Sampler):
+    """Deterministic batches of `WindowKey`s; batch k of epoch e is a pure function of (seed, e, k).
+
+    One iteration = the rest of the current epoch; then the epoch advances. Epoch e is a
+    pseudo-random permutation of all windows (shuffle=True), or the windows in order. With
+    `n_ctx_weights` (one weight per n_ctx value of the dataset) each sample first draws its
+    n_ctx value by weight, then a window of that value (still a pure function of the position).
+
+    Exact resume: the DataLoader runs ahead of training (prefetch, workers), so the sampler's own
+    counter is not where training is. Save `batch["data_state"]` (the position after the batch you
+    trained on) and `load_state_dict` it into a fresh sampler before building the loader.
+
+    Distributed: every rank builds the same sampler with its rank / world_size; position k is one
+    global batch of batch_size * world_size windows, of which each rank takes its slice.
+    """
+
+    def __init__(self, dataset: TokenWindows, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 n_ctx_weights=None, epoch_length: int | None = None, rank: int = 0,
+                 world_size: int = 1):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError("need batch_size >= 1 and 0 <= rank < world_size")
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.sizes = [hi - lo for lo, hi in dataset.ranges.values()]
+        self.offsets = [lo for lo, _ in dataset.ranges.values()]
+        if n_ctx_weights is not None:
+            w = np.asarray(n_ctx_weights, dtype=np.float64)
+            if w.shape != (len(self.sizes),) or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"n_ctx_weights needs {len(self.sizes)} non-negative weights, got {n_ctx_weights}")
+            if any(wi > 0 and n == 0 for wi, n in zip(w, self.sizes, strict=True)):
+                raise ValueError(f"a weighted n_ctx value has no windows (sizes {self.sizes})")
+            self.cum_weights = np.cumsum(w / w.sum())
+        else:
+            self.cum_weights = None
+        self.epoch_length = len(dataset) if epoch_length is None else int(epoch_length)
+        self.global_batch = batch_size * world_size
+        if self.epoch_length < self.global_batch:
+            raise ValueError(f"{self.epoch_length} windows per epoch cannot fill one batch of "
+                             f"{self.global_batch}; the split is too small for this batch size")
+        self.state = SamplerState()
+
+    def __len__(self) -> int:
+        return self.epoch_length // self.global_batch  # batches per epoch; the remainder is dropped
+
+    def state_dict(self) -> dict:
+        return dict(epoch=self.state.epoch, position=self.state.position, seed=self.seed)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"data state was saved with seed {state['seed']}, this sampler has {self.seed}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if position >= len(self):  # saved after an epoch's last batch: resume at the next epoch
+            epoch, position = epoch + 1, 0
+        self.state = SamplerState(epoch, position)
+
+    def indices(self, epoch: int, ordinals: np.ndarray) -> np.ndarray:
+        """Window indices of sample ordinals (0 .. epoch_length-1) of `epoch`."""
+        o = np.asarray(ordinals, dtype=np.int64)
+        n = len(self.dataset)
+        if self.cum_weights is None:
+            if not self.shuffle:
+                return o % n
+            cycle = o // n  # epoch_length > n: later passes get their own permutation
+            out = np.empty_like(o)
+            for c in np.unique(cycle):
+                sel = cycle == c
+                out[sel] = permute(o[sel] % n, n, _key(self.seed, epoch, int(c))).astype(np.int64)
+            return out
+        u = _mix64(o.astype(np.uint64) ^ np.uint64(_key(self.seed, epoch, 1 << 40))) >> np.uint64(11)
+        group = np.searchsorted(self.cum_weights, u.astype(np.float64) / 2.0**53, side="right")
+        group = np.minimum(group, len(self.sizes) - 1)
+        out = np.empty_like(o)
+        for g in np.unique(group):
+            sel = group == g
+            size = self.sizes[g]
+            local = o[sel] % size
+            if self.shuffle:
+                local = permute(local, size, _key(self.seed, epoch, 1 << 41, int(g))).astype(np.int64)
+            out[sel] = self.offsets[g] + local
+        return out
+
+    def __iter__(self):
+        epoch, start = self.state.epoch, self.state.position
+        for position in range(start, len(self)):
+            first = position * self.global_batch + self.rank * self.batch_size
+            idx = self.indices(epoch, np.arange(first, first + self.batch_size))
+            self.state = SamplerState(epoch, position + 1)
+            yield [WindowKey(int(i), epoch, position + 1) for i in idx]
+        self.state = SamplerState(epoch + 1, 0)
+
+
+def make_loader(dataset: TokenWindows, batch_size: int, seed: int = 0, num_workers: int = 2,
+                state: dict | None = None, pin_memory: bool = False, **sampler_kwargs):
+    """(DataLoader, sampler) over `dataset`, resumed at `state` (a saved batch["data_state"])."""
+    sampler = WindowBatchSampler(dataset, batch_size, seed=seed, **sampler_kwargs)
+    if state is not None:
+        sampler.load_state_dict(state)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_windows,
+                        num_workers=num_workers, pin_memory=pin_memory,
+                        persistent_workers=num_workers > 0)
+    return loader, sampler

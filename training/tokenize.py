@@ -1,0 +1,433 @@
+"""Tokenise a folder of audio into SNAC token shards: `python -m training.tokenize --audio DIR --out DIR`.
+
+Pipeline: walk DIR recursively (sorted, so runs are deterministic) -> decode + downmix + resample
+each file in a small thread pool (`server.audio.read_audio`) -> cut it into pieces -> encode the
+pieces in batches -> every `--shard-seconds` of audio, write one shard (a uint16 .npy per level)
+and rewrite the manifest atomically. The format is described in `training/shards.py`.
+
+Pieces. Long files are encoded in pieces of `--piece-seconds` (default 10 chunks = 61.44 s),
+rounded to the codec's padding grid (12,288 samples = 4 coarse frames) so each piece's tokens
+land exactly on the file's token grid and concatenate. SNAC's encoder is non-causal (convolutions
+plus windowed attention), so codes within about a second of a piece border can differ from a
+single pass over the whole file; everywhere else they are identical. Pieces of equal padded length
+are batched together (zero-padded to the grid, exactly as `Codec.encode` pads), so a file that
+fits in one piece gets exactly `Codec.encode(file)`.
+
+Resuming. A file is done when the manifest lists it with the same size and mtime; a re-run skips
+it. Shards are written before the manifest that references them, each through a temp file and
+`os.replace`, so killing the run at any moment loses at most the shard being encoded. Files that
+fail to decode are listed in the manifest's `failed` (and on stderr) and skipped on re-runs unless
+they change or `--retry-failed` is given.
+
+Exit status: 0 when the run finished and the directory holds at least one tokenised file (some
+files may have failed: they are listed); 1 when it holds none (no audio found, or every file
+failed); 2 when the run is refused (bad arguments, codec will not load, the directory belongs to
+another codec or is locked by another run); 130 when interrupted (re-run to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import math
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_HUB_ID, Codec, CodecLoadError
+from server.audio import AudioError, read_audio
+from training import shards
+
+# Extensions worth trying. m4a/aac/wma are listed although libsndfile cannot read them, so they
+# are reported as failed instead of vanishing silently. Everything else (cover art, .cue, .txt)
+# is ignored and only counted.
+AUDIO_EXTENSIONS = frozenset(
+    ".wav .wave .flac .ogg .oga .opus .mp3 .aif .aiff .aifc .au .snd .caf .w64 .rf64 .mat "
+    ".m4a .aac .wma".split()
+)
+DEFAULT_VAL_FRACTION = 0.02
+DEFAULT_PIECE_CHUNKS = 10  # 61.44 s: long enough that border effects touch ~2% of tokens
+KILL_HOOK_ENV = "SNAC_DIT_TOKENIZE_KILL_AFTER_SHARDS"  # tests: SIGKILL after writing N shards
+
+
+class TokenizeError(RuntimeError):
+    """The run is refused as configured (exit status 2)."""
+
+
+@dataclass
+class TokenizeConfig:
+    audio_dir: Path
+    out_dir: Path
+    codec: str = SNAC_32KHZ_HUB_ID  # hub id, local dir, or "debug" (tiny random-init codec)
+    device: str = "auto"  # "auto": cuda when available
+    batch_size: int | None = None  # pieces per encode call; None: 8 on GPU, 1 on CPU (no gain there)
+    val_fraction: float | None = None  # None: keep the out dir's, else DEFAULT_VAL_FRACTION
+    piece_seconds: float | None = None  # None: keep the out dir's, else DEFAULT_PIECE_CHUNKS chunks
+    shard_seconds: float = 3600.0  # audio per shard: ~1.1 MB of tokens, the most a kill can lose
+    workers: int = 2  # decode/resample threads, overlapping with encoding
+    retry_failed: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    tokenised: int = 0
+    seconds: float = 0.0
+    shards_written: int = 0
+    skipped: int = 0
+    failed: list[dict] = field(default_factory=list)
+    ignored: int = 0
+    total_files: int = 0  # tokenised files in the manifest after the run
+
+
+@dataclass
+class _Item:
+    rel: str
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+def scan(audio_dir: Path, skip: Path | None = None) -> tuple[list[_Item], int]:
+    """Audio candidates under `audio_dir` sorted by relative path, and the count of other files."""
+    items, ignored = [], 0
+    skip = skip.resolve() if skip is not None else None
+    for root, dirs, files in os.walk(audio_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() != skip]
+        for name in files:
+            path = Path(root) / name
+            if name.startswith("."):  # .DS_Store, AppleDouble ._x.wav, our own temp files
+                continue
+            if path.suffix.lower() not in AUDIO_EXTENSIONS:
+                ignored += 1
+                continue
+            try:
+                st = path.stat()
+            except OSError:  # dangling symlink, vanished file
+                ignored += 1
+                continue
+            rel = path.relative_to(audio_dir).as_posix()
+            items.append(_Item(rel, path, st.st_size, st.st_mtime_ns))
+    items.sort(key=lambda it: it.rel)
+    return items, ignored
+
+
+def _read(item: _Item, sample_rate: int) -> np.ndarray | AudioError:
+    try:
+        return read_audio(item.path, sample_rate)
+    except AudioError as e:
+        return e
+    except Exception as e:  # soxr/numpy/OS trouble with one file must not end the run
+        return AudioError(f"{item.path}: {type(e).__name__}: {e}", code="read_error")
+
+
+def _prefetch(pool: ThreadPoolExecutor, items, fn, lookahead: int):
+    """Yield (item, fn(item)) in order while up to `lookahead` later items are being read."""
+    it = iter(items)
+    queue = collections.deque((x, pool.submit(fn, x)) for x in itertools.islice(it, lookahead))
+    while queue:
+        item, fut = queue.popleft()
+        nxt = next(it, None)
+        if nxt is not None:
+            queue.append((nxt, pool.submit(fn, nxt)))
+        yield item, fut.result()
+
+
+def encode_files(codec: Codec, audios: list[np.ndarray], piece_samples: int, batch_size: int,
+                 on_batch=None) -> list[list[np.ndarray]]:
+    """Per file, per level uint16 tokens of `audios` (each (T,) float32 at the codec rate).
+
+    Files are cut into pieces of `piece_samples` (a multiple of `codec.pad_samples`); pieces with
+    the same padded length share an encode batch. `on_batch(file_indices, piece_lengths)` is
+    called after each batch (progress).
+    """
+    buckets: dict[int, list[tuple[int, int, np.ndarray]]] = collections.defaultdict(list)
+    pieces: list[list] = []
+    for i, audio in enumerate(audios):
+        n = max(1, math.ceil(audio.shape[0] / piece_samples))
+        pieces.append([None] * n)
+        for k in range(n):
+            seg = audio[k * piece_samples:(k + 1) * piece_samples]
+            buckets[codec.padded_length(seg.shape[0])].append((i, k, seg))
+    for length in sorted(buckets):
+        bucket = buckets[length]
+        for b in range(0, len(bucket), batch_size):
+            batch = bucket[b:b + batch_size]
+            x = np.zeros((len(batch), length), dtype=np.float32)  # (B, T): the codec's own zero pad
+            for row, (_, _, seg) in enumerate(batch):
+                x[row, :seg.shape[0]] = seg
+            codes = codec.encode(torch.from_numpy(x))  # per level (B, n_l)
+            codes = [c.cpu().numpy().astype(shards.TOKEN_DTYPE) for c in codes]
+            for row, (i, k, _) in enumerate(batch):
+                pieces[i][k] = [c[row] for c in codes]
+            if on_batch is not None:
+                on_batch([i for i, _, _ in batch], [seg.shape[0] for _, _, seg in batch])
+    return [[np.concatenate([p[lvl] for p in file_pieces]) for lvl in range(codec.n_levels)]
+            for file_pieces in pieces]
+
+
+def _codec_info(codec: Codec, source: str) -> dict:
+    geometry = codec.geometry()
+    geometry["pad_frames"] = list(codec.pad_frames)
+    return dict(fingerprint=codec.fingerprint, source=source, config=codec.config, geometry=geometry)
+
+
+def _load_codec(spec: str, device: str) -> tuple[Codec, str]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        if spec == "debug":
+            return Codec.load(DEBUG_CODEC_CONFIG, device=device), "debug"
+        source = str(Path(spec).resolve()) if Path(spec).is_dir() else spec
+        return Codec.load(spec, device=device), source
+    except (CodecLoadError, OSError, RuntimeError, ValueError) as e:
+        raise TokenizeError(f"cannot load codec {spec!r}: {e}") from e
+
+
+class _Lock:
+    """An exclusive lock on the out dir: two runs appending shards at once would corrupt it."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock, the user keeps runs apart
+            pass
+        except OSError as e:
+            os.close(self.fd)
+            raise TokenizeError(f"another tokenize run is writing to {self.path.parent}") from e
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the flock
+
+
+def _settle(manifest: dict | None, cfg: TokenizeConfig, codec: Codec, source: str) -> tuple[dict, bool]:
+    """The manifest to continue (or a new one) and whether its splits changed (needs a write)."""
+    grid = codec.pad_samples
+    if cfg.piece_seconds is not None:
+        piece = max(1, round(cfg.piece_seconds * codec.sample_rate / grid)) * grid
+    else:
+        piece = DEFAULT_PIECE_CHUNKS * codec.samples_per_chunk
+    if manifest is None:
+        val = DEFAULT_VAL_FRACTION if cfg.val_fraction is None else cfg.val_fraction
+        return shards.new_manifest(_codec_info(codec, source), piece, val), False
+
+    if manifest["codec"]["fingerprint"] != codec.fingerprint:
+        raise TokenizeError(
+            f"{cfg.out_dir} holds tokens of codec {manifest['codec']['fingerprint']} "
+            f"({manifest['codec'].get('source')}), but {cfg.codec!r} has fingerprint "
+            f"{codec.fingerprint}; use the same codec or another --out directory"
+        )
+    if cfg.piece_seconds is not None and piece != manifest["piece_samples"]:
+        raise TokenizeError(
+            f"{cfg.out_dir} was tokenised in pieces of {manifest['piece_samples'] / codec.sample_rate:g} s; "
+            f"--piece-seconds {cfg.piece_seconds:g} would encode new files differently. "
+            "Drop --piece-seconds or use another --out directory"
+        )
+    resplit = cfg.val_fraction is not None and cfg.val_fraction != manifest["val_fraction"]
+    if resplit:  # the split is a pure function of the path: re-deciding it costs nothing
+        manifest["val_fraction"] = cfg.val_fraction
+        for f in manifest["files"]:
+            f["split"] = shards.split_of(f["path"], cfg.val_fraction)
+    return manifest, resplit
+
+
+def tokenize(cfg: TokenizeConfig) -> Summary:
+    audio_dir, out_dir = Path(cfg.audio_dir), Path(cfg.out_dir)
+    if not audio_dir.is_dir():
+        raise TokenizeError(f"--audio {audio_dir}: not a directory")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise TokenizeError("--batch-size must be at least 1")
+    if cfg.val_fraction is not None and not 0 <= cfg.val_fraction < 1:
+        raise TokenizeError("--val-fraction must lie in [0, 1)")
+    if cfg.shard_seconds <= 0 or (cfg.piece_seconds is not None and cfg.piece_seconds <= 0):
+        raise TokenizeError("--shard-seconds and --piece-seconds must be positive")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _Lock(out_dir):
+        shards.remove_temp_files(out_dir)
+        old = None
+        if (out_dir / shards.MANIFEST).exists():
+            try:
+                old = shards.read_manifest(out_dir)
+            except shards.ManifestError as e:
+                raise TokenizeError(f"refusing to continue: {e}") from e
+        codec, source = _load_codec(cfg.codec, cfg.device)
+        if codec.codebook_size > np.iinfo(shards.TOKEN_DTYPE).max + 1:
+            raise TokenizeError(f"codebook of {codec.codebook_size} entries does not fit uint16 shards")
+        manifest, dirty = _settle(old, cfg, codec, source)
+        batch_size = cfg.batch_size or (8 if codec.device.type == "cuda" else 1)
+        return _run(cfg, codec, manifest, dirty, batch_size, audio_dir, out_dir)
+
+
+def _run(cfg, codec, manifest, dirty, batch_size, audio_dir, out_dir) -> Summary:
+    summary = Summary()
+    items, summary.ignored = scan(audio_dir, skip=out_dir)
+    done = {f["path"]: f for f in manifest["files"]}
+    failed = {f["path"]: f for f in manifest["failed"]}
+    todo = []
+    for it in items:
+        prev = done.get(it.rel) or failed.get(it.rel)
+        same = prev is not None and (prev["size"], prev["mtime_ns"]) == (it.size, it.mtime_ns)
+        if same and (it.rel in done or not cfg.retry_failed):
+            summary.skipped += 1
+            continue
+        # New, changed, or a failure to retry: forget the old record (a changed file's old tokens
+        # stay in their shard, unreferenced).
+        done.pop(it.rel, None)
+        failed.pop(it.rel, None)
+        todo.append(it)
+    if len(done) + len(failed) != len(manifest["files"]) + len(manifest["failed"]):
+        dirty = True
+    manifest["files"] = list(done.values())
+    manifest["failed"] = list(failed.values())
+    if todo:
+        _encode_all(cfg, codec, manifest, todo, batch_size, out_dir, summary)
+    elif dirty:
+        shards.write_manifest(out_dir, manifest)
+    summary.total_files = len(manifest["files"])
+    return summary
+
+
+def _encode_all(cfg, codec, manifest, todo, batch_size, out_dir, summary) -> None:
+    sr, piece = codec.sample_rate, manifest["piece_samples"]
+    kill_after = int(os.environ.get(KILL_HOOK_ENV, "0"))
+    next_shard = max((s["id"] for s in manifest["shards"]), default=-1) + 1
+    bar = tqdm(total=sum(it.size for it in todo), unit="B", unit_scale=True, desc="tokenise",
+               disable=not cfg.progress, file=sys.stderr, smoothing=0.1)
+    group: list[tuple[_Item, np.ndarray]] = []
+    group_samples = 0
+    t0 = time.perf_counter()
+
+    def on_batch(file_idx, lengths):
+        # Bytes of the source files, pro rata by the share of their samples just encoded.
+        bar.update(sum(group[i][0].size * n / max(1, group[i][1].shape[0])
+                       for i, n in zip(file_idx, lengths, strict=True)))
+
+    def flush():
+        nonlocal next_shard, group, group_samples
+        tokens = encode_files(codec, [a for _, a in group], piece, batch_size, on_batch)
+        offsets = [0] * codec.n_levels
+        for (it, audio), levels in zip(group, tokens, strict=True):
+            manifest["files"].append(dict(
+                path=it.rel, size=it.size, mtime_ns=it.mtime_ns, shard=next_shard,
+                offsets=list(offsets), n_frames=int(levels[0].shape[0]), samples=int(audio.shape[0]),
+                duration=round(audio.shape[0] / sr, 6),
+                split=shards.split_of(it.rel, manifest["val_fraction"]),
+            ))
+            offsets = [o + int(t.shape[0]) for o, t in zip(offsets, levels, strict=True)]
+        per_level = [np.concatenate([t[lvl] for t in tokens]) for lvl in range(codec.n_levels)]
+        manifest["shards"].append(shards.write_shard(out_dir, next_shard, per_level))
+        summary.shards_written += 1
+        if kill_after and summary.shards_written >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: the worst moment to die
+        shards.write_manifest(out_dir, manifest)
+        summary.tokenised += len(group)
+        summary.seconds += group_samples / sr
+        next_shard += 1
+        group, group_samples = [], 0
+        bar.set_postfix(files=summary.tokenised, failed=len(summary.failed),
+                        audio=_duration(summary.seconds),
+                        x_realtime=f"{summary.seconds / (time.perf_counter() - t0):.0f}")
+
+    workers = max(1, cfg.workers)
+    with ThreadPoolExecutor(workers, thread_name_prefix="read") as pool:
+        try:
+            for it, audio in _prefetch(pool, todo, lambda x: _read(x, sr), lookahead=2 * workers):
+                if isinstance(audio, AudioError):
+                    record = dict(path=it.rel, size=it.size, mtime_ns=it.mtime_ns,
+                                  code=audio.code, error=str(audio))
+                    manifest["failed"].append(record)
+                    summary.failed.append(record)
+                    bar.update(it.size)
+                    tqdm.write(f"skipped {it.rel}: {audio}", file=sys.stderr)
+                    continue
+                group.append((it, audio))
+                group_samples += audio.shape[0]
+                if group_samples >= cfg.shard_seconds * sr:
+                    flush()
+            if group:
+                flush()
+            elif summary.failed:
+                shards.write_manifest(out_dir, manifest)  # record failures even with no new shard
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.1f} s"
+
+
+def parse_args(argv=None) -> TokenizeConfig:
+    p = argparse.ArgumentParser(
+        prog="python -m training.tokenize",
+        description="Tokenise a folder of audio (recursively) into SNAC token shards + manifest. "
+                    "Re-running resumes: finished files are skipped.",
+    )
+    p.add_argument("--audio", required=True, type=Path, help="folder of audio files (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, help="token directory (created; resumed if it exists)")
+    p.add_argument("--codec", default=SNAC_32KHZ_HUB_ID,
+                   help=f"hub id, local directory, or 'debug' (default {SNAC_32KHZ_HUB_ID})")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=None, help="pieces per encode call (default 8 on GPU, 1 on CPU)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"share of files held out as 'val' (default {DEFAULT_VAL_FRACTION}, or the directory's)")
+    p.add_argument("--piece-seconds", type=float, default=None,
+                   help="encode long files in pieces this long, rounded to the 0.384 s grid (default 61.44)")
+    p.add_argument("--shard-seconds", type=float, default=3600.0,
+                   help="audio per shard; the most an interruption can lose (default 3600)")
+    p.add_argument("--workers", type=int, default=2, help="decode/resample threads (default 2)")
+    p.add_argument("--retry-failed", action="store_true", help="try files that failed before again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    return TokenizeConfig(
+        audio_dir=a.audio, out_dir=a.out, codec=a.codec, device=a.device, batch_size=a.batch_size,
+        val_fraction=a.val_fraction, piece_seconds=a.piece_seconds, shard_seconds=a.shard_seconds,
+        workers=a.workers, retry_failed=a.retry_failed, progress=not a.no_progress,
+    )
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    try:
+        s = tokenize(cfg)
+    except TokenizeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; shards written so far are kept. Re-run the same command to resume.",
+              file=sys.stderr)
+        return 130
+    print(f"tokenised {s.tokenised} files ({_duration(s.seconds)} of audio) into "
+          f"{s.shards_written} new shards; skipped {s.skipped} done before (or failed before: "
+          f"--retry-failed); {len(s.failed)} failed now; {s.ignored} non-audio files ignored",
+          file=sys.stderr)
+    for f in s.failed:
+        print(f"  failed: {f['path']} [{f['code']}] {f['error']}", file=sys.stderr)
+    print(f"{s.total_files} files in {Path(cfg.out_dir) / shards.MANIFEST}", file=sys.stderr)
+    if s.total_files == 0:
+        print("error: no audio could be tokenised", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -175,3 +175,45 @@ def file_tokens(token_dir: str | os.PathLike, manifest: dict, entry: dict) -> li
     for name, offset, n in zip(shard["levels"], entry["offsets"], lengths, strict=True):
         out.append(np.load(Path(token_dir) / name, mmap_mode="r")[offset:offset + n])
     return out
+
+
+def write_token_dir(out_dir: str | os.PathLike, files: dict[str, list[np.ndarray]], *,
+                    files_per_shard: int = 64, val_fraction: float = 0.0,
+                    fingerprint: str = "synthetic", strides=(8, 4, 2, 1), chunk_frames: int = 64,
+                    pad_frames: int = 4, hop_length: int = 384, sample_rate: int = 32000,
+                    codebook_size: int = 4096) -> dict:
+    """A token directory from given per-level tokens, no codec involved (tests, benchmarks).
+
+    files: relative path -> per-level token arrays on the grid (level l = n_frames*s_0/s_l).
+    """
+    out = Path(out_dir)
+    geometry = dict(
+        sample_rate=sample_rate, hop_length=hop_length, strides=list(strides),
+        n_levels=len(strides), codebook_size=codebook_size,
+        frames_per_chunk=[chunk_frames * strides[0] // s for s in strides],
+        samples_per_chunk=chunk_frames * strides[0] * hop_length,
+        pad_samples=pad_frames * strides[0] * hop_length,
+        pad_frames=[pad_frames * strides[0] // s for s in strides],
+    )
+    codec = dict(fingerprint=fingerprint, source="synthetic", config={}, geometry=geometry)
+    manifest = new_manifest(codec, piece_samples=0, val_fraction=val_fraction)
+    names = list(files)
+    for shard_id, lo in enumerate(range(0, len(names), files_per_shard)):
+        group = names[lo:lo + files_per_shard]
+        offsets = [0] * len(strides)
+        for name in group:
+            levels = files[name]
+            n_frames = int(levels[0].shape[0])
+            if [int(t.shape[0]) for t in levels] != level_lengths(n_frames, strides):
+                raise ValueError(f"{name}: level lengths {[t.shape[0] for t in levels]} off the grid")
+            samples = n_frames * strides[0] * hop_length
+            manifest["files"].append(dict(
+                path=name, size=0, mtime_ns=0, shard=shard_id, offsets=list(offsets),
+                n_frames=n_frames, samples=samples, duration=samples / sample_rate,
+                split=split_of(name, val_fraction),
+            ))
+            offsets = [o + int(t.shape[0]) for o, t in zip(offsets, levels, strict=True)]
+        per_level = [np.concatenate([files[n][lvl] for n in group]) for lvl in range(len(strides))]
+        manifest["shards"].append(write_shard(out, shard_id, per_level))
+    write_manifest(out, manifest)
+    return manifest

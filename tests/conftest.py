@@ -36,9 +36,16 @@ def debug_weights_dir(tmp_path_factory) -> str:
     return str(out)
 
 
-def tone(seconds: float, sample_rate: int = 32000, freq: float = 440.0, amp: float = 0.3,
-         noise: float = 0.01) -> np.ndarray:
+def tone(
+    seconds: float,
+    sample_rate: int = 32000,
+    freq: float = 440.0,
+    amp: float = 0.3,
+    noise: float = 0.01,
+) -> np.ndarray:
     """A sine with a little noise: deterministic, non-silent test audio."""
     t = np.arange(int(seconds * sample_rate)) / sample_rate
     rng = np.random.default_rng(int(freq))
-    return (amp * np.sin(2 * np.pi * freq * t) + noise * rng.standard_normal(t.shape)).astype(np.float32)
+    return (amp * np.sin(2 * np.pi * freq * t) + noise * rng.standard_normal(t.shape)).astype(
+        np.float32
+    )

@@ -20,10 +20,18 @@ def encoded(audio: np.ndarray, rate: int, **kw) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("fmt, subtype", [
-    ("WAV", "PCM_U8"), ("WAV", "PCM_16"), ("WAV", "PCM_24"), ("WAV", "PCM_32"),
-    ("WAV", "FLOAT"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"),
-])
+@pytest.mark.parametrize(
+    "fmt, subtype",
+    [
+        ("WAV", "PCM_U8"),
+        ("WAV", "PCM_16"),
+        ("WAV", "PCM_24"),
+        ("WAV", "PCM_32"),
+        ("WAV", "FLOAT"),
+        ("FLAC", "PCM_16"),
+        ("OGG", "VORBIS"),
+    ],
+)
 def test_formats_load_to_mono_32k(fmt, subtype):
     src = tone(1.0, 48000, noise=0)
     stereo = np.stack([src, src], axis=1)
@@ -38,7 +46,9 @@ def test_formats_load_to_mono_32k(fmt, subtype):
 
 def test_downmix_averages_channels():
     left, right = tone(0.5, 32000, 300), tone(0.5, 32000, 500)
-    out = read_audio(encoded(np.stack([left, right], 1), 32000, format="WAV", subtype="FLOAT"), 32000)
+    out = read_audio(
+        encoded(np.stack([left, right], 1), 32000, format="WAV", subtype="FLOAT"), 32000
+    )
     np.testing.assert_allclose(out, (left + right) / 2, atol=1e-6)
 
 
@@ -48,13 +58,23 @@ def test_reads_paths(tmp_path):
     assert len(read_audio(path, 32000)) == 16000
 
 
-@pytest.mark.parametrize("data, error, message", [
-    (b"", EmptyAudioError, "empty"),
-    (b"this is a text file, not audio" * 10, UndecodableAudioError, "could not decode"),
-    (encoded(np.zeros((0, 1), np.float32), 32000, format="WAV", subtype="FLOAT"), EmptyAudioError, "no samples"),
-    (encoded(np.array([0.0, np.nan, 0.1], np.float32), 32000, format="WAV", subtype="FLOAT"),
-     NonFiniteAudioError, "NaN"),
-])
+@pytest.mark.parametrize(
+    "data, error, message",
+    [
+        (b"", EmptyAudioError, "empty"),
+        (b"this is a text file, not audio" * 10, UndecodableAudioError, "could not decode"),
+        (
+            encoded(np.zeros((0, 1), np.float32), 32000, format="WAV", subtype="FLOAT"),
+            EmptyAudioError,
+            "no samples",
+        ),
+        (
+            encoded(np.array([0.0, np.nan, 0.1], np.float32), 32000, format="WAV", subtype="FLOAT"),
+            NonFiniteAudioError,
+            "NaN",
+        ),
+    ],
+)
 def test_bad_input_gets_a_clear_error(data, error, message):
     with pytest.raises(error, match=message) as info:
         read_audio(data, 32000)

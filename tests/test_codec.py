@@ -22,8 +22,12 @@ def test_real_32khz_geometry_is_derived_from_config():
 
 
 def test_geometry_follows_a_different_config():
-    cfg = dict(DEBUG_CODEC_CONFIG, encoder_rates=[2, 4, 8, 8], decoder_rates=[8, 8, 4, 2],
-               vq_strides=[4, 2, 1])
+    cfg = dict(
+        DEBUG_CODEC_CONFIG,
+        encoder_rates=[2, 4, 8, 8],
+        decoder_rates=[8, 8, 4, 2],
+        vq_strides=[4, 2, 1],
+    )
     codec = Codec.load(cfg)
     assert codec.hop_length == 512 and codec.n_levels == 3
     assert codec.frames_per_chunk == (64, 128, 256)
@@ -52,7 +56,7 @@ def test_decode_with_context_is_seam_free(debug_codec):
     n = debug_codec.samples_per_chunk
     codes = debug_codec.encode(torch.randn(1, 2 * n) * 0.1)
     first = [c[:, : c.shape[1] // 2] for c in codes]
-    second = [c[:, c.shape[1] // 2:] for c in codes]
+    second = [c[:, c.shape[1] // 2 :] for c in codes]
     together = debug_codec.decode(codes, seed=0)
     continued = debug_codec.decode(second, context=first, seed=0)
     assert continued.shape == (1, n)
@@ -68,13 +72,16 @@ def test_batched_decode_matches_rows(debug_codec):
     torch.testing.assert_close(both[1:], one, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda c: c[:3], "expected 4 levels"),
-    (lambda c: [c[0], c[1][:, :-2], c[2], c[3]], "off the grid"),
-    (lambda c: [x[:, : x.shape[1] // 32] for x in c], "padding grid"),  # 2 A-frames, grid is 4
-    (lambda c: [c[0] + 4096, *c[1:]], r"\[0, 4096\)"),
-    (lambda c: [c[0].float(), *c[1:]], "integer"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda c: c[:3], "expected 4 levels"),
+        (lambda c: [c[0], c[1][:, :-2], c[2], c[3]], "off the grid"),
+        (lambda c: [x[:, : x.shape[1] // 32] for x in c], "padding grid"),  # 2 A-frames, grid is 4
+        (lambda c: [c[0] + 4096, *c[1:]], r"\[0, 4096\)"),
+        (lambda c: [c[0].float(), *c[1:]], "integer"),
+    ],
+)
 def test_decode_rejects_bad_tokens(debug_codec, bad, message):
     codes = [torch.zeros(1, n, dtype=torch.long) for n in debug_codec.frames_per_chunk]
     with pytest.raises(ValueError, match=message):
@@ -95,11 +102,17 @@ def test_save_load_roundtrip_and_snac_compat(tmp_path, debug_codec):
     plain = snac.SNAC.from_pretrained(str(out))  # what users of the snac package do
     audio = torch.randn(1, 1, debug_codec.samples_per_chunk) * 0.1
     with torch.inference_mode():
-        assert all(torch.equal(a, b.cpu()) for a, b in zip(plain.encode(audio), debug_codec.encode(audio[:, 0])))
+        assert all(
+            torch.equal(a, b.cpu())
+            for a, b in zip(plain.encode(audio), debug_codec.encode(audio[:, 0]))
+        )
 
 
 def test_fingerprint_depends_on_weights():
-    assert Codec.load(DEBUG_CODEC_CONFIG, seed=0).fingerprint != Codec.load(DEBUG_CODEC_CONFIG, seed=1).fingerprint
+    assert (
+        Codec.load(DEBUG_CODEC_CONFIG, seed=0).fingerprint
+        != Codec.load(DEBUG_CODEC_CONFIG, seed=1).fingerprint
+    )
 
 
 def test_load_errors_are_clear(tmp_path):

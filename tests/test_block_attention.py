@@ -1,0 +1,397 @@
+"""Block-structured attention kernel vs the SDPA reference.
+
+On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, which must be set before
+the kernel module is imported), in fp32 and fp16 only: the interpreter computes bf16 wrongly.
+The interpreter costs ~10-20 ms per (tile pair, head) step, so shapes are tiny and the real
+training layouts are checked at full size only for the tile plan (pure torch); their numerics run
+on the same segment structure scaled down (frames_per_chunk=(4, 8, 16, 32)).
+
+Tolerance (STYLE.md): max error vs an fp64 reference <= 2x the error of plain PyTorch (the SDPA
+reference) in the same dtype, plus a small absolute floor (fp32 errors are ~1e-7 both ways).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, see module docstring
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+import model.kernels.block_attention as ba  # noqa: E402
+from model.layout import build_layout, collate  # noqa: E402
+
+if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+if not torch.cuda.is_available() and not isinstance(ba._fwd_kernel, importlib.import_module(
+        "triton.runtime.interpreter").InterpretedFunction):
+    # Imported earlier in this process before TRITON_INTERPRET was set: re-decorate the kernels.
+    ba = importlib.reload(ba)
+
+SMALL_FPC = (4, 8, 16, 32)  # the real geometry / 16: every segment a multiple of 4
+FLOOR = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+ON_CPU = "cpu"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def brute_force_classes(seg_q, seg_k, allowed, bm, bn):
+    """(B, Tq, Tk) classes from the dense mask, tile by tile (positions past N are padding)."""
+    mask = ba.dense_mask(seg_q, seg_k, allowed)
+    B, Nq, Nk = mask.shape
+    Tq, Tk = -(-Nq // bm), -(-Nk // bn)
+    padded = torch.zeros(B, Tq * bm, Tk * bn, dtype=torch.bool)
+    padded[:, :Nq, :Nk] = mask
+    tiles = padded.view(B, Tq, bm, Tk, bn)
+    cls = torch.full((B, Tq, Tk), ba.PARTIAL, dtype=torch.int8)
+    cls[~tiles.any(4).any(2)] = ba.EMPTY
+    cls[tiles.all(4).all(2)] = ba.FULL
+    return cls
+
+
+def random_problem(B, Nq, Nk, S, seed, p_allowed=0.5, pad=True, empty_rows=True):
+    """Sorted random segment ids (contiguous runs, like real layouts), some padding, a random
+    table; with empty_rows one segment sees nothing."""
+    g = torch.Generator().manual_seed(seed)
+    lo = -1 if pad else 0
+    seg_q = torch.randint(lo, S, (B, Nq), generator=g).sort(-1).values
+    seg_k = torch.randint(lo, S, (B, Nk), generator=g).sort(-1).values
+    allowed = torch.rand(B, S, S, generator=g) < p_allowed
+    if empty_rows:
+        allowed[:, 1] = False  # queries of segment 1 see nothing -> output 0
+    return seg_q, seg_k, allowed
+
+
+def check_against_reference(q, k, v, seg_q, seg_k, allowed, **kw):
+    """Forward and dq/dk/dv of the kernel vs fp64, within 2x the SDPA error in q's dtype."""
+    dtype = q.dtype
+    g = torch.Generator().manual_seed(123)
+    do = torch.randn(q.shape, generator=g).to(device=q.device, dtype=dtype)
+
+    def run(fn, *xs):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        out = fn(*xs, seg_q, seg_k, allowed)
+        grads = torch.autograd.grad(out, xs, do.to(out.dtype))
+        return [out.detach(), *grads]
+
+    exact = run(ba.block_attention_ref, *(x.double() for x in (q, k, v)))
+    torch_same = run(ba.block_attention_ref, q, k, v)
+    kernel = run(lambda *a: ba.block_attention(*a, **kw), q, k, v)
+    for name, got, base, ref in zip(("out", "dq", "dk", "dv"), kernel, torch_same, exact):
+        assert got.dtype == dtype and got.shape == ref.shape, name
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        err = (got.double() - ref).abs().max().item()
+        err_torch = (base.double() - ref).abs().max().item()
+        assert err <= 2 * err_torch + FLOOR[dtype], \
+            f"{name}: kernel error {err:.3g} vs PyTorch {err_torch:.3g} ({dtype})"
+    return kernel
+
+
+def qkv(B, H, Nq, Nk, D, dtype, seed=0, device=ON_CPU):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Nq, D, generator=g)
+    k = torch.randn(B, H, Nk, D, generator=g)
+    v = torch.randn(B, H, Nk, D, generator=g)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v)]
+
+
+# ----------------------------------------------------------------------------- the tile plan
+
+
+def blocky_segments(B, N, S, seed):
+    """(B, N) ids in runs whose lengths are multiples of 8 (like real layouts vs 8/16-tiles),
+    in random order, -1 (padding) included."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = 8 * torch.randint(1, 4, (B, N), generator=g)  # more runs than needed
+    ids = torch.randint(-1, S, (B, N), generator=g)
+    return torch.stack([ids[b].repeat_interleave(lengths[b])[:N] for b in range(B)])
+
+
+@pytest.mark.parametrize("bm,bn", [(4, 4), (8, 16), (16, 8)])
+def test_classification_matches_brute_force(bm, bn):
+    seen = set()
+    for seed in range(4):
+        Nq, Nk = 45 + seed, 70 - seed  # not multiples of the tiles
+        seg_q, seg_k, allowed = random_problem(3, Nq, Nk, S=7, seed=seed)
+        if seed % 2:
+            seg_q, seg_k = blocky_segments(3, Nq, 7, seed), blocky_segments(3, Nk, 7, seed + 9)
+        got = ba.classify_tiles(seg_q, seg_k, allowed, bm, bn)
+        assert torch.equal(got, brute_force_classes(seg_q, seg_k, allowed, bm, bn))
+        # a shared (S, S) table gives the same as the table broadcast over the batch
+        shared = ba.classify_tiles(seg_q, seg_k, allowed[0], bm, bn)
+        assert torch.equal(shared, brute_force_classes(seg_q, seg_k, allowed[0].expand(3, 7, 7),
+                                                       bm, bn))
+        seen |= set(got.unique().tolist())
+    assert seen == {ba.EMPTY, ba.PARTIAL, ba.FULL}  # so the comparisons above tested each class
+
+
+def test_tile_lists_and_mask_bits():
+    seg_q, seg_k, allowed = random_problem(2, 50, 37, S=6, seed=5)
+    plan = ba.plan_block_attention(seg_q, seg_k, allowed, 8, 4)
+    cls = plan.tile_class
+    for lists, cnt, c in ((plan.fwd_idx, plan.fwd_cnt, cls),
+                          (plan.bwd_idx, plan.bwd_cnt, cls.transpose(1, 2))):
+        B, T, U = c.shape
+        assert lists.shape == (B, T, U) and lists.dtype == torch.int32
+        for b in range(B):
+            for t in range(T):
+                n_p, n_f = cnt[b, t].tolist()
+                row = lists[b, t].long()
+                assert sorted(row.tolist()) == list(range(U))  # a permutation
+                assert (c[b, t, row[:n_p]] == ba.PARTIAL).all()
+                assert (c[b, t, row[n_p:n_p + n_f]] == ba.FULL).all()
+                assert (c[b, t, row[n_p + n_f:]] == ba.EMPTY).all()
+    # the bit test reproduces the dense mask exactly
+    bits = (plan.q_bits[:, :, None] & plan.k_bits[:, None, :]) != 0
+    assert torch.equal(bits, ba.dense_mask(seg_q, seg_k, allowed))
+
+
+def test_mask_bits_use_all_64_segments():
+    # bit 63 is the int64 sign bit: the packing must still be exact
+    g = torch.Generator().manual_seed(0)
+    seg = torch.arange(64).repeat_interleave(2)[None]  # (1, 128)
+    allowed = torch.rand(64, 64, generator=g) < 0.5
+    allowed[:, 63] = allowed[63, :] = True
+    plan = ba.plan_block_attention(seg, seg, allowed, 16, 16)
+    bits = (plan.q_bits[:, :, None] & plan.k_bits[:, None, :]) != 0
+    assert torch.equal(bits, ba.dense_mask(seg, seg, allowed))
+    with pytest.raises(ValueError, match="at most 64 segments"):
+        ba.plan_block_attention(seg, seg, torch.ones(65, 65, dtype=torch.bool), 16, 16)
+
+
+@pytest.mark.parametrize("n_ctx", [0, 1, 2])
+def test_real_layout_plan_full_size(n_ctx):
+    lay = build_layout(n_ctx)  # real SNAC geometry, up to 3328 tokens
+    seg = lay.seg_id[None]
+    plan = ba.plan_block_attention(seg, seg, lay.allowed, 64, 64)
+    assert torch.equal(plan.tile_class, brute_force_classes(seg, seg, lay.allowed, 64, 64))
+    # segments are multiples of 64, so aligned 64-tiles are never PARTIAL
+    assert (plan.tile_class != ba.PARTIAL).all()
+    assert (plan.fwd_cnt[..., 0] == 0).all() and (plan.bwd_cnt[..., 0] == 0).all()
+
+
+def test_real_layout_batch_plan_full_size():
+    # a mixed batch pads the shorter rows: their padding tiles are EMPTY, the rest FULL/EMPTY
+    batch = collate((2, 0, 1))
+    plan = ba.plan_block_attention(batch.seg_id, batch.seg_id, batch.allowed, 64, 64)
+    assert torch.equal(plan.tile_class,
+                       brute_force_classes(batch.seg_id, batch.seg_id, batch.allowed, 64, 64))
+    assert (plan.tile_class != ba.PARTIAL).all()
+    full = (plan.tile_class[0] == ba.FULL).float().mean().item()
+    assert 0.6 < full < 0.7  # n_ctx=2: ~65% of the tile pairs are computed (DESIGN's estimate)
+
+
+def test_plan_cache_reuses_and_invalidates():
+    seg, _, allowed = random_problem(1, 32, 32, S=4, seed=1)
+    cache = ba._PlanCache()
+    p1 = cache.get(seg, seg, allowed, 16, 16)
+    assert cache.get(seg, seg, allowed, 16, 16) is p1  # every layer of a forward
+    assert cache.get(seg, seg, allowed, 8, 16) is not p1  # other tiles
+    p2 = cache.get(seg, seg, allowed, 16, 16)
+    allowed[0, 0] = ~allowed[0, 0]  # in-place edit bumps the version
+    assert cache.get(seg, seg, allowed, 16, 16) is not p2
+    assert cache.get(seg.clone(), seg, allowed, 16, 16) is not p2  # same values, other tensor
+
+
+# ----------------------------------------------------------------------------- numerics (CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_random_segments_padding_empty_rows(dtype):
+    # Nq != Nk, neither a multiple of the tiles; padding; a segment that sees nothing
+    seg_q, seg_k, allowed = random_problem(2, 40, 72, S=6, seed=0)
+    q, k, v = qkv(2, 2, 40, 72, 16, dtype)
+    out = check_against_reference(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16)[0]
+    dead = ~ba.dense_mask(seg_q, seg_k, allowed).any(-1)  # (B, Nq) rows that see nothing
+    assert dead.any() and (out.transpose(1, 2)[dead] == 0).all()
+
+
+def test_head_dim_32_shared_table_uneven_tiles():
+    seg_q, seg_k, allowed = random_problem(1, 48, 48, S=5, seed=3)
+    q, k, v = qkv(1, 2, 48, 48, 32, torch.float32, seed=1)
+    check_against_reference(q, k, v, seg_q, seg_k, allowed[0], block_m=16, block_n=8)
+
+
+def test_all_64_segments():
+    g = torch.Generator().manual_seed(0)
+    seg = torch.arange(64).repeat_interleave(1)[None]  # (1, 64): one token per segment
+    allowed = torch.rand(64, 64, generator=g) < 0.3
+    allowed[63] = True  # bit 63 in a query row
+    q, k, v = qkv(1, 1, 64, 64, 16, torch.float32, seed=2)
+    check_against_reference(q, k, v, seg, seg, allowed, block_m=16, block_n=16)
+
+
+@pytest.mark.parametrize("block", [4, 16])
+def test_real_layout_scaled_down(block):
+    # The training layout's segment structure at 1/16 size, mixed n_ctx (so padded rows). With
+    # block 4 the tiles align with the segments as 64-tiles do at full size (FULL/EMPTY only);
+    # with block 16 they straddle segments (many PARTIAL tiles).
+    ctx = (0,) if block == 4 else (2, 0, 1)  # block 4 is ~4x the interpreter steps: keep it small
+    batch = collate(ctx, frames_per_chunk=SMALL_FPC)
+    seg = batch.seg_id
+    plan = ba.plan_block_attention(seg, seg, batch.allowed, block, block)
+    assert ((plan.tile_class == ba.PARTIAL).any()) == (block == 16)
+    q, k, v = qkv(len(ctx), 1, seg.shape[1], seg.shape[1], 16, torch.float32, seed=4)
+    check_against_reference(q, k, v, seg, seg, batch.allowed, block_m=block, block_n=block)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_inference_shape(dtype):
+    # Sampling: one level's noised queries against the cached context + clean levels + itself.
+    lay = build_layout(2, frames_per_chunk=SMALL_FPC)
+    level = 2
+    noised = [s for s in lay.segments if s.role == 2]
+    seg_k = torch.cat([lay.seg_id[s.start:s.start + s.length] for s in lay.segments
+                       if s.role != 2 or s.level == level])[None]
+    qs = noised[level]
+    seg_q = lay.seg_id[qs.start:qs.start + qs.length][None]  # (1, 16)
+    q, k, v = qkv(1, 2, seg_q.shape[1], seg_k.shape[1], 16, dtype, seed=5)
+    check_against_reference(q, k, v, seg_q, seg_k, lay.allowed, block_m=16, block_n=16)
+
+
+def test_strided_inputs_and_determinism():
+    # (B, N, H, D) projections viewed as (B, H, N, D): strides differ from contiguous
+    seg_q, seg_k, allowed = random_problem(1, 32, 32, S=4, seed=7)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=g).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    a = check_against_reference(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16)
+    b = check_against_reference(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # no atomics: bitwise reproducible
+
+
+def test_explicit_plan_and_empty_sequences():
+    seg_q, seg_k, allowed = random_problem(1, 16, 16, S=3, seed=8, empty_rows=False)
+    q, k, v = qkv(1, 1, 16, 16, 16, torch.float32)
+    plan = ba.plan_block_attention(seg_q, seg_k, allowed, 16, 16)
+    out = ba.block_attention(q, k, v, seg_q, seg_k, allowed, plan=plan)
+    torch.testing.assert_close(out, ba.block_attention_ref(q, k, v, seg_q, seg_k, allowed))
+    with pytest.raises(ValueError, match="other segment shapes"):
+        ba.block_attention(q[:, :, :8], k, v, seg_q[:, :8], seg_k, allowed, plan=plan)
+    empty = ba.block_attention(q[:, :, :0], k, v, seg_q[:, :0], seg_k, allowed)
+    assert empty.shape == (1, 1, 0, 16)
+    no_keys = ba.block_attention(q, k[:, :, :0], v[:, :, :0], seg_q, seg_k[:, :0], allowed)
+    assert no_keys.shape == q.shape and (no_keys == 0).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    seg, _, allowed = random_problem(1, 16, 16, S=3, seed=9)
+    q, k, v = qkv(1, 1, 16, 16, 16, torch.float32)
+    call = ba.block_attention
+    with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):
+        call(q[0], k, v, seg, seg, allowed)
+    with pytest.raises(ValueError, match="one dtype"):
+        call(q.half(), k, v, seg, seg, allowed)
+    with pytest.raises(ValueError, match="one dtype"):
+        call(q.double(), k.double(), v.double(), seg, seg, allowed)
+    with pytest.raises(ValueError, match="head dim"):
+        call(q[..., :12], k[..., :12], v[..., :12], seg, seg, allowed)
+    with pytest.raises(ValueError, match="seg_q"):
+        call(q, k, v, seg[:, :8], seg, allowed)
+    with pytest.raises(ValueError, match="integers"):
+        call(q, k, v, seg.float(), seg, allowed)
+    with pytest.raises(ValueError, match="allowed"):
+        call(q, k, v, seg, seg, allowed.int())
+    with pytest.raises(ValueError, match="power of two"):
+        call(q, k, v, seg, seg, allowed, block_m=12)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def test_attention_dispatch_uses_kernel():
+    # model.attention's "triton" backend reaches this kernel with the same signature.
+    attn = pytest.importorskip("model.attention")
+    seg_q, seg_k, allowed = random_problem(1, 16, 16, S=3, seed=10)
+    q, k, v = qkv(1, 1, 16, 16, 16, torch.float32)
+    calls = []
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return ba.block_attention(*a, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(attn, "_triton_fn", spy)  # the module caches its lazily imported kernel here
+    try:
+        with attn.attention_backend("triton"):
+            out = attn.attention(q, k, v, seg_q, seg_k, allowed)
+    finally:
+        mp.undo()
+    assert calls, "the triton backend did not call the kernel"
+    torch.testing.assert_close(out, attn.attention_ref(q, k, v, seg_q, seg_k, allowed))
+
+
+def test_training_step_same_loss_and_gradients():
+    # The DiT's diffusion loss with the kernel behind model.attention equals the SDPA backend's:
+    # loss and every parameter gradient within 2x the fp32 SDPA error vs an fp64 SDPA run.
+    attn = pytest.importorskip("model.attention")
+    dit = pytest.importorskip("model.dit")
+    diffusion = pytest.importorskip("model.diffusion")
+    V = 32
+    cfg = dit.DiTConfig.from_name("debug", frames_per_chunk=SMALL_FPC, codebook_size=V)
+    torch.manual_seed(0)
+    net = dit.DiT(cfg)
+    with torch.no_grad():  # adaLN-Zero/zero heads would make every attention gradient exactly 0
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, V, (2, 3 * f), generator=g) for f in SMALL_FPC]
+    loss_fn = diffusion.MaskedDiffusion(diffusion.DiffusionConfig(context_dropout=0.0))
+
+    def step(model, backend):
+        model.zero_grad()
+        with attn.attention_backend(backend):
+            loss = loss_fn.loss(model, windows, n_ctx=[2, 1],  # rows of different length: padding
+                                generator=torch.Generator().manual_seed(1))["loss"]
+        loss.backward()
+        return torch.cat([loss.detach().reshape(1).double()]
+                         + [p.grad.double().flatten() for p in model.parameters()])
+
+    calls = []
+    mp = pytest.MonkeyPatch()
+    mp.setattr(attn, "_triton_fn", lambda *a, **kw: calls.append(1) or ba.block_attention(*a, **kw))
+    try:
+        kernel = step(net, "triton")
+    finally:
+        mp.undo()
+    assert len(calls) == cfg.n_layers
+    sdpa = step(net, "sdpa")
+    exact = step(net.double(), "sdpa")  # fp64 reference (the kernel itself has no fp64)
+    err, err_torch = (kernel - exact).abs(), (sdpa - exact).abs()
+    assert err[0] <= 2 * err_torch[0] + 1e-6, "loss"
+    assert err.max() <= 2 * err_torch.max() + 1e-6, \
+        f"grads: kernel {err.max():.3g} vs PyTorch {err_torch.max():.3g}"
+    assert exact[1:].abs().max() > 1e-3  # the gradients compared are not trivially zero
+
+
+# ----------------------------------------------------------------------------- GPU (real sizes)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_training_layouts(dtype, head_dim):
+    batch = collate((2, 1, 0, 2)).to("cuda")  # 3328 tokens, padded rows
+    seg = batch.seg_id
+    q, k, v = qkv(4, 4, seg.shape[1], seg.shape[1], head_dim, dtype, seed=11, device="cuda")
+    check_against_reference(q, k, v, seg, seg, batch.allowed)
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_inference_shape_and_head_dim_32():
+    lay = build_layout(2)
+    keep = torch.tensor([s.role != 2 or s.level == 3 for s in lay.segments])[lay.seg_id]
+    seg_k = lay.seg_id[keep][None].expand(2, -1).cuda()  # context + clean + noised D
+    s = lay.segments[lay.find(2, 3)]
+    seg_q = lay.seg_id[s.start:s.start + s.length][None].expand(2, -1).cuda()  # (2, 512)
+    q, k, v = qkv(2, 12, seg_q.shape[1], seg_k.shape[1], 32, torch.bfloat16, seed=12,
+                  device="cuda")
+    check_against_reference(q, k, v, seg_q, seg_k, lay.allowed.cuda())

@@ -1,0 +1,305 @@
+"""Staged A -> B -> C -> D generation with an exact context cache (DESIGN §5).
+
+1. The context runs once; its keys/values are cached per layer (`StagedDenoiser`).
+2. Level l starts fully masked; each of `steps[l]` iterations predicts the masked tokens
+   (queries: this level's noised segment; keys: cache + itself), samples candidates (classifier-
+   free guidance on the context, temperature, top-p), and commits the most confident ones so
+   that the masked fraction follows the level's schedule gamma_l (confidence = model log-prob +
+   Gumbel noise annealed with the schedule). Then the finished level runs once as a clean
+   segment and its keys/values are appended to the cache.
+3. The segment ids and `allowed` table are the training layout's, so every cached pass computes
+   exactly what a full recompute with the training layout computes (tested).
+
+Batching: requests with different parameters run together. Rows with fewer steps at a level
+finish early inside the max-steps loop (their later iterations commit nothing). Guidance adds one
+unconditional row per request (no context: the n_ctx = 0 layout) to the same forward.
+Reproducibility: each request owns torch.Generators seeded from (seed, chunk, level), and draws
+only its own row's noise, so its output does not depend on its batch mates (up to floating-point
+differences of batched matmuls, which do not move sampled tokens in practice).
+Static shapes: every index, step schedule and commit count is prepared on the host before the
+step loop; the loop itself only launches device work (no `.item()`, no host sync).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from model.diffusion import mask_fraction
+from model.layout import CLEAN, NOISED, collate, fill_tokens
+
+MAX_STEPS = 1024  # more steps than tokens commit nothing new; this bounds the work per request
+# Scale of the Gumbel noise added to the confidences, times the request's temperature and the
+# schedule's t (MaskGIT-style annealing: random order early, pure confidence at the end).
+CONFIDENCE_NOISE = 1.0
+
+
+def _levels(name: str, value, n_levels: int, cast) -> tuple:
+    values = value if isinstance(value, (tuple, list)) else (value,) * n_levels
+    if len(values) != n_levels:
+        raise ValueError(f"{name} needs {n_levels} values (one per level), got {len(values)}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{name} values must be numbers, got {v!r}")
+        if cast is int and float(v) != int(v):
+            raise ValueError(f"{name} values must be integers, got {v!r}")
+        out.append(cast(v))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling parameters, one value per level (A, B, C, D)."""
+
+    steps: tuple[int, ...] = (16, 12, 8, 8)  # coarse levels carry the structure: more steps
+    temperature: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)  # 0 = greedy
+    top_p: tuple[float, ...] = (0.95, 0.95, 0.95, 0.95)
+    guidance: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)  # 1.0 = no classifier-free guidance
+    seed: int | None = None  # None: a fresh random seed per request
+
+    def validated(self, n_levels: int) -> SamplingParams:
+        """Normalised copy (scalars broadcast to all levels); ValueError naming the bad field."""
+        steps = _levels("steps", self.steps, n_levels, int)
+        temperature = _levels("temperature", self.temperature, n_levels, float)
+        top_p = _levels("top_p", self.top_p, n_levels, float)
+        guidance = _levels("guidance", self.guidance, n_levels, float)
+        if any(not 1 <= s <= MAX_STEPS for s in steps):
+            raise ValueError(f"steps must lie in [1, {MAX_STEPS}], got {steps}")
+        if any(not (0.0 <= x <= 100.0) for x in temperature):
+            raise ValueError(f"temperature must lie in [0, 100], got {temperature}")
+        if any(not (0.0 < x <= 1.0) for x in top_p):
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        if any(not (0.0 <= x <= 100.0) for x in guidance):
+            raise ValueError(f"guidance must lie in [0, 100], got {guidance}")
+        seed = self.seed
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63
+        ):
+            raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+        return SamplingParams(steps, temperature, top_p, guidance, seed)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The request's seed, or a fresh one from torch's global RNG (honours torch.manual_seed)."""
+    return int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """A 63-bit seed for one (chunk, level, ...) stream of a request: streams never overlap."""
+    digest = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class StagedDenoiser:
+    """Context cached once; noised passes of one level against the cache; clean passes append.
+
+    context[l]: (R, W * F_l) tokens of W context chunks; n_ctx[r] <= W chunks are used by row r
+    (the most recent ones; 0 = unconditional row).
+    """
+
+    def __init__(self, model, context: list[Tensor], n_ctx: Sequence[int]):
+        cfg = self.config = model.config
+        self.model = model
+        fpc = cfg.frames_per_chunk
+        R = context[0].shape[0]
+        dev = model.tok_emb.weight.device
+        # Context chunks then a placeholder target: fill_tokens wants whole windows.
+        windows = [
+            torch.cat([c.to(dev), torch.zeros(R, f, dtype=torch.long, device=dev)], 1)
+            for c, f in zip(context, fpc, strict=True)
+        ]
+        self.batch = collate(n_ctx, fpc, cfg.strides).to(dev)
+        ctx_idx, ctx_valid = self.batch.context_index()  # (R, C)
+        self.cache = model.new_cache(R, ctx_idx.shape[1] + sum(fpc))
+        self.seg_t = torch.zeros(self.batch.seg_role.shape, device=dev)  # (R, S)
+        # Per-level token subsets and the segment each level's t goes to, prepared up front.
+        self.noised = [
+            self.batch.select(self.batch.target_index(NOISED, lvl)) for lvl in range(cfg.n_levels)
+        ]
+        self.noised_seg = [
+            self.batch.segment_index(NOISED, lvl)[:, None] for lvl in range(cfg.n_levels)
+        ]
+        self.clean = [
+            self.batch.select(self.batch.target_index(CLEAN, lvl))
+            for lvl in range(cfg.n_levels - 1)
+        ]
+        self.level = 0
+        self.forwards = 0
+        if ctx_idx.shape[1]:
+            tokens = fill_tokens(self.batch, windows).gather(1, ctx_idx)
+            self._run(tokens, self.batch.select(ctx_idx, ctx_valid), self.seg_t, commit=True)
+
+    def _run(self, tokens, layout, seg_t, commit: bool) -> Tensor:
+        self.forwards += 1
+        return self.model(tokens, layout, seg_t, cache=self.cache, commit=commit)
+
+    def logits(self, level: int, x: Tensor, t: Tensor) -> Tensor:
+        """(R, F_l, V) float logits of the noised level-`level` tokens x (R, F_l) at times t (R,)."""
+        if level != self.level:
+            raise RuntimeError(f"levels run in order: expected level {self.level}, got {level}")
+        seg_t = self.seg_t.scatter(1, self.noised_seg[level], t[:, None].to(self.seg_t.dtype))
+        h = self._run(x, self.noised[level], seg_t, commit=False)
+        return self.model.logits(h, level).float()
+
+    def finish_level(self, level: int, x: Tensor) -> None:
+        """Append the finished level (R, F_l) to the cache as a clean segment."""
+        if level != self.level:
+            raise RuntimeError(f"levels run in order: expected level {self.level}, got {level}")
+        if level < self.config.n_levels - 1:  # the finest level is never context for another
+            self._run(x, self.clean[level], self.seg_t, commit=True)
+        self.level += 1
+
+
+def sample_tokens(
+    logp: Tensor, temperature: Tensor, top_p: Tensor, u: Tensor, use_top_p: bool
+) -> Tensor:
+    """Sample (B, F) ids from log-probs (B, F, V) with per-row temperature/top_p (B,) by inverse
+    CDF with uniforms u (B, F): one uniform per token keeps each request's stream independent."""
+    V = logp.shape[-1]
+    scaled = torch.log_softmax(logp / temperature.clamp(min=1e-5)[:, None, None], dim=-1)
+    probs = scaled.exp()
+    if use_top_p:
+        probs, order = probs.sort(dim=-1, descending=True)
+        keep = (probs.cumsum(-1) - probs) < top_p[:, None, None]  # the top token always stays
+        probs = probs * keep
+        best = torch.zeros_like(u, dtype=torch.long)
+    else:
+        order, best = None, probs.argmax(-1)
+    cdf = probs.cumsum(-1)  # (B, F, V)
+    j = torch.searchsorted(cdf, u[..., None] * cdf[..., -1:], right=True).clamp(max=V - 1)
+    # Rounding can land on a zero-probability entry when u ~ 1: take the mode instead.
+    j = torch.where(probs.gather(-1, j)[..., 0] > 0, j[..., 0], best)
+    return j if order is None else order.gather(-1, j[..., None])[..., 0]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    context: list[Tensor],
+    params: SamplingParams | Sequence[SamplingParams],
+    schedules: Sequence[str] | None = None,
+    chunk_index: int = 0,
+    on_step: Callable | None = None,
+) -> list[Tensor]:
+    """Generate the chunk that follows `context`.
+
+    context[l]: (B, W * F_l) int64 tokens of W <= max_ctx_chunks chunks (W may be 0).
+    params: one SamplingParams per row (or one for all). schedules: the per-level mask schedules
+    the model was trained with (DiffusionConfig.schedules; default cosine).
+    chunk_index: which chained chunk this is (seeds a different stream per chunk).
+    on_step(level, step, x_in (R, F), t_in (R,), logits (R, F, V)): test/inspection hook.
+    Returns [(B, F_l) int64] per level, on the model's device.
+    """
+    cfg = model.config
+    L, V, fpc = cfg.n_levels, cfg.codebook_size, cfg.frames_per_chunk
+    if len(context) != L:
+        raise ValueError(f"expected {L} levels of context tokens, got {len(context)}")
+    B = context[0].shape[0]
+    W = context[0].shape[1] // fpc[0] if context[0].ndim == 2 else -1
+    for lvl, c in enumerate(context):
+        if c.ndim != 2 or c.shape != (B, W * fpc[lvl]) or c.dtype != torch.long:
+            raise ValueError(
+                f"context level {lvl}: expected int64 ({B}, {W * fpc[lvl]}), got {c.dtype} {tuple(c.shape)}"
+            )
+        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= V):  # host check, before the loop
+            raise ValueError(f"context token ids must lie in [0, {V})")
+    if not 0 <= W <= cfg.max_ctx_chunks:
+        raise ValueError(f"context must hold 0..{cfg.max_ctx_chunks} chunks, got {W}")
+    params = [params] * B if isinstance(params, SamplingParams) else list(params)
+    if len(params) != B:
+        raise ValueError(f"{len(params)} SamplingParams for {B} rows")
+    params = [p.validated(L) for p in params]
+    seeds = [resolve_seed(p.seed) for p in params]
+    schedules = tuple(schedules or ("cosine",) * L)
+    if len(schedules) != L:
+        raise ValueError(f"need {L} schedules, got {len(schedules)}")
+
+    dev = model.tok_emb.weight.device
+    cfg_rows = W > 0 and any(g != 1.0 for p in params for g in p.guidance)
+    rows_ctx = [torch.cat([c, c]) if cfg_rows else c for c in context]
+    runner = StagedDenoiser(model, rows_ctx, [W] * B + ([0] * B if cfg_rows else []))
+    dup = (lambda x: torch.cat([x, x])) if cfg_rows else (lambda x: x)  # noqa: E731
+
+    out = []
+    for lvl in range(L):
+        F = fpc[lvl]
+        steps = [p.steps[lvl] for p in params]
+        n_steps = max(steps)
+        # Host-side plan (B rows x n_steps): time fed to the model, masked count after the step.
+        s = torch.arange(n_steps, dtype=torch.float64)[:, None]
+        st = torch.tensor(steps, dtype=torch.float64)[None, :]
+        t_in = (1 - s / st).clamp(min=0)  # (n_steps, B)
+        t_next = (1 - (s + 1) / st).clamp(min=0)
+        n_next = (F * mask_fraction(schedules[lvl], t_next)).floor().long()
+        t_in, t_next, n_next = t_in.float().to(dev), t_next.float().to(dev), n_next.to(dev)
+        temp = torch.tensor([p.temperature[lvl] for p in params], device=dev)
+        top_p = torch.tensor([p.top_p[lvl] for p in params], device=dev)
+        g = torch.tensor([p.guidance[lvl] for p in params], device=dev)[:, None, None]
+        use_top_p = any(p.top_p[lvl] < 1.0 for p in params)
+        gens = [torch.Generator(dev).manual_seed(derive_seed(sd, chunk_index, lvl)) for sd in seeds]
+
+        x = torch.full((B, F), V, dtype=torch.long, device=dev)  # all [MASK]
+        for step in range(n_steps):
+            x_in, t_rows = dup(x), dup(t_in[step])
+            logits = runner.logits(lvl, x_in, t_rows)  # (R, F, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            if cfg_rows:  # written so that guidance 1 gives the conditional log-probs exactly
+                cond, uncond = logp[:B], logp[B:]
+                logp = cond + (g - 1) * (cond - uncond)
+            u_tok = torch.stack([torch.rand(F, generator=gb, device=dev) for gb in gens])
+            u_pos = torch.stack([torch.rand(F, generator=gb, device=dev) for gb in gens])
+            tok = sample_tokens(logp, temp, top_p, u_tok, use_top_p)  # (B, F)
+            # Confidence: the guided log-prob of the candidate (temperature-free, so greedy
+            # decoding still orders by confidence) + annealed Gumbel noise.
+            gumbel = -torch.log(-torch.log(u_pos.clamp(1e-10, 1 - 1e-7)))
+            conf = torch.log_softmax(logp, -1).gather(-1, tok[..., None])[..., 0]
+            conf = conf + CONFIDENCE_NOISE * temp[:, None] * t_next[step][:, None] * gumbel
+            masked = x == V
+            conf = conf.masked_fill(~masked, -math.inf)
+            n_cur = masked.sum(1)
+            # Commit down to the schedule's count, and at least one token while any is masked.
+            n_commit = n_cur - torch.minimum(n_next[step], (n_cur - 1).clamp(min=0))
+            rank = conf.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = most confident
+            x = torch.where(masked & (rank < n_commit[:, None]), tok, x)
+            if on_step is not None:
+                on_step(lvl, step, x_in, t_rows, logits)
+        runner.finish_level(lvl, dup(x))
+        out.append(x)
+    return out
+
+
+def slide_window(context: list[Tensor], new: list[Tensor], max_chunks: int) -> list[Tensor]:
+    """Append the new chunk to the context and keep the last `max_chunks` chunks (token space)."""
+    out = []
+    for c, n in zip(context, new, strict=True):
+        f = n.shape[1]
+        keep = min(c.shape[1] // f + 1, max_chunks) * f
+        out.append(torch.cat([c.to(n.device), n], dim=1)[:, c.shape[1] + f - keep :])
+    return out
+
+
+def extend(
+    model,
+    context: list[Tensor],
+    n_chunks: int,
+    params: SamplingParams | Sequence[SamplingParams],
+    schedules: Sequence[str] | None = None,
+) -> Iterator[list[Tensor]]:
+    """Yield `n_chunks` chained chunks ([(B, F_l)] each); the window slides in token space."""
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+        raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
+    B = context[0].shape[0]
+    params = [params] * B if isinstance(params, SamplingParams) else list(params)
+    params = [p.validated(model.config.n_levels) for p in params]
+    # Resolve seeds once so every chunk of a request draws from the same seeded family.
+    params = [replace(p, seed=resolve_seed(p.seed)) for p in params]
+    for k in range(n_chunks):
+        new = generate(model, context, params, schedules, chunk_index=k)
+        yield new
+        context = slide_window(context, new, model.config.max_ctx_chunks)

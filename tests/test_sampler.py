@@ -1,0 +1,199 @@
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model.diffusion import DiffusionConfig, MaskedDiffusion
+from model.dit import DiT, DiTConfig
+from model.layout import NOISED, collate, fill_tokens
+from model.sampler import SamplingParams, extend, generate, slide_window
+
+FPC = (4, 8, 16, 32)
+V = 32
+P = SamplingParams(steps=(3, 2, 2, 2), seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny shapes: OpenMP threads cost more than they give, and on a busy 2-core machine they
+    # spin against other processes (measured 30x slower). Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(std=0.1) -> DiT:
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.from_name("debug", frames_per_chunk=FPC, codebook_size=V)).eval()
+    with torch.no_grad():  # zero-initialised heads would make every prediction uniform
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
+
+
+def context(B=2, W=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (B, W * f), generator=g) for f in FPC]
+
+
+def test_params_validation():
+    p = SamplingParams(steps=4, temperature=0.5, top_p=1, guidance=(1, 2, 3, 4), seed=3).validated(
+        4
+    )
+    assert p.steps == (4, 4, 4, 4) and p.top_p == (1.0,) * 4 and p.guidance == (1.0, 2.0, 3.0, 4.0)
+    bad = [
+        ("steps", dict(steps=(1, 2, 3))),
+        ("steps", dict(steps=0)),
+        ("steps", dict(steps=1.5)),
+        ("temperature", dict(temperature=-1)),
+        ("top_p", dict(top_p=0.0)),
+        ("guidance", dict(guidance=float("nan"))),
+        ("seed", dict(seed=-1)),
+        ("seed", dict(seed="7")),
+    ]
+    for field, kw in bad:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kw).validated(4)
+
+
+def test_cached_staged_inference_equals_full_recompute():
+    """Every logit the sampler used equals the training-layout full forward (fp32, atol 1e-5)."""
+    model = tiny()
+    ctx = context(B=2)
+    params = [replace(P, guidance=(2.0, 1.0, 1.5, 3.0)), replace(P, seed=1, steps=(1, 3, 2, 1))]
+    seen = []
+    out = generate(model, ctx, params, on_step=lambda *a: seen.append(a))
+    assert len(seen) == 3 + 3 + 2 + 2  # max steps per level
+    n_ctx = [2, 2, 0, 0]  # guidance adds unconditional rows (no context)
+    batch = collate(n_ctx, FPC, model.config.strides)
+    both = lambda x: torch.cat([x, x])  # noqa: E731
+    windows = [both(torch.cat([c, o], 1)) for c, o in zip(ctx, out, strict=True)]
+    full = fill_tokens(batch, windows)
+    with torch.no_grad():
+        for level, _, x_in, t_in, logits in seen:
+            tokens = full.clone()
+            seg_t = torch.rand(batch.seg_role.shape) * (batch.seg_role == NOISED)
+            for lvl in range(4):  # other noised levels: all masked, random t (invisible to l)
+                tokens.scatter_(1, batch.target_index(NOISED, lvl), V)
+            idx = batch.target_index(NOISED, level)
+            tokens.scatter_(1, idx, x_in)
+            seg_t.scatter_(1, batch.segment_index(NOISED, level)[:, None], t_in[:, None])
+            h = model(tokens, batch, seg_t)
+            ref = model.logits(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])), level)
+            torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+
+
+def test_seed_determinism_batch_independence_and_greedy():
+    model = tiny()
+    ctx = context(B=2)
+    a = generate(model, ctx, [P, replace(P, seed=5)])
+    b = generate(model, ctx, [P, replace(P, seed=5)])
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert any(not torch.equal(x[0], x[1]) for x in a)  # same context, different seeds
+    assert all(
+        x.shape == (2, f) and x.max() < V and x.min() >= 0 for x, f in zip(a, FPC, strict=True)
+    )
+    # A request's output does not depend on its batch mates (other steps, guidance, top_p).
+    alone = generate(model, [c[1:] for c in ctx], [replace(P, seed=5)])
+    mate = SamplingParams(steps=(5, 1, 4, 2), guidance=3.0, top_p=1.0, seed=9)
+    mixed = generate(model, [c[[1, 0]] for c in ctx], [replace(P, seed=5), mate])
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(alone, mixed, strict=True))
+    # temperature 0 is greedy: the seed does not matter
+    g1 = generate(model, ctx, replace(P, temperature=0.0, seed=1))
+    g2 = generate(model, ctx, replace(P, temperature=0.0, seed=2))
+    assert all(torch.equal(x, y) for x, y in zip(g1, g2, strict=True))
+
+
+def test_steps_per_level_are_respected():
+    model = tiny()
+    calls = []
+    hook = model.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((args[0].shape[1], kwargs.get("commit"))),
+        with_kwargs=True,
+    )
+    seen = []
+    steps_a, steps_b = (4, 1, 2, 3), (2, 3, 2, 1)
+    params = [SamplingParams(steps=steps_a, seed=0), SamplingParams(steps=steps_b, seed=1)]
+    generate(model, context(B=2), params, on_step=lambda *a: seen.append(a))
+    hook.remove()
+    # one context pass, max(steps) noised passes per level, one clean pass per level but D
+    noised = [c for c in calls if not c[1]]
+    clean = [c for c in calls if c[1]]
+    assert len(clean) == 1 + 3 and clean[0][0] == 2 * sum(FPC)
+    assert [n for n, _ in noised] == [4] * 4 + [8] * 3 + [16] * 2 + [32] * 3
+    # masked counts per step follow the cosine plan, and rows with fewer steps finish early
+    masked = {}
+    for level, _step, x_in, _, _ in seen:
+        masked.setdefault(level, []).append((x_in == V).sum(1).tolist())
+    assert [m[0] for m in masked[3]] == [32, 27, 16]  # 3 steps: floor(32 sin(pi/2 (1 - s/3)))
+    assert [m[1] for m in masked[3]] == [32, 0, 0]  # 1 step: done after the first
+    assert [m[0] for m in masked[1]] == [8, 0, 0]
+    assert all(m[-1] > 0 for m in masked[1][-1:]) and masked[1][-1][1] > 0
+
+
+def test_extend_slides_window_in_token_space():
+    model = tiny()
+    ctx = context(B=1)
+    chunks = list(extend(model, ctx, 3, P))
+    assert len(chunks) == 3
+    # chunk k is generate() on the slid window with chunk_index k
+    window = ctx
+    for k, new in enumerate(chunks):
+        again = generate(model, window, P, chunk_index=k)
+        assert all(torch.equal(x, y) for x, y in zip(again, new, strict=True))
+        window = slide_window(window, new, 2)
+    assert all(
+        torch.equal(w, torch.cat([a, b], 1))
+        for w, a, b in zip(window, chunks[1], chunks[2], strict=True)
+    )
+    # a short context grows up to max_ctx_chunks
+    assert slide_window(context(B=1, W=0), chunks[0], 2)[0].shape[1] == FPC[0]
+    with pytest.raises(ValueError):
+        list(extend(model, ctx, 0, P))
+
+
+def test_bad_context_rejected():
+    model = tiny()
+    with pytest.raises(ValueError):
+        generate(model, context(W=3), P)  # more chunks than the model takes
+    with pytest.raises(ValueError):
+        generate(model, [c + V for c in context()], P)
+    with pytest.raises(ValueError):
+        generate(model, context()[:3], P)
+    with pytest.raises(ValueError):
+        generate(model, context(B=2), [P])
+
+
+def test_learns_and_samples_seen_continuations():
+    """Loss, layout and sampler agree: a memorised song is continued exactly, and chained."""
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.from_name("debug", frames_per_chunk=FPC, codebook_size=V))
+    g = torch.Generator().manual_seed(0)
+    songs = [torch.randint(0, V, (3, 4 * f), generator=g) for f in FPC]  # 3 songs x 4 chunks
+    # every (2 context chunks -> next chunk) window of every song
+    windows = [torch.cat([s[:, : 3 * f], s[:, f:]]) for s, f in zip(songs, FPC, strict=True)]
+    diffusion = MaskedDiffusion(DiffusionConfig(context_dropout=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    start = time.time()
+    for step in range(400):
+        terms = diffusion.loss(model, windows, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        if step >= 100 and step % 25 == 0 and terms["loss"].item() < 0.01:
+            break
+    train_s = time.time() - start
+    final = diffusion.loss(model, windows, generator=torch.Generator().manual_seed(10_000))
+    assert final["loss"].item() < 0.05, (final, step, train_s)
+    model.eval()
+    ctx = [s[:, : 2 * f] for s, f in zip(songs, FPC, strict=True)]
+    params = SamplingParams(steps=(4, 4, 4, 4), top_p=0.9, seed=0)
+    out = generate(model, ctx, params)
+    for s, o, f in zip(songs, out, FPC, strict=True):
+        assert torch.equal(o, s[:, 2 * f : 3 * f])
+    # chaining: the second chunk comes from a window that contains the first generated one
+    chained = list(extend(model, ctx, 2, params))
+    for s, o, f in zip(songs, chained[1], FPC, strict=True):
+        assert torch.equal(o, s[:, 3 * f :])

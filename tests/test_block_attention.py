@@ -80,7 +80,8 @@ def check_against_reference(q, k, v, seg_q, seg_k, allowed, **kw):
     exact = run(ba.block_attention_ref, *(x.double() for x in (q, k, v)))
     torch_same = run(ba.block_attention_ref, q, k, v)
     kernel = run(lambda *a: ba.block_attention(*a, **kw), q, k, v)
-    for name, got, base, ref in zip(("out", "dq", "dk", "dv"), kernel, torch_same, exact):
+    for name, got, base, ref in zip(("out", "dq", "dk", "dv"), kernel, torch_same, exact,
+                                    strict=True):
         assert got.dtype == dtype and got.shape == ref.shape, name
         assert torch.isfinite(got).all(), f"{name}: non-finite values"
         err = (got.double() - ref).abs().max().item()
@@ -260,7 +261,7 @@ def test_strided_inputs_and_determinism():
     assert not q.is_contiguous()
     a = check_against_reference(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16)
     b = check_against_reference(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))  # no atomics: bitwise reproducible
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # no atomics: bitwise reproducible
 
 
 def test_explicit_plan_and_empty_sequences():
@@ -366,6 +367,48 @@ def test_training_step_same_loss_and_gradients():
     assert err.max() <= 2 * err_torch.max() + 1e-6, \
         f"grads: kernel {err.max():.3g} vs PyTorch {err_torch.max():.3g}"
     assert exact[1:].abs().max() > 1e-3  # the gradients compared are not trivially zero
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_cpu_parts():
+    # bench/attention.py needs a GPU to time; its shapes, FLOP counts and masks are checked here.
+    bench = _bench_module()
+    assert set(bench.all_cases(bench.parse_args([]))) == {"train", "prefill", "infer_A",
+                                                          "infer_B", "infer_C", "infer_D"}
+    res = bench.main(["--dry-run", "--batch", "2", "--infer-batch", "2", "--cfg",
+                      "--cases", "train", "infer_D"])
+    shapes = {s["case"]: s for s in res["shapes"]}
+    seg_q, seg_k, allowed = bench.training_case([2, 2], (64, 128, 256, 512))
+    pairs = int(ba.dense_mask(seg_q, seg_k, allowed).sum())
+    assert shapes["train"]["Nq"] == 3328 and shapes["train"]["pairs"] == pairs
+    assert shapes["train"]["gflop_fwd"] == pytest.approx(4 * 64 * 10 * pairs / 1e9)
+    assert shapes["infer_D"]["Nq"] == 512 and shapes["infer_D"]["Nk"] == 2 * 960 + 448 + 512
+    # the FlexAttention BlockMask built from the tile lists computes the same attention
+    # (eager flex on CPU: a missing tile or a PARTIAL tile marked FULL would change the output)
+    flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
+    batch = collate((1, 0), frames_per_chunk=SMALL_FPC)
+    seg, allowed = batch.seg_id, batch.allowed
+    plan = ba.plan_block_attention(seg, seg, allowed, 16, 16)
+    assert (plan.tile_class == ba.PARTIAL).any() and (plan.tile_class == ba.FULL).any()
+    q, k, v = qkv(2, 1, seg.shape[1], seg.shape[1], 16, torch.float32, seed=13)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        out = flex_attention(q, k, v, block_mask=bench.flex_block_mask(plan, seg, seg, allowed))
+    torch.testing.assert_close(out, ba.block_attention_ref(q, k, v, seg, seg, allowed))
+    mask = bench.sdpa_mask(seg, seg, allowed)
+    assert mask.shape == (2, 1, seg.shape[1], seg.shape[1]) and mask.all(-1)[1, 0, -1]
 
 
 # ----------------------------------------------------------------------------- GPU (real sizes)

@@ -238,7 +238,7 @@ def _fwd_tiles(acc, l_i, m_i, q, q_bits, k_base, v_base, kbits_base, idx_ptr, st
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, QBITS, KBITS, IDX, CNT,
+def _fwd_kernel(Q, K, V, Out, LSE, QBITS, KBITS, IDX, CNT,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                 H, N_Q, N_K, T_Q, T_K, qk_scale,
@@ -275,13 +275,13 @@ def _fwd_kernel(Q, K, V, O, LSE, QBITS, KBITS, IDX, CNT,
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=in_q[:, None])
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=in_q[:, None])
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=in_q)
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om,
+def _bwd_delta_kernel(Out, DO, DELTA, stride_ob, stride_oh, stride_om,
                       stride_db, stride_dh, stride_dm, H, N_Q,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     qt = tl.program_id(0)
@@ -291,7 +291,7 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om,
     offs_m = qt.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < N_Q
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
                 mask=in_q[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :],
                  mask=in_q[:, None], other=0.0).to(tl.float32)
@@ -567,6 +567,11 @@ def block_attention(q, k, v, seg_q, seg_k, allowed, scale=None, *, plan: BlockPl
         plan = _plan_cache.get(seg_q, seg_k, allowed, block_m, block_n)
     elif plan.q_bits.shape != seg_q.shape or plan.k_bits.shape != seg_k.shape:
         raise ValueError("plan was built for other segment shapes")
+    if plan.q_bits.device != q.device:
+        raise ValueError(f"plan is on {plan.q_bits.device}, q on {q.device}")
+    if q.is_cuda and min(plan.block_m, plan.block_n) < 16:
+        raise ValueError("tl.dot needs tiles of at least 16 on GPU; got "
+                         f"{plan.block_m}x{plan.block_n}")
     if q.shape[2] == 0 or k.shape[2] == 0:  # nothing to attend: all rows see nothing
         return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

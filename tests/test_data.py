@@ -175,7 +175,12 @@ def test_sampler_weights_and_ranks(token_dir):
 
 def test_loader_with_workers_resumes_mid_epoch(token_dir):
     out, _ = token_dir
-    ds = TokenWindows(out, "all", n_ctx=(1, 2), max_open_shards=1)  # LRU evicts constantly
+    ds = TokenWindows(out, "all", n_ctx=(1, 2), max_open_shards=1)  # 3 shards: the pread path
+    assert not ds.use_maps
+    mapped = TokenWindows(out, "all", n_ctx=(1, 2))
+    assert mapped.use_maps
+    for i in range(0, len(ds), 7):
+        assert all(torch.equal(a, b) for a, b in zip(ds[i]["tokens"], mapped[i]["tokens"], strict=True))
     loader, _ = make_loader(ds, batch_size=4, seed=5, num_workers=2)
     full = [b["index"].tolist() for b in loader]
     loader, _ = make_loader(ds, batch_size=4, seed=5, num_workers=2)

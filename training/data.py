@@ -10,13 +10,14 @@ Indexing is flat and deterministic: `dataset.window(i)` says which file/start/n_
 `dataset[i]` reads it. `WindowBatchSampler` turns (seed, epoch, position) into batches with O(1)
 memory, so a trainer resumes exactly by saving `batch["data_state"]` (see the class).
 
-Shards are memory-mapped lazily, per process (DataLoader workers open their own maps), with a
-bounded LRU of open maps: each map holds a file descriptor.
+Shards are memory-mapped lazily, per process (DataLoader workers open their own maps). Each map
+holds a file descriptor, so a directory of more than `max_open_shards` shards is read with one
+`pread` per level and window instead (no descriptor kept; about 3x slower, still far above what
+a GPU consumes).
 """
 
 from __future__ import annotations
 
-import collections
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -50,6 +51,8 @@ class TokenWindows(Dataset):
     expected_fingerprint: refuse a directory tokenised by another codec (`Codec.fingerprint`).
     start_step: window starts every `start_step` grid steps (1 = every 0.384 s; windows overlap,
         which is the point: every shift of the music is a distinct sample).
+    max_open_shards: memory-map at most this many shards (x levels descriptors per process);
+        larger directories are read by pread.
     """
 
     def __init__(self, token_dir: str | os.PathLike, split: str = "train", n_ctx=2,
@@ -74,10 +77,15 @@ class TokenWindows(Dataset):
         self.split = split
         self.files = [f for f in manifest["files"] if split == "all" or f["split"] == split]
         self.shard_levels = {s["id"]: s["levels"] for s in manifest["shards"]}
-        self.max_open_shards = max_open_shards
+        # Memory maps are fastest (~2 us a slice) but each holds a file descriptor. Random
+        # windows from more shards than fit would thrash any cache of maps, so past
+        # `max_open_shards` every read is one pread instead (~20 us, nothing kept open).
+        self.use_maps = len(self.shard_levels) <= max_open_shards
+        self._headers: dict = {}
 
-        self._shard = np.array([f["shard"] for f in self.files], dtype=np.int64)
-        self._offsets = np.array([f["offsets"] for f in self.files], dtype=np.int64).reshape(-1, self.n_levels)
+        # Plain Python per-file (shard, offsets): the read path does no numpy scalar indexing.
+        self._where = [(int(f["shard"]), tuple(int(o) for o in f["offsets"])) for f in self.files]
+        self._scales = tuple(self.strides[0] // s for s in self.strides)
         self._n_frames = np.array([f["n_frames"] for f in self.files], dtype=np.int64)
         # Per n_ctx value: cumulative window counts over files, for index -> (file, start).
         self._cum, self.ranges, lo = {}, {}, 0
@@ -88,7 +96,7 @@ class TokenWindows(Dataset):
             self.ranges[n] = (lo, lo + int(self._cum[n][-1]))
             lo = self.ranges[n][1]
         self._len = lo
-        self._maps: collections.OrderedDict = collections.OrderedDict()
+        self._maps: dict = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -108,27 +116,46 @@ class TokenWindows(Dataset):
 
     def _level_map(self, shard: int, level: int) -> np.ndarray:
         if self._pid != os.getpid():  # forked into a worker: maps are per process
-            self._maps, self._pid = collections.OrderedDict(), os.getpid()
-        key = (shard, level)
-        m = self._maps.get(key)
+            self._maps, self._pid = {}, os.getpid()
+        m = self._maps.get((shard, level))
         if m is None:
+            # A plain ndarray view of the map: slicing a np.memmap costs ~10x more per call.
             path = os.path.join(self.token_dir, self.shard_levels[shard][level])
-            m = np.load(path, mmap_mode="r")
-            self._maps[key] = m
-            if len(self._maps) > self.max_open_shards * self.n_levels:
-                self._maps.popitem(last=False)
-        else:
-            self._maps.move_to_end(key)
+            m = self._maps[(shard, level)] = np.load(path, mmap_mode="r").view(np.ndarray)
         return m
+
+    def _pread(self, shard: int, level: int, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n) of a shard level by one pread: no descriptor kept open."""
+        key = (shard, level)
+        head = self._headers.get(key)
+        if head is None:
+            path = os.path.join(self.token_dir, self.shard_levels[shard][level])
+            with open(path, "rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                if len(shape) != 1 or dtype.itemsize != 2 or dtype.kind != "u":
+                    raise ValueError(f"{path}: expected a 1-D uint16 array, got {dtype} {shape}")
+                head = self._headers[key] = (path, f.tell(), dtype)
+        path, data_offset, dtype = head
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            buf = os.pread(fd, 2 * n, data_offset + 2 * start)
+        finally:
+            os.close(fd)
+        return np.frombuffer(buf, dtype=dtype)
 
     def read(self, ref: WindowRef) -> list[torch.Tensor]:
         """Per level int64 tokens ((n_ctx + 1) * F_l,) of one window."""
+        shard, offsets = self._where[ref.file]
         out = []
-        for level, s in enumerate(self.strides):
-            scale = self.strides[0] // s
-            a = int(self._offsets[ref.file, level]) + ref.start * scale
-            n = (ref.n_ctx + 1) * self.frames_per_chunk[level]
-            tokens = self._level_map(int(self._shard[ref.file]), level)[a:a + n]
+        for level, (scale, F) in enumerate(zip(self._scales, self.frames_per_chunk, strict=True)):
+            a, n = offsets[level] + ref.start * scale, (ref.n_ctx + 1) * F
+            if self.use_maps:
+                tokens = self._level_map(shard, level)[a:a + n]
+            else:
+                tokens = self._pread(shard, level, a, n)
             out.append(torch.from_numpy(tokens.astype(np.int64)))
         return out
 
@@ -143,7 +170,7 @@ class TokenWindows(Dataset):
 
     def __getstate__(self):  # spawn-started workers: ship no open maps
         state = dict(self.__dict__)
-        state["_maps"] = collections.OrderedDict()
+        state["_maps"] = {}
         return state
 
     def describe(self) -> dict:
@@ -171,11 +198,12 @@ def collate_windows(items: list[dict], pad_id: int = -1) -> dict:
     tokens = []
     for level in range(len(items[0]["tokens"])):
         F = items[0]["tokens"][level].shape[0] // (items[0]["n_ctx"] + 1)
-        out = torch.full((len(items), (W + 1) * F), pad_id, dtype=torch.int64)
+        # Built in numpy: torch.full/stack go through intra-op threads, slow for this size.
+        out = np.full((len(items), (W + 1) * F), pad_id, dtype=np.int64)  # (B, (W+1)*F)
         for row, it in enumerate(items):
-            t = it["tokens"][level]
+            t = it["tokens"][level].numpy()
             out[row, out.shape[1] - t.shape[0]:] = t
-        tokens.append(out)
+        tokens.append(torch.from_numpy(out))
     batch = dict(tokens=tokens, n_ctx=torch.tensor(n_ctx, dtype=torch.int64),
                  index=torch.tensor([it["index"] for it in items], dtype=torch.int64))
     if "data_state" in items[-1]:
@@ -188,19 +216,27 @@ _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a cheap, well-mixing uint64 -> uint64 hash (vectorised)."""
-    with np.errstate(over="ignore"):
-        x = x.astype(np.uint64)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+    """splitmix64 finaliser: a cheap, well-mixing uint64 -> uint64 hash (vectorised; wraps)."""
+    x = x ^ (x >> np.uint64(30))
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _mix64_int(x: int) -> int:
+    """_mix64 on one Python int (no numpy scalar overhead: keys are derived per batch)."""
+    x &= 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
 
 
 def _key(*parts: int) -> int:
-    h = np.uint64(0x9E3779B97F4A7C15)
+    h = 0x9E3779B97F4A7C15
     for p in parts:
-        h = _mix64(np.array([h ^ np.uint64(p & 0xFFFFFFFFFFFFFFFF)]))[0]
-    return int(h)
+        h = _mix64_int(h ^ (p & 0xFFFFFFFFFFFFFFFF))
+    return h
 
 
 def permute(x: np.ndarray, n: int, key: int) -> np.ndarray:
@@ -226,11 +262,12 @@ def permute(x: np.ndarray, n: int, key: int) -> np.ndarray:
             left, right = right, left ^ (_mix64(right ^ k) & mask)
         return (left << half) | right
 
-    out = feistel(x)
-    todo = out >= np.uint64(n)
-    while todo.any():
-        out[todo] = feistel(out[todo])
+    with np.errstate(over="ignore"):
+        out = feistel(x)
         todo = out >= np.uint64(n)
+        while todo.any():
+            out[todo] = feistel(out[todo])
+            todo = out >= np.uint64(n)
     return out
 
 
@@ -308,7 +345,8 @@ class WindowBatchSampler(Sampler):
                 sel = cycle == c
                 out[sel] = permute(o[sel] % n, n, _key(self.seed, epoch, int(c))).astype(np.int64)
             return out
-        u = _mix64(o.astype(np.uint64) ^ np.uint64(_key(self.seed, epoch, 1 << 40))) >> np.uint64(11)
+        with np.errstate(over="ignore"):
+            u = _mix64(o.astype(np.uint64) ^ np.uint64(_key(self.seed, epoch, 1 << 40))) >> np.uint64(11)
         group = np.searchsorted(self.cum_weights, u.astype(np.float64) / 2.0**53, side="right")
         group = np.minimum(group, len(self.sizes) - 1)
         out = np.empty_like(o)
@@ -323,11 +361,15 @@ class WindowBatchSampler(Sampler):
 
     def __iter__(self):
         epoch, start = self.state.epoch, self.state.position
-        for position in range(start, len(self)):
-            first = position * self.global_batch + self.rank * self.batch_size
-            idx = self.indices(epoch, np.arange(first, first + self.batch_size))
-            self.state = SamplerState(epoch, position + 1)
-            yield [WindowKey(int(i), epoch, position + 1) for i in idx]
+        chunk = 64  # batches whose indices are computed in one vectorised call
+        for c0 in range(start, len(self), chunk):
+            positions = np.arange(c0, min(c0 + chunk, len(self)))
+            first = positions * self.global_batch + self.rank * self.batch_size
+            ordinals = (first[:, None] + np.arange(self.batch_size)).reshape(-1)
+            rows = self.indices(epoch, ordinals).reshape(len(positions), self.batch_size)
+            for position, row in zip(positions.tolist(), rows.tolist(), strict=True):
+                self.state = SamplerState(epoch, position + 1)
+                yield [WindowKey(i, epoch, position + 1) for i in row]
         self.state = SamplerState(epoch + 1, 0)
 
 

@@ -1,0 +1,215 @@
+"""Codec training config: one dataclass, TOML files, `--key value` overrides, architecture presets.
+
+    python training/train_codec.py --config training/configs/codec_small.toml --steps 1000 \
+        --loss_weights.mel 10 --model.decoder_dim 256
+
+Values on the command line are parsed as TOML literals (`--gan false`, `--betas [0.8, 0.99]`);
+anything that is not a TOML literal is taken as a string (`--train data/corpus`). Dotted keys
+reach into the dict fields (`model`, `loss_weights`). Unknown keys are errors, not silently
+ignored, so a typo cannot train the wrong model for a week.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_CONFIG
+
+# SNAC constructor kwargs. All three share the 32 kHz rates and strides, so tokens from any of
+# them have the project's chunk geometry (DESIGN §1); only the widths differ.
+MODEL_PRESETS: dict[str, dict] = {
+    # The released hubertsiuzdak/snac_32khz architecture: 54.5 M params.
+    "snac32k": dict(SNAC_32KHZ_CONFIG),
+    # CPU-servable: 8.55 M params (encoder 4.02 M, quantiser 0.17 M, decoder 4.36 M).
+    "small": dict(SNAC_32KHZ_CONFIG, encoder_dim=32, decoder_dim=512),
+    # Tests: 0.47 M params, a training step on 0.4 s of audio takes well under a second on CPU.
+    "debug": dict(DEBUG_CODEC_CONFIG),
+}
+
+
+@dataclass
+class CodecTrainConfig:
+    # ---- model
+    preset: str = "small"             # MODEL_PRESETS entry, used when `init` is empty
+    model: dict = field(default_factory=dict)  # overrides on the preset's SNAC kwargs
+    init: str = ""                    # fine-tune from: hub id, export dir or training checkpoint
+    freeze_encoder: bool = False      # decoder-only fine-tune: encoder + quantiser frozen, so the
+    #                                   codes (and any tokenised dataset) stay valid
+    # ---- data
+    train: list = field(default_factory=lambda: ["data/corpus"])  # dirs, files or manifest.jsonl
+    val: list = field(default_factory=list)  # held-out dirs/files; empty = hold out from train
+    val_files: int = 8                # files held out of `train` when `val` is empty
+    val_seconds: float = 6.144        # one segment per val file, from its middle (one chunk)
+    # Segment-length curriculum, as [from_step, seconds, batch_size] rows (the fine-tuning
+    # recipe's 1 s -> 4 s, batch shrinking to keep memory flat). Seconds are rounded up to the
+    # codec's padding grid (0.384 s at 32 kHz) so no step trains on zero padding.
+    curriculum: list = field(default_factory=lambda: [
+        [0, 1.0, 32], [100_000, 2.0, 16], [200_000, 3.0, 12], [300_000, 4.0, 8]])
+    min_rms: float = 1e-3             # re-draw near-silent segments (up to 8 times)
+    num_workers: int = 2
+    # ---- optimisation (SNAC paper: AdamW, lr 6e-4, exponential decay 0.999994 per step)
+    steps: int = 400_000
+    lr: float = 6e-4
+    lr_decay: float = 0.999994
+    betas: list = field(default_factory=lambda: [0.8, 0.99])  # DAC's; GAN training likes a low beta1
+    weight_decay: float = 0.01
+    grad_clip: float = 1000.0         # DAC's value: only catches blow-ups, not a regulariser
+    # ---- losses: named terms and weights (DAC's where it has them)
+    loss_weights: dict = field(default_factory=lambda: dict(
+        mel=15.0, stft=1.0, l1=1.0, commitment=0.25, codebook=1.0, adv=1.0, feat=2.0))
+    mel_windows: list = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048])
+    mel_bins: list = field(default_factory=lambda: [5, 10, 20, 40, 80, 160, 320])
+    stft_ffts: list = field(default_factory=lambda: [1024, 2048, 4096])
+    # ---- GAN
+    gan: bool = True
+    gan_start_step: int = 0           # e.g. warm up on reconstruction losses when fine-tuning
+    mpd_periods: list = field(default_factory=lambda: [2, 3, 5, 7, 11])
+    mpd_channels: int = 32            # HiFi-GAN widths are 32/128/512/1024/1024
+    msd_ffts: list = field(default_factory=lambda: [2048, 1024, 512])
+    msd_channels: int = 32
+    # ---- run
+    out_dir: str = "runs/codec"
+    seed: int = 0
+    device: str = "auto"              # auto = cuda if available
+    amp: str = "auto"                 # auto = bf16 autocast on cuda, fp32 on cpu; or bf16 / fp32
+    threads: int = 0                  # torch CPU threads; 0 = torch's default. On a busy CPU
+    #                                   box 1 can be several times faster than an oversubscribed 2
+    log_every: int = 50
+    val_every: int = 5000
+    ckpt_every: int = 5000
+    keep_last: int = 3
+    progress: bool = True             # tqdm bar
+
+    def model_config(self) -> dict:
+        if self.preset not in MODEL_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(MODEL_PRESETS)}")
+        return {**MODEL_PRESETS[self.preset], **self.model}
+
+    def validate(self) -> CodecTrainConfig:
+        if not self.curriculum or any(len(row) != 3 for row in self.curriculum):
+            raise ValueError("curriculum must be a non-empty list of [from_step, seconds, batch]")
+        if self.curriculum[0][0] != 0:
+            raise ValueError("the first curriculum row must start at step 0")
+        starts = [row[0] for row in self.curriculum]
+        if starts != sorted(starts):
+            raise ValueError("curriculum rows must be sorted by from_step")
+        if any(row[1] <= 0 or row[2] < 1 for row in self.curriculum):
+            raise ValueError("curriculum seconds must be > 0 and batch sizes >= 1")
+        if len(self.mel_windows) != len(self.mel_bins):
+            raise ValueError("mel_windows and mel_bins must have the same length")
+        unknown = set(self.loss_weights) - LOSS_TERMS
+        if unknown:
+            raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {sorted(LOSS_TERMS)}")
+        if self.amp not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"amp must be auto, bf16 or fp32, not {self.amp!r}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError("lr_decay must be in (0, 1]")
+        if self.steps < 0 or self.keep_last < 1 or self.log_every < 1 or self.ckpt_every < 1:
+            raise ValueError("steps must be >= 0; keep_last, log_every, ckpt_every >= 1")
+        if self.val_every < 0:
+            raise ValueError("val_every must be >= 0 (0 = only at the end)")
+        if not self.init:
+            self.model_config()  # raises on an unknown preset
+        return self
+
+
+LOSS_TERMS = {"mel", "stft", "l1", "commitment", "codebook", "adv", "feat"}
+
+
+def segment_samples(seconds: float, sample_rate: int, pad_samples: int) -> int:
+    """Seconds -> samples, rounded up to the codec's padding grid (at least one unit)."""
+    return max(1, math.ceil(seconds * sample_rate / pad_samples)) * pad_samples
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--lr', '1e-4', '--model.decoder_dim=256'] -> {'lr': 1e-4, 'model': {'decoder_dim': 256}}."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected --key value, got {arg!r}")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"{arg} needs a value")
+            key, text = arg[2:], args[i + 1]
+            i += 2
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _parse_value(text)
+    return out
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Recursive dict update: `--model.decoder_dim 256` keeps the other `model` keys."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(d: dict) -> CodecTrainConfig:
+    fields = {f.name: f for f in dataclasses.fields(CodecTrainConfig)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(fields)}")
+    default = CodecTrainConfig()
+    clean = {}
+    for k, v in d.items():
+        ref = getattr(default, k)
+        if isinstance(ref, bool) and not isinstance(v, bool):
+            raise ValueError(f"{k} must be true or false, got {v!r}")
+        if isinstance(ref, float) and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if isinstance(ref, list) and isinstance(v, str):
+            v = [v]  # `--train data/x` is the common one-directory case
+        if type(ref) is not type(v) and not (isinstance(ref, dict) and isinstance(v, dict)):
+            raise ValueError(f"{k} must be {type(ref).__name__}, got {v!r}")
+        clean[k] = v
+    return CodecTrainConfig(**clean).validate()
+
+
+def load_config(config_file: str | None, overrides: list[str], base: dict | None = None
+                ) -> CodecTrainConfig:
+    """base (e.g. a checkpoint's config) <- TOML file <- command-line overrides."""
+    # Start from the full defaults so a partial `[loss_weights]` table updates, not replaces.
+    d = merge(asdict(CodecTrainConfig()), base or {})
+    if config_file:
+        with open(config_file, "rb") as f:
+            d = merge(d, tomllib.load(f))
+    d = merge(d, parse_overrides(overrides))
+    return config_from_dict(d)
+
+
+def to_dict(cfg: CodecTrainConfig) -> dict:
+    return asdict(cfg)
+
+
+def default_config_path(name: str) -> Path:
+    return Path(__file__).parent / "configs" / f"codec_{name}.toml"
+
+
+def curriculum_stage(rows: list, sample_rate: int, pad: int, step: int) -> tuple[int, int]:
+    """(segment samples on the padding grid, batch size) at `step`. Module-level so that
+    `functools.partial(curriculum_stage, ...)` pickles into DataLoader workers."""
+    row = [r for r in rows if r[0] <= step][-1]
+    return segment_samples(row[1], sample_rate, pad), int(row[2])

@@ -1,0 +1,242 @@
+"""Audio in, audio out: the one object the server calls. Knows nothing of HTTP.
+
+    engine = ContinuationEngine.load("weights/base", "hubertsiuzdak/snac_32khz", device="cuda")
+    chunk = engine.continue_audio(audio)              # (196608,) float32: the next 6.144 s
+    for chunk in engine.extend(audio, 3): ...         # chained chunks, yielded as they finish
+
+Input audio is mono float32 at the codec's rate; the last `context_samples` (12.288 s) are used
+and shorter input is left-padded with zeros. The context is encoded once; chained chunks slide
+the window in token space (no re-encode). Each chunk is decoded together with the context tokens
+that precede it and cut (`Codec.decode(new, context=...)`), so consecutive chunks join without
+seams.
+
+Reproducibility: a request's seed fixes its tokens (per-row generators, see model/sampler.py)
+and its decoder noise (each request is decoded on its own with a seed derived from its seed), so
+the output does not depend on what else is in the batch. seed=None draws a fresh seed.
+
+Checkpoints: a directory with `model.safetensors` and `config.json` = {"dit": DiTConfig fields,
+...extra}; the engine also reads the optional extras "diffusion" (DiffusionConfig fields: the
+schedules the model was trained with) and "sampling" (SamplingParams fields: defaults).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.codec import Codec
+from model.diffusion import DiffusionConfig
+from model.dit import DiT, DiTConfig
+from model.sampler import SamplingParams, derive_seed, generate, resolve_seed, slide_window
+from model.sampler import extend as extend_tokens
+
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+def save_pretrained(dit: DiT, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write `model.safetensors` + `config.json` ({"dit": asdict(config), **extra})."""
+    from safetensors.torch import save_file
+
+    extra = dict(extra or {})
+    if "dit" in extra:
+        raise ValueError("extra must not contain 'dit': that key holds the model config")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in dit.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = {"dit": asdict(dit.config), **extra}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return out
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """The checkpoint's config.json as a dict (FileNotFoundError / ValueError with the path)."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a DiT checkpoint: no {CONFIG_FILE}")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("dit"), dict):
+        raise ValueError(f"{file} has no 'dit' model config")
+    return config
+
+
+def load_dit(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None) -> DiT:
+    """Rebuild a DiT from a `save_pretrained` directory."""
+    from safetensors.torch import load_file
+
+    config = DiTConfig.from_dict(load_config(path)["dit"])
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path} has a config but no {WEIGHTS_FILE}")
+    with torch.device("meta"):  # skip the random init: every tensor comes from the file
+        dit = DiT(config)
+    try:
+        dit.load_state_dict(load_file(str(weights)), strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"weights in {path} do not match its config: {e}") from e
+    return dit.to(device=device, dtype=dtype).eval()
+
+
+class ContinuationEngine:
+    def __init__(
+        self,
+        codec: Codec,
+        dit: DiT,
+        diffusion: DiffusionConfig | None = None,
+        default_params: SamplingParams | None = None,
+    ):
+        cfg = dit.config
+        got = (cfg.n_levels, cfg.codebook_size, cfg.frames_per_chunk, cfg.strides)
+        want = (codec.n_levels, codec.codebook_size, codec.frames_per_chunk, codec.strides)
+        if got != want:
+            raise ValueError(
+                "DiT and codec disagree on (levels, codebook, frames per chunk, strides): "
+                f"{got} vs {want}"
+            )
+        if cfg.max_ctx_chunks < 1:
+            raise ValueError("a continuation model needs max_ctx_chunks >= 1")
+        self.codec, self.dit = codec, dit.eval()
+        self.device = next(dit.parameters()).device
+        self.dtype = next(dit.parameters()).dtype
+        self.sample_rate = codec.sample_rate
+        self.chunk_samples = codec.samples_per_chunk
+        self.context_chunks = cfg.max_ctx_chunks
+        self.context_samples = self.context_chunks * self.chunk_samples
+        self.diffusion = diffusion or DiffusionConfig()
+        if len(self.diffusion.schedules) != cfg.n_levels:
+            raise ValueError("diffusion config and model disagree on the number of levels")
+        self.default_params = (default_params or SamplingParams()).validated(cfg.n_levels)
+
+    @classmethod
+    def load(
+        cls, dit_dir, codec: str | dict | Codec, device="cpu", dtype=None
+    ) -> ContinuationEngine:
+        """dit_dir: a `save_pretrained` directory; codec: hub id, local dir, config dict or Codec.
+        dtype: the DiT's dtype (default bfloat16 on CUDA, float32 otherwise); the codec's own
+        precision is the codec's business."""
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        config = load_config(dit_dir)
+        dit = load_dit(dit_dir, device=device, dtype=dtype)
+        codec = codec if isinstance(codec, Codec) else Codec.load(codec, device=device)
+        diffusion = (
+            DiffusionConfig.from_dict(config["diffusion"]) if "diffusion" in config else None
+        )
+        defaults = None
+        if "sampling" in config:
+            fields = {
+                k: tuple(v) if isinstance(v, list) else v for k, v in config["sampling"].items()
+            }
+            defaults = SamplingParams(**fields)
+        return cls(codec, dit, diffusion, defaults)
+
+    # ------------------------------------------------------------------ helpers
+    def _window(self, audio) -> Tensor:
+        """The last `context_samples` of mono audio (T,), left-padded with zeros -> float32."""
+        audio = torch.as_tensor(audio)
+        if audio.ndim != 1:
+            raise ValueError(f"audio must be mono (T,), got shape {tuple(audio.shape)}")
+        if not audio.is_floating_point():
+            raise ValueError(f"audio must be float samples, got {audio.dtype}")
+        if audio.numel() == 0:
+            raise ValueError("audio is empty")
+        audio = audio[-self.context_samples :].float().cpu()
+        if not torch.isfinite(audio).all():
+            raise ValueError("audio contains NaN or infinite samples")
+        return torch.nn.functional.pad(audio, (self.context_samples - audio.shape[0], 0))
+
+    def _params(self, params: SamplingParams | None) -> SamplingParams:
+        p = (params or self.default_params).validated(self.dit.config.n_levels)
+        return replace(p, seed=resolve_seed(p.seed))  # fixed now: tokens and decoder share it
+
+    def _encode(self, audios: list) -> list[Tensor]:
+        x = torch.stack([self._window(a) for a in audios])  # (B, context_samples)
+        tokens = self.codec.encode(x)
+        for t, f in zip(tokens, self.dit.config.frames_per_chunk, strict=True):
+            if t.shape[1] != self.context_chunks * f:  # the codec's grid divides a chunk
+                raise RuntimeError(
+                    f"codec produced {t.shape[1]} frames, expected {self.context_chunks * f}"
+                )
+        return [t.to(self.device) for t in tokens]
+
+    def _decode(self, new: list[Tensor], context: list[Tensor], seed: int, chunk: int) -> Tensor:
+        """One request's chunk (1, F_l) per level, decoded after its context -> (chunk_samples,)."""
+        audio = self.codec.decode(
+            new, context=context, seed=derive_seed(seed, chunk, "decode") % 2**31
+        )
+        if audio.shape[-1] < self.chunk_samples:
+            raise RuntimeError(
+                f"codec decoded {audio.shape[-1]} samples, expected {self.chunk_samples}"
+            )
+        return audio[0, : self.chunk_samples].clamp(-1.0, 1.0).float().cpu()
+
+    # ------------------------------------------------------------------ public API
+    def continue_batch(
+        self, audios: Sequence, params: Sequence[SamplingParams | None] | None = None
+    ) -> list[Tensor]:
+        """One continuation (chunk_samples,) per input audio; requests batch together."""
+        audios = list(audios)
+        if not audios:
+            return []
+        params = [None] * len(audios) if params is None else list(params)
+        if len(params) != len(audios):
+            raise ValueError(f"{len(params)} SamplingParams for {len(audios)} audios")
+        params = [self._params(p) for p in params]
+        context = self._encode(audios)
+        new = generate(self.dit, context, params, self.diffusion.schedules, chunk_index=0)
+        return [
+            self._decode([t[b : b + 1] for t in new], [c[b : b + 1] for c in context], p.seed, 0)
+            for b, p in enumerate(params)
+        ]
+
+    def continue_audio(self, audio, params: SamplingParams | None = None) -> Tensor:
+        return self.continue_batch([audio], [params])[0]
+
+    def extend(
+        self, audio, n_chunks: int, params: SamplingParams | None = None
+    ) -> Iterator[Tensor]:
+        """Yield `n_chunks` chained chunks (chunk_samples,) as they finish; the first equals
+        `continue_audio(audio, params)` for the same seed."""
+        if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+            raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
+        p = self._params(params)
+        context = self._encode([audio])
+        tokens = extend_tokens(self.dit, context, n_chunks, p, self.diffusion.schedules)
+        for k, new in enumerate(tokens):
+            yield self._decode(new, context, p.seed, k)
+            context = slide_window(context, new, self.context_chunks)
+
+    def info(self) -> dict:
+        """JSON-able description: model, codec, geometry, sampling defaults."""
+        return dict(
+            model=dict(
+                config=asdict(self.dit.config),
+                params=self.dit.num_params(),
+                device=str(self.device),
+                dtype=str(self.dtype).removeprefix("torch."),
+            ),
+            codec=dict(config=self.codec.config, fingerprint=self.codec.fingerprint),
+            geometry=dict(
+                sample_rate=self.sample_rate,
+                chunk_samples=self.chunk_samples,
+                chunk_seconds=self.chunk_samples / self.sample_rate,
+                context_samples=self.context_samples,
+                context_seconds=self.context_samples / self.sample_rate,
+                n_levels=self.codec.n_levels,
+                frames_per_chunk=list(self.codec.frames_per_chunk),
+                strides=list(self.codec.strides),
+                codebook_size=self.codec.codebook_size,
+            ),
+            diffusion=asdict(self.diffusion),
+            defaults=asdict(self.default_params),
+        )

@@ -1,0 +1,133 @@
+import json
+
+import pytest
+import torch
+
+from model.dit import DiT, DiTConfig
+from model.engine import ContinuationEngine, load_config, load_dit, save_pretrained
+from model.sampler import SamplingParams
+
+CHUNK = 196_608
+FAST = SamplingParams(steps=(2, 1, 1, 1), seed=123)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small shapes: OpenMP threads spin against other processes on a busy 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def engine(debug_weights_dir, debug_codec_dir):
+    eng = ContinuationEngine.load(debug_weights_dir, debug_codec_dir)
+    with torch.no_grad():  # zero-initialised heads would make every token equally likely
+        torch.manual_seed(1)
+        for p in eng.dit.parameters():
+            p.normal_(0.0, 0.05)
+    return eng
+
+
+def audio(seconds, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = int(seconds * 32000)
+    t = torch.arange(n) / 32000
+    return 0.3 * torch.sin(2 * torch.pi * 220 * t) + 0.01 * torch.randn(n, generator=g)
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig.from_name("debug", codebook_size=64))
+    save_pretrained(
+        dit, tmp_path / "ckpt", extra={"diffusion": {"context_dropout": 0.2}, "step": 7}
+    )
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert cfg["dit"]["codebook_size"] == 64 and cfg["step"] == 7
+    assert load_config(tmp_path / "ckpt")["diffusion"] == {"context_dropout": 0.2}
+    back = load_dit(tmp_path / "ckpt")
+    assert back.config == dit.config
+    sd, sd2 = dit.state_dict(), back.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert all(isinstance(p, torch.nn.Parameter) for p in back.parameters())
+    with pytest.raises(ValueError):
+        save_pretrained(dit, tmp_path / "x", extra={"dit": {}})
+    with pytest.raises(FileNotFoundError):
+        load_dit(tmp_path / "missing")
+    (tmp_path / "ckpt" / "config.json").write_text(
+        json.dumps({"dit": {**cfg["dit"], "d_model": 32}})
+    )
+    with pytest.raises(ValueError):
+        load_dit(tmp_path / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def reference(engine):
+    """12.288 s of audio and its continuation with FAST (computed once: the codec dominates)."""
+    full = audio(12.288)
+    return full, engine.continue_audio(full, FAST)
+
+
+def test_continue_geometry(engine, reference):
+    _, out = reference
+    assert out.shape == (CHUNK,) and out.dtype == torch.float32 and out.device.type == "cpu"
+    assert torch.isfinite(out).all() and out.abs().max() <= 1.0 and out.abs().max() > 0
+    assert engine.chunk_samples == CHUNK and engine.context_samples == 2 * CHUNK
+
+
+def test_window_left_pads_short_and_keeps_last_context_of_long(engine, reference):
+    full, _ = reference
+    short = audio(3.0, seed=1)
+    padded = torch.cat([torch.zeros(2 * CHUNK - short.shape[0]), short])
+    # the continuation is a function of this window (tokens, seeds), so equal windows suffice
+    assert torch.equal(engine._window(short), padded)
+    assert torch.equal(engine._window(torch.cat([audio(2.0, seed=2), full])), full)
+    assert torch.equal(engine._window(full.double()), full)
+
+
+def test_batch_with_short_input_and_guided_mate(engine, reference):
+    full, out = reference
+    guided = SamplingParams(steps=(1, 2, 1, 1), guidance=2.0, seed=7)
+    outs = engine.continue_batch([audio(3.0, seed=1), full], [guided, FAST])
+    assert len(outs) == 2 and all(o.shape == (CHUNK,) and torch.isfinite(o).all() for o in outs)
+    # a request's result does not depend on its batch mates (other params, guidance rows,
+    # batched encode): the single request's audio up to fp noise
+    assert torch.allclose(outs[1], out, atol=1e-5)
+    assert not torch.allclose(outs[0], out)
+    assert engine.continue_batch([]) == []
+
+
+def test_extend_yields_chunks_and_first_equals_continue(engine, reference):
+    full, out = reference
+    chunks = list(engine.extend(full, 3, FAST))
+    assert len(chunks) == 3 and all(c.shape == (CHUNK,) for c in chunks)
+    assert torch.equal(chunks[0], out)
+    assert not torch.equal(chunks[1], chunks[2])
+    with pytest.raises(ValueError):
+        next(engine.extend(full, 0, FAST))
+
+
+def test_bad_input_and_info(engine):
+    for bad in (
+        torch.zeros(2, 100),
+        torch.zeros(0),
+        torch.full((100,), float("nan")),
+        torch.zeros(5, dtype=torch.long),
+    ):
+        with pytest.raises(ValueError):
+            engine.continue_audio(bad, FAST)
+    with pytest.raises(ValueError, match="steps"):
+        engine.continue_audio(audio(1.0), SamplingParams(steps=(0, 1, 1, 1)))
+    with pytest.raises(ValueError):
+        engine.continue_batch([audio(1.0)], [FAST, FAST])
+    info = json.loads(json.dumps(engine.info()))
+    assert info["geometry"]["chunk_samples"] == CHUNK and info["geometry"]["frames_per_chunk"] == [
+        64,
+        128,
+        256,
+        512,
+    ]
+    assert info["defaults"]["steps"] == [16, 12, 8, 8] and info["model"]["params"] > 0
+    with pytest.raises(ValueError, match="disagree"):
+        ContinuationEngine(engine.codec, DiT(DiTConfig.from_name("debug", codebook_size=1024)))

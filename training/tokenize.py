@@ -73,7 +73,7 @@ class TokenizeConfig:
     val_fraction: float | None = None  # None: keep the out dir's, else DEFAULT_VAL_FRACTION
     piece_seconds: float | None = None  # None: keep the out dir's, else DEFAULT_PIECE_CHUNKS chunks
     shard_seconds: float = 3600.0  # audio per shard: ~1.1 MB of tokens, the most a kill can lose
-    workers: int = 2  # decode/resample threads, overlapping with encoding
+    workers: int = min(4, os.cpu_count() or 1)  # decode/resample threads, overlapping encoding
     retry_failed: bool = False
     progress: bool = True
 
@@ -86,6 +86,7 @@ class Summary:
     skipped: int = 0
     failed: list[dict] = field(default_factory=list)
     ignored: int = 0
+    found: int = 0  # audio candidates under --audio
     total_files: int = 0  # tokenised files in the manifest after the run
 
 
@@ -165,14 +166,30 @@ def encode_files(codec: Codec, audios: list[np.ndarray], piece_samples: int, bat
             x = np.zeros((len(batch), length), dtype=np.float32)  # (B, T): the codec's own zero pad
             for row, (_, _, seg) in enumerate(batch):
                 x[row, :seg.shape[0]] = seg
-            codes = codec.encode(torch.from_numpy(x))  # per level (B, n_l)
-            codes = [c.cpu().numpy().astype(shards.TOKEN_DTYPE) for c in codes]
+            codes = _encode_rows(codec, x)  # per level (B, n_l) uint16
             for row, (i, k, _) in enumerate(batch):
                 pieces[i][k] = [c[row] for c in codes]
             if on_batch is not None:
                 on_batch([i for i, _, _ in batch], [seg.shape[0] for _, _, seg in batch])
     return [[np.concatenate([p[lvl] for p in file_pieces]) for lvl in range(codec.n_levels)]
             for file_pieces in pieces]
+
+
+def _encode_rows(codec: Codec, x: np.ndarray) -> list[np.ndarray]:
+    """Encode (B, T); on GPU out-of-memory, retry in halves rather than give up the run."""
+    try:
+        codes = codec.encode(torch.from_numpy(x))
+    except torch.OutOfMemoryError as e:
+        if x.shape[0] == 1:
+            raise TokenizeError(
+                f"out of GPU memory encoding a single piece of {x.shape[1] / codec.sample_rate:g} s; "
+                "use a smaller --piece-seconds"
+            ) from e
+        torch.cuda.empty_cache()
+        half = x.shape[0] // 2
+        parts = _encode_rows(codec, x[:half]), _encode_rows(codec, x[half:])
+        return [np.concatenate(p) for p in zip(*parts, strict=True)]
+    return [c.cpu().numpy().astype(shards.TOKEN_DTYPE) for c in codes]
 
 
 def _codec_info(codec: Codec, source: str) -> dict:
@@ -278,6 +295,7 @@ def tokenize(cfg: TokenizeConfig) -> Summary:
 def _run(cfg, codec, manifest, dirty, batch_size, audio_dir, out_dir) -> Summary:
     summary = Summary()
     items, summary.ignored = scan(audio_dir, skip=out_dir)
+    summary.found = len(items)
     done = {f["path"]: f for f in manifest["files"]}
     failed = {f["path"]: f for f in manifest["failed"]}
     todo = []
@@ -394,7 +412,8 @@ def parse_args(argv=None) -> TokenizeConfig:
                    help="encode long files in pieces this long, rounded to the 0.384 s grid (default 61.44)")
     p.add_argument("--shard-seconds", type=float, default=3600.0,
                    help="audio per shard; the most an interruption can lose (default 3600)")
-    p.add_argument("--workers", type=int, default=2, help="decode/resample threads (default 2)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="decode/resample threads (default: up to 4)")
     p.add_argument("--retry-failed", action="store_true", help="try files that failed before again")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
@@ -424,7 +443,11 @@ def main(argv=None) -> int:
         print(f"  failed: {f['path']} [{f['code']}] {f['error']}", file=sys.stderr)
     print(f"{s.total_files} files in {Path(cfg.out_dir) / shards.MANIFEST}", file=sys.stderr)
     if s.total_files == 0:
-        print("error: no audio could be tokenised", file=sys.stderr)
+        if s.found == 0:
+            print(f"error: no audio files under {cfg.audio_dir} (looked for "
+                  f"{' '.join(sorted(AUDIO_EXTENSIONS))})", file=sys.stderr)
+        else:
+            print("error: no audio could be tokenised", file=sys.stderr)
         return 1
     return 0
 

@@ -83,9 +83,8 @@ def allowed_pairs(seg_q, seg_k, allowed) -> int:
     S = allowed.shape[-1]
     B = seg_q.shape[0]
 
-    def hist(seg):  # (B, S) tokens per segment
-        valid = seg >= 0
-        return F.one_hot(seg.clamp(min=0), S).to(torch.float64).mul(valid[..., None]).sum(1)
+    def hist(seg):  # (B, S) tokens per segment (padding, -1, matches no segment)
+        return (seg[..., None] == torch.arange(S, device=seg.device)).to(torch.float64).sum(1)
 
     a = allowed.expand(B, S, S).to(torch.float64)
     return int(torch.einsum("bs,bst,bt->", hist(seg_q), a, hist(seg_k)).item())

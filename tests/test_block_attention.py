@@ -35,6 +35,18 @@ FLOOR = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 ON_CPU = "cpu"
 
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny shapes: OpenMP threads cost more than they give and spin against other processes on
+    # a busy 2-core machine. Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -195,6 +207,19 @@ def test_plan_cache_reuses_and_invalidates():
     allowed[0, 0] = ~allowed[0, 0]  # in-place edit bumps the version
     assert cache.get(seg, seg, allowed, 16, 16) is not p2
     assert cache.get(seg.clone(), seg, allowed, 16, 16) is not p2  # same values, other tensor
+    # KV-cache style: every layer slices the same preallocated tensor afresh
+    kv_seg = torch.full((1, 64), -1)
+    kv_seg[:, :32] = seg
+    p3 = cache.get(seg, kv_seg[:, :48], allowed, 16, 16)
+    assert cache.get(seg, kv_seg[:, :48], allowed, 16, 16) is p3
+    assert cache.get(seg, kv_seg[:, :40], allowed, 16, 16) is not p3  # other length
+    p4 = cache.get(seg, kv_seg[:, :48], allowed, 16, 16)
+    kv_seg[:, 40:48] = 2  # the cache grows: a write through the base invalidates its views
+    assert cache.get(seg, kv_seg[:, :48], allowed, 16, 16) is not p4
+    with torch.inference_mode():  # no version counters: never cached, still correct
+        s_inf = seg.clone()
+        assert cache.get(s_inf, s_inf, allowed, 16, 16) is not cache.get(s_inf, s_inf, allowed,
+                                                                       16, 16)
 
 
 # ----------------------------------------------------------------------------- numerics (CPU)

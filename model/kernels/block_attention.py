@@ -110,8 +110,8 @@ def _segment_histogram(seg: torch.Tensor, n_seg: int, block: int) -> torch.Tenso
     """(B, N) ids -> (B, T, S) float64: how many positions of each tile are in each segment."""
     B, N = seg.shape
     T = triton.cdiv(N, block)
-    valid = seg >= 0
-    onehot = F.one_hot(seg.long().clamp(min=0), n_seg).to(torch.float64) * valid[..., None]
+    # a comparison, not F.one_hot: one_hot range-checks its input, a host sync on GPU
+    onehot = (seg.long()[..., None] == torch.arange(n_seg, device=seg.device)).to(torch.float64)
     onehot = F.pad(onehot, (0, 0, 0, T * block - N))  # out-of-range positions count as padding
     return onehot.view(B, T, block, n_seg).sum(2)  # (B, T, S)
 
@@ -126,10 +126,8 @@ def classify_tiles(seg_q, seg_k, allowed, block_m: int, block_n: int) -> torch.T
     n_allowed = cq @ allowed @ ck.transpose(1, 2)  # (B, Tq, Tk) allowed pairs per tile
     # n_allowed <= valid_q * valid_k <= block_m * block_n, so equality means every pair of a
     # full-size, padding-free tile is allowed.
-    cls = torch.full(n_allowed.shape, PARTIAL, dtype=torch.int8, device=seg_q.device)
-    cls[n_allowed == 0] = EMPTY
-    cls[n_allowed == block_m * block_n] = FULL
-    return cls
+    cls = torch.where(n_allowed == 0, EMPTY, PARTIAL)  # torch.where: no host sync
+    return torch.where(n_allowed == block_m * block_n, FULL, cls).to(torch.int8)
 
 
 def _tile_lists(cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,31 +167,34 @@ class _PlanCache:
     """Remembers the last plan, keyed by the identity and version of its three input tensors.
 
     The model passes the same seg/allowed tensors to every layer, so this turns per-layer
-    planning into per-forward planning without changing `attention()`'s signature. Identity is
-    checked through weakrefs (a freed tensor can never match) and `_version` catches in-place
-    edits; inference-mode tensors have no version counter, so they are never cached."""
+    planning into per-forward planning without changing `attention()`'s signature. A tensor is
+    identified by its base tensor (held by weakref, so a freed one can never match) plus its
+    view geometry and version counter, which views share with their base: fresh slices of one
+    KV-cache tensor hit, and any in-place write through any view invalidates. Inference-mode
+    tensors have no version counter, so they are never cached (correct, just slower)."""
 
     def __init__(self):
-        self._refs: tuple = ()
-        self._key: tuple = ()
+        self._bases: tuple = ()
+        self._key: tuple | None = None
         self._plan: BlockPlan | None = None
 
     @staticmethod
-    def _key_of(tensors, block_m, block_n):
+    def _identify(tensors, block_m, block_n):
         try:
-            return tuple(t._version for t in tensors) + (block_m, block_n)
+            key = tuple((t.storage_offset(), tuple(t.shape), t.stride(), t._version)
+                        for t in tensors) + (block_m, block_n)
         except RuntimeError:  # inference tensor
-            return None
+            return None, None
+        return tuple(t if t._base is None else t._base for t in tensors), key
 
     def get(self, seg_q, seg_k, allowed, block_m, block_n) -> BlockPlan:
-        tensors = (seg_q, seg_k, allowed)
-        key = self._key_of(tensors, block_m, block_n)
-        if (key is not None and key == self._key and self._plan is not None
-                and all(r() is t for r, t in zip(self._refs, tensors, strict=True))):
+        bases, key = self._identify((seg_q, seg_k, allowed), block_m, block_n)
+        if (key is not None and key == self._key
+                and all(r() is b for r, b in zip(self._bases, bases, strict=True))):
             return self._plan
         plan = plan_block_attention(seg_q, seg_k, allowed, block_m, block_n)
         if key is not None:
-            self._refs, self._key, self._plan = tuple(weakref.ref(t) for t in tensors), key, plan
+            self._bases, self._key, self._plan = tuple(weakref.ref(b) for b in bases), key, plan
         return plan
 
 

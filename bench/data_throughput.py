@@ -94,6 +94,7 @@ def main() -> None:
             hours=a.hours, files=len(manifest["files"]), shards=len(manifest["shards"]),
             windows=len(ds), batch_size=a.batch_size, n_ctx_weights=[0.1, 0.2, 0.7],
             cpu_count=os.cpu_count(), platform=platform.platform(), torch=torch.__version__,
+            load_average_before=round(os.getloadavg()[0], 2),  # other work on the box skews figures
         )
         rate = random_access(ds, a.seconds)
         print(f"dataset[i], random order, 1 process: {rate:,.0f} windows/s")

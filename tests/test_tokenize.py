@@ -60,21 +60,9 @@ def all_tokens(out: Path) -> dict:
 def test_tokenise_folder_then_noop_rerun(tmp_path, debug_codec, debug_codec_dir, capsys):
     audio = make_folder(tmp_path)
     out = tmp_path / "tokens"
-    args = [
-        "--audio",
-        str(audio),
-        "--out",
-        str(out),
-        "--codec",
-        debug_codec_dir,
-        "--piece-seconds",
-        PIECE,
-        "--val-fraction",
-        "0.5",
-        "--no-progress",
-        "--workers",
-        "1",
-    ]
+    base = ["--audio", str(audio), "--out", str(out), "--codec", debug_codec_dir, "--no-progress",
+            "--workers", "1"]
+    args = [*base, "--piece-seconds", PIECE, "--val-fraction", "0.5"]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "bad.wav" in err and "undecodable_audio" in err
@@ -115,14 +103,22 @@ def test_tokenise_folder_then_noop_rerun(tmp_path, debug_codec, debug_codec_dir,
     assert mtimes(out) == before
     assert "tokenised 0 files" in capsys.readouterr().err
 
+    # Another val fraction re-splits without re-encoding; another piece length is refused.
+    assert main([*base, "--val-fraction", "0.9"]) == 0
+    m_resplit = shards.read_manifest(out)
+    assert [f["split"] for f in m_resplit["files"]] == [shards.split_of(f["path"], 0.9) for f in m["files"]]
+    assert m_resplit["shards"] == m["shards"] and m_resplit["val_fraction"] == 0.9
+    assert main([*base, "--piece-seconds", "3"]) == 2
+    assert "pieces of 1.152 s" in capsys.readouterr().err
+
     # A changed file is re-tokenised, alone, into a new shard; the others are kept.
     sf.write(audio / "sub" / "deeper" / "c.wav", tone(0.8, freq=550), 32000)
-    assert main(args) == 0
+    assert main(base) == 0
     m2 = shards.read_manifest(out)
     assert len(m2["shards"]) == len(m["shards"]) + 1
     c = next(f for f in m2["files"] if f["path"] == "sub/deeper/c.wav")
     assert c["shard"] == m2["shards"][-1]["id"] and c["duration"] == pytest.approx(0.8)
-    assert all(f in m2["files"] for f in m["files"] if f["path"] != "sub/deeper/c.wav")
+    assert all(f in m2["files"] for f in m_resplit["files"] if f["path"] != "sub/deeper/c.wav")
 
 
 def test_other_codec_is_refused(tmp_path, debug_codec_dir, capsys):

@@ -10,15 +10,14 @@ Tolerance (STYLE.md): max error vs an fp64 reference <= 2x the error of plain Py
 reference) in the same dtype, plus a small absolute floor (fp32 errors are ~1e-7 both ways).
 """
 
+import importlib
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, see module docstring
+import pytest
+import torch
 
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
+if not torch.cuda.is_available():  # before triton is imported, see the module docstring
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 import model.kernels.block_attention as ba  # noqa: E402
 from model.layout import build_layout, collate  # noqa: E402
@@ -32,9 +31,8 @@ if not torch.cuda.is_available() and not isinstance(ba._fwd_kernel, importlib.im
 
 SMALL_FPC = (4, 8, 16, 32)  # the real geometry / 16: every segment a multiple of 4
 FLOOR = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-ON_CPU = "cpu"
-
-
+# The small numerics tests run where the kernel runs: the interpreter on CPU, the GPU otherwise.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,6 +78,7 @@ def random_problem(B, Nq, Nk, S, seed, p_allowed=0.5, pad=True, empty_rows=True)
 def check_against_reference(q, k, v, seg_q, seg_k, allowed, **kw):
     """Forward and dq/dk/dv of the kernel vs fp64, within 2x the SDPA error in q's dtype."""
     dtype = q.dtype
+    seg_q, seg_k, allowed = (x.to(q.device) for x in (seg_q, seg_k, allowed))
     g = torch.Generator().manual_seed(123)
     do = torch.randn(q.shape, generator=g).to(device=q.device, dtype=dtype)
 
@@ -103,7 +102,7 @@ def check_against_reference(q, k, v, seg_q, seg_k, allowed, **kw):
     return kernel
 
 
-def qkv(B, H, Nq, Nk, D, dtype, seed=0, device=ON_CPU):
+def qkv(B, H, Nq, Nk, D, dtype, seed=0, device=DEV):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, Nq, D, generator=g)
     k = torch.randn(B, H, Nk, D, generator=g)
@@ -230,7 +229,7 @@ def test_random_segments_padding_empty_rows(dtype):
     # Nq != Nk, neither a multiple of the tiles; padding; a segment that sees nothing
     seg_q, seg_k, allowed = random_problem(2, 40, 72, S=6, seed=0)
     q, k, v = qkv(2, 2, 40, 72, 16, dtype)
-    out = check_against_reference(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16)[0]
+    out = check_against_reference(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16)[0].cpu()
     dead = ~ba.dense_mask(seg_q, seg_k, allowed).any(-1)  # (B, Nq) rows that see nothing
     assert dead.any() and (out.transpose(1, 2)[dead] == 0).all()
 
@@ -252,6 +251,8 @@ def test_all_64_segments():
 
 @pytest.mark.parametrize("block", [4, 16])
 def test_real_layout_scaled_down(block):
+    if DEV == "cuda" and block < 16:
+        pytest.skip("tl.dot needs tiles >= 16 on GPU")
     # The training layout's segment structure at 1/16 size, mixed n_ctx (so padded rows). With
     # block 4 the tiles align with the segments as 64-tiles do at full size (FULL/EMPTY only);
     # with block 16 they straddle segments (many PARTIAL tiles).
@@ -282,7 +283,7 @@ def test_strided_inputs_and_determinism():
     # (B, N, H, D) projections viewed as (B, H, N, D): strides differ from contiguous
     seg_q, seg_k, allowed = random_problem(1, 32, 32, S=4, seed=7)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 32, 2, 16, generator=g).transpose(1, 2) for _ in range(3))
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=g).to(DEV).transpose(1, 2) for _ in range(3))
     assert not q.is_contiguous()
     a = check_against_reference(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16)
     b = check_against_reference(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16)
@@ -290,7 +291,8 @@ def test_strided_inputs_and_determinism():
 
 
 def test_explicit_plan_and_empty_sequences():
-    seg_q, seg_k, allowed = random_problem(1, 16, 16, S=3, seed=8, empty_rows=False)
+    seg_q, seg_k, allowed = (x.to(DEV) for x in random_problem(1, 16, 16, S=3, seed=8,
+                                                               empty_rows=False))
     q, k, v = qkv(1, 1, 16, 16, 16, torch.float32)
     plan = ba.plan_block_attention(seg_q, seg_k, allowed, 16, 16)
     out = ba.block_attention(q, k, v, seg_q, seg_k, allowed, plan=plan)
@@ -305,7 +307,7 @@ def test_explicit_plan_and_empty_sequences():
 
 def test_bad_inputs_raise_clear_errors():
     seg, _, allowed = random_problem(1, 16, 16, S=3, seed=9)
-    q, k, v = qkv(1, 1, 16, 16, 16, torch.float32)
+    q, k, v = qkv(1, 1, 16, 16, 16, torch.float32, device="cpu")  # validation precedes launch
     call = ba.block_attention
     with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):
         call(q[0], k, v, seg, seg, allowed)
@@ -331,7 +333,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_attention_dispatch_uses_kernel():
     # model.attention's "triton" backend reaches this kernel with the same signature.
     attn = pytest.importorskip("model.attention")
-    seg_q, seg_k, allowed = random_problem(1, 16, 16, S=3, seed=10)
+    seg_q, seg_k, allowed = (x.to(DEV) for x in random_problem(1, 16, 16, S=3, seed=10))
     q, k, v = qkv(1, 1, 16, 16, 16, torch.float32)
     calls = []
 
@@ -359,13 +361,13 @@ def test_training_step_same_loss_and_gradients():
     V = 32
     cfg = dit.DiTConfig.from_name("debug", frames_per_chunk=SMALL_FPC, codebook_size=V)
     torch.manual_seed(0)
-    net = dit.DiT(cfg)
+    net = dit.DiT(cfg).to(DEV)
     with torch.no_grad():  # adaLN-Zero/zero heads would make every attention gradient exactly 0
         for p in net.parameters():
             if not p.any():
                 p.normal_(0, 0.05)
     g = torch.Generator().manual_seed(0)
-    windows = [torch.randint(0, V, (2, 3 * f), generator=g) for f in SMALL_FPC]
+    windows = [torch.randint(0, V, (2, 3 * f), generator=g).to(DEV) for f in SMALL_FPC]
     loss_fn = diffusion.MaskedDiffusion(diffusion.DiffusionConfig(context_dropout=0.0))
 
     def step(model, backend):

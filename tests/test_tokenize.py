@@ -102,6 +102,9 @@ def test_tokenise_folder_then_noop_rerun(tmp_path, debug_codec, debug_codec_dir,
     assert main(args) == 0
     assert mtimes(out) == before
     assert "tokenised 0 files" in capsys.readouterr().err
+    assert main([*args, "--retry-failed"]) == 0  # tries bad.wav again, still bad, still listed
+    assert "1 failed now" in capsys.readouterr().err
+    assert [f["path"] for f in shards.read_manifest(out)["failed"]] == ["bad.wav"]
 
     # Another val fraction re-splits without re-encoding; another piece length is refused.
     assert main([*base, "--val-fraction", "0.9"]) == 0
@@ -159,6 +162,8 @@ def test_refusals_and_empty_folder(tmp_path, capsys):
     (out / "manifest.json").write_text("{ truncated")
     assert main(["--audio", str(empty), "--out", str(out), "--codec", "debug"]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+    assert main(["--audio", str(empty), "--out", str(tmp_path / "t2"), "--device", "gpu"]) == 2
+    assert "not a device" in capsys.readouterr().err and not (tmp_path / "t2").exists()
 
 
 def test_out_of_memory_halves_the_batch(debug_codec, monkeypatch):

@@ -198,9 +198,19 @@ def _codec_info(codec: Codec, source: str) -> dict:
     return dict(fingerprint=codec.fingerprint, source=source, config=codec.config, geometry=geometry)
 
 
-def _load_codec(spec: str, device: str) -> tuple[Codec, str]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+def _resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise TokenizeError(f"--device {spec!r}: not a device (try auto, cpu, cuda, cuda:1)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TokenizeError(f"--device {spec}: no CUDA device is available here (use auto or cpu)")
+    return device
+
+
+def _load_codec(spec: str, device: torch.device) -> tuple[Codec, str]:
     try:
         if spec == "debug":
             return Codec.load(DEBUG_CODEC_CONFIG, device=device), "debug"
@@ -275,6 +285,7 @@ def tokenize(cfg: TokenizeConfig) -> Summary:
         raise TokenizeError("--val-fraction must lie in [0, 1)")
     if cfg.shard_seconds <= 0 or (cfg.piece_seconds is not None and cfg.piece_seconds <= 0):
         raise TokenizeError("--shard-seconds and --piece-seconds must be positive")
+    device = _resolve_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(out_dir):
         shards.remove_temp_files(out_dir)
@@ -284,7 +295,7 @@ def tokenize(cfg: TokenizeConfig) -> Summary:
                 old = shards.read_manifest(out_dir)
             except shards.ManifestError as e:
                 raise TokenizeError(f"refusing to continue: {e}") from e
-        codec, source = _load_codec(cfg.codec, cfg.device)
+        codec, source = _load_codec(cfg.codec, device)
         if codec.codebook_size > np.iinfo(shards.TOKEN_DTYPE).max + 1:
             raise TokenizeError(f"codebook of {codec.codebook_size} entries does not fit uint16 shards")
         manifest, dirty = _settle(old, cfg, codec, source)

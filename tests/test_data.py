@@ -75,6 +75,8 @@ def test_splits_are_disjoint_and_by_file(token_dir):
     assert names[0].isdisjoint(names[1]) and names[0] | names[1] == set(files)
     assert names[1], "the fixture should put some files in val"
     assert len(train) + len(val) == len(TokenWindows(out, "all", n_ctx=0))
+    info = val.describe()
+    assert info["split"] == "val" and info["files"] == len(names[1]) and info["windows"] == len(val)
     # The split is a pure function of the path, at about the requested rate.
     paths = [f"x/{i}.wav" for i in range(4000)]
     share = np.mean([shards.split_of(p, 0.1) == "val" for p in paths])

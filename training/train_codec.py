@@ -17,23 +17,35 @@ SIGINT / SIGTERM finish the current step, save a checkpoint and exit (130 / 143)
 
 from __future__ import annotations
 
-import argparse
-import functools
-import json
-import signal
+import os
 import sys
-import threading
-import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # `python training/train_codec.py`: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):
+    # `python training/train_codec.py` puts training/ first on sys.path, where training/tokenize.py
+    # would shadow the stdlib `tokenize` (imported by torch via linecache). Swap it for the repo
+    # root before importing anything else.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from training.codec_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from training.codec_checkpoint import (  # noqa: E402
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from training.codec_config import (  # noqa: E402
     CodecTrainConfig,
     curriculum_stage,
@@ -109,6 +121,7 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
     trainer = CodecTrainer(cfg, ckpt["model_config"] if ckpt else None)
     if ckpt:
         trainer.load_state_dict(ckpt)
+        set_rng_state(ckpt["rng"])  # after model init, which drew from the same generators
     (out / "config.json").write_text(json.dumps(
         {"train": to_dict(cfg), "model": trainer.model_config}, indent=2))
     print(f"codec: {count_params(trainer.model) / 1e6:.2f} M params "
@@ -120,7 +133,10 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
     dataset, val_segments = prepare_data(cfg, trainer.sample_rate, pad)
     loader = DataLoader(dataset, batch_size=None, sampler=StepSampler(trainer.step, cfg.steps),
                         num_workers=cfg.num_workers, pin_memory=trainer.device.type == "cuda",
-                        prefetch_factor=4 if cfg.num_workers else None)
+                        prefetch_factor=4 if cfg.num_workers else None,
+                        # Its own generator: iterator creation draws a worker seed, and from
+                        # the global RNG that draw would shift the NoiseBlocks' stream on resume.
+                        generator=torch.Generator().manual_seed(cfg.seed))
     ckpt_dir = out / "checkpoints"
 
     def checkpoint():

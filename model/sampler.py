@@ -2,11 +2,11 @@
 
 1. The context runs once; its keys/values are cached per layer (`StagedDenoiser`).
 2. Level l starts fully masked; each of `steps[l]` iterations predicts the masked tokens
-   (queries: this level's noised segment; keys: cache + itself), samples candidates (classifier-
-   free guidance on the context, temperature, top-p), and commits the most confident ones so
-   that the masked fraction follows the level's schedule gamma_l (confidence = model log-prob +
-   Gumbel noise annealed with the schedule). Then the finished level runs once as a clean
-   segment and its keys/values are appended to the cache.
+   (queries: this level's noised segment; keys: cache + itself), applies classifier-free
+   guidance on the context, ranks the masked positions by confidence (the top log-prob + Gumbel
+   noise annealed with the schedule), and samples (temperature, top-p) and commits the most
+   confident ones so that the masked fraction follows the level's schedule gamma_l. Then the
+   finished level runs once as a clean segment and its keys/values are appended to the cache.
 3. The segment ids and `allowed` table are the training layout's, so every cached pass computes
    exactly what a full recompute with the training layout computes (tested).
 
@@ -17,7 +17,9 @@ Reproducibility: each request owns torch.Generators seeded from (seed, chunk, le
 only its own row's noise, so its output does not depend on its batch mates (up to floating-point
 differences of batched matmuls, which do not move sampled tokens in practice).
 Static shapes: every index, step schedule and commit count is prepared on the host before the
-step loop; the loop itself only launches device work (no `.item()`, no host sync).
+step loop, so shapes depend on the requests' parameters only, never on data (the number of
+positions sampled per step, k, follows the plan); the loop itself only launches device work
+(no `.item()`, no host sync).
 """
 
 from __future__ import annotations

@@ -1,0 +1,105 @@
+"""Observability for training: JSONL metrics, optional TensorBoard, throughput and MFU.
+
+MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s, with the PaLM-style count
+per trained token (forward + backward = 3x forward):
+
+    6 * N_params  +  12 * n_layers * d_model * N_seq
+
+The attention term assumes every query sees the whole sequence; the segment mask lets a query
+see only part of it, so this overstates the attention work a little (and matches how MFU is
+usually quoted). Peak is the dense bf16 tensor-core figure of the device.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (no 2:4 sparsity) bf16 peak TFLOP/s per device, by a substring of the device name.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,  # unmarked names are SXM boards in practice
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "4090": 165.0,
+}
+
+
+def peak_flops(device: torch.device, configured_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s per device: the configured figure, a table guess on CUDA, None on CPU."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: float) -> float:
+    """Training FLOPs per token (forward + backward); see the module docstring."""
+    return 6.0 * n_params + 12.0 * n_layers * d_model * seq_len
+
+
+class Throughput:
+    """Tokens/s and MFU over a window of steps (reset at each log)."""
+
+    def __init__(self, flops_per_token_fn, peak: float | None, world_size: int = 1):
+        self.fpt, self.peak, self.world = flops_per_token_fn, peak, world_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.tokens, self.flops = time.perf_counter(), 0, 0.0
+
+    def add(self, tokens: int, seq_len: float) -> None:
+        self.tokens += tokens
+        self.flops += tokens * self.fpt(seq_len)
+
+    def read(self) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        tps = self.tokens / dt  # this rank's tokens/s
+        out = {"tokens_per_s": tps * self.world}
+        # MFU is per device: this rank's FLOP/s over one device's peak.
+        out["mfu"] = (self.flops / dt) / self.peak if self.peak else None
+        return out
+
+
+class MetricsLog:
+    """Appends one JSON object per line to {run_dir}/metrics.jsonl (+ TensorBoard scalars)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self.file = self.path.open("a", buffering=1)  # line-buffered: a crash loses no lines
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError(
+                    "log.tensorboard = true needs the tensorboard package: "
+                    "pip install 'snac-dit[tensorboard]' (or pip install tensorboard)"
+                ) from e
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        row = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
+        self.file.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()

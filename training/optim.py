@@ -1,0 +1,123 @@
+"""Optimizer pieces: AdamW param groups, warmup + cosine LR, weight EMA, RNG state capture.
+
+Everything here is plain state that round-trips through a checkpoint exactly (the resume test
+compares parameters bit for bit).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; decay on matrices only (norm gains, biases and 1-d tables keep their scale)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Embedding tables are 2-d but decaying them shrinks rarely seen tokens toward zero.
+        is_embedding = "emb" in name.split(".")[-2] if "." in name else False
+        (decay if p.ndim >= 2 and not is_embedding else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # Fused AdamW: one kernel per step on CUDA. On CPU the foreach path is the tested default.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused,
+        foreach=None if fused else True,
+    )
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    # LambdaLR multiplies the group's initial lr; the lambda is a pure function of the step, so
+    # the scheduler's state is just its step counter.
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, total_steps) / cfg.lr)
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers (fp32)."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        # Ramp (1+n)/(10+n): early on the average forgets the random init quickly.
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        self.num_updates += 1
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if v.dtype.is_floating_point:
+                s.lerp_(v.detach().float(), 1.0 - d)
+            else:
+                s.copy_(v)
+
+    def state_dict(self) -> dict:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict, num_updates: int) -> None:
+        missing = set(self.shadow) ^ set(state)
+        if missing:
+            raise KeyError(f"EMA state does not match the model: {sorted(missing)[:5]}")
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+        self.num_updates = num_updates
+
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict({k: v.to(p.dtype) for (k, v), p in
+                               zip(self.shadow.items(), model.state_dict().values(), strict=True)})
+
+
+# ----------------------------------------------------------------------------- RNG states
+def capture_rng() -> dict:
+    """All RNG states a training step may touch, as weights_only-loadable types."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    # torch.load gives lists where random.getstate() had tuples.
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too

@@ -1,0 +1,341 @@
+"""The training loop: build everything from a TrainConfig, train through the curriculum, resume.
+
+One optimizer step = `optim.grad_accum` micro-batches of `data.batch_size` windows per rank. The
+n_ctx of each row is drawn by the data sampler from the current stage's weights (batches mix
+n_ctx; rows are left-padded, the layout pads sequences). Every random choice of a step (context
+dropout, t, masks) comes from a generator seeded by (seed, step, micro-batch, rank), and the data
+order is a pure function of the sampler position, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from model.diffusion import DiffusionConfig, MaskedDiffusion
+from model.dit import DiT, DiTConfig
+from training import checkpoint as ckpt_io
+from training import distributed as D
+from training.config import TrainConfig
+from training.curriculum import N_CTX_VALUES, stage_at, stage_sampler
+from training.data import TokenWindows, collate_windows
+from training.evaluate import Evaluator
+from training.observe import MetricsLog, Throughput, flops_per_token, peak_flops
+from training.optim import (
+    EMA,
+    build_optimizer,
+    build_scheduler,
+    capture_rng,
+    restore_rng,
+    seed_everything,
+)
+from training.shards import ManifestError, read_manifest
+
+
+class DataMissingError(RuntimeError):
+    """The token directory is absent or unreadable; train.py turns this into exit status 2."""
+
+
+def _step_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def _worker_init(_):
+    # Ctrl-C reaches the whole process group; workers must not die before the trainer has
+    # finished its step and saved (the trainer handles SIGINT itself).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class LossModule(nn.Module):
+    """DiT + diffusion process as one module, so DDP sees every parameter use in its forward."""
+
+    def __init__(self, dit: DiT, diffusion: MaskedDiffusion):
+        super().__init__()
+        self.dit, self.diffusion = dit, diffusion
+
+    def forward(self, windows, n_ctx, generator):
+        return self.diffusion.loss(self.dit, windows, n_ctx=n_ctx, generator=generator)
+
+
+def sequence_tokens(n_ctx: int, frames_per_chunk) -> int:
+    """Tokens in one row's layout: context chunks + clean target (all but finest) + noised target."""
+    per_chunk = sum(frames_per_chunk)
+    return n_ctx * per_chunk + (per_chunk - frames_per_chunk[-1]) + per_chunk
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: D.DistEnv | None = None):
+        self.cfg = cfg
+        self.env = env or D.DistEnv()
+        self.device = self.env.device
+        self.run_dir = cfg.run_dir
+        self.stop_signal: int | None = None
+
+        try:
+            self.manifest = read_manifest(cfg.data.tokens)
+        except ManifestError as e:
+            raise DataMissingError(str(e)) from e
+        self.train_set = TokenWindows(cfg.data.tokens, "train", n_ctx=N_CTX_VALUES)
+        if len(self.train_set) == 0:
+            raise DataMissingError(
+                f"{cfg.data.tokens} has no training windows (files shorter than one 6.144 s chunk, "
+                "or every file in the val split); tokenise more audio"
+            )
+
+        # Model geometry comes from the tokens; the preset and overrides set the trunk.
+        geo = self.manifest["codec"]["geometry"]
+        overrides = {k: v for k, v in cfg.model.items() if k != "preset"}
+        from_tokens = dict(
+            n_levels=len(geo["strides"]), codebook_size=int(geo["codebook_size"]),
+            frames_per_chunk=tuple(geo["frames_per_chunk"]), strides=tuple(geo["strides"]),
+        )
+        for k, v in from_tokens.items():
+            if k in overrides and tuple(np.atleast_1d(overrides[k])) != tuple(np.atleast_1d(v)):
+                raise ValueError(f"model.{k} = {overrides[k]} contradicts the tokens ({v})")
+        self.model_cfg = DiTConfig.from_name(cfg.model["preset"], **{**overrides, **from_tokens})
+        self.diff_cfg = DiffusionConfig.from_dict(cfg.diffusion)
+
+        seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+        self.dit = DiT(self.model_cfg).to(self.device)
+        self.n_params = self.dit.num_params()
+        self.ema = EMA(self.dit, cfg.optim.ema_decay, cfg.optim.ema_warmup)
+        module = LossModule(self.dit, MaskedDiffusion(self.diff_cfg))
+        if cfg.compile:
+            self.dit.compile()
+        self.model = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda"
+                         else None) if self.env.enabled else module
+        self.opt = build_optimizer(self.dit, cfg.optim, self.device)
+        self.sched = build_scheduler(self.opt, cfg.optim, cfg.total_steps)
+        self.autocast = (
+            functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda" and cfg.dtype == "bf16" else contextlib.nullcontext
+        )
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        self.step = 0
+        self.data_state: dict | None = None  # sampler position after the last trained batch
+        self.data_stage: int | None = None  # curriculum stage the data state belongs to
+        self._loader_stage: int | None = None
+        self._batches = None
+        self.gen = torch.Generator(self.device)  # reseeded per micro-batch (stateless draws)
+
+        self.evaluator = Evaluator(cfg, self.manifest, self.model_cfg, self.diff_cfg, self.device,
+                                   self.autocast) if self.env.is_main else None
+        self.log = MetricsLog(self.run_dir, cfg.log.tensorboard) if self.env.is_main else None
+        peak = peak_flops(self.device, cfg.log.peak_tflops)
+        fpt = functools.partial(flops_per_token, self.n_params, self.model_cfg.n_layers,
+                                self.model_cfg.d_model)
+        self.meter = Throughput(lambda seq: fpt(seq_len=seq), peak, self.env.world_size)
+
+    # ------------------------------------------------------------------ data
+    def _open_loader(self, stage_idx: int, state: dict | None) -> None:
+        cfg = self.cfg
+        sampler = stage_sampler(self.train_set, cfg.curriculum.stages, stage_idx,
+                                cfg.data.batch_size, cfg.seed, self.env.rank,
+                                self.env.world_size, state)
+        self._batches = None  # drop the old iterator (and its workers) first
+        self.loader = DataLoader(
+            self.train_set, batch_sampler=sampler,
+            # The layout never reads the left padding of short-context rows; 0 keeps the ids
+            # valid for the diffusion's input check.
+            collate_fn=functools.partial(collate_windows, pad_id=0),
+            num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init if cfg.data.num_workers else None,
+            # Own generator: creating an iterator must not consume the global torch RNG.
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        self._loader_stage = stage_idx
+
+    def _next_batch(self) -> dict:
+        for _ in range(2):
+            if self._batches is None:
+                self._batches = iter(self.loader)
+            try:
+                return next(self._batches)
+            except StopIteration:  # end of an epoch: the sampler has moved to the next one
+                self._batches = None
+        raise RuntimeError("the data loader yields no batches")
+
+    # ------------------------------------------------------------------ checkpoints
+    def config_record(self) -> dict:
+        return dict(train=self.cfg.to_dict(), model=self.model_cfg.to_dict(),
+                    diffusion=self.diff_cfg.to_dict(), codec=self.manifest["codec"],
+                    n_params=self.n_params)
+
+    def save(self) -> None:
+        rngs = D.gather_objects(self.env, capture_rng())
+        if self.env.is_main:
+            state = dict(
+                step=self.step, optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                ema_updates=self.ema.num_updates, rng=rngs, world_size=self.env.world_size,
+                data=dict(stage=self.data_stage, state=self.data_state),
+            )
+            path = ckpt_io.save_checkpoint(
+                self.run_dir, self.step, self.dit.state_dict(), self.ema.state_dict(),
+                self.config_record(), state, self.cfg.ckpt.keep,
+            )
+            self._print(f"saved {path}")
+        D.barrier(self.env)
+
+    def load(self, path) -> None:
+        ck = ckpt_io.load_checkpoint(path, map_location="cpu")
+        try:
+            self.dit.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise ValueError(f"{ck['path']} does not fit this model config: {e}") from e
+        self.ema.load_state_dict(ck["ema"], ck["trainer"]["ema_updates"])
+        tr = ck["trainer"]
+        self.opt.load_state_dict(tr["optimizer"])
+        self.sched.load_state_dict(tr["scheduler"])
+        self.step = int(tr["step"])
+        self.data_stage, self.data_state = tr["data"]["stage"], tr["data"]["state"]
+        if tr["world_size"] != self.env.world_size:
+            self._print(f"warning: checkpoint was written by {tr['world_size']} ranks, resuming "
+                        f"with {self.env.world_size}: data order and RNG streams differ from an "
+                        "uninterrupted run")
+        rngs = tr["rng"]
+        restore_rng(rngs[self.env.rank] if self.env.rank < len(rngs) else rngs[0])
+        self._print(f"resumed from {ck['path']} at step {self.step}")
+
+    # ------------------------------------------------------------------ loop
+    def _print(self, msg: str) -> None:
+        if self.env.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, no checkpoint
+        self.stop_signal = signum
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its named terms as detached tensors (no host sync)."""
+        cfg = self.cfg
+        stage_idx, _ = stage_at(cfg.curriculum.stages, self.step)
+        if self._loader_stage != stage_idx:
+            resume = self.data_state if self.data_stage == stage_idx else None
+            self._open_loader(stage_idx, resume)
+        accum = cfg.optim.grad_accum
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            batch = self._next_batch()
+            windows = [t.to(self.device, non_blocking=True) for t in batch["tokens"]]
+            n_ctx = batch["n_ctx"].tolist()
+            self.gen.manual_seed(_step_seed(cfg.seed, self.step, micro, self.env.rank))
+            sync = micro == accum - 1 or not self.env.enabled
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with self.autocast():
+                    terms = self.model(windows, n_ctx, self.gen)
+                (terms["loss"] / accum).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+            seq = sequence_tokens(max(n_ctx), self.model_cfg.frames_per_chunk)
+            tokens = sum(sequence_tokens(n, self.model_cfg.frames_per_chunk) for n in n_ctx)
+            self.meter.add(tokens, seq)
+            self.data_state, self.data_stage = batch["data_state"], stage_idx
+        clip = cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.dit.parameters(), clip if clip > 0 else math.inf)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.dit)
+        self.step += 1
+        sums["grad_norm"] = norm.detach().float()
+        return sums
+
+    def fit(self) -> int:
+        """Train to the end of the curriculum (or a signal); returns the process exit status."""
+        cfg, total = self.cfg, self.cfg.total_steps
+        end = min(total, cfg.stop_at) if cfg.stop_at else total
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(self.cfg.to_json())
+            self._print(f"run {self.run_dir}: {self.n_params / 1e6:.2f} M params, {total} steps, "
+                        f"{self.env.world_size} rank(s) on {self.device}, train windows "
+                        f"{self.train_set.describe()['windows_per_n_ctx']}")
+        bar = None
+        if self.env.is_main and cfg.log.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=end, initial=self.step, desc=cfg.name, dynamic_ncols=True,
+                       file=sys.stderr)
+        window: dict[str, torch.Tensor] = {}
+        n_window = 0
+        self.meter.reset()
+        try:
+            while self.step < end:
+                terms = self.train_step()
+                for k, v in terms.items():
+                    window[k] = window.get(k, 0.0) + v
+                n_window += 1
+                done = self.step >= end
+                if self.step % cfg.log.every == 0 or done:
+                    self._log_train(window, n_window, bar)
+                    window, n_window = {}, 0
+                if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == total):
+                    self.evaluate()
+                stop = D.any_flag(self.env, self.stop_signal is not None)
+                if stop or done or self.step % cfg.ckpt.every == 0:
+                    self.save()
+                if stop:
+                    name = signal.Signals(self.stop_signal or signal.SIGTERM).name
+                    self._print(f"{name}: stopped after step {self.step}, checkpoint saved; "
+                                "continue with --resume")
+                    return 130 if self.stop_signal == signal.SIGINT else 0
+            return 0
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            if bar is not None:
+                bar.close()
+            if self.log is not None:
+                self.log.close()
+
+    def _log_train(self, window: dict, n: int, bar) -> None:
+        names = sorted(window)
+        vec = torch.stack([torch.as_tensor(window[k], device=self.device) / n for k in names])
+        vec = D.mean_across(self.env, vec).tolist()  # the one host sync per log interval
+        values = dict(zip(names, vec, strict=True))
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"loss is {values['loss']} at step {self.step}; stopping "
+                                     "(lower optim.lr, or resume from an earlier checkpoint)")
+        rate = self.meter.read()
+        self.meter.reset()
+        stage_idx, stage = stage_at(self.cfg.curriculum.stages, self.step - 1)
+        values.update(lr=self.sched.get_last_lr()[0], stage=stage.name, **rate)
+        if self.log is not None:
+            self.log.write(self.step, "train", values)
+        mfu = f"{100 * rate['mfu']:.1f}%" if rate["mfu"] is not None else "n/a"
+        summary = dict(loss=f"{values['loss']:.3f}", tok_s=f"{rate['tokens_per_s']:.0f}", mfu=mfu,
+                       stage=stage.name)
+        if bar is not None:
+            bar.set_postfix(summary, refresh=False)
+            bar.update(self.step - bar.n)
+        elif self.env.is_main:
+            self._print(f"step {self.step}/{self.cfg.total_steps} " +
+                        " ".join(f"{k}={v}" for k, v in summary.items()))
+
+    def evaluate(self) -> dict | None:
+        result = None
+        if self.evaluator is not None:
+            t0 = time.perf_counter()
+            weights = self.ema.state_dict() if self.cfg.eval.use_ema else self.dit.state_dict()
+            result = self.evaluator.run(weights, self.step, self.run_dir)
+            if result:
+                result["eval_seconds"] = round(time.perf_counter() - t0, 3)
+                self.log.write(self.step, "eval", result)
+        D.barrier(self.env)
+        self.meter.reset()  # evaluation time is not training throughput
+        return result

@@ -18,8 +18,23 @@ from clients.errors import (
 from clients.wav import decode_wav, encode_wav
 
 __all__ = [
-    "AsyncClient", "Chunk", "Client", "Result", "join_chunks", "decode_wav", "encode_wav",
-    "ApiError", "BadRequest", "ConnectionFailed", "InvalidParameter", "Overloaded",
-    "PayloadTooLarge", "ServerError", "SnacDitError", "StreamError", "Unauthorized",
-    "Unavailable", "UnsupportedMediaType",
+    "AsyncClient",
+    "Chunk",
+    "Client",
+    "Result",
+    "join_chunks",
+    "decode_wav",
+    "encode_wav",
+    "ApiError",
+    "BadRequest",
+    "ConnectionFailed",
+    "InvalidParameter",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ServerError",
+    "SnacDitError",
+    "StreamError",
+    "Unauthorized",
+    "Unavailable",
+    "UnsupportedMediaType",
 ]

@@ -34,11 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", help=per_level)
     gen.add_argument("--guidance", help=per_level)
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--include-input", action="store_true",
-                     help="write the input followed by the continuation")
+    gen.add_argument(
+        "--include-input", action="store_true", help="write the input followed by the continuation"
+    )
 
-    ap = argparse.ArgumentParser(prog="python -m clients", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m clients",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("continue", parents=[common, gen], help="continue a clip by 6.144 s")
     ext = sub.add_parser("extend", parents=[common, gen], help="continue by N chained chunks")
@@ -49,8 +53,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _params(args) -> dict:
-    return dict(steps=args.steps, temperature=args.temperature, top_p=args.top_p,
-                guidance=args.guidance, seed=args.seed, include_input=args.include_input)
+    return dict(
+        steps=args.steps,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        guidance=args.guidance,
+        seed=args.seed,
+        include_input=args.include_input,
+    )
 
 
 def _run(args) -> None:
@@ -78,8 +88,11 @@ def _run(args) -> None:
             r.save(args.output)
             audio, rate, seed = r.audio, r.sample_rate, r.seed
             ran = " ".join(f"{k}={v}" for k, v in r.params.items())
-        print(f"wrote {args.output}: {len(audio) / rate:.3f} s at {rate} Hz, seed={seed} {ran}"
-              f" ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        print(
+            f"wrote {args.output}: {len(audio) / rate:.3f} s at {rate} Hz, seed={seed} {ran}"
+            f" ({time.perf_counter() - start:.1f} s)",
+            file=sys.stderr,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,11 @@
 """`Client` and `AsyncClient` for the snac-dit server (httpx + numpy only).
 
-    from clients import Client
-    with Client("http://127.0.0.1:8000") as c:
-        r = c.continue_("song.wav", steps="16,12,8,8", seed=7)
-        r.save("next.wav")
-        for chunk in c.extend_stream("song.wav", chunks=5):
-            play(chunk.audio, chunk.sample_rate)
+from clients import Client
+with Client("http://127.0.0.1:8000") as c:
+    r = c.continue_("song.wav", steps="16,12,8,8", seed=7)
+    r.save("next.wav")
+    for chunk in c.extend_stream("song.wav", chunks=5):
+        play(chunk.audio, chunk.sample_rate)
 """
 
 from __future__ import annotations
@@ -64,10 +64,14 @@ def _per_level(v: PerLevel) -> str | None:
 
 
 def _query(steps, temperature, top_p, guidance, seed, include_input, **more) -> dict[str, str]:
-    q = {"steps": _per_level(steps), "temperature": _per_level(temperature),
-         "top_p": _per_level(top_p), "guidance": _per_level(guidance),
-         "seed": None if seed is None else str(int(seed)),
-         "include_input": "true" if include_input else None}
+    q = {
+        "steps": _per_level(steps),
+        "temperature": _per_level(temperature),
+        "top_p": _per_level(top_p),
+        "guidance": _per_level(guidance),
+        "seed": None if seed is None else str(int(seed)),
+        "include_input": "true" if include_input else None,
+    }
     q.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in more.items()})
     return {k: v for k, v in q.items() if v is not None}
 
@@ -89,8 +93,12 @@ def _check(resp: httpx.Response) -> None:
         raise error_for(resp.status_code, resp.content, resp.headers.get("retry-after"))
 
 
-_PARAM_HEADERS = {"steps": "x-steps", "temperature": "x-temperature", "top_p": "x-top-p",
-                  "guidance": "x-guidance"}
+_PARAM_HEADERS = {
+    "steps": "x-steps",
+    "temperature": "x-temperature",
+    "top_p": "x-top-p",
+    "guidance": "x-guidance",
+}
 
 
 def _result(resp: httpx.Response) -> Result:
@@ -98,7 +106,10 @@ def _result(resp: httpx.Response) -> Result:
     audio, rate = decode_wav(resp.content)
     h = resp.headers
     return Result(
-        wav=resp.content, audio=audio, sample_rate=rate, seed=int(h["x-seed"]),
+        wav=resp.content,
+        audio=audio,
+        sample_rate=rate,
+        seed=int(h["x-seed"]),
         params={k: h[name] for k, name in _PARAM_HEADERS.items() if name in h},
         input_samples=int(h["x-input-samples"]) if "x-input-samples" in h else None,
     )
@@ -114,8 +125,13 @@ def _chunk(line: str, seed: int) -> Chunk | None:
         return None
     wav = base64.b64decode(msg["audio"])
     audio, rate = decode_wav(wav)
-    return Chunk(index=-1 if event == "input" else int(msg["index"]), wav=wav, audio=audio,
-                 sample_rate=rate, seed=seed)
+    return Chunk(
+        index=-1 if event == "input" else int(msg["index"]),
+        wav=wav,
+        audio=audio,
+        sample_rate=rate,
+        seed=seed,
+    )
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -130,10 +146,16 @@ def join_chunks(chunks: Sequence[Chunk]) -> tuple[np.ndarray, int]:
 
 
 class Client:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, transport=None):
-        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout,
-                                  transport=transport)
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        transport=None,
+    ):
+        self._http = httpx.Client(
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -163,32 +185,60 @@ class Client:
         _check(r)
         return r.json()
 
-    def continue_(self, audio: AudioInput, *, sample_rate: int | None = None,
-                  steps: PerLevel = None, temperature: PerLevel = None, top_p: PerLevel = None,
-                  guidance: PerLevel = None, seed: int | None = None,
-                  include_input: bool = False) -> Result:
+    def continue_(
+        self,
+        audio: AudioInput,
+        *,
+        sample_rate: int | None = None,
+        steps: PerLevel = None,
+        temperature: PerLevel = None,
+        top_p: PerLevel = None,
+        guidance: PerLevel = None,
+        seed: int | None = None,
+        include_input: bool = False,
+    ) -> Result:
         """6.144 s continuing `audio` (a path, file bytes, or a float array with sample_rate)."""
         q = _query(steps, temperature, top_p, guidance, seed, include_input)
         return _result(self._send("POST", "/continue", params=q, files=_files(audio, sample_rate)))
 
-    def extend(self, audio: AudioInput, chunks: int, *, sample_rate: int | None = None,
-               steps: PerLevel = None, temperature: PerLevel = None, top_p: PerLevel = None,
-               guidance: PerLevel = None, seed: int | None = None,
-               include_input: bool = False) -> Result:
+    def extend(
+        self,
+        audio: AudioInput,
+        chunks: int,
+        *,
+        sample_rate: int | None = None,
+        steps: PerLevel = None,
+        temperature: PerLevel = None,
+        top_p: PerLevel = None,
+        guidance: PerLevel = None,
+        seed: int | None = None,
+        include_input: bool = False,
+    ) -> Result:
         """`chunks` chained continuations as one WAV."""
         q = _query(steps, temperature, top_p, guidance, seed, include_input, chunks=chunks)
         return _result(self._send("POST", "/extend", params=q, files=_files(audio, sample_rate)))
 
-    def extend_stream(self, audio: AudioInput, chunks: int, *, sample_rate: int | None = None,
-                      steps: PerLevel = None, temperature: PerLevel = None,
-                      top_p: PerLevel = None, guidance: PerLevel = None, seed: int | None = None,
-                      include_input: bool = False) -> Iterator[Chunk]:
+    def extend_stream(
+        self,
+        audio: AudioInput,
+        chunks: int,
+        *,
+        sample_rate: int | None = None,
+        steps: PerLevel = None,
+        temperature: PerLevel = None,
+        top_p: PerLevel = None,
+        guidance: PerLevel = None,
+        seed: int | None = None,
+        include_input: bool = False,
+    ) -> Iterator[Chunk]:
         """Yield each chunk as soon as the server has generated it."""
-        q = _query(steps, temperature, top_p, guidance, seed, include_input, chunks=chunks,
-                   stream=True)
+        q = _query(
+            steps, temperature, top_p, guidance, seed, include_input, chunks=chunks, stream=True
+        )
         try:
-            with self._http.stream("POST", "/extend", params=q,
-                                   files=_files(audio, sample_rate)) as resp:
+            with self._http.stream(
+                "POST", "/extend", params=q, files=_files(audio, sample_rate)
+            ) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     _check(resp)
@@ -207,10 +257,16 @@ class Client:
 class AsyncClient:
     """The same API as `Client`, awaitable (`extend_stream` is an async iterator)."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, transport=None):
-        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key),
-                                       timeout=timeout, transport=transport)
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        transport=None,
+    ):
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -240,32 +296,59 @@ class AsyncClient:
         _check(r)
         return r.json()
 
-    async def continue_(self, audio: AudioInput, *, sample_rate: int | None = None,
-                        steps: PerLevel = None, temperature: PerLevel = None,
-                        top_p: PerLevel = None, guidance: PerLevel = None,
-                        seed: int | None = None, include_input: bool = False) -> Result:
+    async def continue_(
+        self,
+        audio: AudioInput,
+        *,
+        sample_rate: int | None = None,
+        steps: PerLevel = None,
+        temperature: PerLevel = None,
+        top_p: PerLevel = None,
+        guidance: PerLevel = None,
+        seed: int | None = None,
+        include_input: bool = False,
+    ) -> Result:
         q = _query(steps, temperature, top_p, guidance, seed, include_input)
         r = await self._send("POST", "/continue", params=q, files=_files(audio, sample_rate))
         return _result(r)
 
-    async def extend(self, audio: AudioInput, chunks: int, *, sample_rate: int | None = None,
-                     steps: PerLevel = None, temperature: PerLevel = None,
-                     top_p: PerLevel = None, guidance: PerLevel = None,
-                     seed: int | None = None, include_input: bool = False) -> Result:
+    async def extend(
+        self,
+        audio: AudioInput,
+        chunks: int,
+        *,
+        sample_rate: int | None = None,
+        steps: PerLevel = None,
+        temperature: PerLevel = None,
+        top_p: PerLevel = None,
+        guidance: PerLevel = None,
+        seed: int | None = None,
+        include_input: bool = False,
+    ) -> Result:
         q = _query(steps, temperature, top_p, guidance, seed, include_input, chunks=chunks)
         r = await self._send("POST", "/extend", params=q, files=_files(audio, sample_rate))
         return _result(r)
 
-    async def extend_stream(self, audio: AudioInput, chunks: int, *,
-                            sample_rate: int | None = None, steps: PerLevel = None,
-                            temperature: PerLevel = None, top_p: PerLevel = None,
-                            guidance: PerLevel = None, seed: int | None = None,
-                            include_input: bool = False) -> AsyncIterator[Chunk]:
-        q = _query(steps, temperature, top_p, guidance, seed, include_input, chunks=chunks,
-                   stream=True)
+    async def extend_stream(
+        self,
+        audio: AudioInput,
+        chunks: int,
+        *,
+        sample_rate: int | None = None,
+        steps: PerLevel = None,
+        temperature: PerLevel = None,
+        top_p: PerLevel = None,
+        guidance: PerLevel = None,
+        seed: int | None = None,
+        include_input: bool = False,
+    ) -> AsyncIterator[Chunk]:
+        q = _query(
+            steps, temperature, top_p, guidance, seed, include_input, chunks=chunks, stream=True
+        )
         try:
-            async with self._http.stream("POST", "/extend", params=q,
-                                         files=_files(audio, sample_rate)) as resp:
+            async with self._http.stream(
+                "POST", "/extend", params=q, files=_files(audio, sample_rate)
+            ) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
                     _check(resp)

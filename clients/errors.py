@@ -14,7 +14,9 @@ class ConnectionFailed(SnacDitError):
 class ApiError(SnacDitError):
     """The server answered with an error: `status`, machine-readable `code`, human `detail`."""
 
-    def __init__(self, status: int | None, code: str, detail: str, retry_after: float | None = None):
+    def __init__(
+        self, status: int | None, code: str, detail: str, retry_after: float | None = None
+    ):
         super().__init__(f"{status or 'stream'} {code}: {detail}")
         self.status, self.code, self.detail, self.retry_after = status, code, detail, retry_after
 
@@ -55,8 +57,15 @@ class StreamError(ApiError):
     """An error reported inside an /extend stream, after some chunks had arrived."""
 
 
-_BY_STATUS = {400: BadRequest, 401: Unauthorized, 413: PayloadTooLarge, 415: UnsupportedMediaType,
-              422: InvalidParameter, 429: Overloaded, 503: Unavailable}
+_BY_STATUS = {
+    400: BadRequest,
+    401: Unauthorized,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    422: InvalidParameter,
+    429: Overloaded,
+    503: Unavailable,
+}
 
 
 def error_for(status: int, body: bytes, retry_after: str | None) -> ApiError:

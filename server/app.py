@@ -42,8 +42,8 @@ def load_engine(settings: Settings):
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        log.warning("no GPU: serving on CPU, continuations will be slow")
+        if device == "cpu":
+            log.warning("no GPU: serving on CPU, continuations will be slow")
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     return ContinuationEngine.load(settings.weights, settings.codec, device=device, dtype=dtype)
 
@@ -51,7 +51,9 @@ def load_engine(settings: Settings):
 def _defaults(engine, settings: Settings):
     defaults = engine.default_params
     if settings.default_steps:
-        steps = per_level("SNAC_DIT_DEFAULT_STEPS", settings.default_steps, engine.codec.n_levels, int)
+        steps = per_level(
+            "SNAC_DIT_DEFAULT_STEPS", settings.default_steps, engine.codec.n_levels, int
+        )
         defaults = dataclasses.replace(defaults, steps=steps)
     return defaults.validated(engine.codec.n_levels)
 
@@ -77,8 +79,9 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
         eng = engine if engine is not None else await asyncio.to_thread(load_engine, settings)
         service.engine = eng
         service.defaults = _defaults(eng, settings)
-        service.batcher = Batcher(eng, metrics, settings.max_batch, settings.max_wait_ms,
-                                  settings.max_queue)
+        service.batcher = Batcher(
+            eng, metrics, settings.max_batch, settings.max_wait_ms, settings.max_queue
+        )
         service.batcher.start()
         if settings.warmup:
             await service.batcher.run_on_engine(_warmup, eng, service.defaults)
@@ -106,8 +109,13 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
-            expose_headers=[*PARAM_HEADERS, "X-Sample-Rate", "X-Input-Samples", "X-Chunks",
-                            "Retry-After"],
+            expose_headers=[
+                *PARAM_HEADERS,
+                "X-Sample-Rate",
+                "X-Input-Samples",
+                "X-Chunks",
+                "Retry-After",
+            ],
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

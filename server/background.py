@@ -1,7 +1,7 @@
 """Run an app under uvicorn on a background thread: for notebooks, scripts and tests.
 
-    with serve_in_background(create_app(settings)) as url:
-        Client(url).continue_("song.wav")
+with serve_in_background(create_app(settings)) as url:
+    Client(url).continue_("song.wav")
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import uvicorn
 
 
 @contextmanager
-def serve_in_background(app, host: str = "127.0.0.1", port: int = 0,
-                        startup_timeout: float = 120.0) -> Iterator[str]:
+def serve_in_background(
+    app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 120.0
+) -> Iterator[str]:
     """Serve `app` until the block exits; yields its base URL. port=0 picks a free port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

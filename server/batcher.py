@@ -53,13 +53,16 @@ class ExtendJob:
 
 def _engine_fault(kind: str, exc: BaseException) -> Unavailable:
     # A CUDA OOM or any other engine failure: the caller may retry; details go to the log.
-    return Unavailable(f"the engine failed on this {kind} ({type(exc).__name__}); retry shortly",
-                       code="engine_error")
+    return Unavailable(
+        f"the engine failed on this {kind} ({type(exc).__name__}); retry shortly",
+        code="engine_error",
+    )
 
 
 class Batcher:
-    def __init__(self, engine, metrics: Metrics, max_batch: int, max_wait_ms: float,
-                 max_queue: int):
+    def __init__(
+        self, engine, metrics: Metrics, max_batch: int, max_wait_ms: float, max_queue: int
+    ):
         self.engine, self.metrics = engine, metrics
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
         self._continues: deque[ContinueJob] = deque()
@@ -118,8 +121,10 @@ class Batcher:
             self.metrics.rejected.inc()
             # Roughly when a slot frees up: the queue drains max_batch per engine call.
             wait = math.ceil(self.depth() / self.max_batch * self._batch_seconds)
-            raise QueueFull(f"the server is busy ({self.depth()} requests waiting); retry shortly",
-                            retry_after=max(1, wait))
+            raise QueueFull(
+                f"the server is busy ({self.depth()} requests waiting); retry shortly",
+                retry_after=max(1, wait),
+            )
 
     def check_capacity(self) -> None:
         """Cheap early refusal, before an upload is decoded."""
@@ -188,7 +193,9 @@ class Batcher:
                 break
             if not self._continues:  # everything waiting was cancelled
                 return []
-        batch = [self._continues.popleft() for _ in range(min(self.max_batch, len(self._continues)))]
+        batch = [
+            self._continues.popleft() for _ in range(min(self.max_batch, len(self._continues)))
+        ]
         self.metrics.queue_depth.set(self.depth())
         return batch
 
@@ -226,7 +233,9 @@ class Batcher:
             # StopIteration must not cross into a Future; an early end is an engine fault.
             chunk = next(job.iterator, None)
             if chunk is None:
-                raise RuntimeError(f"engine.extend ended after {job.produced} of {job.n_chunks} chunks")
+                raise RuntimeError(
+                    f"engine.extend ended after {job.produced} of {job.n_chunks} chunks"
+                )
             return chunk
 
         start = time.perf_counter()

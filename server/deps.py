@@ -44,7 +44,9 @@ def check_api_key(request: Request) -> None:
     auth = request.headers.get("authorization", "")
     given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
     if not secrets.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')")
+        raise Unauthorized(
+            "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')"
+        )
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]

@@ -16,23 +16,35 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "snac_dit_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+            "snac_dit_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
         )
         self.latency = Histogram(
-            "snac_dit_request_seconds", "HTTP request latency (until the last byte)", ["route"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "snac_dit_request_seconds",
+            "HTTP request latency (until the last byte)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
-            "snac_dit_queue_depth", "continuations waiting plus /extend streams in progress",
+            "snac_dit_queue_depth",
+            "continuations waiting plus /extend streams in progress",
             registry=r,
         )
         self.batch_size = Histogram(
-            "snac_dit_batch_size", "requests per engine batch",
-            buckets=tuple(range(1, max_batch + 1)), registry=r,
+            "snac_dit_batch_size",
+            "requests per engine batch",
+            buckets=tuple(range(1, max_batch + 1)),
+            registry=r,
         )
         self.engine_seconds = Histogram(
-            "snac_dit_engine_seconds", "engine time per batch or /extend chunk", ["kind"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "snac_dit_engine_seconds",
+            "engine time per batch or /extend chunk",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.engine_errors = Counter(
             "snac_dit_engine_errors", "engine calls that raised", ["kind"], registry=r

@@ -76,7 +76,12 @@ def sampling_params(
 ) -> SamplingParams:
     """Overlay the given fields on `defaults`, check them, and fix a seed."""
     changes: dict = {}
-    for name, cast in (("steps", int), ("temperature", float), ("top_p", float), ("guidance", float)):
+    for name, cast in (
+        ("steps", int),
+        ("temperature", float),
+        ("top_p", float),
+        ("guidance", float),
+    ):
         if given.get(name) is not None:
             changes[name] = per_level(name, given[name], n_levels, cast)
     steps = changes.get("steps", defaults.steps)

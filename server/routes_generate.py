@@ -46,16 +46,24 @@ _PARAM_DOCS = {
 
 def _openapi(names: tuple[str, ...]) -> dict:
     params = [
-        {"name": n, "in": "query", "required": False,
-         "schema": {"type": _PARAM_DOCS[n][0]}, "description": _PARAM_DOCS[n][1]}
+        {
+            "name": n,
+            "in": "query",
+            "required": False,
+            "schema": {"type": _PARAM_DOCS[n][0]},
+            "description": _PARAM_DOCS[n][1],
+        }
         for n in names
     ]
     body = {
         "required": True,
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "required": ["audio"],
-                           "properties": {"audio": {"type": "string", "format": "binary"}}}
+                "schema": {
+                    "type": "object",
+                    "required": ["audio"],
+                    "properties": {"audio": {"type": "string", "format": "binary"}},
+                }
             },
             "audio/*": {"schema": {"type": "string", "format": "binary"}},
         },
@@ -90,7 +98,8 @@ async def _read_input(request: Request, svc: Service, allowed: tuple[str, ...]):
     if seconds < svc.settings.min_input_seconds:
         raise InvalidParameter(
             f"audio: {seconds:.2f} s is too short; send at least "
-            f"{svc.settings.min_input_seconds:g} s", code="audio_too_short"
+            f"{svc.settings.min_input_seconds:g} s",
+            code="audio_too_short",
         )
     return given, audio
 
@@ -131,8 +140,12 @@ def _wav_headers(svc: Service, params, n_input: int | None, **extra) -> dict[str
     "/continue",
     summary="Continue a clip by 6.144 s",
     response_class=Response,
-    responses={200: {"content": {"audio/wav": {}},
-                     "description": "32 kHz mono 16-bit WAV; X-Seed etc. state what ran"}},
+    responses={
+        200: {
+            "content": {"audio/wav": {}},
+            "description": "32 kHz mono 16-bit WAV; X-Seed etc. state what ran",
+        }
+    },
     openapi_extra=_openapi(CONTINUE_PARAMS),
 )
 async def continue_(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
@@ -148,17 +161,22 @@ async def continue_(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
         return Response(status_code=499)  # nobody reads this; it labels the metric
     result = np.concatenate([audio, out]) if include_input else out
     headers = _wav_headers(svc, params, len(audio) if include_input else None)
-    return Response(write_wav(result, svc.engine.sample_rate), media_type="audio/wav",
-                    headers=headers)
+    return Response(
+        write_wav(result, svc.engine.sample_rate), media_type="audio/wav", headers=headers
+    )
 
 
 @router.post(
     "/extend",
     summary="Continue a clip by N chained chunks (optionally streamed)",
     response_class=Response,
-    responses={200: {"content": {"audio/wav": {}, "application/x-ndjson": {}},
-                     "description": "a WAV of N chunks, or with stream=true one NDJSON line per "
-                                    "chunk (base64 WAV), then a 'done' or 'error' line"}},
+    responses={
+        200: {
+            "content": {"audio/wav": {}, "application/x-ndjson": {}},
+            "description": "a WAV of N chunks, or with stream=true one NDJSON line per "
+            "chunk (base64 WAV), then a 'done' or 'error' line",
+        }
+    },
     openapi_extra=_openapi(EXTEND_PARAMS),
 )
 async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
@@ -208,8 +226,9 @@ async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
 
     def audio_line(event: str, x: np.ndarray, **fields) -> bytes:
         wav = base64.b64encode(write_wav(x, rate)).decode("ascii")
-        return line({"event": event, **fields, "samples": len(x), "sample_rate": rate,
-                     "audio": wav})
+        return line(
+            {"event": event, **fields, "samples": len(x), "sample_rate": rate, "audio": wav}
+        )
 
     async def body():
         try:

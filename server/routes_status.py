@@ -35,8 +35,9 @@ async def health(svc: ServiceDep):
 async def ready(svc: ServiceDep):
     ok = svc.ready and svc.batcher is not None and svc.batcher.alive
     body = {"ready": ok, "queue_depth": svc.batcher.depth() if svc.batcher else 0}
-    return JSONResponse(body, status_code=200 if ok else 503,
-                        headers=None if ok else {"Retry-After": "5"})
+    return JSONResponse(
+        body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "5"}
+    )
 
 
 @router.get("/info", summary="Model config, codec, chunk geometry, defaults and limits")

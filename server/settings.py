@@ -98,5 +98,8 @@ def missing_weights_message(settings: Settings) -> str | None:
     problems = missing_weights(settings)
     if not problems:
         return None
-    return ("snac-dit server cannot start: the model is missing.\n  - "
-            + "\n  - ".join(problems) + "\nSee docs/server.md.")
+    return (
+        "snac-dit server cannot start: the model is missing.\n  - "
+        + "\n  - ".join(problems)
+        + "\nSee docs/server.md."
+    )

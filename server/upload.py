@@ -119,8 +119,10 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
                 raise InvalidParameter("audio: send exactly one 'audio' part")
             audio = data
         elif b"filename" in disp:
-            raise InvalidParameter(f"unexpected file field {name!r}; the audio goes in 'audio'",
-                                   code="unknown_parameter")
+            raise InvalidParameter(
+                f"unexpected file field {name!r}; the audio goes in 'audio'",
+                code="unknown_parameter",
+            )
         else:
             if name in fields:
                 raise InvalidParameter(f"{name}: given more than once")

@@ -1,0 +1,174 @@
+"""The client library and CLI against a live uvicorn on 127.0.0.1 (random port), real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import clients
+from clients import AsyncClient, Client
+from clients.errors import error_for
+from server.app import create_app
+from server.background import serve_in_background
+from server.settings import Settings
+from tests.conftest import tone
+
+REPO = Path(__file__).resolve().parents[1]
+CHUNK = 196_608
+
+
+@pytest.fixture(scope="module")
+def url(debug_weights_dir, debug_codec_dir):
+    from model.engine import ContinuationEngine
+
+    engine = ContinuationEngine.load(debug_weights_dir, debug_codec_dir)
+    settings = Settings(warmup=False, max_chunks=3, max_wait_ms=1)
+    with serve_in_background(create_app(settings, engine=engine)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def song(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("clients") / "song.flac"  # any format the server reads
+    sf.write(path, np.stack([tone(1.5, 44100), tone(1.5, 44100, 330.0)], 1), 44100)
+    return path
+
+
+def test_importing_clients_never_imports_torch():
+    code = (
+        "import sys, clients, clients.__main__, clients.client; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_wav_roundtrip_is_16bit_exact():
+    x = np.round(np.linspace(-1, 1, 1001) * 32767) / 32768
+    data = clients.encode_wav(x, 22050)
+    with wave.open(io.BytesIO(data)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 22050)
+    y, rate = clients.decode_wav(data)
+    assert rate == 22050 and np.abs(y - x).max() <= 1 / 32768
+
+
+def test_continue_from_file_bytes_and_from_an_array(url, song):
+    with Client(url) as c:
+        assert c.health() == {"status": "ok"} and c.ready()
+        r = c.continue_(song.read_bytes(), steps=[1, 1, 1, 1], seed=3)  # file bytes, as a list
+        assert r.audio.shape == (CHUNK,) and r.audio.dtype == np.float32
+        assert r.sample_rate == 32000 and r.seed == 3 and r.params["steps"] == "1,1,1,1"
+        arr = c.continue_(
+            tone(1.2, 48000), sample_rate=48000, steps=1, temperature=0.9, include_input=True
+        )
+        assert arr.input_samples == int(1.2 * 32000)
+        assert arr.audio.shape == (arr.input_samples + CHUNK,)
+        assert arr.params["temperature"] == "0.9,0.9,0.9,0.9"
+
+
+def test_extend_whole_and_streamed_agree(url, song, tmp_path):
+    with Client(url) as c:
+        whole = c.extend(song, 2, steps=1, seed=8)
+        chunks = list(c.extend_stream(song, 2, steps=1, seed=8))
+    assert whole.audio.shape == (2 * CHUNK,)
+    assert [ch.index for ch in chunks] == [0, 1] and all(ch.seed == 8 for ch in chunks)
+    joined, rate = clients.join_chunks(chunks)
+    np.testing.assert_array_equal(joined, whole.audio)
+    whole.save(tmp_path / "w.wav")
+    assert sf.info(tmp_path / "w.wav").frames == 2 * CHUNK
+
+
+def test_typed_errors(url, song):
+    with Client(url) as c:
+        with pytest.raises(clients.InvalidParameter) as e:
+            c.continue_(song, steps=0)
+        assert e.value.status == 422 and "steps" in e.value.detail
+        with pytest.raises(clients.BadRequest) as e:
+            c.continue_(b"definitely not audio" * 10)
+        assert e.value.code == "undecodable_audio"
+        with pytest.raises(clients.InvalidParameter, match="chunks"):
+            c.extend(song, 9, steps=1)
+        with pytest.raises(clients.InvalidParameter, match="chunks"):
+            list(c.extend_stream(song, 9, steps=1))
+        with pytest.raises(ValueError, match="sample_rate"):
+            c.continue_(tone(1.0))
+    with Client("http://127.0.0.1:9") as dead, pytest.raises(clients.ConnectionFailed):
+        dead.health()
+    # Status -> class, and Retry-After parsed, for the statuses a live test cannot cheaply force.
+    e = error_for(429, b'{"error": "queue_full", "detail": "busy"}', "3")
+    assert isinstance(e, clients.Overloaded) and e.retry_after == 3.0 and e.code == "queue_full"
+    e = error_for(503, b"<html>proxy error</html>", None)
+    assert isinstance(e, clients.Unavailable) and e.code == "http_503"
+    assert isinstance(error_for(401, b"{}", None), clients.Unauthorized)
+    assert isinstance(error_for(502, b"", None), clients.ServerError)
+
+
+def test_async_client(url, song):
+    async def main():
+        async with AsyncClient(url) as c:
+            assert await c.ready()
+            info = await c.info()
+
+            async def stream():
+                return [
+                    ch async for ch in c.extend_stream(song, 1, steps=1, seed=1, include_input=True)
+                ]
+
+            result, chunks = await asyncio.gather(c.continue_(song, steps=1, seed=1), stream())
+            return info, result, chunks
+
+    info, result, chunks = asyncio.run(main())
+    assert info["chunk_samples"] == CHUNK
+    assert result.seed == 1 and result.audio.shape == (CHUNK,)
+    assert [ch.index for ch in chunks] == [-1, 0]  # the input first, then the chunk
+    assert chunks[0].audio.shape == (int(1.5 * 32000),)
+    # The first chunk of a chain is the plain continuation for the same seed.
+    np.testing.assert_array_equal(chunks[1].audio, result.audio)
+
+
+def _cli(*args, url: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SNAC_DIT_URL": url}
+    return subprocess.run(
+        [sys.executable, "-m", "clients", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_continue_and_extend(url, song, tmp_path):
+    out = tmp_path / "out.wav"
+    r = _cli("continue", str(song), "-o", str(out), "--steps", "1,1,1,1", "--seed", "4", url=url)
+    assert r.returncode == 0, r.stderr
+    assert "seed=4" in r.stderr
+    info = sf.info(out)
+    assert (info.frames, info.samplerate, info.channels) == (CHUNK, 32000, 1)
+
+    ext = tmp_path / "ext.wav"
+    r = _cli(
+        "extend", str(song), "--chunks", "2", "-o", str(ext), "--steps", "1", "--stream", url=url
+    )
+    assert r.returncode == 0, r.stderr
+    assert "chunk 1/2" in r.stderr and "chunk 2/2" in r.stderr
+    assert sf.info(ext).frames == 2 * CHUNK
+
+
+def test_cli_errors_exit_nonzero_with_the_servers_message(url, song, tmp_path):
+    r = _cli("continue", str(song), "-o", str(tmp_path / "x.wav"), "--steps", "0", url=url)
+    assert r.returncode == 1 and "steps" in r.stderr and "invalid_parameter" in r.stderr
+    r = _cli("continue", str(tmp_path / "missing.wav"), "-o", str(tmp_path / "x.wav"), url=url)
+    assert r.returncode == 2 and "no such file" in r.stderr
+    assert not (tmp_path / "x.wav").exists()

@@ -1,0 +1,300 @@
+"""The HTTP contract against the real app and the real engine (debug weights, CPU).
+
+Steps are kept at 1-2 per level: these tests check the contract, not the music.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.settings import Settings
+from tests.conftest import tone
+
+SR = 32000
+CHUNK = 196_608
+FAST = "steps=2,2,1,1"
+
+
+def wav_bytes(x: np.ndarray, rate: int = SR, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def read_wav(data: bytes) -> tuple[np.ndarray, int, sf._SoundFileInfo]:
+    info = sf.info(io.BytesIO(data))
+    x, rate = sf.read(io.BytesIO(data), dtype="float32")
+    return x, rate, info
+
+
+@pytest.fixture(scope="module")
+def engine(debug_weights_dir, debug_codec_dir):
+    from model.engine import ContinuationEngine
+
+    return ContinuationEngine.load(debug_weights_dir, debug_codec_dir)
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    settings = Settings(warmup=False, max_upload_mb=2, max_chunks=4, max_wait_ms=1)
+    with TestClient(create_app(settings, engine=engine)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def clip() -> bytes:
+    return wav_bytes(tone(2.0))
+
+
+def post(client, path: str, data: bytes, query: str = FAST, ctype: str | None = None):
+    if ctype is None:
+        return client.post(f"{path}?{query}", files={"audio": ("clip.wav", data, "audio/wav")})
+    return client.post(f"{path}?{query}", content=data, headers={"content-type": ctype})
+
+
+def assert_error(r, status: int, code: str | None = None, mentions: str | None = None):
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error", "detail"}, body
+    assert isinstance(body["error"], str) and isinstance(body["detail"], str) and body["detail"]
+    if code is not None:
+        assert body["error"] == code, body
+    if mentions is not None:
+        assert mentions in body["detail"], body
+
+
+def test_continue_returns_one_chunk_and_reports_a_reproducible_seed(client, clip):
+    r = post(client, "/continue", clip, FAST)  # no seed: one is drawn and reported
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "audio/wav"
+    x, rate, info = read_wav(r.content)
+    assert (rate, info.channels, info.subtype, info.frames) == (SR, 1, "PCM_16", CHUNK)
+    assert np.isfinite(x).all() and 0 < np.abs(x).max() <= 1.0
+    assert r.headers["x-steps"] == "2,2,1,1"
+    assert r.headers["x-top-p"] == "0.95,0.95,0.95,0.95"
+    assert len(r.headers["x-temperature"].split(",")) == 4
+    assert len(r.headers["x-guidance"].split(",")) == 4
+    assert r.headers["x-sample-rate"] == str(SR)
+    seed = int(r.headers["x-seed"])
+    again = post(client, "/continue", clip, f"{FAST}&seed={seed}")
+    assert again.headers["x-seed"] == str(seed)
+    assert again.content == r.content  # the reported seed reproduces the bytes exactly
+
+
+def test_form_field_params_and_include_input(client, clip):
+    files = {"audio": ("a.wav", clip, "audio/wav")}
+    r = client.post(
+        "/continue", files=files, data={"steps": "1", "seed": "3", "include_input": "1"}
+    )
+    assert r.status_code == 200, r.text
+    assert (r.headers["x-steps"], r.headers["x-seed"]) == ("1,1,1,1", "3")
+    n_in = len(tone(2.0))
+    x, rate, info = read_wav(r.content)
+    assert info.frames == n_in + CHUNK
+    assert r.headers["x-input-samples"] == str(n_in)
+    assert np.abs(x[:n_in] - tone(2.0)).max() < 1e-3  # the input comes back first (16-bit)
+    # The same name in both the query and the form is ambiguous.
+    r = client.post(f"/continue?{FAST}", files=files, data={"steps": "1"})
+    assert_error(r, 422, "invalid_parameter", "steps")
+
+
+def test_extend_three_chunks(client, clip):
+    r = post(client, "/extend", clip, "chunks=3&steps=1&seed=5")
+    assert r.status_code == 200, r.text
+    x, rate, info = read_wav(r.content)
+    assert (rate, info.channels, info.frames) == (SR, 1, 3 * CHUNK)
+    assert r.headers["x-chunks"] == "3" and r.headers["x-seed"] == "5"
+    # Chained chunks are new material, not one chunk repeated.
+    assert not np.array_equal(x[:CHUNK], x[CHUNK : 2 * CHUNK])
+
+
+def _bad_inputs(clip: bytes) -> list[tuple[str, dict, int, str]]:
+    """(name, request kwargs, status, error code)."""
+    good = wav_bytes(tone(2.0))
+    nan = tone(2.0)
+    nan[100] = np.nan
+    f = lambda data, name="clip.wav": {"files": {"audio": (name, data, "audio/wav")}}  # noqa: E731
+    return [
+        (
+            "corrupt header",
+            f(b"RIFX" + good[4:12] + b"garbage!" + good[20:]),
+            400,
+            "undecodable_audio",
+        ),
+        ("truncated file (header cut)", f(good[:30]), 400, "undecodable_audio"),
+        ("truncated file (header only)", f(good[:44]), 400, "empty_audio"),
+        ("zero bytes", f(b""), 400, "empty_audio"),
+        (
+            "text named .wav",
+            f(b"this is not audio, only text\n" * 20, "notes.wav"),
+            400,
+            "undecodable_audio",
+        ),
+        ("NaN float WAV", f(wav_bytes(nan, subtype="FLOAT")), 400, "non_finite_audio"),
+        ("0.5 s clip", f(wav_bytes(tone(0.5))), 422, "audio_too_short"),
+        ("over-limit body", f(b"\0" * (3 * 2**20)), 413, "payload_too_large"),
+        (
+            "unknown params",
+            {"params": {"stepz": "2", "colour": "red"}, **f(good)},
+            422,
+            "unknown_parameter",
+        ),
+        ("steps=0", {"params": {"steps": "0"}, **f(good)}, 422, "invalid_parameter"),
+        ("steps not a number", {"params": {"steps": "many"}, **f(good)}, 422, "invalid_parameter"),
+        ("wrong level count", {"params": {"steps": "4,4"}, **f(good)}, 422, "invalid_parameter"),
+        ("negative seed", {"params": {"seed": "-3"}, **f(good)}, 422, "invalid_parameter"),
+        (
+            "infinite temperature",
+            {"params": {"temperature": "inf"}, **f(good)},
+            422,
+            "invalid_parameter",
+        ),
+        (
+            "unsupported media type",
+            {"content": good, "headers": {"content-type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "no content type",
+            {"content": good, "headers": {"content-type": ""}},
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "multipart without audio",
+            {"files": {"sound": ("a.wav", good, "audio/wav")}},
+            422,
+            "unknown_parameter",
+        ),
+        (
+            "multipart with only fields",
+            {"data": {"steps": "2"}, "files": {}},
+            415,
+            "unsupported_media_type",
+        ),
+    ]
+
+
+BAD_NAMES = [b[0] for b in _bad_inputs(b"")]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_input_gets_its_4xx_as_json(client, clip, name):
+    _, kwargs, status, code = next(b for b in _bad_inputs(clip) if b[0] == name)
+    r = client.post("/continue", **kwargs)
+    assert_error(r, status, code)
+
+
+def test_error_details_name_the_field(client, clip):
+    r = post(client, "/continue", clip, "stepz=2&colour=red")
+    assert_error(r, 422, "unknown_parameter", "colour")
+    assert "stepz" in r.json()["detail"]
+    for query, field in [
+        ("steps=0", "steps"),
+        ("top_p=x", "top_p"),
+        ("seed=1.5", "seed"),
+        ("include_input=maybe", "include_input"),
+    ]:
+        assert_error(post(client, "/continue", clip, query), 422, mentions=field)
+    r = post(client, "/extend", clip, "chunks=5&steps=1")  # the limit here is 4
+    assert_error(r, 422, "invalid_parameter", "chunks")
+    assert_error(post(client, "/extend", clip, "chunks=0"), 422, mentions="chunks")
+    assert_error(post(client, "/extend", clip, "chunks=2&stream=perhaps"), 422, mentions="stream")
+
+
+@pytest.mark.parametrize("kind", ["6-channel 96 kHz", "8-bit unsigned, raw body", "truncated data"])
+def test_unusual_but_valid_audio_is_accepted(client, kind):
+    # DESIGN §6: any format libsndfile reads, any rate, any channel count. A file cut inside
+    # its data decodes to what is there (libsndfile's behaviour), which is still usable audio.
+    # (Stereo 44.1 kHz FLAC goes through tests/test_clients.py.)
+    ctype = None
+    if kind == "6-channel 96 kHz":
+        data = wav_bytes(np.stack([tone(1.5, 96000, 220.0 * (i + 1)) for i in range(6)], 1), 96000)
+    elif kind == "truncated data":
+        full = wav_bytes(tone(3.0))
+        data = full[: len(full) // 2]
+    else:
+        data, ctype = wav_bytes(tone(1.5), subtype="PCM_U8"), "audio/x-wav"
+    r = post(client, "/continue", data, "steps=1", ctype=ctype)
+    assert r.status_code == 200, r.text
+    assert read_wav(r.content)[2].frames == CHUNK
+
+
+def test_server_still_healthy_after_bad_inputs(client, clip):
+    for _, kwargs, _, _ in _bad_inputs(clip):
+        assert client.post("/continue", **kwargs).status_code < 500
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").status_code == 200
+    assert post(client, "/continue", clip, "steps=1").status_code == 200
+
+
+def test_unknown_route_and_method_are_json(client):
+    assert_error(client.get("/nope"), 404, "not_found")
+    assert_error(client.get("/continue"), 405, "method_not_allowed")
+
+
+def test_info_reports_geometry_defaults_limits(client):
+    info = client.get("/info").json()
+    assert info["sample_rate"] == SR and info["chunk_samples"] == CHUNK
+    assert info["context_samples"] == 2 * CHUNK and info["n_levels"] == 4
+    assert info["limits"]["max_chunks"] == 4
+    assert len(info["defaults"]["steps"]) == 4
+    assert isinstance(info["engine"], dict) and info["version"]
+    json.dumps(info)  # JSON-able all the way down
+
+
+def test_metrics_and_docs(client, clip):
+    post(client, "/continue", clip, "steps=0")  # counted like any request, no engine work
+    text = client.get("/metrics").text
+    for name in (
+        "snac_dit_requests_total",
+        "snac_dit_request_seconds_bucket",
+        "snac_dit_queue_depth",
+        "snac_dit_batch_size_bucket",
+        "snac_dit_engine_seconds",
+    ):
+        assert name in text, name
+    assert 'snac_dit_requests_total{route="/continue",status="422"}' in text
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    params = {p["name"] for p in spec["paths"]["/extend"]["post"]["parameters"]}
+    assert {"steps", "seed", "chunks", "stream"} <= params
+
+
+def test_api_key_guards_generation_not_health(engine, clip):
+    settings = Settings(warmup=False, api_key="s3cret")
+    with TestClient(create_app(settings, engine=engine)) as c:
+        assert_error(
+            c.post("/continue?steps=1", files={"audio": ("a.wav", clip)}), 401, "unauthorized"
+        )
+        assert_error(c.get("/info", headers={"Authorization": "Bearer wrong"}), 401)
+        assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
+        # With the key a request gets past auth, here to the parameter check (no engine work).
+        past = c.post(
+            "/continue?steps=0",
+            files={"audio": ("a.wav", clip)},
+            headers={"Authorization": "Bearer s3cret"},
+        )
+        assert_error(past, 422, "invalid_parameter")
+        assert c.get("/metrics", headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+def test_cors_closed_by_default_open_when_configured(engine):
+    pre = {"Origin": "https://example.org", "Access-Control-Request-Method": "POST"}
+    with TestClient(create_app(Settings(warmup=False), engine=engine)) as c:
+        r = c.options("/continue", headers=pre)
+        assert "access-control-allow-origin" not in r.headers
+    settings = Settings(warmup=False, cors_origins="https://example.org")
+    with TestClient(create_app(settings, engine=engine)) as c:
+        r = c.options("/continue", headers=pre)
+        assert r.headers["access-control-allow-origin"] == "https://example.org"
+        r = c.get("/health", headers={"Origin": "https://example.org"})
+        assert "X-Seed" in r.headers["access-control-expose-headers"]

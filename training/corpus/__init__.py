@@ -1,0 +1,1 @@
+"""Openly licensed audio corpora for codec and DiT training (see docs/codec-training.md)."""

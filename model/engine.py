@@ -206,11 +206,15 @@ class ContinuationEngine:
         self, audio, n_chunks: int, params: SamplingParams | None = None
     ) -> Iterator[Tensor]:
         """Yield `n_chunks` chained chunks (chunk_samples,) as they finish; the first equals
-        `continue_audio(audio, params)` for the same seed."""
+        `continue_audio(audio, params)` for the same seed. Bad input raises here, at the call,
+        not at the first `next()`."""
         if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
             raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
         p = self._params(params)
         context = self._encode([audio])
+        return self._chunks(context, n_chunks, p)
+
+    def _chunks(self, context: list[Tensor], n_chunks: int, p: SamplingParams) -> Iterator[Tensor]:
         tokens = extend_tokens(self.dit, context, n_chunks, p, self.diffusion.schedules)
         for k, new in enumerate(tokens):
             yield self._decode(new, context, p.seed, k)

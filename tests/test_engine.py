@@ -105,7 +105,9 @@ def test_extend_yields_chunks_and_first_equals_continue(engine, reference):
     assert torch.equal(chunks[0], out)
     assert not torch.equal(chunks[1], chunks[2])
     with pytest.raises(ValueError):
-        next(engine.extend(full, 0, FAST))
+        engine.extend(full, 0, FAST)  # raised at the call, not at the first next()
+    with pytest.raises(ValueError):
+        engine.extend(torch.zeros(0), 2, FAST)
 
 
 def test_bad_input_and_info(engine):

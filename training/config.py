@@ -86,6 +86,7 @@ class EvalConfig:
     use_ema: bool = True
     audio: bool = True  # continue a fixed val window and write a WAV when the codec loads
     codec: str = ""  # codec for the audio sample; "" = the one the tokens were made with
+    sample_steps: list[int] = field(default_factory=list)  # per level; [] = sampler defaults
 
 
 @dataclass
@@ -340,6 +341,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.ckpt.keep >= 1, "ckpt.keep must be >= 1")
     need(cfg.dtype in ("bf16", "fp32"), "dtype must be bf16 or fp32")
     need(all(0 < r <= 1 for r in cfg.eval.mask_ratios), "eval.mask_ratios must lie in (0, 1]")
-    need(all(0 <= n <= N_CTX_MAX for n in cfg.eval.n_ctx), f"eval.n_ctx must lie in 0..{N_CTX_MAX}")
+    need(bool(cfg.eval.n_ctx) and all(0 <= n <= N_CTX_MAX for n in cfg.eval.n_ctx),
+         f"eval.n_ctx must be non-empty, values in 0..{N_CTX_MAX}")
+    need(bool(cfg.eval.mask_ratios), "eval.mask_ratios must be non-empty")
+    need(all(s >= 1 for s in cfg.eval.sample_steps), "eval.sample_steps must be >= 1")
     need("preset" in cfg.model, "model.preset is required (a name from model.dit.PRESETS)")
     need(bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty directory name")

@@ -173,8 +173,11 @@ class Evaluator:
         fpc = self.model.config.frames_per_chunk
         W = max(self.ecfg.n_ctx)
         ctx = [w[:1, : W * f].to(self.device) for w, f in zip(self.windows, fpc, strict=True)]
+        params = SamplingParams(seed=self.ecfg.seed)
+        if self.ecfg.sample_steps:
+            params = SamplingParams(steps=tuple(self.ecfg.sample_steps), seed=self.ecfg.seed)
         with self.autocast():
-            new = generate(self.model, ctx, SamplingParams(seed=self.ecfg.seed), self.schedules)
+            new = generate(self.model, ctx, params, self.schedules)
         out_dir = run_dir / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         sr = codec.sample_rate

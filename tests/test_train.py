@@ -1,0 +1,156 @@
+"""Training end to end: the real entry point on tokens from the real tokeniser and the debug codec,
+export into the engine, config handling, and loss going down on a memorisable token set."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from model.engine import ContinuationEngine
+from model.sampler import SamplingParams
+from tests.conftest import tone
+from tests.test_resume import debug_config, make_tokens
+from training.config import ConfigError, TrainConfig, load_config, parse_overrides
+from training.shards import split_of
+from training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SR = 32000
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def real_tokens(tmp_path_factory, debug_codec_dir) -> Path:
+    """Two 19 s synthetic WAVs (one train, one val: 3 chunks fit) through the real tokeniser."""
+    from training.tokenize import main as tokenize
+
+    root = tmp_path_factory.mktemp("real_tokens")
+    audio = root / "audio"
+    audio.mkdir()
+    names = [f"song{i}.wav" for i in range(50)]
+    train = next(n for n in names if split_of(n, 0.5) == "train")
+    val = next(n for n in names if split_of(n, 0.5) == "val")
+    sf.write(audio / train, tone(19.0, freq=220.0), SR)
+    sf.write(audio / val, tone(19.0, freq=330.0), SR)
+    out = root / "tokens"
+    rc = tokenize(["--audio", str(audio), "--out", str(out), "--codec", debug_codec_dir,
+                   "--val-fraction", "0.5", "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_smoke_entry_point_curriculum_eval_export_engine(tmp_path, real_tokens, debug_codec_dir):
+    args = [
+        "--config", "training/configs/debug.toml", "--data.tokens", str(real_tokens),
+        "--out_dir", str(tmp_path), "--name", "smoke", "--data.batch_size", "1",
+        "--curriculum.stages.0.steps", "2", "--curriculum.stages.1.steps", "2",
+        "--curriculum.stages.2.steps", "2", "--eval.every", "6", "--eval.batches", "1",
+        "--eval.batch_size", "1", "--eval.n_ctx", "[0, 2]", "--ckpt.every", "2",
+        "--log.every", "1", "--eval.sample_steps", "[2, 2, 2, 2]",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "training/train.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "smoke"
+    assert sorted(p.name for p in run.glob("ckpt-*")) == ["ckpt-000004", "ckpt-000006"]
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["stage"] for r in train] == ["pretrain"] * 2 + ["one_chunk"] * 2 + ["full"] * 2
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
+    assert all(r["mfu"] is None for r in train)  # CPU: no peak FLOP/s, MFU n/a
+    (ev,) = [r for r in rows if r["kind"] == "eval"]
+    for n in (0, 2):
+        for m in ("0.3", "0.6", "0.9"):
+            for lvl in "ABCD":
+                assert 0 <= ev[f"acc_{lvl}/n{n}/m{m}"] <= 1
+                assert math.isfinite(ev[f"ce_{lvl}/n{n}/m{m}"])
+    # The fixed val window was continued and written next to the logs: 2 context chunks + 1 new.
+    audio, sr = sf.read(ev["sample"])
+    assert sr == SR and audio.shape == (3 * 196608,) and np.abs(audio).max() > 0
+    assert (run / "samples" / "reference.wav").is_file()
+
+    # Export (script entry works; the function writes the serving dir) -> the engine continues.
+    help_out = subprocess.run([sys.executable, "training/export.py", "--help"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    assert help_out.returncode == 0 and "--raw" in help_out.stdout
+    from training.export import main as export
+
+    assert export([str(run), str(tmp_path / "serve")]) == 0
+    config = json.loads((tmp_path / "serve" / "config.json").read_text())
+    assert config["training"]["step"] == 6 and config["training"]["weights"] == "ema"
+    engine = ContinuationEngine.load(tmp_path / "serve", debug_codec_dir)
+    out = engine.continue_audio(torch.from_numpy(tone(12.288)),
+                                SamplingParams(steps=(2, 2, 2, 2), seed=0))
+    assert out.shape == (196608,) and torch.isfinite(out).all()
+
+
+def test_missing_tokens_exit_2_with_the_tokenise_command(tmp_path):
+    proc = subprocess.run([sys.executable, "training/train.py", "--data.tokens",
+                           str(tmp_path / "nothing")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert f"python -m training.tokenize --audio path/to/your/audio --out {tmp_path / 'nothing'}" \
+        in proc.stderr
+
+
+def test_loss_decreases_on_a_memorisable_token_set(tmp_path):
+    # Every train file holds the same 3 chunks, full context only: one window to memorise.
+    tokens = make_tokens(tmp_path / "tokens", n_train=2, chunks=3, same=True)
+    cfg = debug_config(tokens, tmp_path, "memo", **{
+        "curriculum.stages.0.steps": 0, "curriculum.stages.1.steps": 0,
+        "curriculum.stages.2.steps": 40, "curriculum.stages.2.n_ctx": [0.0, 0.0, 1.0],
+        "optim.lr": 3e-3, "optim.min_lr": 3e-3, "optim.grad_accum": 1, "data.batch_size": 4,
+        "diffusion.context_dropout": 0.0, "eval.every": 0, "ckpt.every": 1000, "log.every": 1,
+    })
+    assert Trainer(cfg).fit() == 0
+    rows = [json.loads(x) for x in (tmp_path / "memo" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert losses[0] > 0.9 * math.log(32)  # starts near chance (zero-initialised heads)
+    assert np.mean(losses[-5:]) < 0.25 * losses[0], losses
+
+
+def test_default_toml_equals_the_dataclass_defaults():
+    with open(ROOT / "training/configs/default.toml", "rb") as f:
+        data = tomllib.load(f)
+    assert load_config(ROOT / "training/configs/default.toml") == TrainConfig()
+    assert set(data) == set(TrainConfig().to_dict())  # every section spelled out
+
+
+def test_overrides_parse_and_validate(tmp_path):
+    path, pairs = parse_overrides(["--config", "x.toml", "--optim.lr", "1e-4", "--compile",
+                                   "--curriculum.stages.1.n_ctx=[0, 1, 0]", "--name", "a",
+                                   "--resume"])
+    assert path == "x.toml"
+    cfg = load_config(None, pairs)
+    assert cfg.optim.lr == 1e-4 and cfg.compile is True and cfg.resume == "latest"
+    assert cfg.curriculum.stages[1].n_ctx == [0.0, 1.0, 0.0] and cfg.name == "a"
+    cfg = load_config(None, [("model.preset", "small"), ("model.n_layers", 3)])
+    assert cfg.model == {"preset": "small", "n_layers": 3}
+    for bad in ([("optim.lr", "fast")], [("optim.nope", 1)], [("curriculum.stages.0.n_ctx", [1, 0])],
+                [("data.batch_size", 0)], [("curriculum.stages.3.steps", 1)]):
+        with pytest.raises(ConfigError):
+            load_config(None, bad)
+    toml = tmp_path / "c.toml"
+    toml.write_text('name = "x"\n[optim]\nlr = 1e-3\n[[curriculum.stages]]\nsteps = 5\nn_ctx = [1, 0, 0]\n')
+    cfg = load_config(toml, [("optim.lr", 2e-3)])
+    assert cfg.name == "x" and cfg.optim.lr == 2e-3 and cfg.total_steps == 5

@@ -1,0 +1,63 @@
+"""Turn a training checkpoint into the directory the server loads.
+
+    python training/export.py runs/NAME OUT_DIR              # newest checkpoint, EMA weights
+    python training/export.py runs/NAME/ckpt-050000 OUT_DIR --raw
+
+OUT_DIR gets `model.safetensors` + `config.json` via `model.engine.save_pretrained` (the DiT
+config, the diffusion schedules the sampler must use, the codec the tokens came from, and where
+the weights came from). Serve it with `ContinuationEngine.load(OUT_DIR, codec)`. EMA weights are
+the default: they sample better than the raw weights of any single step.
+"""
+
+import os
+import sys
+
+# Same sys.path repair as train.py: training/tokenize.py must not shadow the stdlib module.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def export(ckpt: str | Path, out_dir: str | Path, raw: bool = False) -> Path:
+    from model.dit import DiT, DiTConfig
+    from model.engine import load_dit, save_pretrained
+    from training import checkpoint as ckpt_io
+
+    ck = ckpt_io.load_checkpoint(ckpt)
+    config = ck["config"]
+    dit = DiT(DiTConfig.from_dict(config["model"]))
+    dit.load_state_dict(ck["model"] if raw else ck["ema"])
+    codec = config.get("codec", {})
+    extra = dict(
+        diffusion=config["diffusion"],
+        codec=dict(fingerprint=codec.get("fingerprint"), source=codec.get("source")),
+        training=dict(checkpoint=str(ck["path"].resolve()), step=config["step"],
+                      weights="raw" if raw else "ema", run=config["train"]["name"]),
+    )
+    out = save_pretrained(dit, out_dir, extra)
+    load_dit(out)  # read it back: an export that the engine cannot load is an error here
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Export a training checkpoint for serving.")
+    p.add_argument("ckpt", help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("out_dir", help="serving directory to write (model.safetensors + config.json)")
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    args = p.parse_args(argv)
+    from training.checkpoint import CheckpointError
+
+    try:
+        out = export(args.ckpt, args.out_dir, args.raw)
+    except (CheckpointError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {'raw' if args.raw else 'EMA'} weights of {args.ckpt} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

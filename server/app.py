@@ -37,6 +37,7 @@ def load_engine(settings: Settings):
     if message:
         raise WeightsMissing(message)
     import torch
+
     from model.engine import ContinuationEngine
 
     device = settings.device

@@ -73,6 +73,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._batch_seconds = 1.0  # running estimate of one engine call, for Retry-After
+        self._running: list[ContinueJob] = []  # the batch inside the engine right now
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -90,7 +91,7 @@ class Batcher:
     async def close(self) -> None:
         self._closing = True
         gone = Unavailable("the server is shutting down", code="shutting_down")
-        for job in self._continues:
+        for job in [*self._continues, *self._running]:
             if not job.future.done():
                 job.future.set_exception(gone)
         for job in self._streams:
@@ -199,13 +200,21 @@ class Batcher:
         self.metrics.queue_depth.set(self.depth())
         return batch
 
-    async def _run_batch(self, batch: list[ContinueJob]) -> None:
+    def _engine_batch(self, batch: list[ContinueJob]) -> list[np.ndarray]:
+        """On the engine thread: arrays in, arrays out (conversions included, so any failure
+        is caught like an engine fault)."""
         audios = [torch.from_numpy(j.audio) for j in batch]
-        params = [j.params for j in batch]
+        outs = self.engine.continue_batch(audios, [j.params for j in batch])
+        if len(outs) != len(batch):
+            raise RuntimeError(f"engine returned {len(outs)} results for {len(batch)} requests")
+        return [o.detach().cpu().float().numpy() for o in outs]
+
+    async def _run_batch(self, batch: list[ContinueJob]) -> None:
         self.metrics.batch_size.observe(len(batch))
+        self._running = batch
         start = time.perf_counter()
         try:
-            outs = await self.run_on_engine(self.engine.continue_batch, audios, params)
+            outs = await self.run_on_engine(self._engine_batch, batch)
         except Exception as e:  # noqa: BLE001 - any engine fault fails this batch, not the server
             log.exception("engine failed on a batch of %d", len(batch))
             self.metrics.engine_errors.labels("continue").inc()
@@ -214,12 +223,13 @@ class Batcher:
                     j.future.set_exception(_engine_fault("batch", e))
             return
         finally:
+            self._running = []
             took = time.perf_counter() - start
             self.metrics.engine_seconds.labels("continue").observe(took)
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * took
         for j, out in zip(batch, outs, strict=True):
             if not j.future.done():  # a cancelled request's result is simply dropped
-                j.future.set_result(out.detach().cpu().float().numpy())
+                j.future.set_result(out)
 
     async def _step_extend(self, job: ExtendJob) -> None:
         if job.cancelled:

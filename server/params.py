@@ -13,7 +13,6 @@ import secrets
 from collections.abc import Mapping
 
 from model.sampler import SamplingParams
-
 from server.errors import InvalidParameter
 
 SAMPLING_FIELDS = ("steps", "temperature", "top_p", "guidance", "seed")

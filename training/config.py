@@ -338,7 +338,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.optim.lr > 0 and 0 <= cfg.optim.min_lr <= cfg.optim.lr, "need 0 <= optim.min_lr <= optim.lr, lr > 0")
     need(len(cfg.optim.betas) == 2, "optim.betas must have two values")
     need(0.0 <= cfg.optim.ema_decay < 1.0, "optim.ema_decay must be in [0, 1)")
-    need(cfg.ckpt.keep >= 1, "ckpt.keep must be >= 1")
+    need(cfg.ckpt.keep >= 1 and cfg.ckpt.every >= 1, "ckpt.keep and ckpt.every must be >= 1")
+    need(cfg.log.every >= 1, "log.every must be >= 1")
+    need(cfg.eval.every >= 0 and cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1,
+         "eval.every must be >= 0, eval.batches and eval.batch_size >= 1")
     need(cfg.dtype in ("bf16", "fp32"), "dtype must be bf16 or fp32")
     need(all(0 < r <= 1 for r in cfg.eval.mask_ratios), "eval.mask_ratios must lie in (0, 1]")
     need(bool(cfg.eval.n_ctx) and all(0 <= n <= N_CTX_MAX for n in cfg.eval.n_ctx),

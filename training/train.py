@@ -38,8 +38,8 @@ def tokenize_hint(tokens_dir: str) -> str:
 def resolve_config(argv: list[str]):
     """(TrainConfig, checkpoint to resume from or None).
 
-    A resumed run starts from the config saved in its checkpoint; a --config file and command-line
-    overrides still apply on top (e.g. a longer final stage).
+    A resumed run starts from the config saved in its checkpoint (less `stop_at`); a --config file
+    and command-line overrides still apply on top (e.g. a longer final stage).
     """
     config_path, overrides = parse_overrides(argv)
     cfg = load_config(config_path, overrides)
@@ -53,7 +53,10 @@ def resolve_config(argv: list[str]):
             return cfg, None
     else:
         ckpt = ckpt_io.resolve(cfg.resume)
-    cfg = load_config(config_path, overrides, base=ckpt_io.read_config(ckpt)["train"])
+    saved = ckpt_io.read_config(ckpt)["train"]
+    for per_invocation in ("stop_at", "resume"):  # not inherited: they belong to one command
+        saved.pop(per_invocation, None)
+    cfg = load_config(config_path, overrides, base=saved)
     return cfg, ckpt
 
 

@@ -51,9 +51,11 @@ def _step_seed(*parts: int) -> int:
 
 
 def _worker_init(_):
-    # Ctrl-C reaches the whole process group; workers must not die before the trainer has
-    # finished its step and saved (the trainer handles SIGINT itself).
+    # Ctrl-C reaches the whole process group, and torchrun signals its workers' groups: data
+    # workers must not die before the trainer has finished its step and saved. They exit with
+    # the trainer (DataLoader shuts them down; a watchdog ends them if the trainer is killed).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class LossModule(nn.Module):

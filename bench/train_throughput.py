@@ -1,0 +1,105 @@
+"""Training throughput (tokens/s, MFU) of a DiT preset through the real training loop.
+
+    python bench/train_throughput.py --preset debug --batch-size 4
+    python bench/train_throughput.py --preset base --batch-size 32 --device cuda --compile
+
+Builds a synthetic token directory (random ids, the real SNAC 32 kHz geometry) in a temp dir and
+times `Trainer.train_step` (data loading, forward, backward, clipping, AdamW, EMA) after warm-up.
+Tokens are sequence tokens: context + clean target + noised target (3,328 per row at n_ctx = 2).
+MFU = (6 * params + 12 * layers * d_model * seq) * tokens/s / peak (training/observe.py); n/a on
+CPU unless --peak-tflops is given. Prints one JSON object (and appends it to --out if given).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from training.config import load_config  # noqa: E402
+from training.shards import write_token_dir  # noqa: E402
+from training.trainer import Trainer, sequence_tokens  # noqa: E402
+
+
+def synthetic_tokens(out: Path, n_files: int = 8, chunks: int = 6, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    frames = chunks * 64
+    files = {f"f{i}.wav": [rng.integers(0, 4096, frames * 8 // s).astype(np.uint16)
+                           for s in (8, 4, 2, 1)] for i in range(n_files)}
+    write_token_dir(out, files)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="debug")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--n-ctx", default="0,0,1", help="weights of n_ctx 0,1,2 (default: all 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, caches)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, default=0.0)
+    p.add_argument("--out", type=Path, help="append the JSON result to this file")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = synthetic_tokens(Path(tmp) / "tokens")
+        weights = [float(w) for w in args.n_ctx.split(",")]
+        total = args.warmup + args.steps
+        cfg = load_config(None, [
+            ("name", "bench"), ("out_dir", tmp), ("device", args.device), ("dtype", args.dtype),
+            ("compile", args.compile), ("model.preset", args.preset),
+            ("data.tokens", str(tokens)), ("data.batch_size", args.batch_size),
+            ("data.num_workers", args.workers), ("eval.every", 0),
+            ("log.peak_tflops", args.peak_tflops), ("optim.warmup_steps", 1),
+            ("curriculum.stages", [{"name": "bench", "steps": total, "n_ctx": weights}]),
+        ])
+        trainer = Trainer(cfg)
+        for _ in range(args.warmup):
+            trainer.train_step()
+        sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+        sync()
+        trainer.meter.reset()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            terms = trainer.train_step()
+        loss = float(terms["loss"])  # host sync: all queued work is done
+        sync()
+        dt = time.perf_counter() - t0
+        rate = trainer.meter.read()
+        mc = trainer.model_cfg
+        result = dict(
+            preset=args.preset, params=trainer.n_params, batch_size=args.batch_size,
+            n_ctx_weights=weights, device=str(trainer.device),
+            device_name=torch.cuda.get_device_name(trainer.device)
+            if trainer.device.type == "cuda" else "cpu",
+            threads=torch.get_num_threads(), dtype=args.dtype if trainer.device.type == "cuda"
+            else "fp32", compile=args.compile, steps=args.steps,
+            step_s=round(dt / args.steps, 4), tokens_per_s=round(rate["tokens_per_s"], 1),
+            rows_per_s=round(args.batch_size * args.steps / dt, 2),
+            seq_tokens_at_n_ctx2=sequence_tokens(2, mc.frames_per_chunk),
+            mfu=None if rate["mfu"] is None else round(rate["mfu"], 4), loss=round(loss, 4),
+            torch=torch.__version__,
+        )
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as f:
+            f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -218,6 +218,13 @@ def test_config_errors(bad, match):
         config_from_dict(bad)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "training" / "configs").glob("codec_*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_parse(path):
+    cfg = load_config(str(path), [])
+    assert cfg.init or cfg.preset in MODEL_PRESETS
+
+
 def test_defaults_follow_the_recipe():
     cfg = CodecTrainConfig()
     assert cfg.lr == 6e-4 and cfg.lr_decay == 0.999994
@@ -343,3 +350,7 @@ def test_decoder_only_finetune_keeps_codes(tmp_path, audio_dir, debug_codec_dir)
     after = SNAC.from_pretrained(str(run / "export")).state_dict()
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"decoder"}
+    # The export subcommand: run dir -> its newest checkpoint -> the same weights.
+    assert main(["export", str(run), str(tmp_path / "again")]) == 0
+    again = SNAC.from_pretrained(str(tmp_path / "again")).state_dict()
+    assert all(torch.equal(again[k], after[k]) for k in after)

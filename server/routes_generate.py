@@ -161,9 +161,8 @@ async def continue_(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
         return Response(status_code=499)  # nobody reads this; it labels the metric
     result = np.concatenate([audio, out]) if include_input else out
     headers = _wav_headers(svc, params, len(audio) if include_input else None)
-    return Response(
-        write_wav(result, svc.engine.sample_rate), media_type="audio/wav", headers=headers
-    )
+    wav = await run_in_threadpool(write_wav, result, svc.engine.sample_rate)  # long inputs
+    return Response(wav, media_type="audio/wav", headers=headers)
 
 
 @router.post(
@@ -208,7 +207,8 @@ async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
             svc.batcher.cancel(job)
             raise
         result = np.concatenate(([audio] if include_input else []) + chunks)
-        return Response(write_wav(result, rate), media_type="audio/wav", headers=headers)
+        wav = await run_in_threadpool(write_wav, result, rate)
+        return Response(wav, media_type="audio/wav", headers=headers)
 
     # Wait for the first chunk before answering, so a failure up to there is a plain HTTP
     # error; later failures can only go out inside the stream.

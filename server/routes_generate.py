@@ -1,7 +1,7 @@
 """POST /continue and POST /extend: upload in, WAV (or a stream of WAV chunks) out.
 
 Order of checks, cheapest first: API key, parameter names, queue capacity, media type, size
-(while streaming), parameter values, decoding, duration; only then does work get queued.
+(while streaming), parameter values, stated duration, decoding, duration; only then does work get queued.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from server.params import (
     reject_unknown,
     sampling_params,
 )
-from server.upload import read_upload
+from server.upload import declared_seconds, read_upload
 
 router = APIRouter(tags=["generate"])
 
@@ -93,6 +93,14 @@ async def _read_input(request: Request, svc: Service, allowed: tuple[str, ...]):
             raise InvalidParameter(f"{k}: given both in the query and in the form")
         given[k] = v
     rate = svc.engine.sample_rate
+    longest = svc.settings.max_input_seconds
+    stated = await run_in_threadpool(declared_seconds, upload.audio)
+    if stated is not None and stated > longest:
+        raise InvalidParameter(
+            f"audio: {stated:.1f} s is too long; send at most {longest:g} s (only the last "
+            f"{svc.engine.context_samples / rate:g} s are used anyway)",
+            code="audio_too_long",
+        )
     audio = await run_in_threadpool(read_audio, upload.audio, rate)  # CPU work, off the loop
     seconds = len(audio) / rate
     if seconds < svc.settings.min_input_seconds:

@@ -55,6 +55,7 @@ async def info(_: AuthDep, svc: ReadyDep):
             "max_chunks": s.max_chunks,
             "max_steps": s.max_steps,
             "min_input_seconds": s.min_input_seconds,
+            "max_input_seconds": s.max_input_seconds,
         },
         "sample_rate": svc.engine.sample_rate,
         "chunk_samples": svc.engine.chunk_samples,

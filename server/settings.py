@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     max_chunks: int = Field(8, ge=1)  # bound on /extend?chunks=N
     max_steps: int = Field(256, ge=1)  # per level; bounds the work one request can ask for
     min_input_seconds: float = Field(1.0, ge=0)
+    # Only the last 12.288 s are used; the bound keeps a small compressed upload from
+    # decoding into gigabytes of float32.
+    max_input_seconds: float = Field(600.0, gt=0)
     default_steps: str | None = None  # e.g. "16,12,8,8"; overrides the engine's default
 
     api_key: SecretStr | None = None  # when set, /continue /extend /info /metrics need it

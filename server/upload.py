@@ -7,8 +7,10 @@ too much); only then is multipart parsed, from the bounded bytes.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
+import soundfile as sf
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
@@ -87,6 +89,21 @@ def _parse_multipart(body: bytes, boundary: bytes) -> list[tuple[dict[str, str],
     parser.write(body)
     parser.finalize()
     return parts
+
+
+def declared_seconds(data: bytes) -> float | None:
+    """The duration a file's header states, without decoding it (None when unknown).
+
+    A compressed upload under the byte limit can still decode to hours of float32 audio;
+    this lets the caller refuse it before `read_audio` allocates that.
+    """
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - undecodable input is read_audio's to report
+        return None
+    if info.frames <= 0 or info.samplerate <= 0:
+        return None
+    return info.frames / info.samplerate
 
 
 async def read_upload(request: Request, max_bytes: int) -> Upload:

@@ -43,7 +43,9 @@ def engine(debug_weights_dir, debug_codec_dir):
 
 @pytest.fixture(scope="module")
 def client(engine):
-    settings = Settings(warmup=False, max_upload_mb=2, max_chunks=4, max_wait_ms=1)
+    settings = Settings(
+        warmup=False, max_upload_mb=2, max_chunks=4, max_wait_ms=1, max_input_seconds=20
+    )
     with TestClient(create_app(settings, engine=engine)) as c:
         yield c
 
@@ -139,6 +141,8 @@ def _bad_inputs(clip: bytes) -> list[tuple[str, dict, int, str]]:
         ),
         ("NaN float WAV", f(wav_bytes(nan, subtype="FLOAT")), 400, "non_finite_audio"),
         ("0.5 s clip", f(wav_bytes(tone(0.5))), 422, "audio_too_short"),
+        # 25 s > the 20 s limit here, in 200 kB: refused from its header, before decoding.
+        ("too long", f(wav_bytes(tone(25.0, 8000), 8000, "PCM_U8")), 422, "audio_too_long"),
         ("over-limit body", f(b"\0" * (3 * 2**20)), 413, "payload_too_large"),
         (
             "unknown params",

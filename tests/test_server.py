@@ -302,3 +302,17 @@ def test_cors_closed_by_default_open_when_configured(engine):
         assert r.headers["access-control-allow-origin"] == "https://example.org"
         r = c.get("/health", headers={"Origin": "https://example.org"})
         assert "X-Seed" in r.headers["access-control-expose-headers"]
+
+
+def test_settings_from_environment(monkeypatch, engine):
+    monkeypatch.setenv("SNAC_DIT_MAX_BATCH", "3")
+    monkeypatch.setenv("SNAC_DIT_CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("SNAC_DIT_API_KEY", "")  # compose passes an empty value when unset
+    monkeypatch.setenv("SNAC_DIT_DEFAULT_STEPS", "3,2,1,1")
+    monkeypatch.setenv("SNAC_DIT_WARMUP", "false")
+    s = Settings()
+    assert s.max_batch == 3 and s.api_key is None
+    assert s.cors_origins == ["https://a.example", "https://b.example"]
+    with TestClient(create_app(s, engine=engine)) as c:
+        info = c.get("/info").json()  # open: the empty key did not switch auth on
+    assert info["defaults"]["steps"] == [3, 2, 1, 1] and info["limits"]["max_batch"] == 3

@@ -176,8 +176,9 @@ class Evaluator:
         params = SamplingParams(seed=self.ecfg.seed)
         if self.ecfg.sample_steps:
             params = SamplingParams(steps=tuple(self.ecfg.sample_steps), seed=self.ecfg.seed)
-        with self.autocast():
-            new = generate(self.model, ctx, params, self.schedules)
+        # No autocast here: the sampler's KV cache takes the weights' dtype (fp32), and one row
+        # of sampling is cheap at full precision.
+        new = generate(self.model, ctx, params, self.schedules)
         out_dir = run_dir / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         sr = codec.sample_rate

@@ -69,12 +69,15 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
         self.num_updates += 1
+        shadows, values = [], []
         for k, v in model.state_dict().items():
-            s = self.shadow[k]
             if v.dtype.is_floating_point:
-                s.lerp_(v.detach().float(), 1.0 - d)
+                shadows.append(self.shadow[k])
+                values.append(v.detach().float())
             else:
-                s.copy_(v)
+                self.shadow[k].copy_(v)
+        if shadows:  # one fused launch per step instead of one per tensor
+            torch._foreach_lerp_(shadows, values, 1.0 - d)
 
     def state_dict(self) -> dict:
         return dict(self.shadow)

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {tokenize_hint(cfg.data.tokens)}", file=sys.stderr)
         return 2
 
+    from training import checkpoint as ckpt_io
     from training import distributed as D
     from training.trainer import DataMissingError, Trainer
 
@@ -82,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             trainer = Trainer(cfg, env)
-        except DataMissingError as e:
+            if ckpt is not None:
+                trainer.load(ckpt)
+        except (DataMissingError, ConfigError, ckpt_io.CheckpointError) as e:
             if env.is_main:
                 print(f"error: {e}", file=sys.stderr)
             return 2
-        if ckpt is not None:
-            trainer.load(ckpt)
         return trainer.fit()
     finally:
         D.shutdown(env)

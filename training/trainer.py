@@ -26,7 +26,7 @@ from model.diffusion import DiffusionConfig, MaskedDiffusion
 from model.dit import DiT, DiTConfig
 from training import checkpoint as ckpt_io
 from training import distributed as D
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.curriculum import N_CTX_VALUES, stage_at, stage_sampler
 from training.data import TokenWindows, collate_windows
 from training.evaluate import Evaluator
@@ -103,9 +103,15 @@ class Trainer:
         )
         for k, v in from_tokens.items():
             if k in overrides and tuple(np.atleast_1d(overrides[k])) != tuple(np.atleast_1d(v)):
-                raise ValueError(f"model.{k} = {overrides[k]} contradicts the tokens ({v})")
-        self.model_cfg = DiTConfig.from_name(cfg.model["preset"], **{**overrides, **from_tokens})
-        self.diff_cfg = DiffusionConfig.from_dict(cfg.diffusion)
+                raise ConfigError(f"model.{k} = {overrides[k]} contradicts the tokens ({v})")
+        try:
+            self.model_cfg = DiTConfig.from_name(cfg.model["preset"], **{**overrides, **from_tokens})
+        except (TypeError, ValueError) as e:  # unknown preset or field, bad value
+            raise ConfigError(f"[model] {cfg.model}: {e}") from e
+        try:
+            self.diff_cfg = DiffusionConfig.from_dict(cfg.diffusion)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"[diffusion] {cfg.diffusion}: {e}") from e
 
         seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         self.dit = DiT(self.model_cfg).to(self.device)
@@ -196,7 +202,7 @@ class Trainer:
         try:
             self.dit.load_state_dict(ck["model"])
         except RuntimeError as e:
-            raise ValueError(f"{ck['path']} does not fit this model config: {e}") from e
+            raise ConfigError(f"{ck['path']} does not fit this model config: {e}") from e
         self.ema.load_state_dict(ck["ema"], ck["trainer"]["ema_updates"])
         tr = ck["trainer"]
         self.opt.load_state_dict(tr["optimizer"])

@@ -266,6 +266,10 @@ class Trainer:
         """Train to the end of the curriculum (or a signal); returns the process exit status."""
         cfg, total = self.cfg, self.cfg.total_steps
         end = min(total, cfg.stop_at) if cfg.stop_at else total
+        if self.step >= end:
+            self._print(f"already at step {self.step} of {end}: nothing to train (lengthen a "
+                        "curriculum stage or raise stop_at to go on)")
+            return 0
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -321,7 +325,7 @@ class Trainer:
                                      "(lower optim.lr, or resume from an earlier checkpoint)")
         rate = self.meter.read()
         self.meter.reset()
-        stage_idx, stage = stage_at(self.cfg.curriculum.stages, self.step - 1)
+        _, stage = stage_at(self.cfg.curriculum.stages, self.step - 1)
         values.update(lr=self.sched.get_last_lr()[0], stage=stage.name, **rate)
         if self.log is not None:
             self.log.write(self.step, "train", values)

@@ -2,6 +2,7 @@
 
     python bench/attention.py                      # H100/H200: training + inference shapes
     python bench/attention.py --dry-run            # any machine: layouts, tile plans, FLOPs only
+    python bench/attention.py --compile-report     # any machine: build for sm_90, registers/spills
 
 Shapes (defaults = the `base` DiT preset: 10 heads x 64 head dim, bf16):
   train      batch 8 of the n_ctx=2 training layout, 3328 tokens, self-attention;
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import model.kernels.block_attention as ba  # noqa: E402
 from model.kernels.block_attention import (  # noqa: E402
     FULL,
     PARTIAL,
@@ -233,6 +235,60 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- compile report
+
+
+def compile_report(dtypes=("bf16", "fp16"), head_dims=(32, 64, 128), block=64, arch=90):
+    """Compile every kernel ahead of time for sm_<arch> (no GPU needed: Triton ships ptxas) with
+    the launch options the kernel uses, and read registers / spill stack from the cubin."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if triton.knobs.runtime.interpret:
+        raise SystemExit("--compile-report needs TRITON_INTERPRET unset")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    kernels = (ba._fwd_kernel, ba._bwd_delta_kernel, ba._bwd_dkdv_kernel, ba._bwd_dq_kernel)
+    scalars = dict(LSE="*fp32", DELTA="*fp32", QBITS="*i64", KBITS="*i64", IDX="*i32",
+                   CNT="*i32", qk_scale="fp32", scale="fp32")
+    rows = []
+    for dt in dtypes:
+        for D in head_dims:
+            consts = dict(HEAD_DIM=D, BLOCK_M=block, BLOCK_N=block,
+                          DOT_PREC="ieee" if dt == "fp32" else "tf32")
+            desc = f"tensordesc<{dt}[1,1,{block},{D}]>"
+            for fn in kernels:
+                cs = {n: c for n, c in consts.items() if n in fn.arg_names}
+                sig = {n: "constexpr" if n in cs else
+                       desc if n.endswith("_desc") else scalars.get(n, "i32")
+                       for n in fn.arg_names}
+                t = time.perf_counter()
+                k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cs),
+                                   target=GPUTarget("cuda", arch, 32),
+                                   options=ba.launch_options(D))
+                row = dict(arch=arch, dtype=dt, D=D, kernel=fn.__name__,
+                           shared_bytes=k.metadata.shared,
+                           wgmma="warp_group_dot" in k.asm["ttgir"],
+                           compile_s=round(time.perf_counter() - t, 1))
+                with tempfile.TemporaryDirectory() as tmp:
+                    cubin = Path(tmp) / "kernel.cubin"
+                    cubin.write_bytes(k.asm["cubin"])
+                    usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)],
+                                           capture_output=True, text=True).stdout
+                for field in usage.split():
+                    if field.startswith(("REG:", "STACK:")):
+                        key, val = field.split(":")
+                        row[key.lower()] = int(val)
+                rows.append(row)
+                print(f"sm_{arch} {dt:<5} D={D:<4} {fn.__name__:<18} regs={row.get('reg')} "
+                      f"spill_stack={row.get('stack')} shared={row['shared_bytes']} "
+                      f"wgmma={row['wgmma']}", flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -276,6 +332,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=200, help="do_bench repetitions, ms")
     p.add_argument("--dry-run", action="store_true", help="no GPU: print the shapes and FLOPs")
+    p.add_argument("--compile-report", action="store_true",
+                   help="no GPU: compile the kernels for sm_90, print registers and spills")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], help="--compile-report")
+    p.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 128],
+                   help="--compile-report")
     p.add_argument("--out", type=Path, help="raw JSON results (default bench/results/"
                    "attention_<gpu>.json)")
     return p.parse_args(argv)
@@ -283,6 +344,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compile_report:
+        return dict(compile=compile_report(args.dtypes, args.head_dims, args.block))
     cases = all_cases(args)
     if args.cases:
         unknown = set(args.cases) - set(cases)

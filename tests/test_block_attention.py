@@ -290,6 +290,27 @@ def test_strided_inputs_and_determinism():
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # no atomics: bitwise reproducible
 
 
+def test_every_output_element_written():
+    # Outputs and gradients are allocated with torch.empty: poison those allocations with NaN
+    # so an element the kernels never store (padding rows, rows past the last full tile, rows
+    # that see nothing) cannot pass by holding a lucky 0.
+    seg_q, seg_k, allowed = (x.to(DEV) for x in random_problem(1, 40, 24, S=4, seed=14))
+    q, k, v = (x.requires_grad_() for x in qkv(1, 2, 40, 24, 16, torch.float32))
+    real_empty = torch.empty
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    try:
+        out = ba.block_attention(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    finally:
+        mp.undo()
+    ref = ba.block_attention_ref(q, k, v, seg_q, seg_k, allowed)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+    for got, want in zip((out, *grads), (ref, *ref_grads), strict=True):
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_explicit_plan_and_empty_sequences():
     seg_q, seg_k, allowed = (x.to(DEV) for x in random_problem(1, 16, 16, S=3, seed=8,
                                                                empty_rows=False))
@@ -436,6 +457,31 @@ def test_bench_cpu_parts():
     torch.testing.assert_close(out, ba.block_attention_ref(q, k, v, seg, seg, allowed))
     mask = bench.sdpa_mask(seg, seg, allowed)
     assert mask.shape == (2, 1, seg.shape[1], seg.shape[1]) and mask.all(-1)[1, 0, -1]
+
+
+def test_kernels_compile_for_hopper_without_spills():
+    # The interpreter does not run Triton's GPU compiler; this does (for sm_90, with Triton's
+    # bundled ptxas, no GPU needed) and checks the build: tensor-core (wgmma) dots, no spills.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton build ships no NVIDIA toolchain")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "bench/attention.py", "--compile-report", "--dtypes",
+                          "bf16", "--head-dims", "64"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("sm_90")]
+    assert len(lines) == 4, run.stdout
+    for ln in lines:
+        assert "spill_stack=0" in ln, ln
+        assert "wgmma=True" in ln or "_bwd_delta_kernel" in ln, ln
 
 
 # ----------------------------------------------------------------------------- GPU (real sizes)

@@ -31,12 +31,17 @@ Algorithm.
 
 Constraints and caveats.
   - dtypes fp16 / bf16 (fp32 accumulation) and fp32 (dots in IEEE fp32, not TF32, so the CPU
-    interpreter and GPU agree with the fp32 reference). D a power of two in [16, 256].
-  - The last dim of q/k/v must be contiguous (other strides are free: (B, N, H, D) views work).
-  - Offsets into q/k/v/o are int64: no overflow for B*H*N*D >= 2**31.
+    interpreter and GPU agree with the fp32 reference; on GPU that is a slow correctness mode
+    without tensor cores). D a power of two in [16, 256].
+  - q/k/v/o/dO and the gradients move through 4-D tensor descriptors (TMA on Hopper): rows past
+    N are zero-filled on load and clipped on store, and no per-element pointer tiles occupy
+    registers (with pointer tiles the sm_90 build spilled at D >= 64). Any strides work
+    ((B, N, H, D) views need no copy) as long as the last is 1 and the base and other strides
+    are 16-byte aligned; other inputs are copied first.
+  - The plan's tile lists and bit vectors use int64 row offsets; TMA coordinates are int32
+    (N < 2**31 per head).
   - Tile sizes are plan parameters (tests use 4..16; real segments are multiples of 64, so with
-    64-tiles almost every tile is FULL or EMPTY). Smaller tiles are legal but slower on GPU, and
-    tl.dot needs BLOCK_M, BLOCK_N >= 16 on GPU.
+    64-tiles almost every tile is FULL or EMPTY). tl.dot needs tiles >= 16 on GPU.
   - On CPU this runs only under TRITON_INTERPRET=1 (set before this module is imported), in
     fp32/fp16: the interpreter computes bf16 wrongly.
 """
@@ -51,6 +56,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes
 MAX_SEGMENTS = 64  # q_bits is one int64 per query
@@ -201,33 +207,28 @@ class _PlanCache:
 _plan_cache = _PlanCache()
 
 # ----------------------------------------------------------------------------- kernels
+# q/k/v/o/do/dq/dk/dv are read and written through 4-D tensor descriptors (B, H, N, D) with
+# blocks (1, 1, tile, D): on Hopper these are TMA copies, which zero-fill rows past N and clip
+# stores, and keep no per-element pointers in registers (pointer tiles spilled at D >= 64).
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, q_bits, k_base, v_base, kbits_base, idx_ptr, start, stop,
-               stride_kn, stride_vn, N_K, qk_scale, offs_n, offs_d,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_tiles(acc, l_i, m_i, q, q_bits, k_desc, v_desc, kbits_base, idx_ptr, start, stop, b, h,
+               N_K, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
     for i in range(start, stop):
         start_n = tl.load(idx_ptr + i) * BLOCK_N
-        cols = start_n + offs_n  # (BN,) key positions
-        # int64 tile base, int32 offsets inside the tile
-        k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
-        v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
-        if MASKED:
-            in_k = cols < N_K
-            k = tl.load(k_ptrs, mask=in_k[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=in_k[:, None], other=0.0)
-            k_bits = tl.load(kbits_base + cols, mask=in_k, other=0)
-        else:  # FULL tiles are in range by construction
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BM, BN), log2 units
         if MASKED:
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k_bits = tl.load(kbits_base + cols, mask=cols < N_K, other=0)
             s = tl.where((q_bits[:, None] & k_bits[None, :]) != 0, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with nothing visible yet keeps m = -inf; subtract 0 there to avoid inf - inf.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
+        else:  # FULL tiles: every pair visible, every row and column in range
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = m_new
         p = tl.math.exp2(s - m_use[:, None])
@@ -239,85 +240,70 @@ def _fwd_tiles(acc, l_i, m_i, q, q_bits, k_base, v_base, kbits_base, idx_ptr, st
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, LSE, QBITS, KBITS, IDX, CNT,
-                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, LSE, QBITS, KBITS, IDX, CNT,
                 H, N_Q, N_K, T_Q, T_K, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 DOT_PREC: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = qt.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_q = offs_m < N_Q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=in_q[:, None], other=0.0)
-    q_bits = tl.load(QBITS + b * N_Q + offs_m, mask=in_q, other=0)
-    row = b * T_Q + qt
+    b = bh // H
+    h = bh % H
+    start_m = qt * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    in_q = rows < N_Q
+    q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    q_bits = tl.load(QBITS + b.to(tl.int64) * N_Q + rows, mask=in_q, other=0)
+    row = b.to(tl.int64) * T_Q + qt  # this query tile's entry in the tile lists
     n_partial = tl.load(CNT + row * 2)
     n_full = tl.load(CNT + row * 2 + 1)
     idx_ptr = IDX + row * T_K
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    kbits_base = KBITS + b * N_K
+    kbits_base = KBITS + b.to(tl.int64) * N_K
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_bits, k_base, v_base, kbits_base, idx_ptr,
-                               0, n_partial, stride_kn, stride_vn, N_K, qk_scale, offs_n, offs_d,
-                               BLOCK_N, True, DOT_PREC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_bits, k_base, v_base, kbits_base, idx_ptr,
-                               n_partial, n_partial + n_full, stride_kn, stride_vn, N_K, qk_scale,
-                               offs_n, offs_d, BLOCK_N, False, DOT_PREC)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_bits, k_desc, v_desc, kbits_base, idx_ptr,
+                               0, n_partial, b, h, N_K, qk_scale,
+                               BLOCK_N, HEAD_DIM, True, DOT_PREC)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, q_bits, k_desc, v_desc, kbits_base, idx_ptr,
+                               n_partial, n_partial + n_full, b, h, N_K, qk_scale,
+                               BLOCK_N, HEAD_DIM, False, DOT_PREC)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_desc.store([b, h, start_m, 0], out.to(q.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=in_q[:, None])
-    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=in_q)
+    tl.store(LSE + bh.to(tl.int64) * N_Q + rows, lse, mask=in_q)
 
 
 @triton.jit
-def _bwd_delta_kernel(Out, DO, DELTA, stride_ob, stride_oh, stride_om,
-                      stride_db, stride_dh, stride_dm, H, N_Q,
+def _bwd_delta_kernel(o_desc, do_desc, DELTA, H, N_Q,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = qt.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_q = offs_m < N_Q
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=in_q[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :],
-                 mask=in_q[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=in_q)
+    b = bh // H
+    h = bh % H
+    start_m = qt * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    o = o_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM).to(tl.float32)
+    do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + rows, tl.sum(o * do, 1), mask=rows < N_Q)
 
 
 @triton.jit
-def _bwd_dkdv_tiles(dk, dv, k, v, k_bits, q_base, do_base, lse_base, delta_base, qbits_base,
-                    idx_ptr, start, stop, stride_qm, stride_dom, N_Q, qk_scale, offs_m, offs_d,
-                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_dkdv_tiles(dk, dv, k, v, k_bits, q_desc, do_desc, lse_base, delta_base, qbits_base,
+                    idx_ptr, start, stop, b, h, N_Q, qk_scale, BLOCK_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
     for i in range(start, stop):
         start_m = tl.load(idx_ptr + i) * BLOCK_M
-        rows = start_m + offs_m  # (BM,) query positions
-        q_ptrs = q_base + start_m.to(tl.int64) * stride_qm + (offs_m[:, None] * stride_qm + offs_d[None, :])
-        do_ptrs = do_base + start_m.to(tl.int64) * stride_dom + (offs_m[:, None] * stride_dom + offs_d[None, :])
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+        do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
         if MASKED:
             in_q = rows < N_Q
-            q = tl.load(q_ptrs, mask=in_q[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=in_q[:, None], other=0.0)
             lse = tl.load(lse_base + rows, mask=in_q, other=float("inf"))
             delta = tl.load(delta_base + rows, mask=in_q, other=0.0)
             q_bits = tl.load(qbits_base + rows, mask=in_q, other=0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BN, BM)
@@ -332,71 +318,52 @@ def _bwd_dkdv_tiles(dk, dv, k, v, k_bits, q_base, do_base, lse_base, delta_base,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QBITS, KBITS, IDX, CNT,
-                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     H, N_Q, N_K, T_Q, T_K, qk_scale, scale,
+def _bwd_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, QBITS,
+                     KBITS, IDX, CNT, H, N_Q, N_K, T_Q, T_K, qk_scale, scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_PREC: tl.constexpr):
     kt = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_n = kt.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_k = offs_n < N_K
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=in_k[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=in_k[:, None], other=0.0)
-    k_bits = tl.load(KBITS + b * N_K + offs_n, mask=in_k, other=0)
-    row = b * T_K + kt
+    b = bh // H
+    h = bh % H
+    start_n = kt * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k = k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    v = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    k_bits = tl.load(KBITS + b.to(tl.int64) * N_K + cols, mask=cols < N_K, other=0)
+    row = b.to(tl.int64) * T_K + kt  # this key tile's entry in the transposed lists
     n_partial = tl.load(CNT + row * 2)
     n_full = tl.load(CNT + row * 2 + 1)
     idx_ptr = IDX + row * T_Q
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
     lse_base = LSE + bh.to(tl.int64) * N_Q
     delta_base = DELTA + bh.to(tl.int64) * N_Q
-    qbits_base = QBITS + b * N_Q
+    qbits_base = QBITS + b.to(tl.int64) * N_Q
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, k_bits, q_base, do_base, lse_base, delta_base,
-                             qbits_base, idx_ptr, 0, n_partial, stride_qm, stride_dom, N_Q,
-                             qk_scale, offs_m, offs_d, BLOCK_M, True, DOT_PREC)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, k_bits, q_base, do_base, lse_base, delta_base,
-                             qbits_base, idx_ptr, n_partial, n_partial + n_full, stride_qm,
-                             stride_dom, N_Q, qk_scale, offs_m, offs_d, BLOCK_M, False, DOT_PREC)
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=in_k[:, None])
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=in_k[:, None])
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, k_bits, q_desc, do_desc, lse_base, delta_base,
+                             qbits_base, idx_ptr, 0, n_partial, b, h, N_Q, qk_scale,
+                             BLOCK_M, HEAD_DIM, True, DOT_PREC)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, k_bits, q_desc, do_desc, lse_base, delta_base,
+                             qbits_base, idx_ptr, n_partial, n_partial + n_full, b, h, N_Q,
+                             qk_scale, BLOCK_M, HEAD_DIM, False, DOT_PREC)
+    dk_desc.store([b, h, start_n, 0], (dk * scale).to(k.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
+    dv_desc.store([b, h, start_n, 0], dv.to(v.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
 
 
 @triton.jit
-def _bwd_dq_tiles(dq, q, do, lse, delta, q_bits, k_base, v_base, kbits_base, idx_ptr, start,
-                  stop, stride_kn, stride_vn, N_K, qk_scale, offs_n, offs_d,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_dq_tiles(dq, q, do, lse, delta, q_bits, k_desc, v_desc, kbits_base, idx_ptr, start,
+                  stop, b, h, N_K, qk_scale, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
     for i in range(start, stop):
         start_n = tl.load(idx_ptr + i) * BLOCK_N
-        cols = start_n + offs_n  # (BN,) key positions
-        # int64 tile base, int32 offsets inside the tile
-        k_ptrs = k_base + start_n.to(tl.int64) * stride_kn + (offs_n[:, None] * stride_kn + offs_d[None, :])
-        v_ptrs = v_base + start_n.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :])
-        if MASKED:
-            in_k = cols < N_K
-            k = tl.load(k_ptrs, mask=in_k[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=in_k[:, None], other=0.0)
-            k_bits = tl.load(kbits_base + cols, mask=in_k, other=0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = k_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = v_desc.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BM, BN)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k_bits = tl.load(kbits_base + cols, mask=cols < N_K, other=0)
             p = tl.where((q_bits[:, None] & k_bits[None, :]) != 0, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -405,45 +372,35 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, q_bits, k_base, v_base, kbits_base, idx
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QBITS, KBITS, IDX, CNT,
-                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                   stride_dqb, stride_dqh, stride_dqm,
+def _bwd_dq_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, LSE, DELTA, QBITS, KBITS, IDX, CNT,
                    H, N_Q, N_K, T_Q, T_K, qk_scale, scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PREC: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = qt.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_q = offs_m < N_Q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=in_q[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :], mask=in_q[:, None], other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=in_q, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=in_q, other=0.0)
-    q_bits = tl.load(QBITS + b * N_Q + offs_m, mask=in_q, other=0)
-    row = b * T_Q + qt
+    b = bh // H
+    h = bh % H
+    start_m = qt * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    in_q = rows < N_Q
+    q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    do = do_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    lse = tl.load(LSE + bh.to(tl.int64) * N_Q + rows, mask=in_q, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + rows, mask=in_q, other=0.0)
+    q_bits = tl.load(QBITS + b.to(tl.int64) * N_Q + rows, mask=in_q, other=0)
+    row = b.to(tl.int64) * T_Q + qt
     n_partial = tl.load(CNT + row * 2)
     n_full = tl.load(CNT + row * 2 + 1)
     idx_ptr = IDX + row * T_K
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    kbits_base = KBITS + b * N_K
+    kbits_base = KBITS + b.to(tl.int64) * N_K
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dq = _bwd_dq_tiles(dq, q, do, lse, delta, q_bits, k_base, v_base, kbits_base, idx_ptr, 0,
-                       n_partial, stride_kn, stride_vn, N_K, qk_scale, offs_n, offs_d,
-                       BLOCK_N, True, DOT_PREC)
-    dq = _bwd_dq_tiles(dq, q, do, lse, delta, q_bits, k_base, v_base, kbits_base, idx_ptr,
-                       n_partial, n_partial + n_full, stride_kn, stride_vn, N_K, qk_scale,
-                       offs_n, offs_d, BLOCK_N, False, DOT_PREC)
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
+    dq = _bwd_dq_tiles(dq, q, do, lse, delta, q_bits, k_desc, v_desc, kbits_base, idx_ptr, 0,
+                       n_partial, b, h, N_K, qk_scale, BLOCK_N, HEAD_DIM, True, DOT_PREC)
+    dq = _bwd_dq_tiles(dq, q, do, lse, delta, q_bits, k_desc, v_desc, kbits_base, idx_ptr,
+                       n_partial, n_partial + n_full, b, h, N_K, qk_scale, BLOCK_N, HEAD_DIM,
+                       False, DOT_PREC)
+    dq_desc.store([b, h, start_m, 0], (dq * scale).to(q.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -456,8 +413,24 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _num_warps(head_dim: int) -> int:
-    return 8 if head_dim >= 128 else 4
+def launch_options(head_dim: int) -> dict:
+    """num_warps/num_stages of every kernel. Untuned guesses; spill-free on sm_90 for 16-bit
+    dtypes at D <= 128 (`python bench/attention.py --compile-report`)."""
+    return dict(num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+
+
+def _desc(t: torch.Tensor, block: int) -> TensorDescriptor:
+    """(B, H, N, D) tensor -> descriptor of (1, 1, block, D) tiles."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block, t.shape[3]])
+
+
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """TMA needs a 16-byte aligned base, 16-byte aligned strides and a unit last stride."""
+    size = t.element_size()
+    if (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s * size % 16 == 0 for s in t.stride()[:-1])):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 class _BlockAttention(torch.autograd.Function):
@@ -466,21 +439,18 @@ class _BlockAttention(torch.autograd.Function):
         B, H, Nq, D = q.shape
         Nk = k.shape[2]
         assert k.shape == v.shape == (B, H, Nk, D) and q.dtype == k.dtype == v.dtype
-        assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
         assert plan.n_q == Nq and plan.n_k == Nk and plan.q_bits.shape[0] == B
         BM, BN = plan.block_m, plan.block_n
         Tq, Tk = triton.cdiv(Nq, BM), triton.cdiv(Nk, BN)
-        o = torch.empty_like(q)
-        if o.stride(-1) != 1:
-            o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
         _fwd_kernel[(Tq, B * H)](
-            q, k, v, o, lse, plan.q_bits, plan.k_bits, plan.fwd_idx, plan.fwd_cnt,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            _desc(q, BM), _desc(k, BN), _desc(v, BN), _desc(o, BM), lse,
+            plan.q_bits, plan.k_bits, plan.fwd_idx, plan.fwd_cnt,
             H, Nq, Nk, Tq, Tk, scale * _LOG2E,
             HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, DOT_PREC=_dot_precision(q.dtype),
-            num_warps=_num_warps(D), num_stages=2,
+            **launch_options(D),
         )
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.plan, ctx.scale = plan, scale
@@ -494,30 +464,24 @@ class _BlockAttention(torch.autograd.Function):
         Nk = k.shape[2]
         BM, BN = plan.block_m, plan.block_n
         Tq, Tk = triton.cdiv(Nq, BM), triton.cdiv(Nk, BN)
-        if do.stride(-1) != 1:
-            do = do.contiguous()
+        do = _tma_ready(do)
         delta = torch.empty_like(lse)  # (B, H, Nq) fp32
-        _bwd_delta_kernel[(Tq, B * H)](
-            o, do, delta, o.stride(0), o.stride(1), o.stride(2),
-            do.stride(0), do.stride(1), do.stride(2), H, Nq, HEAD_DIM=D, BLOCK_M=BM,
-        )
+        _bwd_delta_kernel[(Tq, B * H)](_desc(o, BM), _desc(do, BM), delta, H, Nq,
+                                       HEAD_DIM=D, BLOCK_M=BM)
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         common = dict(HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, DOT_PREC=_dot_precision(q.dtype),
-                      num_warps=_num_warps(D), num_stages=2)
+                      **launch_options(D))
+        q_d, k_d, v_d, do_d = _desc(q, BM), _desc(k, BN), _desc(v, BN), _desc(do, BM)
         _bwd_dkdv_kernel[(Tk, B * H)](
-            q, k, v, do, dk, dv, lse, delta, plan.q_bits, plan.k_bits, plan.bwd_idx, plan.bwd_cnt,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            q_d, k_d, v_d, do_d, _desc(dk, BN), _desc(dv, BN), lse, delta,
+            plan.q_bits, plan.k_bits, plan.bwd_idx, plan.bwd_cnt,
             H, Nq, Nk, Tq, Tk, scale * _LOG2E, scale, **common,
         )
         _bwd_dq_kernel[(Tq, B * H)](
-            q, k, v, do, dq, lse, delta, plan.q_bits, plan.k_bits, plan.fwd_idx, plan.fwd_cnt,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            q_d, k_d, v_d, do_d, _desc(dq, BM), lse, delta,
+            plan.q_bits, plan.k_bits, plan.fwd_idx, plan.fwd_cnt,
             H, Nq, Nk, Tq, Tk, scale * _LOG2E, scale, **common,
         )
         return dq, dk, dv, None, None
@@ -573,9 +537,8 @@ def block_attention(q, k, v, seg_q, seg_k, allowed, scale=None, *, plan: BlockPl
     if q.is_cuda and min(plan.block_m, plan.block_n) < 16:
         raise ValueError("tl.dot needs tiles of at least 16 on GPU; got "
                          f"{plan.block_m}x{plan.block_n}")
-    if q.shape[2] == 0 or k.shape[2] == 0:  # nothing to attend: all rows see nothing
+    if 0 in q.shape[:3] or k.shape[2] == 0:  # nothing to attend: all rows see nothing
         return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _BlockAttention.apply(q, k, v, plan, scale)
 
 

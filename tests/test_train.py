@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from model.engine import ContinuationEngine
 from model.sampler import SamplingParams
 from tests.conftest import tone
 from tests.test_resume import debug_config, make_tokens
-from training.config import ConfigError, TrainConfig, load_config, parse_overrides
+from training.config import ConfigError, TrainConfig, load_config, parse_overrides, tomllib
 from training.shards import split_of
 from training.trainer import Trainer
 

@@ -311,6 +311,17 @@ def test_every_output_element_written():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_expanded_gradient_and_single_head():
+    # out.sum().backward() hands the kernel an expanded (stride 0) dO; H = 1 has a free stride
+    seg_q, seg_k, allowed = (x.to(DEV) for x in random_problem(1, 16, 16, S=3, seed=15))
+    q, k, v = (x.requires_grad_() for x in qkv(1, 1, 16, 16, 16, torch.float32))
+    ba.block_attention(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16).sum().backward()
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    ba.block_attention_ref(*xs, seg_q, seg_k, allowed).sum().backward()
+    for got, want in zip((q, k, v), xs, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_explicit_plan_and_empty_sequences():
     seg_q, seg_k, allowed = (x.to(DEV) for x in random_problem(1, 16, 16, S=3, seed=8,
                                                                empty_rows=False))

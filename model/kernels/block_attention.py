@@ -421,14 +421,20 @@ def launch_options(head_dim: int) -> dict:
 
 def _desc(t: torch.Tensor, block: int) -> TensorDescriptor:
     """(B, H, N, D) tensor -> descriptor of (1, 1, block, D) tiles."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block, t.shape[3]])
+    # A size-1 dim may carry any stride (even 0); only coordinate 0 is ever used there, so give
+    # it the contiguous stride, which meets TMA's alignment rule.
+    dense = [math.prod(t.shape[i + 1:]) for i in range(t.dim())]
+    strides = [s if n > 1 else c for s, n, c in zip(t.stride(), t.shape, dense, strict=True)]
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, block, t.shape[3]])
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """TMA needs a 16-byte aligned base, 16-byte aligned strides and a unit last stride."""
+    """TMA needs a 16-byte aligned base, 16-byte aligned non-zero strides and a unit last
+    stride (an expanded gradient, stride 0, is copied)."""
     size = t.element_size()
     if (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(s * size % 16 == 0 for s in t.stride()[:-1])):
+            and all(s > 0 and s * size % 16 == 0
+                    for s, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1)):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 

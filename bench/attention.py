@@ -12,6 +12,7 @@ Shapes (defaults = the `base` DiT preset: 10 heads x 64 head dim, bf16):
 Methods, all timed with the mask/plan prebuilt (one build serves every layer):
   kernel      model/kernels/block_attention.py with its tile plan;
   flex        torch FlexAttention (compiled) with a BlockMask built from the same tile lists;
+  flex_128    the same at 128-tiles, Flex's default block size (default kernel options);
   sdpa_mask   F.scaled_dot_product_attention with the dense (B, 1, Nq, Nk) bool mask;
   sdpa_dense  F.scaled_dot_product_attention with no mask: computes every pair (upper bound).
 Effective TFLOP/s count only the allowed (query, key) pairs: 4*D flops per pair forward, 3.5x
@@ -147,9 +148,18 @@ def methods(seg_q, seg_k, allowed, block: int, with_flex: bool = True):
         t = time.perf_counter()
         bm = flex_block_mask(plan, seg_q, seg_k, allowed)
         _sync()
-        opts = {"BLOCK_M": block, "BLOCK_N": block}  # the sparse blocks are `block` wide
+        # Flex's default tiles (128 on H100) must divide the sparse blocks: ask for `block`.
+        opts = {name: block for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1",
+                                          "BLOCK_M2", "BLOCK_N2")}
         out["flex"] = (time.perf_counter() - t,
                        lambda q, k, v: flex(q, k, v, block_mask=bm, kernel_options=opts))
+        if block != 128:  # also Flex at its native 128-blocks (more PARTIAL tiles, bigger tiles)
+            t = time.perf_counter()
+            bm128 = flex_block_mask(plan_block_attention(seg_q, seg_k, allowed, 128, 128),
+                                    seg_q, seg_k, allowed)
+            _sync()
+            out["flex_128"] = (time.perf_counter() - t,
+                               lambda q, k, v: flex(q, k, v, block_mask=bm128))
     t = time.perf_counter()
     mask = sdpa_mask(seg_q, seg_k, allowed)
     _sync()

@@ -79,6 +79,25 @@ class Batcher:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        self._task.add_done_callback(self._worker_stopped)
+
+    def _worker_stopped(self, task: asyncio.Task) -> None:
+        # Only a bug gets here (engine faults are caught per call). Fail what waits instead of
+        # leaving it hanging; /health then reports the dead worker so the process is restarted.
+        if self._closing or task.cancelled() or task.exception() is None:
+            return
+        log.error("the batching worker died", exc_info=task.exception())
+        dead = Unavailable(
+            "the engine worker stopped; the server needs a restart", code="worker_down"
+        )
+        for job in [*self._continues, *self._running]:
+            if not job.future.done():
+                job.future.set_exception(dead)
+        for job in self._streams:
+            job.chunks.put_nowait(dead)
+        self._continues.clear()
+        self._extends.clear()
+        self._streams.clear()
 
     @property
     def alive(self) -> bool:
@@ -103,7 +122,7 @@ class Batcher:
             self._task.cancel()
             try:
                 await self._task
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, Exception):  # a worker that died was logged then
                 pass
         # A running engine call cannot be interrupted; do not hold shutdown hostage to it.
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -316,3 +316,18 @@ def test_settings_from_environment(monkeypatch, engine):
     with TestClient(create_app(s, engine=engine)) as c:
         info = c.get("/info").json()  # open: the empty key did not switch auth on
     assert info["defaults"]["steps"] == [3, 2, 1, 1] and info["limits"]["max_batch"] == 3
+
+
+def test_a_dead_worker_fails_requests_and_health_instead_of_hanging(engine, clip, monkeypatch):
+    app = create_app(Settings(warmup=False), engine=engine)
+    with TestClient(app) as c:
+        batcher = app.state.service.batcher
+
+        async def bug():  # simulate a bug in the worker loop itself (not an engine fault)
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr(batcher, "_collect", bug)
+        assert_error(post(c, "/continue", clip, "steps=1"), 503, "worker_down")
+        assert c.get("/health").status_code == 503  # so an orchestrator restarts the process
+        assert c.get("/ready").status_code == 503
+        assert_error(post(c, "/continue", clip, "steps=1"), 503, "not_ready")

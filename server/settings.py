@@ -83,16 +83,19 @@ def missing_weights(settings: Settings) -> list[str]:
         problems.append(
             f"DiT weights not found at '{w}' (SNAC_DIT_WEIGHTS; expected model.safetensors "
             "and config.json there).\n"
-            "    train:  python training/train.py\n"
-            f"    export: python training/export.py CKPT {w}"
+            "    train:  python training/train.py --config training/configs/default.toml "
+            "(docs/training.md)\n"
+            f"    export: python training/export.py CKPT {w}   (CKPT: a checkpoint or run dir)"
         )
     if not settings.codec_is_hub_id() and not Path(settings.codec).is_dir():
         problems.append(
             f"codec not found at '{settings.codec}' (SNAC_DIT_CODEC: a local codec dir or a "
             "Hugging Face hub id).\n"
             "    pretrained: SNAC_DIT_CODEC=hubertsiuzdak/snac_32khz (downloads from the hub)\n"
-            "    or train one: python training/train_codec.py, then point SNAC_DIT_CODEC at "
-            "its output dir"
+            "    or train one: python training/train_codec.py --config "
+            "training/configs/codec_snac32k.toml (docs/codec-training.md), then use its "
+            "export/ dir as SNAC_DIT_CODEC\n"
+            "    (use the codec the DiT was trained with)"
         )
     return problems
 

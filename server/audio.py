@@ -60,8 +60,11 @@ def read_audio(source: bytes | str | Path, sample_rate: int) -> np.ndarray:
     try:
         data, rate = sf.read(handle, dtype="float32", always_2d=True)  # (T, C)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        # libsndfile names the file object ("Error opening <_io.BytesIO ...>: "); keep its reason.
+        reason = getattr(e, "error_string", None) or str(e).rsplit(": ", 1)[-1]
         raise UndecodableAudioError(
-            f"{name}: could not decode audio ({e}); send WAV, FLAC, OGG/Vorbis/Opus or MP3"
+            f"{name}: could not decode audio ({reason.rstrip('.')}); "
+            "send WAV, FLAC, OGG/Vorbis/Opus or MP3"
         ) from e
     if data.shape[0] == 0:
         raise EmptyAudioError(f"{name}: the audio has no samples")

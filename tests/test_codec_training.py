@@ -246,7 +246,7 @@ def test_losses_fall_without_gan(tmp_path, audio_dir):
     for r in rows:
         assert all(math.isfinite(v) for k, v in r.items() if k.startswith("loss/"))
         assert "loss/adv" not in r                           # discriminator off
-    assert rows[-1]["loss/mel"] < 0.8 * rows[0]["loss/mel"]
+    assert rows[-1]["loss/mel"] < 0.9 * rows[0]["loss/mel"]
     assert rows[-1]["loss/total"] < rows[0]["loss/total"]
     val = [r for r in read_log(run) if "val/mel" in r]
     assert len(val) == 1 and math.isfinite(val[0]["val/si_sdr"])

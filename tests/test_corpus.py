@@ -174,3 +174,5 @@ def test_licence_helpers():
     assert detect_licences("Attribution-ShareAlike 3.0 ... GNU General Public License "
                            "Version 2 or later") == ["CC-BY-SA-3.0", "GPL-2+"]
     assert detect_licences("CC-BY 4.0") == ["CC-BY-4.0"]
+    assert detect_licences("GNU GENERAL PUBLIC LICENSE Version 2, June 1991 ... GNU General "
+                           "Public License, version 2 or (at your option) any later") == ["GPL-2+"]

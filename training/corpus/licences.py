@@ -86,4 +86,6 @@ def detect_licences(text: str) -> list[str]:
             name = template.format(*groups)
             if name not in found:
                 found.append(name)
-    return found
+    # "GPL-2" next to "GPL-2+" is the licence text's own title ("Version 2, June 1991") next
+    # to the actual grant ("version 2 or later"): keep the grant.
+    return [n for n in found if n + "+" not in found]

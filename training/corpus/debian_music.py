@@ -288,7 +288,7 @@ def build(out: Path, root: Path, packages: list[str], fmt: str = "flac",
     pool = ProcessPoolExecutor(jobs) if jobs > 1 and len(todo) > 1 else None
     results = pool.map(_process, args) if pool else map(_process, args)
     with open(manifest_path, "a") as mf:
-        for track, res in tqdm(zip(todo, results), total=len(todo), disable=not progress,
+        for track, res in tqdm(zip(todo, results, strict=True), total=len(todo), disable=not progress,
                                desc="tracks", unit="track"):
             row = dict(package=track.package, original_path=track.original_path)
             row.update(licences[track.package].for_track(track))

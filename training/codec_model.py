@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +59,13 @@ def codec_forward(model: SNAC, audio: torch.Tensor, freeze_encoder: bool = False
     """audio (B, 1, T) -> reconstruction + codes + VQ losses (SNAC.forward with the losses)."""
     length = audio.shape[-1]
     x = model.preprocess(audio)                 # right-pad to hop * lcm(stride0, window)
-    if freeze_encoder:
-        # Encoder and quantiser are fixed: no graph, and the VQ losses are constants.
-        with torch.no_grad():
-            z_q, codes, commitment, codebook = quantize(model.quantizer, model.encoder(x))
-    else:
-        z_q, codes, commitment, codebook = quantize(model.quantizer, model.encoder(x))
+    # Encoder and quantiser are fixed under freeze_encoder: no graph, VQ losses are constants.
+    with torch.no_grad() if freeze_encoder else nullcontext():
+        z = model.encoder(x)
+        # The quantiser runs in fp32 even under bf16 autocast: a nearest-code search in bf16
+        # picks different codes than fp32 inference will, and the quantiser is tiny.
+        with torch.autocast(x.device.type, enabled=False):
+            z_q, codes, commitment, codebook = quantize(model.quantizer, z.float())
     audio_hat = model.decoder(z_q)[..., :length]
     return CodecOutput(audio_hat, codes, commitment, codebook)
 

@@ -225,6 +225,14 @@ def test_shipped_configs_parse(path):
     assert cfg.init or cfg.preset in MODEL_PRESETS
 
 
+def test_bad_data_source_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(FAST + ["--train", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "r")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no readable training audio"):
+        main(FAST + ["--train", str(tmp_path / "empty"), "--out_dir", str(tmp_path / "r")])
+
+
 def test_defaults_follow_the_recipe():
     cfg = CodecTrainConfig()
     assert cfg.lr == 6e-4 and cfg.lr_decay == 0.999994

@@ -82,10 +82,11 @@ def probe(paths: list[Path]) -> list[AudioFile]:
 
 
 def split_train_val(files: list[AudioFile], n_val: int) -> tuple[list[AudioFile], list[AudioFile]]:
-    """Hold out n_val files chosen by a hash of their path: stable as the corpus grows."""
+    """Hold out n_val files (at most a fifth of them) chosen by a hash of their path: stable
+    as the corpus grows."""
     if len(files) < 2 or n_val <= 0:
         return files, []
-    n_val = min(n_val, len(files) - 1)
+    n_val = min(n_val, max(1, len(files) // 5))
     ranked = sorted(files, key=lambda f: hashlib.sha256(f.path.encode()).hexdigest())
     val = set(f.path for f in ranked[:n_val])
     return [f for f in files if f.path not in val], [f for f in files if f.path in val]

@@ -101,7 +101,7 @@ def prepare_data(cfg: CodecTrainConfig, sample_rate: int, pad: int):
     else:
         train, val = split_train_val(files, cfg.val_files)
     if not train:
-        raise SystemExit(f"no readable training audio in {cfg.train}")
+        raise SystemExit(f"error: no readable training audio in {cfg.train}")
     stage = functools.partial(curriculum_stage, cfg.curriculum, sample_rate, pad)
     dataset = SegmentBatches(train, sample_rate, stage, cfg.steps, cfg.seed, cfg.min_rms)
     val_segments = load_val_segments(val, sample_rate,
@@ -130,7 +130,10 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
           f"start step {trainer.step}", file=sys.stderr)
 
     pad = pad_samples(trainer.model_config)
-    dataset, val_segments = prepare_data(cfg, trainer.sample_rate, pad)
+    try:
+        dataset, val_segments = prepare_data(cfg, trainer.sample_rate, pad)
+    except (FileNotFoundError, ValueError) as e:  # bad paths / undecodable val files
+        raise SystemExit(f"error: {e}") from e
     loader = DataLoader(dataset, batch_size=None, sampler=StepSampler(trainer.step, cfg.steps),
                         num_workers=cfg.num_workers, pin_memory=trainer.device.type == "cuda",
                         prefetch_factor=4 if cfg.num_workers else None,

@@ -98,6 +98,33 @@ def _rand(shape, generator, device) -> Tensor:
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
+def corrupt(batch, tokens: Tensor, masks: list[Tensor], t: Tensor, mask_id: int):
+    """Mask the noised target segments of `tokens` (B, N) in place.
+
+    masks[l]: (B, F_l) bool, True = replaced by `mask_id`; t: (B, L) diffusion time per level,
+    written to the noised segments' conditioning. Returns (seg_t (B, S) with 0 for every clean
+    segment, idx[l] (B, F_l) sequence positions of noised level l, clean[l] (B, F_l) its tokens).
+    """
+    seg_t = torch.zeros(batch.seg_role.shape, device=tokens.device)  # (B, S)
+    idx, clean = [], []
+    for lvl, m in enumerate(masks):
+        i = batch.target_index(NOISED, lvl)  # (B, F_l)
+        x0 = tokens.gather(1, i)
+        tokens.scatter_(1, i, torch.where(m, mask_id, x0))
+        seg_t.scatter_(1, batch.segment_index(NOISED, lvl)[:, None], t[:, lvl : lvl + 1].to(seg_t))
+        idx.append(i), clean.append(x0)
+    return seg_t, idx, clean
+
+
+def target_logits(model, tokens: Tensor, batch, seg_t: Tensor, idx: list[Tensor]) -> list[Tensor]:
+    """One forward; fp32 logits (B, F_l, V) of each noised target level at positions idx[l]."""
+    h = model(tokens, batch, seg_t)  # (B, N, d)
+    return [
+        model.logits(h.gather(1, i[:, :, None].expand(-1, -1, h.shape[-1])), lvl).float()
+        for lvl, i in enumerate(idx)
+    ]
+
+
 class MaskedDiffusion:
     def __init__(self, config: DiffusionConfig | None = None):
         self.config = config or DiffusionConfig()
@@ -164,26 +191,19 @@ class MaskedDiffusion:
                 [torch.randperm(B, generator=generator, device=gdev) for _ in range(L)], dim=1
             )
             t = (t[:1] + perm.to(device) / B) % 1.0  # (B, L)
-        seg_t = torch.zeros(batch.seg_role.shape, device=device)  # (B, S): 0 = clean segments
-        idx, clean, masked = [], [], []
+        masks = []
         for lvl in range(L):
-            i = batch.target_index(NOISED, lvl)  # (B, F_l)
-            x0 = tokens.gather(1, i)
-            u = _rand(x0.shape, generator, device)
+            u = _rand((B, fpc[lvl]), generator, device)
             m = u < mask_fraction(cfg.schedules[lvl], t[:, lvl])[:, None]
             m |= u == u.min(dim=1, keepdim=True).values  # >= 1 masked token: no empty level
-            tokens.scatter_(1, i, torch.where(m, V, x0))
-            seg_t.scatter_(1, batch.segment_index(NOISED, lvl)[:, None], t[:, lvl : lvl + 1])
-            idx.append(i), clean.append(x0), masked.append(m)
-
-        h = model(tokens, batch, seg_t)  # (B, N, d)
+            masks.append(m)
+        seg_t, idx, clean = corrupt(batch, tokens, masks, t, mask_id=V)
+        logits_per_level = target_logits(model, tokens, batch, seg_t, idx)
         terms, total = {}, 0.0
-        for lvl in range(L):
+        for lvl, logits in enumerate(logits_per_level):
             name = LEVEL_NAMES[lvl]
-            hl = h.gather(1, idx[lvl][:, :, None].expand(-1, -1, h.shape[-1]))  # (B, F_l, d)
-            logits = model.logits(hl, lvl).float()  # (B, F_l, V)
             ce = F.cross_entropy(logits.transpose(1, 2), clean[lvl], reduction="none")  # (B, F_l)
-            m = masked[lvl].float()
+            m = masks[lvl].float()
             if cfg.weighting == "mean":
                 ce_l = (ce * m).sum() / m.sum()
             else:

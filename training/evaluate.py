@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.diffusion import LEVEL_NAMES, mask_fraction
+from model.diffusion import LEVEL_NAMES, corrupt, mask_fraction, target_logits
 from model.dit import DiT
-from model.layout import NOISED, collate, fill_tokens
+from model.layout import collate, fill_tokens
 from training.config import TrainConfig
 from training.data import TokenWindows
 
@@ -65,25 +65,16 @@ def masked_token_metrics(model: DiT, windows: list[torch.Tensor], n_ctx: int, ra
     batch = collate([n_ctx] * B, fpc, cfg.strides).to(dev)
     tokens = fill_tokens(batch, [w.to(dev) for w in windows])  # (B, N)
     masks = [m.to(dev) for m in fixed_masks(B, fpc, ratio, seed)]
-    seg_t = torch.zeros(batch.seg_role.shape, device=dev)  # (B, S)
-    idx, clean = [], []
-    for lvl in range(cfg.n_levels):
-        i = batch.target_index(NOISED, lvl)  # (B, F_l)
-        x0 = tokens.gather(1, i)
-        tokens.scatter_(1, i, torch.where(masks[lvl], V, x0))
-        t = time_for_ratio(schedules[lvl], ratio)
-        seg_t.scatter_(1, batch.segment_index(NOISED, lvl)[:, None], t)
-        idx.append(i), clean.append(x0)
+    t = torch.tensor([time_for_ratio(s, ratio) for s in schedules], device=dev).expand(B, -1)
+    seg_t, idx, clean = corrupt(batch, tokens, masks, t, mask_id=V)
     with (autocast or contextlib.nullcontext)():
-        h = model(tokens, batch, seg_t)  # (B, N, d)
-        out = {}
-        for lvl in range(cfg.n_levels):
-            hl = h.gather(1, idx[lvl][:, :, None].expand(-1, -1, h.shape[-1]))  # (B, F_l, d)
-            logits = model.logits(hl, lvl).float()  # (B, F_l, V)
-            ce = F.cross_entropy(logits.transpose(1, 2), clean[lvl], reduction="none")  # (B, F_l)
-            m = masks[lvl]
-            hit = (logits.argmax(-1) == clean[lvl]) & m
-            out[LEVEL_NAMES[lvl]] = (float(ce[m].sum()), float(hit.sum()), int(m.sum()))
+        logits_per_level = target_logits(model, tokens, batch, seg_t, idx)
+    out = {}
+    for lvl, logits in enumerate(logits_per_level):
+        ce = F.cross_entropy(logits.transpose(1, 2), clean[lvl], reduction="none")  # (B, F_l)
+        m = masks[lvl]
+        hit = (logits.argmax(-1) == clean[lvl]) & m
+        out[LEVEL_NAMES[lvl]] = (float(ce[m].sum()), float(hit.sum()), int(m.sum()))
     return out
 
 

@@ -30,9 +30,17 @@ CHUNK_A_FRAMES = 64
 
 # The released 32 kHz model (DESIGN §1). SNAC()'s own defaults match no released model.
 SNAC_32KHZ_CONFIG = dict(
-    sampling_rate=32000, encoder_dim=64, encoder_rates=[2, 3, 8, 8], decoder_dim=1536,
-    decoder_rates=[8, 8, 3, 2], attn_window_size=32, codebook_size=4096, codebook_dim=8,
-    vq_strides=[8, 4, 2, 1], noise=True, depthwise=True,
+    sampling_rate=32000,
+    encoder_dim=64,
+    encoder_rates=[2, 3, 8, 8],
+    decoder_dim=1536,
+    decoder_rates=[8, 8, 3, 2],
+    attn_window_size=32,
+    codebook_size=4096,
+    codebook_dim=8,
+    vq_strides=[8, 4, 2, 1],
+    noise=True,
+    depthwise=True,
 )
 SNAC_32KHZ_HUB_ID = "hubertsiuzdak/snac_32khz"
 
@@ -73,8 +81,9 @@ class Codec:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, source: str | dict | os.PathLike, device: str | torch.device = "cpu",
-             seed: int = 0) -> Codec:
+    def load(
+        cls, source: str | dict | os.PathLike, device: str | torch.device = "cpu", seed: int = 0
+    ) -> Codec:
         """Build from a config dict (random init, seeded), a local directory, or a hub id."""
         if isinstance(source, dict):
             with torch.random.fork_rng(devices=[]):
@@ -104,11 +113,15 @@ class Codec:
         elif (path / "pytorch_model.bin").is_file():
             state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         else:
-            raise CodecLoadError(f"codec directory {path} has neither model.safetensors nor pytorch_model.bin")
+            raise CodecLoadError(
+                f"codec directory {path} has neither model.safetensors nor pytorch_model.bin"
+            )
         try:
             snac.load_state_dict(state)
         except RuntimeError as e:
-            raise CodecLoadError(f"codec weights in {path} do not match its config.json: {e}") from e
+            raise CodecLoadError(
+                f"codec weights in {path} do not match its config.json: {e}"
+            ) from e
         return cls(snac, config, device)
 
     @classmethod
@@ -153,10 +166,15 @@ class Codec:
 
     def geometry(self) -> dict:
         return dict(
-            sample_rate=self.sample_rate, hop_length=self.hop_length, strides=list(self.strides),
-            n_levels=self.n_levels, codebook_size=self.codebook_size,
-            frames_per_chunk=list(self.frames_per_chunk), samples_per_chunk=self.samples_per_chunk,
-            chunk_seconds=self.samples_per_chunk / self.sample_rate, pad_samples=self.pad_samples,
+            sample_rate=self.sample_rate,
+            hop_length=self.hop_length,
+            strides=list(self.strides),
+            n_levels=self.n_levels,
+            codebook_size=self.codebook_size,
+            frames_per_chunk=list(self.frames_per_chunk),
+            samples_per_chunk=self.samples_per_chunk,
+            chunk_seconds=self.samples_per_chunk / self.sample_rate,
+            pad_samples=self.pad_samples,
         )
 
     # ---------------------------------------------------------------- encode / decode
@@ -187,24 +205,34 @@ class Codec:
         batch, n0 = None, None
         for level, t in enumerate(tokens):
             if t.ndim != 2 or t.dtype.is_floating_point or t.dtype == torch.bool:
-                raise ValueError(f"{name}[{level}]: expected an integer (B, n) tensor, got {t.dtype} {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name}[{level}]: expected an integer (B, n) tensor, got {t.dtype} {tuple(t.shape)}"
+                )
             if batch is None:
                 batch, n0 = t.shape
             elif t.shape[0] != batch:
                 raise ValueError(f"{name}[{level}]: batch {t.shape[0]} != {batch} of level 0")
             want = n0 * self.strides[0] // self.strides[level]
             if t.shape[1] != want:
-                raise ValueError(f"{name}[{level}]: length {t.shape[1]} is off the grid; level 0 has "
-                                 f"{n0} frames so level {level} needs {want}")
+                raise ValueError(
+                    f"{name}[{level}]: length {t.shape[1]} is off the grid; level 0 has "
+                    f"{n0} frames so level {level} needs {want}"
+                )
             if t.numel() and (t.min() < 0 or t.max() >= self.codebook_size):
                 raise ValueError(f"{name}[{level}]: ids must lie in [0, {self.codebook_size})")
         if n0 % self.pad_frames[0]:
-            raise ValueError(f"{name}: level-0 length {n0} is not a multiple of {self.pad_frames[0]} "
-                             f"frames ({self.pad_samples} samples, the codec's padding grid)")
+            raise ValueError(
+                f"{name}: level-0 length {n0} is not a multiple of {self.pad_frames[0]} "
+                f"frames ({self.pad_samples} samples, the codec's padding grid)"
+            )
 
     @torch.inference_mode()
-    def decode(self, tokens: list[torch.Tensor], context: list[torch.Tensor] | None = None,
-               seed: int | None = 0) -> torch.Tensor:
+    def decode(
+        self,
+        tokens: list[torch.Tensor],
+        context: list[torch.Tensor] | None = None,
+        seed: int | None = 0,
+    ) -> torch.Tensor:
         """Per-level codes -> (B, samples) float32 audio, `context` decoded along and cut off.
 
         `seed` fixes the decoder's noise injection (None: use the global RNG). The context makes
@@ -217,14 +245,17 @@ class Codec:
             if context[0].shape[0] != tokens[0].shape[0]:
                 raise ValueError("context and tokens have different batch sizes")
             n_ctx_frames = context[0].shape[1]
-            tokens = [torch.cat([c.to(t.device), t], dim=1) for c, t in zip(context, tokens)]
+            tokens = [
+                torch.cat([c.to(t.device), t], dim=1) for c, t in zip(context, tokens, strict=True)
+            ]
         codes = [t.to(self.device) for t in tokens]
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                enabled=self.device.type == "cuda"):
+            with torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+            ):
                 audio = self.snac.decode(codes)  # (B, 1, T)
         cut = n_ctx_frames * self.strides[0] * self.hop_length
         return audio[:, 0, cut:].float()

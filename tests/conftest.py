@@ -13,6 +13,17 @@ import torch
 from model.codec import DEBUG_CODEC_CONFIG, Codec
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # Every test works on tiny tensors, where OpenMP threads cost more than they give; on a
+    # 2-core machine they also spin against the server/engine threads some tests start
+    # (measured up to 30x slower). Subprocesses keep torch's default.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def debug_codec() -> Codec:
     return Codec.load(DEBUG_CODEC_CONFIG, seed=0)

@@ -104,7 +104,7 @@ def test_save_load_roundtrip_and_snac_compat(tmp_path, debug_codec):
     with torch.inference_mode():
         assert all(
             torch.equal(a, b.cpu())
-            for a, b in zip(plain.encode(audio), debug_codec.encode(audio[:, 0]))
+            for a, b in zip(plain.encode(audio), debug_codec.encode(audio[:, 0]), strict=True)
         )
 
 

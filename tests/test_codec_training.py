@@ -57,14 +57,6 @@ FAST = ["--preset", "debug", "--curriculum", "[[0, 0.384, 2]]", "--val_seconds",
         "--threads", "1", "--progress", "false", "--resume", "never"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def audio_dir(tmp_path_factory) -> Path:
     """Five 1.5 s files: harmonic tones with tremolo (one at 48 kHz stereo: resampled + downmixed)."""

@@ -195,15 +195,7 @@ def test_loader_with_workers_resumes_mid_epoch(token_dir):
     assert [b["index"].tolist() for b in first] + rest == full
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_tokenize: tiny encodes on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
-
-
-def test_windows_of_a_tokenised_file_match_the_codec(tmp_path, debug_codec, debug_codec_dir, one_thread):
+def test_windows_of_a_tokenised_file_match_the_codec(tmp_path, debug_codec, debug_codec_dir):
     audio = tmp_path / "audio"
     audio.mkdir()
     sf.write(audio / "song.wav", tone(7.0, freq=330), 32000, subtype="FLOAT")

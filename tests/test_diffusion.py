@@ -11,16 +11,6 @@ FPC = (4, 8, 16, 32)
 V = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: OpenMP threads cost more than they give, and on a busy 2-core machine they
-    # spin against other processes (measured 30x slower). Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def model_and_windows(B=6, W=2, seed=0):
     torch.manual_seed(seed)
     model = DiT(DiTConfig.from_name("debug", frames_per_chunk=FPC, codebook_size=V))

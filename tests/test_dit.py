@@ -10,16 +10,6 @@ from model.layout import CLEAN, CONTEXT, NOISED, collate
 FPC, STRIDES = (4, 8, 16, 32), (8, 4, 2, 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: OpenMP threads cost more than they give, and on a busy 2-core machine they
-    # spin against other processes (measured 30x slower). Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> DiT:
     torch.manual_seed(0)
     cfg = DiTConfig.from_name("debug", frames_per_chunk=FPC, codebook_size=32, **kw)

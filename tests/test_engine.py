@@ -11,15 +11,6 @@ CHUNK = 196_608
 FAST = SamplingParams(steps=(2, 1, 1, 1), seed=123)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small shapes: OpenMP threads spin against other processes on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def engine(debug_weights_dir, debug_codec_dir):
     eng = ContinuationEngine.load(debug_weights_dir, debug_codec_dir)

@@ -16,16 +16,6 @@ from model.layout import (
 SMALL = ((4, 8, 16, 32), (8, 4, 2, 1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: OpenMP threads cost more than they give, and on a busy 2-core machine they
-    # spin against other processes (measured 30x slower). Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("n_ctx,expected", [(0, 448 + 960), (1, 960 + 448 + 960), (2, 3328)])
 def test_sequence_lengths_and_block_alignment(n_ctx, expected):
     lay = build_layout(n_ctx)

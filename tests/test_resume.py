@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from training import checkpoint as ckpt_io
@@ -63,14 +62,6 @@ def tiny_overrides(tokens: Path, out: Path, name: str, **extra) -> list[tuple[st
 
 def debug_config(tokens, out, name, **extra):
     return load_config(ROOT / "training/configs/debug.toml", tiny_overrides(tokens, out, name, **extra))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only spin against other tests on 2 cores
-    yield
-    torch.set_num_threads(n)
 
 
 def test_resume_is_bitwise_exact(tmp_path):

@@ -14,16 +14,6 @@ V = 32
 P = SamplingParams(steps=(3, 2, 2, 2), seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: OpenMP threads cost more than they give, and on a busy 2-core machine they
-    # spin against other processes (measured 30x slower). Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(std=0.1) -> DiT:
     torch.manual_seed(0)
     model = DiT(DiTConfig.from_name("debug", frames_per_chunk=FPC, codebook_size=V)).eval()

@@ -24,16 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PIECE = "1.152"  # 3 grid units (36,864 samples): a 2.5 s file spans 3 pieces
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on a 2-core box shared with other tests spin against each other:
-    # one thread encodes these tiny inputs several times faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_folder(root: Path) -> Path:
     audio = root / "audio"
     (audio / "sub" / "deeper").mkdir(parents=True)

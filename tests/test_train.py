@@ -27,14 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SR = 32000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def real_tokens(tmp_path_factory, debug_codec_dir) -> Path:
     """Two 19 s synthetic WAVs (one train, one val: 3 chunks fit) through the real tokeniser."""

@@ -17,7 +17,7 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 RUN pip install --upgrade pip && pip install torch --index-url "$TORCH_INDEX_URL"
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY model model
 COPY training training
 COPY server server

@@ -52,6 +52,89 @@ class CodecLoadError(RuntimeError):
     pass
 
 
+def pad_samples(config: dict) -> int:
+    """SNAC's padding grid in samples: hop * lcm(coarsest stride, attention window)."""
+    hop = math.prod(config["encoder_rates"])
+    return hop * math.lcm(config["vq_strides"][0], config.get("attn_window_size") or 1)
+
+
+def load_snac(source: str | dict | os.PathLike, seed: int = 0) -> tuple[SNAC, dict]:
+    """A `snac.SNAC` and its constructor config from a config dict (random init, seeded), a local
+    directory (config.json + model.safetensors or pytorch_model.bin) or a hub id (downloads).
+    Returned as built: `Codec` puts it in eval mode, the codec trainer trains it."""
+    if isinstance(source, dict):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return SNAC(**source), dict(source)
+    path = Path(source)
+    if path.is_dir():
+        return _snac_from_dir(path)
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise CodecLoadError(
+            f"codec {str(source)!r} is neither a local directory nor a hub id of the form 'owner/name'"
+        )
+    return _snac_from_hub(str(source))
+
+
+def _snac_from_dir(path: Path) -> tuple[SNAC, dict]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CodecLoadError(f"codec directory {path} has no config.json")
+    config = json.loads(config_file.read_text())
+    snac = SNAC(**config)
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(path / "model.safetensors")
+    elif (path / "pytorch_model.bin").is_file():
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise CodecLoadError(
+            f"codec directory {path} has neither model.safetensors nor pytorch_model.bin"
+        )
+    try:
+        snac.load_state_dict(state)
+    except RuntimeError as e:
+        raise CodecLoadError(f"codec weights in {path} do not match its config.json: {e}") from e
+    return snac, config
+
+
+def _snac_from_hub(repo_id: str) -> tuple[SNAC, dict]:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config_file = hf_hub_download(repo_id=repo_id, filename="config.json")
+        weights_file = hf_hub_download(repo_id=repo_id, filename="pytorch_model.bin")
+    except Exception as e:  # network, auth, missing repo: all mean "cannot load this id"
+        raise CodecLoadError(
+            f"could not fetch codec {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Offline? Pass a local directory with config.json + pytorch_model.bin instead."
+        ) from e
+    config = json.loads(Path(config_file).read_text())
+    snac = SNAC(**config)
+    snac.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+    return snac, config
+
+
+def save_snac(snac: SNAC, config: dict, out_dir: str | os.PathLike) -> Path:
+    """Write a directory that both `Codec.load` and `snac.SNAC.from_pretrained` accept:
+    config.json + pytorch_model.bin + model.safetensors. Each file goes to a temp name and is
+    renamed, so a crash never leaves a half-written export that later loads as garbage."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in snac.state_dict().items()}
+    tmp = out / ".tmp-export"
+    tmp.with_suffix(".json").write_text(json.dumps(config, indent=2))
+    os.replace(tmp.with_suffix(".json"), out / "config.json")
+    torch.save(state, tmp.with_suffix(".bin"))
+    os.replace(tmp.with_suffix(".bin"), out / "pytorch_model.bin")
+    save_file(state, str(tmp.with_suffix(".safetensors")))
+    os.replace(tmp.with_suffix(".safetensors"), out / "model.safetensors")
+    return out
+
+
 class Codec:
     def __init__(self, snac: SNAC, config: dict, device: str | torch.device = "cpu"):
         self.config = dict(config)
@@ -68,8 +151,7 @@ class Codec:
             raise CodecLoadError(f"vq_strides {self.strides} must all divide the coarsest stride")
         self.frames_per_chunk = tuple(CHUNK_A_FRAMES * self.strides[0] // s for s in self.strides)
         self.samples_per_chunk = CHUNK_A_FRAMES * self.strides[0] * self.hop_length
-        window = config.get("attn_window_size") or 1
-        self.pad_samples = self.hop_length * math.lcm(self.strides[0], window)
+        self.pad_samples = pad_samples(config)
         if self.samples_per_chunk % self.pad_samples:
             raise CodecLoadError(
                 f"a chunk ({self.samples_per_chunk} samples) is not a multiple of the codec's "
@@ -85,73 +167,12 @@ class Codec:
         cls, source: str | dict | os.PathLike, device: str | torch.device = "cpu", seed: int = 0
     ) -> Codec:
         """Build from a config dict (random init, seeded), a local directory, or a hub id."""
-        if isinstance(source, dict):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                snac = SNAC(**source)
-            return cls(snac, source, device)
-        path = Path(source)
-        if path.is_dir():
-            return cls._from_dir(path, device)
-        if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-            raise CodecLoadError(
-                f"codec {str(source)!r} is neither a local directory nor a hub id of the form 'owner/name'"
-            )
-        return cls._from_hub(str(source), device)
-
-    @classmethod
-    def _from_dir(cls, path: Path, device) -> Codec:
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise CodecLoadError(f"codec directory {path} has no config.json")
-        config = json.loads(config_file.read_text())
-        snac = SNAC(**config)
-        if (path / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            state = load_file(path / "model.safetensors")
-        elif (path / "pytorch_model.bin").is_file():
-            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        else:
-            raise CodecLoadError(
-                f"codec directory {path} has neither model.safetensors nor pytorch_model.bin"
-            )
-        try:
-            snac.load_state_dict(state)
-        except RuntimeError as e:
-            raise CodecLoadError(
-                f"codec weights in {path} do not match its config.json: {e}"
-            ) from e
-        return cls(snac, config, device)
-
-    @classmethod
-    def _from_hub(cls, repo_id: str, device) -> Codec:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            config_file = hf_hub_download(repo_id=repo_id, filename="config.json")
-            weights_file = hf_hub_download(repo_id=repo_id, filename="pytorch_model.bin")
-        except Exception as e:  # network, auth, missing repo: all mean "cannot load this id"
-            raise CodecLoadError(
-                f"could not fetch codec {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                "Offline? Pass a local directory with config.json + pytorch_model.bin instead."
-            ) from e
-        config = json.loads(Path(config_file).read_text())
-        snac = SNAC(**config)
-        snac.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+        snac, config = load_snac(source, seed=seed)
         return cls(snac, config, device)
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write a directory that both `Codec.load` and `snac.SNAC.from_pretrained` accept."""
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.snac.state_dict().items()}
-        (out / "config.json").write_text(json.dumps(self.config, indent=2))
-        torch.save(state, out / "pytorch_model.bin")
-        save_file(state, out / "model.safetensors")
-        return out
+        return save_snac(self.snac, self.config, out_dir)
 
     @property
     def fingerprint(self) -> str:

@@ -9,9 +9,6 @@ reimplementation cannot drift from the codec it trains.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from snac import SNAC
 from snac.vq import ResidualVectorQuantize
+
+from model import codec
 
 
 @dataclass
@@ -70,67 +69,24 @@ def codec_forward(model: SNAC, audio: torch.Tensor, freeze_encoder: bool = False
     return CodecOutput(audio_hat, codes, commitment, codebook)
 
 
-def build_snac(config: dict) -> SNAC:
-    return SNAC(**config)
-
-
 def load_snac(source: str | dict) -> tuple[SNAC, dict]:
-    """A SNAC and its constructor config from a config dict (random init), an export directory,
-    a training checkpoint (*.pt) or a hub id (downloads)."""
-    if isinstance(source, dict):
-        return build_snac(source), dict(source)
-    path = Path(source)
-    if path.is_file():
+    """A trainable SNAC and its constructor config from a training checkpoint (*.pt), or anything
+    `model.codec.load_snac` takes: a config dict (random init), an export directory, a hub id."""
+    path = Path(source) if not isinstance(source, dict) else None
+    if path is not None and path.is_file():
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if "model_config" not in ckpt or "model" not in ckpt:
             raise ValueError(f"{path} is not a codec training checkpoint (no model/model_config)")
-        model = build_snac(ckpt["model_config"])
+        model = SNAC(**ckpt["model_config"])
         model.load_state_dict(ckpt["model"])
         return model, dict(ckpt["model_config"])
-    if path.is_dir():
-        if not (path / "config.json").is_file() or not (path / "pytorch_model.bin").is_file():
-            raise ValueError(f"{path} must hold config.json and pytorch_model.bin")
-        config = json.loads((path / "config.json").read_text())
-        return SNAC.from_pretrained(str(path)).train(), config
-    text = str(source)
-    if text.startswith(("/", ".", "~")) or text.count("/") != 1 or text.endswith(".pt"):
-        raise ValueError(f"{source}: no such file or directory (nor an owner/name hub id)")
-    from huggingface_hub import hf_hub_download
-
-    config = json.loads(Path(hf_hub_download(repo_id=text, filename="config.json")).read_text())
-    return SNAC.from_pretrained(text).train(), config
+    model, config = codec.load_snac(source)
+    return model.train(), config
 
 
 def freeze_encoder_and_quantizer(model: SNAC) -> None:
     model.encoder.requires_grad_(False)
     model.quantizer.requires_grad_(False)
-
-
-def export_codec(model: SNAC, config: dict, out_dir: str | os.PathLike) -> Path:
-    """config.json + pytorch_model.bin (what `SNAC.from_pretrained(dir)` loads) + model.safetensors.
-
-    Each file is written to a temp name and renamed, so a crash never leaves a half-written
-    export that later loads as garbage.
-    """
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / ".tmp-export"
-    tmp.with_suffix(".json").write_text(json.dumps(config, indent=2))
-    os.replace(tmp.with_suffix(".json"), out / "config.json")
-    torch.save(state, tmp.with_suffix(".bin"))
-    os.replace(tmp.with_suffix(".bin"), out / "pytorch_model.bin")
-    save_file(state, str(tmp.with_suffix(".safetensors")))
-    os.replace(tmp.with_suffix(".safetensors"), out / "model.safetensors")
-    return out
-
-
-def pad_samples(config: dict) -> int:
-    """SNAC's padding grid: hop * lcm(coarsest stride, attention window)."""
-    hop = math.prod(config["encoder_rates"])
-    return hop * math.lcm(config["vq_strides"][0], config.get("attn_window_size") or 1)
 
 
 def count_params(module: torch.nn.Module) -> int:

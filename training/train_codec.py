@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from model.codec import CodecLoadError, pad_samples, save_snac  # noqa: E402
 from training.codec_checkpoint import (  # noqa: E402
     latest_checkpoint,
     load_checkpoint,
@@ -62,7 +63,7 @@ from training.codec_data import (  # noqa: E402
     split_train_val,
 )
 from training.codec_eval import evaluate  # noqa: E402
-from training.codec_model import count_params, export_codec, load_snac, pad_samples  # noqa: E402
+from training.codec_model import count_params, load_snac  # noqa: E402
 from training.codec_trainer import CodecTrainer  # noqa: E402
 
 
@@ -118,7 +119,10 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    trainer = CodecTrainer(cfg, ckpt["model_config"] if ckpt else None)
+    try:
+        trainer = CodecTrainer(cfg, ckpt["model_config"] if ckpt else None)
+    except (CodecLoadError, ValueError, OSError) as e:  # bad --init: path, hub id, weights
+        raise SystemExit(f"error: {e}") from e
     if ckpt:
         trainer.load_state_dict(ckpt)
         set_rng_state(ckpt["rng"])  # after model init, which drew from the same generators
@@ -195,7 +199,7 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
     if not cfg.val_every or trainer.step % cfg.val_every:
         validate()
     log_file.close()
-    export_codec(trainer.model, trainer.model_config, out / "export")
+    save_snac(trainer.model, trainer.model_config, out / "export")
     print(f"done: step {trainer.step}; codec exported to {out / 'export'}", file=sys.stderr)
     return 0
 
@@ -209,8 +213,11 @@ def export_command(argv: list[str]) -> int:
     src = Path(a.source)
     if src.is_dir() and (src / "checkpoints").is_dir():
         src = latest_checkpoint(src / "checkpoints") or src
-    model, config = load_snac(str(src))
-    export_codec(model, config, a.out_dir)
+    try:
+        model, config = load_snac(str(src))
+    except (CodecLoadError, ValueError, OSError) as e:
+        p.error(str(e))
+    save_snac(model, config, a.out_dir)
     print(f"exported {src} -> {a.out_dir}", file=sys.stderr)
     return 0
 

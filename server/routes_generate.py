@@ -203,31 +203,24 @@ async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
             raise item
         return item
 
-    if not stream:
-        chunks = []
-        try:
-            for _ in range(n):
-                chunks.append(await _until_done_or_gone(request, next_chunk()))
-        except ClientGone:
-            svc.batcher.cancel(job)
-            return Response(status_code=499)
-        except BaseException:
-            svc.batcher.cancel(job)
-            raise
-        result = np.concatenate(([audio] if include_input else []) + chunks)
-        wav = await run_in_threadpool(write_wav, result, rate)
-        return Response(wav, media_type="audio/wav", headers=headers)
-
-    # Wait for the first chunk before answering, so a failure up to there is a plain HTTP
-    # error; later failures can only go out inside the stream.
+    # What must arrive before answering: every chunk for a WAV; for a stream only the first, so
+    # a failure up to there is a plain HTTP error and later ones go out inside the stream.
+    ready = []
     try:
-        first = await _until_done_or_gone(request, next_chunk())
+        for _ in range(1 if stream else n):
+            ready.append(await _until_done_or_gone(request, next_chunk()))
     except ClientGone:
         svc.batcher.cancel(job)
         return Response(status_code=499)
     except BaseException:
         svc.batcher.cancel(job)
         raise
+
+    if not stream:
+        result = np.concatenate(([audio] if include_input else []) + ready)
+        wav = await run_in_threadpool(write_wav, result, rate)
+        return Response(wav, media_type="audio/wav", headers=headers)
+    first = ready[0]
 
     def line(obj: dict) -> bytes:
         return (json.dumps(obj) + "\n").encode()

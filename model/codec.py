@@ -116,15 +116,18 @@ def _snac_from_hub(repo_id: str) -> tuple[SNAC, dict]:
     return snac, config
 
 
-def save_snac(snac: SNAC, config: dict, out_dir: str | os.PathLike) -> Path:
+def save_snac(snac: SNAC, config: dict, out_dir: str | os.PathLike,
+              dtype: torch.dtype | None = None) -> Path:
     """Write a directory that both `Codec.load` and `snac.SNAC.from_pretrained` accept:
     config.json + pytorch_model.bin + model.safetensors. Each file goes to a temp name and is
-    renamed, so a crash never leaves a half-written export that later loads as garbage."""
+    renamed, so a crash never leaves a half-written export that later loads as garbage.
+    dtype=torch.float16 halves the files (a shipped snapshot); loading casts back to fp32."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in snac.state_dict().items()}
+    state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous()
+             for k, v in snac.state_dict().items()}
     tmp = out / ".tmp-export"
     tmp.with_suffix(".json").write_text(json.dumps(config, indent=2))
     os.replace(tmp.with_suffix(".json"), out / "config.json")

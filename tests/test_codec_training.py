@@ -146,7 +146,7 @@ def test_quantize_matches_snac_encode():
     with torch.no_grad():
         ref_codes = model.encode(x)
         z = model.encoder(model.preprocess(x))
-        z_q, codes, commitment, codebook = quantize(model.quantizer, z)
+        z_q, codes, commitment, codebook, _, _ = quantize(model.quantizer, z)
         ref_zq, _ = model.quantizer(z)
     assert [c.shape for c in codes] == [(2, 8), (2, 16), (2, 32), (2, 64)]
     for a, b in zip(codes, ref_codes, strict=True):

@@ -28,6 +28,9 @@ from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_CONFIG
 MODEL_PRESETS: dict[str, dict] = {
     # The released hubertsiuzdak/snac_32khz architecture: 54.5 M params.
     "snac32k": dict(SNAC_32KHZ_CONFIG),
+    # The shipped CPU demo codec (weights/demo/codec): 2.3 M params, decodes a chunk with its
+    # context in about 2 s on 2 CPU cores. Chosen by measurement (docs/codec-training.md).
+    "demo": dict(SNAC_32KHZ_CONFIG, encoder_dim=16, decoder_dim=256),
     # CPU-servable: 8.55 M params (encoder 4.02 M, quantiser 0.17 M, decoder 4.36 M).
     "small": dict(SNAC_32KHZ_CONFIG, encoder_dim=32, decoder_dim=512),
     # Tests: 0.47 M params, a training step on 0.4 s of audio takes well under a second on CPU.
@@ -55,6 +58,18 @@ class CodecTrainConfig:
         [0, 1.0, 32], [100_000, 2.0, 16], [200_000, 3.0, 12], [300_000, 4.0, 8]])
     min_rms: float = 1e-3             # re-draw near-silent segments (up to 8 times)
     num_workers: int = 2
+    # ---- keeping the codebooks alive (training/codec_vq.py). Without these the recipe
+    #      collapses to one code per level on real music from random init (measured).
+    centre_vq_input: bool = True      # subtract each level's batch mean from its quantiser input;
+    #                                   validation and export fold in a calibrated mean instead
+    centre_calibration_batches: int = 8  # training batches (fixed) the folded mean comes from
+    codebook_init: str = "data"       # data = every code := an encoder output of the first batch
+    #                                   (from-scratch runs only); random = snac's own init
+    dead_code_every: int = 10         # check for dead codes every N steps; 0 = never
+    dead_code_window: int = 10        # dead = not picked by any vector of its level in the
+    #                                   last N steps
+    dead_code_noise: float = 0.01     # relative noise on restarted codes
+    collapse_perplexity: float = 8.0  # validation warns loudly when a level's perplexity is below
     # ---- optimisation (SNAC paper: AdamW, lr 6e-4, exponential decay 0.999994 per step)
     steps: int = 400_000
     lr: float = 6e-4
@@ -114,6 +129,13 @@ class CodecTrainConfig:
             raise ValueError("lr_decay must be in (0, 1]")
         if self.steps < 0 or self.keep_last < 1 or self.log_every < 1 or self.ckpt_every < 1:
             raise ValueError("steps must be >= 0; keep_last, log_every, ckpt_every >= 1")
+        if self.codebook_init not in ("data", "random"):
+            raise ValueError(f"codebook_init must be data or random, not {self.codebook_init!r}")
+        if self.centre_calibration_batches < 0:
+            raise ValueError("centre_calibration_batches must be >= 0")
+        if self.dead_code_every < 0 or self.dead_code_window < 1 or self.dead_code_noise < 0:
+            raise ValueError("dead_code_every must be >= 0, dead_code_window >= 1, "
+                             "dead_code_noise >= 0")
         if self.val_every < 0:
             raise ValueError("val_every must be >= 0 (0 = only at the end)")
         if not self.init:

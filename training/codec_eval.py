@@ -5,6 +5,7 @@ Metrics (per held-out segment, averaged):
 - val/stft     multi-resolution STFT distance (lower is better)
 - val/si_sdr   scale-invariant SDR in dB (higher is better)
 - val/usage_l  fraction of level l's codebook used over the whole validation set
+- val/unique_l number of distinct level-l codes over the whole validation set
 - val/perplexity_l  exp(entropy) of level l's code histogram: the effective codebook size
 
 Decoding injects noise (SNAC's NoiseBlocks), so validation runs under a forked, fixed-seed RNG:
@@ -29,6 +30,7 @@ def codebook_stats(codes: list[list[torch.Tensor]], codebook_size: int) -> dict[
         p = counts / counts.sum()
         entropy = -(p[p > 0] * p[p > 0].log()).sum()
         out[f"usage_{level}"] = float((counts > 0).sum() / codebook_size)
+        out[f"unique_{level}"] = int((counts > 0).sum())
         out[f"perplexity_{level}"] = float(entropy.exp())
     return out
 
@@ -62,3 +64,9 @@ def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
     metrics = {f"val/{k}": v / len(segments) for k, v in sums.items()}
     metrics.update({f"val/{k}": v for k, v in codebook_stats(codes, codebook_size).items()})
     return metrics
+
+
+def collapsed_levels(metrics: dict, threshold: float) -> list[int]:
+    """Levels whose validation perplexity is below `threshold` (e.g. stuck on a few codes)."""
+    return [int(k.rsplit("_", 1)[1]) for k, v in metrics.items()
+            if k.startswith("val/perplexity_") and v < threshold]

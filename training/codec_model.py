@@ -27,18 +27,32 @@ class CodecOutput:
     codes: list[torch.Tensor]     # per level (B, n_l), coarse -> fine
     commitment: torch.Tensor      # scalar: pulls encoder outputs toward their codes
     codebook: torch.Tensor        # scalar: pulls codes toward encoder outputs
+    latents: list[torch.Tensor]   # per level (B, codebook_dim, n_l), detached: what the lookup
+    #                               saw (data init and dead-code restart sample from these)
+    input_means: list[torch.Tensor]  # per level (D,): batch mean of the quantiser input before
+    #                                  centring (detached)
 
 
-def quantize(rvq: ResidualVectorQuantize, z: torch.Tensor):
+def quantize(rvq: ResidualVectorQuantize, z: torch.Tensor,
+             centre: str | list[torch.Tensor] | None = None):
     """snac's residual VQ loop, plus DAC's per-level losses summed over levels.
 
-    z: (B, D, T) encoder output. Returns (z_q (B, D, T), codes, commitment, codebook).
+    z: (B, D, T) encoder output. centre="batch" subtracts each level's detached batch mean from
+    its quantiser input before the projection (training); a list of (D,) vectors subtracts
+    those. `fold_input_means` turns a fixed centre into a plain snac model (codec_vq.py).
+    Returns (z_q (B, D, T), codes, commitment, codebook, latents, input_means): input_means
+    are the batch means of each level's input before centring.
     """
     z_q_sum = 0.0
     residual = z
-    codes, commitment, codebook = [], 0.0, 0.0
-    for vq in rvq.quantizers:
+    codes, latents, means, commitment, codebook = [], [], [], 0.0, 0.0
+    for level, vq in enumerate(rvq.quantizers):
         x = F.avg_pool1d(residual, vq.stride, vq.stride) if vq.stride > 1 else residual
+        means.append(x.detach().mean(dim=(0, 2)))
+        if centre == "batch":
+            x = x - means[-1].view(1, -1, 1)
+        elif centre is not None:
+            x = x - centre[level].to(x).view(1, -1, 1)
         z_e = vq.in_proj(x)                     # (B, d, T / stride): factorised low-dim space
         z_q, idx = vq.decode_latents(z_e)       # nearest code by cosine, raw code vectors
         # DAC: both terms on the raw (un-normalised) vectors, mean over (d, t), mean over batch.
@@ -51,10 +65,12 @@ def quantize(rvq: ResidualVectorQuantize, z: torch.Tensor):
         z_q_sum = z_q_sum + z_q
         residual = residual - z_q
         codes.append(idx)
-    return z_q_sum, codes, commitment, codebook
+        latents.append(z_e.detach())
+    return z_q_sum, codes, commitment, codebook, latents, means
 
 
-def codec_forward(model: SNAC, audio: torch.Tensor, freeze_encoder: bool = False) -> CodecOutput:
+def codec_forward(model: SNAC, audio: torch.Tensor, freeze_encoder: bool = False,
+                  centre: str | list[torch.Tensor] | None = None) -> CodecOutput:
     """audio (B, 1, T) -> reconstruction + codes + VQ losses (SNAC.forward with the losses)."""
     length = audio.shape[-1]
     x = model.preprocess(audio)                 # right-pad to hop * lcm(stride0, window)
@@ -64,9 +80,10 @@ def codec_forward(model: SNAC, audio: torch.Tensor, freeze_encoder: bool = False
         # The quantiser runs in fp32 even under bf16 autocast: a nearest-code search in bf16
         # picks different codes than fp32 inference will, and the quantiser is tiny.
         with torch.autocast(x.device.type, enabled=False):
-            z_q, codes, commitment, codebook = quantize(model.quantizer, z.float())
+            z_q, codes, commitment, codebook, latents, means = quantize(
+                model.quantizer, z.float(), None if freeze_encoder else centre)
     audio_hat = model.decoder(z_q)[..., :length]
-    return CodecOutput(audio_hat, codes, commitment, codebook)
+    return CodecOutput(audio_hat, codes, commitment, codebook, latents, means)
 
 
 def load_snac(source: str | dict) -> tuple[SNAC, dict]:
@@ -79,9 +96,21 @@ def load_snac(source: str | dict) -> tuple[SNAC, dict]:
             raise ValueError(f"{path} is not a codec training checkpoint (no model/model_config)")
         model = SNAC(**ckpt["model_config"])
         model.load_state_dict(ckpt["model"])
+        if ckpt.get("vq_input_means") is not None:  # trained with centring: fold it in
+            fold_input_means(model, ckpt["vq_input_means"])
         return model, dict(ckpt["model_config"])
     model, config = codec.load_snac(source)
     return model.train(), config
+
+
+@torch.no_grad()
+def fold_input_means(model: SNAC, means: list[torch.Tensor]) -> SNAC:
+    """In place: in_proj(x - m) == in_proj'(x) with in_proj'.bias = bias - W m. Turns a model
+    trained with centre="batch" into a plain snac model that `SNAC.encode` runs as trained."""
+    for vq, m in zip(model.quantizer.quantizers, means, strict=True):
+        w = vq.in_proj.weight.squeeze(-1)                    # (d, D): kernel size 1
+        vq.in_proj.bias.sub_((w.float() @ m.float().to(w.device)).to(vq.in_proj.bias))
+    return model
 
 
 def freeze_encoder_and_quantizer(model: SNAC) -> None:

@@ -9,6 +9,7 @@ no host sync.
 
 from __future__ import annotations
 
+import copy
 import sys
 from contextlib import nullcontext
 
@@ -23,7 +24,14 @@ from training.codec_losses import (
     generator_adv_loss,
     weighted_total,
 )
-from training.codec_model import codec_forward, freeze_encoder_and_quantizer, load_snac
+from training.codec_model import (
+    codec_forward,
+    freeze_encoder_and_quantizer,
+    fold_input_means,
+    load_snac,
+    quantize,
+)
+from training.codec_vq import CodebookKeeper
 from training.discriminators import CodecDiscriminator
 
 
@@ -67,7 +75,60 @@ class CodecTrainer:
             self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr,
                                            betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
             self.sched_d = torch.optim.lr_scheduler.ExponentialLR(self.opt_d, cfg.lr_decay)
+        # Codes must not move under freeze_encoder (a tokenised dataset depends on them), and a
+        # fine-tune keeps its pretrained codebooks: data init is for from-scratch runs only.
+        self.keeper = None
+        if cfg.dead_code_every and not cfg.freeze_encoder:
+            self.keeper = CodebookKeeper(self.model.quantizer.quantizers, cfg.dead_code_window,
+                                         cfg.dead_code_noise, cfg.seed)
+        # Training centres each level's quantiser input on its batch mean (codec_vq.py); for
+        # validation, checkpoints and export the mean over fixed calibration batches (set by the
+        # caller, else the latest batch) is folded into in_proj, giving a plain snac model.
+        self.centre = "batch" if cfg.centre_vq_input and not cfg.freeze_encoder else None
+        self.calibration: list[torch.Tensor] = []
+        self._last_batch: torch.Tensor | None = None
+        self.needs_data_init = (cfg.codebook_init == "data" and not cfg.init
+                                and not cfg.freeze_encoder and model_source is None)
         self.step = 0
+
+    @torch.no_grad()
+    def _init_codebooks(self, x: torch.Tensor) -> None:
+        """Data init, coarse to fine: level l's inputs are the residuals after levels < l have
+        been initialised (and centred), so each level is fitted to what it will really see."""
+        rvq = self.model.quantizer
+        keeper = self.keeper or CodebookKeeper(rvq.quantizers, seed=self.cfg.seed)
+        with self.autocast():
+            z = self.model.encoder(self.model.preprocess(x)).float()
+        for level in range(len(rvq.quantizers)):
+            latents = quantize(rvq, z, self.centre)[4]
+            keeper.init_from_data(latents, self.step, levels={level})
+
+    @torch.no_grad()
+    def input_means(self) -> list[torch.Tensor] | None:
+        """Per-level mean quantiser input over the calibration batches, with the current
+        weights and batch centring (None: not centring). On the CPU."""
+        batches = self.calibration or ([self._last_batch] if self._last_batch is not None else [])
+        if self.centre is None or not batches:
+            return None
+        zs = []
+        for x in batches:
+            with self.autocast():
+                zs.append(self.model.encoder(self.model.preprocess(x.to(self.device))).float())
+        rvq = self.model.quantizer
+        # Coarse to fine: level l's inputs depend on how levels < l quantise, which with the
+        # fold means with their calibrated centres, not their batch means.
+        centre = [z.new_zeros(z.shape[1]) for z in zs[:1] for _ in rvq.quantizers]
+        for level in range(len(rvq.quantizers)):
+            centre[level] = sum(quantize(rvq, z, centre)[5][level] for z in zs) / len(zs)
+        return [c.cpu() for c in centre]
+
+    def export_model(self):
+        """A plain snac model: the calibrated centre folded into in_proj (a copy), or the
+        training model itself when it does not centre."""
+        means = self.input_means()
+        if means is None:
+            return self.model
+        return fold_input_means(copy.deepcopy(self.model), means)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -78,8 +139,12 @@ class CodecTrainer:
         """x: (B, 1, T) real audio. One generator (+ discriminator) update; advances self.step."""
         cfg, w = self.cfg, self.cfg.loss_weights
         x = x.to(self.device, non_blocking=True)
+        if self.needs_data_init and self.step == 0:
+            self._init_codebooks(x)
+        self.needs_data_init = False
         with self.autocast():
-            out = codec_forward(self.model, x, cfg.freeze_encoder)
+            out = codec_forward(self.model, x, cfg.freeze_encoder, self.centre)
+        self._last_batch = x.detach()
         y = out.audio.float()                                   # (B, 1, T)
         losses = self.recon(y, x)
         losses["commitment"], losses["codebook"] = out.commitment, out.codebook
@@ -111,6 +176,15 @@ class CodecTrainer:
         self.opt_g.step()
         self.sched_g.step()
         self.step += 1
+        if self.keeper is not None:
+            self.keeper.observe(out.codes)
+            if self.step % cfg.dead_code_every == 0:
+                revived = self.keeper.revive(out.latents, self.step, self.opt_g)
+                for level, n in enumerate(revived):
+                    metrics[f"vq/revived_{level}"] = torch.tensor(float(n))
+        for level, c in enumerate(out.codes):  # distinct codes in this batch (no host sync)
+            hit = torch.zeros(self.codebook_size, device=c.device).index_fill_(0, c.reshape(-1), 1)
+            metrics[f"vq/batch_unique_{level}"] = hit.sum()
 
         metrics.update({f"loss/{k}": v.detach() for k, v in losses.items()})
         metrics["loss/total"] = total.detach()
@@ -122,6 +196,11 @@ class CodecTrainer:
             "model": self.model.state_dict(), "model_config": self.model_config,
             "opt_g": self.opt_g.state_dict(), "sched_g": self.sched_g.state_dict(),
         }
+        if self.keeper is not None:
+            sd["keeper"] = self.keeper.state_dict()
+        # The model is stored unfolded (resume continues from it as it is); readers of the
+        # checkpoint (export, fine-tuning) fold these calibrated means in.
+        sd["vq_input_means"] = self.input_means()
         if self.disc is not None:
             sd.update(disc=self.disc.state_dict(), opt_d=self.opt_d.state_dict(),
                       sched_d=self.sched_d.state_dict())
@@ -131,6 +210,9 @@ class CodecTrainer:
         self.model.load_state_dict(sd["model"])
         self.opt_g.load_state_dict(sd["opt_g"])
         self.sched_g.load_state_dict(sd["sched_g"])
+        if self.keeper is not None and "keeper" in sd:
+            self.keeper.load_state_dict(sd["keeper"])
+        self.needs_data_init = False  # a resumed model's codebooks are already trained
         if self.disc is not None and "disc" in sd:
             self.disc.load_state_dict(sd["disc"])
             self.opt_d.load_state_dict(sd["opt_d"])

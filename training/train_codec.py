@@ -62,9 +62,12 @@ from training.codec_data import (  # noqa: E402
     probe,
     split_train_val,
 )
-from training.codec_eval import evaluate  # noqa: E402
+from training.codec_eval import collapsed_levels, evaluate  # noqa: E402
 from training.codec_model import count_params, load_snac  # noqa: E402
 from training.codec_trainer import CodecTrainer  # noqa: E402
+
+
+CALIBRATION_STEP = 10**12
 
 
 class StopFlag:
@@ -138,6 +141,10 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
         dataset, val_segments = prepare_data(cfg, trainer.sample_rate, pad)
     except (FileNotFoundError, ValueError) as e:  # bad paths / undecodable val files
         raise SystemExit(f"error: {e}") from e
+    # Fixed calibration batches for folding the quantiser-input centre (far past any real step
+    # index, so they are not batches the run trains on).
+    trainer.calibration = [dataset[CALIBRATION_STEP + i]
+                           for i in range(cfg.centre_calibration_batches)]
     loader = DataLoader(dataset, batch_size=None, sampler=StepSampler(trainer.step, cfg.steps),
                         num_workers=cfg.num_workers, pin_memory=trainer.device.type == "cuda",
                         prefetch_factor=4 if cfg.num_workers else None,
@@ -151,10 +158,23 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
                         cfg.keep_last)
 
     def validate():
-        metrics = evaluate(trainer.model, val_segments, trainer.recon, trainer.codebook_size,
+        metrics = evaluate(trainer.export_model(), val_segments, trainer.recon, trainer.codebook_size,
                            trainer.device, seed=cfg.seed)
-        if metrics:
-            log({"step": trainer.step, **metrics})
+        if not metrics:
+            return
+        collapsed = collapsed_levels(metrics, cfg.collapse_perplexity)
+        log({"step": trainer.step, **metrics, "val/collapsed": collapsed})
+        levels = range(len([k for k in metrics if k.startswith("val/perplexity_")]))
+        summary = "  ".join(f"L{lv} {metrics[f'val/unique_{lv}']} codes ppl "
+                            f"{metrics[f'val/perplexity_{lv}']:.0f}" for lv in levels)
+        tqdm.write(f"val step {trainer.step}: mel {metrics['val/mel']:.3f}  "
+                   f"si_sdr {metrics['val/si_sdr']:.1f} dB  {summary}", file=sys.stderr)
+        for lv in collapsed:
+            tqdm.write(f"WARNING: codebook level {lv} has COLLAPSED at step {trainer.step}: "
+                       f"{metrics[f'val/unique_{lv}']} codes used on validation audio, "
+                       f"perplexity {metrics[f'val/perplexity_{lv}']:.1f} < "
+                       f"{cfg.collapse_perplexity} (collapse_perplexity). Its tokens carry almost "
+                       f"no information; check codebook_init / dead_code_every.", file=sys.stderr)
 
     log_file = open(out / "log.jsonl", "a")
 
@@ -199,7 +219,7 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
     if not cfg.val_every or trainer.step % cfg.val_every:
         validate()
     log_file.close()
-    save_snac(trainer.model, trainer.model_config, out / "export")
+    save_snac(trainer.export_model(), trainer.model_config, out / "export")
     print(f"done: step {trainer.step}; codec exported to {out / 'export'}", file=sys.stderr)
     return 0
 
@@ -209,6 +229,8 @@ def export_command(argv: list[str]) -> int:
                                 description="checkpoint (or run dir: newest checkpoint) -> codec dir")
     p.add_argument("source", help="a ckpt_*.pt, a run directory, or an export directory")
     p.add_argument("out_dir")
+    p.add_argument("--fp16", action="store_true",
+                   help="store the weights in fp16 (half the size; what weights/demo ships)")
     a = p.parse_args(argv)
     src = Path(a.source)
     if src.is_dir() and (src / "checkpoints").is_dir():
@@ -217,7 +239,7 @@ def export_command(argv: list[str]) -> int:
         model, config = load_snac(str(src))
     except (CodecLoadError, ValueError, OSError) as e:
         p.error(str(e))
-    save_snac(model, config, a.out_dir)
+    save_snac(model, config, a.out_dir, torch.float16 if a.fp16 else None)
     print(f"exported {src} -> {a.out_dir}", file=sys.stderr)
     return 0
 

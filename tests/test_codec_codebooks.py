@@ -1,0 +1,192 @@
+"""Codebook health in codec training: centring, data init, dead-code restart, and the collapse
+regression test (a short real run of the entry point on synthetic music must end with every
+level using many codes on held-out audio)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from snac import SNAC
+
+from model.codec import DEBUG_CODEC_CONFIG, Codec
+from training.codec_checkpoint import latest_checkpoint
+from training.codec_eval import collapsed_levels
+from training.codec_model import codec_forward, fold_input_means, load_snac, quantize
+from training.codec_vq import CodebookKeeper
+from training.train_codec import main
+
+SR = 32000
+
+
+def synthetic_song(seed: int, seconds: float) -> np.ndarray:
+    """A 'song': random notes of random harmonic timbres over a bass line, with noise hits."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    out = np.zeros(n, dtype=np.float64)
+    t_note = 0
+    while t_note < n:
+        length = int(rng.uniform(0.08, 0.4) * SR)
+        f0 = 110.0 * 2 ** (rng.integers(0, 36) / 12)
+        t = np.arange(min(length, n - t_note)) / SR
+        amps = rng.uniform(0, 1, 6) / np.arange(1, 7) ** rng.uniform(0.5, 2)
+        note = sum(a * np.sin(2 * np.pi * (k + 1) * f0 * t) for k, a in enumerate(amps))
+        out[t_note: t_note + len(t)] += 0.3 * note * np.exp(-t * rng.uniform(2, 12))
+        if rng.random() < 0.3:                             # a percussive noise burst
+            out[t_note: t_note + len(t)] += 0.2 * rng.standard_normal(len(t)) * np.exp(-t * 40)
+        t_note += length
+    bass = 0.2 * np.sin(2 * np.pi * 55.0 * 2 ** (rng.integers(0, 12) / 12) * np.arange(n) / SR)
+    return ((out + bass) / max(1e-9, np.abs(out + bass).max()) * 0.8).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def songs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("songs")
+    train, val = root / "train", root / "val"
+    train.mkdir()
+    val.mkdir()
+    for i in range(6):
+        sf.write(train / f"song{i}.flac", synthetic_song(i, 4.0), SR)
+    for i in range(3):
+        sf.write(val / f"held{i}.flac", synthetic_song(100 + i, 2.0), SR)
+    return train, val
+
+
+RUN = ["--preset", "debug", "--curriculum", "[[0, 0.384, 4]]", "--val_seconds", "1.152",
+       "--num_workers", "0", "--threads", "1", "--progress", "false", "--resume", "never",
+       "--gan", "false", "--log_every", "10"]
+
+
+def val_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "val/mel" in r]
+
+
+def test_short_run_on_music_keeps_every_level_in_use(tmp_path, songs):
+    """The regression test for codebook collapse. Held-out audio is 3 x 1.152 s: 36 / 72 / 144
+    / 288 vectors at levels A-D. The same run with the remedies switched off is checked to
+    collapse, so this test can tell the difference."""
+    train, val = songs
+    healthy, bare = tmp_path / "healthy", tmp_path / "bare"
+    common = RUN + ["--train", str(train), "--val", str(val), "--steps", "60", "--val_every", "60",
+                    "--collapse_perplexity", "3"]
+    assert main(common + ["--out_dir", str(healthy)]) == 0
+    assert main(common + ["--out_dir", str(bare), "--centre_vq_input", "false",
+                          "--codebook_init", "random", "--dead_code_every", "0"]) == 0
+    good, worse = val_rows(healthy)[-1], val_rows(bare)[-1]
+    floors = [8, 12, 16, 24]        # distinct codes on held-out audio, per level
+    for level, floor in enumerate(floors):
+        assert good[f"val/unique_{level}"] >= floor, (level, good)
+        assert good[f"val/perplexity_{level}"] >= 4, (level, good)
+    assert good["val/collapsed"] == []
+    # Without the remedies the same run does collapse (so the floors above are not free).
+    assert sum(worse[f"val/unique_{lv}"] for lv in range(4)) < \
+        0.5 * sum(good[f"val/unique_{lv}"] for lv in range(4))
+
+
+def test_collapse_is_reported_loudly(tmp_path, songs, capsys):
+    train, val = songs
+    run = tmp_path / "bare"
+    assert main(RUN + ["--train", str(train), "--val", str(val), "--steps", "20",
+                       "--val_every", "20", "--out_dir", str(run), "--centre_vq_input", "false",
+                       "--codebook_init", "random", "--dead_code_every", "0",
+                       "--collapse_perplexity", "1e6"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: codebook level 0 has COLLAPSED at step 20" in err
+    assert val_rows(run)[-1]["val/collapsed"] == [0, 1, 2, 3]
+
+
+def test_collapsed_levels():
+    metrics = {"val/perplexity_0": 2.0, "val/perplexity_1": 50.0, "val/mel": 1.0}
+    assert collapsed_levels(metrics, 8.0) == [0]
+    assert collapsed_levels(metrics, 100.0) == [0, 1]
+
+
+def test_centring_folds_into_a_plain_snac_model():
+    """Codes of training-time centring with a fixed centre == plain snac encode of the folded
+    model: the export is an ordinary snac checkpoint."""
+    torch.manual_seed(0)
+    model = SNAC(**DEBUG_CODEC_CONFIG).eval()
+    x = torch.randn(2, 1, 24576) * 0.3
+    with torch.no_grad():
+        z = model.encoder(model.preprocess(x))
+        means = [m + 0.1 for m in quantize(model.quantizer, z)[5]]
+        _, codes_c, _, _, _, _ = quantize(model.quantizer, z, means)
+        folded = fold_input_means(_copy(model), means)
+        ref = folded.encode(x)
+    for a, b in zip(codes_c, ref, strict=True):
+        assert torch.equal(a, b)
+    # Folding changed something: the unfolded model encodes differently.
+    assert any(not torch.equal(a, b) for a, b in zip(model.encode(x), ref, strict=True))
+
+
+def _copy(model: SNAC) -> SNAC:
+    clone = SNAC(**DEBUG_CODEC_CONFIG).eval()
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def test_keeper_revives_only_dead_codes_and_zeroes_their_moments():
+    torch.manual_seed(0)
+    model = SNAC(**DEBUG_CODEC_CONFIG)
+    rvq = model.quantizer
+    keeper = CodebookKeeper(rvq.quantizers, window=2, noise=0.0, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    out = codec_forward(model, torch.randn(1, 1, 12288) * 0.3)
+    (out.commitment + out.codebook).backward()
+    opt.step()
+    before = [vq.codebook.weight.detach().clone() for vq in rvq.quantizers]
+    used = [torch.unique(c) for c in out.codes]
+    keeper.observe(out.codes)
+    assert keeper.revive(out.latents, 1, opt) == [0, 0, 0, 0]    # window not yet over
+    keeper.observe(out.codes)
+    revived = keeper.revive(out.latents, 2, opt)
+    for level, vq in enumerate(rvq.quantizers):
+        w = vq.codebook.weight.detach()
+        dead = torch.ones(w.shape[0], dtype=torch.bool)
+        dead[used[level]] = False
+        assert revived[level] == int(dead.sum())
+        assert torch.equal(w[~dead], before[level][~dead])            # used codes untouched
+        assert not torch.equal(w[dead], before[level][dead])
+        # noise 0: every restarted code is one of the batch's own projected vectors
+        pool = out.latents[level].transpose(1, 2).reshape(-1, w.shape[1])
+        dist = torch.cdist(w[dead], pool, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+        assert float(dist.max()) < 1e-5
+        state = opt.state[vq.codebook.weight]
+        assert float(state["exp_avg"][dead].abs().max()) == 0.0
+        assert float(state["exp_avg_sq"][dead].abs().max()) == 0.0
+    # Restarted codes get a grace period: the next check finds nothing dead.
+    assert keeper.revive(out.latents, 3, opt) == [0, 0, 0, 0]
+
+
+def test_keeper_state_round_trip_and_shape_check():
+    model = SNAC(**DEBUG_CODEC_CONFIG)
+    keeper = CodebookKeeper(model.quantizer.quantizers)
+    keeper.observe([torch.tensor([[1, 2]]), torch.tensor([[3]]), torch.tensor([[4]]),
+                    torch.tensor([[5]])])
+    other = CodebookKeeper(model.quantizer.quantizers)
+    other.load_state_dict(keeper.state_dict())
+    assert torch.equal(other.last_used, keeper.last_used) and torch.equal(other.seen, keeper.seen)
+    small = SNAC(**dict(DEBUG_CODEC_CONFIG, codebook_size=64))
+    with pytest.raises(ValueError, match="shape"):
+        CodebookKeeper(small.quantizer.quantizers).load_state_dict(keeper.state_dict())
+
+
+def test_checkpoint_export_and_resume_agree_on_the_folded_codec(tmp_path, songs):
+    """A centred run's checkpoint, exported, encodes exactly like the trainer's own export."""
+    train, val = songs
+    run = tmp_path / "run"
+    assert main(RUN + ["--train", str(train), "--val", str(val), "--steps", "12",
+                       "--val_every", "0", "--out_dir", str(run), "--ckpt_every", "12"]) == 0
+    ckpt = latest_checkpoint(run / "checkpoints")
+    from_ckpt, _ = load_snac(str(ckpt))
+    exported = Codec.load(str(run / "export"))
+    x = torch.from_numpy(synthetic_song(7, 1.152))[None]
+    a = Codec(from_ckpt, exported.config).encode(x)
+    b = exported.encode(x)
+    for ca, cb in zip(a, b, strict=True):
+        assert torch.equal(ca, cb)

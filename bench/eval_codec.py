@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(a.samples)
         out.mkdir(parents=True, exist_ok=True)
         picks = [recon[i] for i in np.linspace(0, len(recon) - 1, 3).round().astype(int)]
-        for i, (name, x, y, o) in enumerate(picks):
+        for i, (_name, x, y, _opus) in enumerate(picks):
             sf.write(out / f"{i}_original.flac", x, sr, subtype="PCM_16")
             sf.write(out / f"{i}_codec.flac", np.clip(y, -1, 1), sr, subtype="PCM_16")
         (out / "README.md").write_text(

@@ -26,8 +26,8 @@ from training.codec_losses import (
 )
 from training.codec_model import (
     codec_forward,
-    freeze_encoder_and_quantizer,
     fold_input_means,
+    freeze_encoder_and_quantizer,
     load_snac,
     quantize,
 )

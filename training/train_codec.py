@@ -66,7 +66,6 @@ from training.codec_eval import collapsed_levels, evaluate  # noqa: E402
 from training.codec_model import count_params, load_snac  # noqa: E402
 from training.codec_trainer import CodecTrainer  # noqa: E402
 
-
 CALIBRATION_STEP = 10**12
 
 

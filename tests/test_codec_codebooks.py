@@ -190,3 +190,31 @@ def test_checkpoint_export_and_resume_agree_on_the_folded_codec(tmp_path, songs)
     b = exported.encode(x)
     for ca, cb in zip(a, b, strict=True):
         assert torch.equal(ca, cb)
+
+
+def test_encoder_learns_at_its_own_rate():
+    from training.codec_config import load_config
+    from training.codec_trainer import CodecTrainer
+
+    cfg = load_config(None, ["--preset", "debug", "--gan", "false", "--lr", "6e-4",
+                             "--encoder_lr_scale", "0.25"])
+    trainer = CodecTrainer(cfg)
+    front, back = trainer.opt_g.param_groups
+    assert front["lr"] == pytest.approx(1.5e-4) and back["lr"] == pytest.approx(6e-4)
+    enc = {id(p) for p in trainer.model.encoder.parameters()}
+    vq = {id(p) for p in trainer.model.quantizer.parameters()}
+    assert {id(p) for p in front["params"]} == enc | vq
+    assert {id(p) for p in back["params"]} == {id(p) for p in trainer.model.decoder.parameters()}
+
+
+@pytest.mark.parametrize("bad, match", [
+    (["--encoder_lr_scale", "0"], "encoder_lr_scale"),
+    (["--dead_code_window", "0"], "dead_code_window"),
+    (["--codebook_init", "kmeans"], "codebook_init"),
+    (["--centre_calibration_batches", "-1"], "centre_calibration_batches"),
+])
+def test_codebook_config_errors(bad, match):
+    from training.codec_config import load_config
+
+    with pytest.raises(ValueError, match=match):
+        load_config(None, bad)

@@ -28,8 +28,8 @@ from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_CONFIG
 MODEL_PRESETS: dict[str, dict] = {
     # The released hubertsiuzdak/snac_32khz architecture: 54.5 M params.
     "snac32k": dict(SNAC_32KHZ_CONFIG),
-    # The shipped CPU demo codec (weights/demo/codec): 2.3 M params, decodes a chunk with its
-    # context in about 2 s on 2 CPU cores. Chosen by measurement (docs/codec-training.md).
+    # The shipped CPU demo codec (weights/demo/codec): 2.26 M params (2.16 M with 1024 codes),
+    # decodes a chunk with its context in about 2 s on 2 cores. See docs/codec-training.md §5.
     "demo": dict(SNAC_32KHZ_CONFIG, encoder_dim=16, decoder_dim=256),
     # CPU-servable: 8.55 M params (encoder 4.02 M, quantiser 0.17 M, decoder 4.36 M).
     "small": dict(SNAC_32KHZ_CONFIG, encoder_dim=32, decoder_dim=512),
@@ -74,6 +74,7 @@ class CodecTrainConfig:
     steps: int = 400_000
     lr: float = 6e-4
     lr_decay: float = 0.999994
+    encoder_lr_scale: float = 1.0     # encoder + quantiser learn at lr x this (decoder at lr)
     betas: list = field(default_factory=lambda: [0.8, 0.99])  # DAC's; GAN training likes a low beta1
     weight_decay: float = 0.01
     grad_clip: float = 1000.0         # DAC's value: only catches blow-ups, not a regulariser
@@ -125,6 +126,8 @@ class CodecTrainConfig:
             raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {sorted(LOSS_TERMS)}")
         if self.amp not in ("auto", "bf16", "fp32"):
             raise ValueError(f"amp must be auto, bf16 or fp32, not {self.amp!r}")
+        if self.encoder_lr_scale <= 0:
+            raise ValueError("encoder_lr_scale must be > 0")
         if not 0 < self.lr_decay <= 1:
             raise ValueError("lr_decay must be in (0, 1]")
         if self.steps < 0 or self.keep_last < 1 or self.log_every < 1 or self.ckpt_every < 1:

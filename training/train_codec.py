@@ -195,7 +195,10 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
             if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
                 row = {k: float(v) / window_steps for k, v in sums.items()}
-                row.update(step=trainer.step, lr=trainer.sched_g.get_last_lr()[0],
+                lrs = trainer.sched_g.get_last_lr()  # [encoder + quantiser (if trained), decoder]
+                if len(lrs) == 2:
+                    row["lr_encoder"] = lrs[0]
+                row.update(step=trainer.step, lr=lrs[-1],
                            segment_samples=batch.shape[-1], batch=batch.shape[0],
                            it_per_s=window_steps / elapsed)
                 log(row)

@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 # On a GPU machine, `make serve TORCH_SPEC=torch` (or any CUDA build you already use) keeps
 # the normal install; pyproject itself only asks for torch>=2.4.
 TORCH_SPEC ?= torch==2.13.0
-HOST ?= 0.0.0.0
+# Loopback by default; `make serve HOST=0.0.0.0` listens beyond this machine (set an API key).
+HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .PHONY: install test serve lint clean

@@ -18,6 +18,7 @@ from server.batcher import Batcher
 from server.deps import Service
 from server.errors import install_error_handlers
 from server.metrics import Metrics, MetricsMiddleware
+from server.origin import CrossOriginGuard
 from server.params import PARAM_HEADERS, per_level
 from server.routes_generate import router as generate_router
 from server.routes_status import router as status_router
@@ -118,5 +119,6 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
                 "Retry-After",
             ],
         )
+    app.add_middleware(CrossOriginGuard, allowed_origins=settings.cors_origins)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

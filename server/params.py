@@ -114,3 +114,23 @@ def param_headers(p: SamplingParams) -> dict[str, str]:
 
 
 PARAM_HEADERS = ("X-Seed", "X-Steps", "X-Temperature", "X-Top-P", "X-Guidance")
+
+
+def request_passes(params: SamplingParams, chunks: int = 1) -> int:
+    """Model passes one request costs: every denoising step of every level of every chunk, with
+    guided levels counted twice (the unconditional rows are as much work again)."""
+    per_chunk = sum(s * (2 if g != 1.0 else 1) for s, g in zip(params.steps, params.guidance,
+                                                               strict=True))
+    return per_chunk * chunks
+
+
+def check_budget(params: SamplingParams, chunks: int, budget: int) -> None:
+    cost = request_passes(params, chunks)
+    if cost > budget:
+        raise InvalidParameter(
+            f"compute_budget: this request needs {cost} model passes (steps {list(params.steps)}"
+            f" per chunk, guided levels twice, x {chunks} chunk{'s' * (chunks != 1)}); this "
+            f"server allows at most {budget} (SNAC_DIT_MAX_REQUEST_PASSES). Ask for fewer "
+            "steps or chunks.",
+            code="compute_budget",
+        )

@@ -21,6 +21,7 @@ from server.errors import ClientGone, InvalidParameter, error_payload
 from server.params import (
     CONTINUE_PARAMS,
     EXTEND_PARAMS,
+    check_budget,
     param_headers,
     parse_bool,
     parse_int,
@@ -159,6 +160,7 @@ def _wav_headers(svc: Service, params, n_input: int | None, **extra) -> dict[str
 async def continue_(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     given, audio = await _read_input(request, svc, CONTINUE_PARAMS)
     params = _sampling(given, svc)
+    check_budget(params, 1, svc.settings.max_request_passes)
     include_input = parse_bool("include_input", given.get("include_input"))
 
     job = svc.batcher.submit_continue(audio, params)
@@ -190,6 +192,7 @@ async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     given, audio = await _read_input(request, svc, EXTEND_PARAMS)
     params = _sampling(given, svc)
     n = parse_int("chunks", given.get("chunks"), 1, 1, svc.settings.max_chunks)
+    check_budget(params, n, svc.settings.max_request_passes)
     include_input = parse_bool("include_input", given.get("include_input"))
     stream = parse_bool("stream", given.get("stream"))
     rate = svc.engine.sample_rate

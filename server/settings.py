@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(50.0, gt=0)
     max_chunks: int = Field(8, ge=1)  # bound on /extend?chunks=N
     max_steps: int = Field(256, ge=1)  # per level; bounds the work one request can ask for
+    # Model passes one request may cost: sum of steps over levels (guided levels twice) x
+    # chunks. The defaults (16+12+8+8) x 8 chunks = 352; 1024 allows e.g. 8 guided chunks.
+    max_request_passes: int = Field(1024, ge=1)
     min_input_seconds: float = Field(1.0, ge=0)
     # Only the last 12.288 s are used; the bound keeps a small compressed upload from
     # decoding into gigabytes of float32.
@@ -93,7 +96,7 @@ def missing_weights(settings: Settings) -> list[str]:
             "Hugging Face hub id).\n"
             "    pretrained: SNAC_DIT_CODEC=hubertsiuzdak/snac_32khz (downloads from the hub)\n"
             "    or train one: python training/train_codec.py --config "
-            "training/configs/codec_snac32k.toml (docs/codec-training.md), then use its "
+            "training/configs/codec_demo.toml (docs/codec-training.md), then use its "
             "export/ dir as SNAC_DIT_CODEC\n"
             "    (use the codec the DiT was trained with)"
         )

@@ -75,6 +75,11 @@ def _parse_multipart(body: bytes, boundary: bytes) -> list[tuple[dict[str, str],
     def on_part_end():
         parts.append((headers, bytes(data)))
 
+    ended = []
+
+    def on_end():
+        ended.append(True)
+
     parser = MultipartParser(
         boundary,
         {
@@ -84,10 +89,13 @@ def _parse_multipart(body: bytes, boundary: bytes) -> list[tuple[dict[str, str],
             "on_header_end": on_header_end,
             "on_part_data": on_part_data,
             "on_part_end": on_part_end,
+            "on_end": on_end,
         },
     )
     parser.write(body)
     parser.finalize()
+    if not ended:  # no closing boundary: the body was cut off (or never finished)
+        raise FormParserError("the body ends before the closing boundary (truncated upload?)")
     return parts
 
 

@@ -218,3 +218,23 @@ def test_codebook_config_errors(bad, match):
 
     with pytest.raises(ValueError, match=match):
         load_config(None, bad)
+
+
+def test_fp16_export_loads_in_snac_and_in_the_project(tmp_path, songs):
+    """`train_codec.py export RUN OUT --fp16`: what weights/demo/codec ships."""
+    train, val = songs
+    run = tmp_path / "run"
+    assert main(RUN + ["--train", str(train), "--val", str(val), "--steps", "4",
+                       "--val_every", "0", "--out_dir", str(run)]) == 0
+    out = tmp_path / "fp16"
+    assert main(["export", str(run), str(out), "--fp16"]) == 0
+    full = (run / "export" / "model.safetensors").stat().st_size
+    assert (out / "model.safetensors").stat().st_size < 0.6 * full
+    ours = Codec.load(str(out))
+    theirs = SNAC.from_pretrained(str(out))
+    x = torch.from_numpy(synthetic_song(9, 1.152))[None]
+    with torch.no_grad():
+        ref = theirs.encode(x[:, None])
+    for a, b in zip(ours.encode(x), ref, strict=True):
+        assert torch.equal(a, b)
+    assert all(p.dtype == torch.float32 for p in ours.snac.parameters())

@@ -1,0 +1,117 @@
+"""Hardening for the open internet, through the real app (HTTP) and the real entry point:
+cross-origin POSTs refused unless allowed, truncated multipart is a 400, a per-request compute
+budget, loopback by default with a warning when exposed without a key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.__main__ import exposure_warning, is_loopback
+from server.app import create_app
+from server.settings import Settings
+from tests.conftest import tone
+from tests.test_server import FAST, assert_error, wav_bytes
+from tests.test_server_entry import _env
+
+
+@pytest.fixture(scope="module")
+def engine(debug_weights_dir, debug_codec_dir):
+    from model.engine import ContinuationEngine
+
+    return ContinuationEngine.load(debug_weights_dir, debug_codec_dir)
+
+
+@pytest.fixture(scope="module")
+def clip() -> bytes:
+    return wav_bytes(tone(2.0))
+
+
+def app_client(engine, **settings):
+    return TestClient(create_app(Settings(warmup=False, max_wait_ms=1, **settings),
+                                 engine=engine))
+
+
+def test_cross_origin_simple_post_is_refused_before_running_anything(engine, clip):
+    with app_client(engine) as c:
+        evil = {"Origin": "https://evil.example"}
+        r = c.post(f"/continue?{FAST}", files={"audio": ("a.wav", clip)}, headers=evil)
+        assert_error(r, 403, "cross_origin_forbidden", "SNAC_DIT_CORS_ORIGINS")
+        r = c.post("/extend?chunks=1", files={"audio": ("a.wav", clip)},
+                   headers={"Origin": "null"})                       # sandboxed page, file://
+        assert_error(r, 403, "cross_origin_forbidden")
+        assert "snac_dit_batch_size_count 0.0" in c.get("/metrics").text  # nothing ran
+        # The server's own page is same-origin; clients without an Origin are not browsers.
+        same = c.post(f"/continue?{FAST}", files={"audio": ("a.wav", clip)},
+                      headers={"Origin": "http://testserver"})
+        assert same.status_code == 200, same.text
+        assert c.post(f"/continue?{FAST}", files={"audio": ("a.wav", clip)}).status_code == 200
+        assert c.get("/health", headers=evil).status_code == 200       # reads are not guarded
+
+
+def test_allowed_origins_pass(engine, clip):
+    with app_client(engine, cors_origins="https://studio.example") as c:
+        ok = c.post(f"/continue?{FAST}", files={"audio": ("a.wav", clip)},
+                    headers={"Origin": "https://studio.example"})
+        assert ok.status_code == 200, ok.text
+        assert ok.headers["access-control-allow-origin"] == "https://studio.example"
+        bad = c.post(f"/continue?{FAST}", files={"audio": ("a.wav", clip)},
+                     headers={"Origin": "https://other.example"})
+        assert_error(bad, 403, "cross_origin_forbidden")
+    with app_client(engine, cors_origins="*") as c:
+        anyone = c.post(f"/continue?{FAST}", files={"audio": ("a.wav", clip)},
+                        headers={"Origin": "https://anyone.example"})
+        assert anyone.status_code == 200, anyone.text
+
+
+def test_truncated_multipart_is_malformed_not_missing_audio(engine, clip):
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio\"; "
+            f"filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode() + clip + \
+        f"\r\n--{boundary}--\r\n".encode()
+    ctype = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    with app_client(engine) as c:
+        whole = c.post(f"/continue?{FAST}", content=body, headers=ctype)
+        assert whole.status_code == 200, whole.text
+        for cut in (len(body) // 2, len(body) - 8, 30):
+            r = c.post(f"/continue?{FAST}", content=body[:cut], headers=ctype)
+            assert_error(r, 400, "malformed_multipart", "truncated")
+        assert c.get("/health").status_code == 200
+
+
+def test_compute_budget_is_a_422_naming_it(engine, clip):
+    with app_client(engine, max_request_passes=40, max_chunks=8) as c:
+        r = c.post("/continue?steps=16,12,8,8", files={"audio": ("a.wav", clip)})
+        assert_error(r, 422, "compute_budget", "44 model passes")
+        r = c.post("/continue?steps=8,8,8,8&guidance=2", files={"audio": ("a.wav", clip)})
+        assert_error(r, 422, "compute_budget", "64 model passes")
+        r = c.post(f"/extend?chunks=8&{FAST}", files={"audio": ("a.wav", clip)})
+        assert_error(r, 422, "compute_budget", "x 8 chunks")
+        assert "SNAC_DIT_MAX_REQUEST_PASSES" in r.json()["detail"]
+        ok = c.post(f"/extend?chunks=2&{FAST}", files={"audio": ("a.wav", clip)})
+        assert ok.status_code == 200, ok.text
+
+
+def test_loopback_is_the_default_and_exposure_warns():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+    assert exposure_warning("127.0.0.1", has_api_key=False) is None
+    assert exposure_warning("0.0.0.0", has_api_key=True) is None
+    assert "SNAC_DIT_API_KEY" in exposure_warning("0.0.0.0", has_api_key=False)
+
+
+@pytest.mark.parametrize("args, env, warned", [
+    ([], {}, False),
+    (["--host", "0.0.0.0"], {}, True),
+    ([], {"HOST": "0.0.0.0"}, True),
+    (["--host", "0.0.0.0"], {"SNAC_DIT_API_KEY": "k"}, False),
+])
+def test_entry_point_warns_when_exposed_without_a_key(tmp_path, args, env, warned):
+    # No weights in tmp_path: the server stops after the checks, which is all this needs.
+    r = subprocess.run([sys.executable, "-m", "server", *args], cwd=tmp_path,
+                       env=_env(**env), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert ("WARNING: listening on 0.0.0.0" in r.stderr) is warned, r.stderr

@@ -106,14 +106,28 @@ def _snac_from_hub(repo_id: str) -> tuple[SNAC, dict]:
         config_file = hf_hub_download(repo_id=repo_id, filename="config.json")
         weights_file = hf_hub_download(repo_id=repo_id, filename="pytorch_model.bin")
     except Exception as e:  # network, auth, missing repo: all mean "cannot load this id"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CodecLoadError(
-            f"could not fetch codec {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "Offline? Pass a local directory with config.json + pytorch_model.bin instead."
+            f"could not fetch the codec {repo_id!r} from the Hugging Face hub "
+            f"({type(e).__name__}: {reason}). If this machine is offline: run once where the hub "
+            "is reachable (the files are cached; HF_HUB_OFFLINE=1 then uses the cache), or "
+            "point at a local codec directory with config.json + pytorch_model.bin (or "
+            "model.safetensors), e.g. the shipped weights/demo/codec; a DiT must be served "
+            "with the codec whose tokens it was trained on."
         ) from e
     config = json.loads(Path(config_file).read_text())
     snac = SNAC(**config)
     snac.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
     return snac, config
+
+
+def save_readable_safetensors(state: dict, path: str | os.PathLike, **kwargs) -> None:
+    """safetensors' `save_file`, then mode 0644: it creates files 0600, which a container's
+    non-root user cannot read from a read-only weights mount."""
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), **kwargs)
+    os.chmod(path, 0o644)
 
 
 def save_snac(snac: SNAC, config: dict, out_dir: str | os.PathLike,
@@ -122,8 +136,6 @@ def save_snac(snac: SNAC, config: dict, out_dir: str | os.PathLike,
     config.json + pytorch_model.bin + model.safetensors. Each file goes to a temp name and is
     renamed, so a crash never leaves a half-written export that later loads as garbage.
     dtype=torch.float16 halves the files (a shipped snapshot); loading casts back to fp32."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous()
@@ -133,7 +145,7 @@ def save_snac(snac: SNAC, config: dict, out_dir: str | os.PathLike,
     os.replace(tmp.with_suffix(".json"), out / "config.json")
     torch.save(state, tmp.with_suffix(".bin"))
     os.replace(tmp.with_suffix(".bin"), out / "pytorch_model.bin")
-    save_file(state, str(tmp.with_suffix(".safetensors")))
+    save_readable_safetensors(state, tmp.with_suffix(".safetensors"))
     os.replace(tmp.with_suffix(".safetensors"), out / "model.safetensors")
     return out
 

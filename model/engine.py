@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.codec import Codec
+from model.codec import Codec, save_readable_safetensors
 from model.diffusion import DiffusionConfig
 from model.dit import DiT, DiTConfig
 from model.sampler import SamplingParams, derive_seed, generate, resolve_seed, slide_window
@@ -41,15 +41,13 @@ WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 def save_pretrained(dit: DiT, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write `model.safetensors` + `config.json` ({"dit": asdict(config), **extra})."""
-    from safetensors.torch import save_file
-
     extra = dict(extra or {})
     if "dit" in extra:
         raise ValueError("extra must not contain 'dit': that key holds the model config")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in dit.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_readable_safetensors(state, out / WEIGHTS_FILE, metadata={"format": "pt"})
     config = {"dit": asdict(dit.config), **extra}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return out

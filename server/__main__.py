@@ -60,9 +60,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from server.app import create_app
+    from model.codec import CodecLoadError
+    from server.app import create_app, load_engine
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    # Load before serving, so a codec that cannot be fetched (offline hub) or weights that do
+    # not fit are one clear paragraph and exit status 2, not a startup traceback.
+    try:
+        engine = load_engine(settings)
+    except (CodecLoadError, ValueError, OSError) as e:
+        print(f"snac-dit server cannot start: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(settings, engine=engine), host=args.host, port=args.port,
+                log_level=args.log_level)
     return 0
 
 

@@ -115,3 +115,44 @@ def test_entry_point_warns_when_exposed_without_a_key(tmp_path, args, env, warne
                        env=_env(**env), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert ("WARNING: listening on 0.0.0.0" in r.stderr) is warned, r.stderr
+
+
+def test_offline_hub_codec_is_one_paragraph_not_a_traceback(tmp_path, debug_weights_dir):
+    """The hub id keeps working for real users; offline it is one clear paragraph and exit 2.
+    HF_HUB_OFFLINE=1 and an empty HF_HOME make sure nothing is downloaded here."""
+    env = _env(SNAC_DIT_WEIGHTS=debug_weights_dir, SNAC_DIT_CODEC="hubertsiuzdak/snac_32khz",
+               HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    r = subprocess.run([sys.executable, "-m", "server"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "cannot start" in line]
+    assert len(errors) == 1, r.stderr
+    for needed in ("hubertsiuzdak/snac_32khz", "offline", "weights/demo/codec",
+                   "config.json + pytorch_model.bin"):
+        assert needed in errors[0], errors[0]
+
+
+def test_a_dit_that_does_not_fit_its_codec_is_a_clear_error(tmp_path, debug_weights_dir):
+    from model.codec import DEBUG_CODEC_CONFIG, Codec
+
+    other = Codec.load(dict(DEBUG_CODEC_CONFIG, codebook_size=64)).save(tmp_path / "codec64")
+    env = _env(SNAC_DIT_WEIGHTS=debug_weights_dir, SNAC_DIT_CODEC=str(other))
+    r = subprocess.run([sys.executable, "-m", "server"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot start" in r.stderr
+
+
+def test_exported_weights_are_readable_by_other_users(tmp_path, debug_weights_dir):
+    """A read-only weights mount in the container is read by a non-root user."""
+    import stat
+
+    from model.codec import DEBUG_CODEC_CONFIG, Codec
+    from model.engine import load_dit, save_pretrained
+
+    codec_dir = Codec.load(DEBUG_CODEC_CONFIG).save(tmp_path / "codec")
+    dit_dir = save_pretrained(load_dit(debug_weights_dir), tmp_path / "dit")
+    for f in [*codec_dir.iterdir(), *dit_dir.iterdir()]:
+        assert f.stat().st_mode & stat.S_IROTH, f"{f} is not world-readable"

@@ -28,11 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     gen = argparse.ArgumentParser(add_help=False)
     gen.add_argument("input", type=Path, help="audio file (any format the server reads)")
     gen.add_argument("-o", "--output", type=Path, required=True, help="WAV to write")
-    per_level = "one value, or one per level coarse to fine, e.g. 16,12,8,8"
-    gen.add_argument("--steps", help=per_level)
-    gen.add_argument("--temperature", help=per_level)
-    gen.add_argument("--top-p", help=per_level)
-    gen.add_argument("--guidance", help=per_level)
+    per_level = "one value for all levels, or one per level A,B,C,D"
+    gen.add_argument("--steps", help=f"denoising steps: {per_level}, e.g. 16,12,8,8")
+    gen.add_argument("--temperature", help=f"sampling temperature (0 = greedy): {per_level}, "
+                                           "e.g. 1.0 or 1,1,0.9,0.9")
+    gen.add_argument("--top-p", help=f"nucleus mass in (0, 1]: {per_level}, e.g. 0.95")
+    gen.add_argument("--guidance", help=f"classifier-free guidance on the context (1 = off): "
+                                        f"{per_level}, e.g. 1.5 or 2,1.5,1,1")
     gen.add_argument("--seed", type=int)
     gen.add_argument(
         "--include-input", action="store_true", help="write the input followed by the continuation"
@@ -99,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _run(args)
+    except BrokenPipeError:
+        # `python -m clients info | head`: the reader left. Say nothing and stop, as cat does;
+        # point stdout at devnull so the interpreter's own final flush cannot complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except ValueError as e:  # a bad --url
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

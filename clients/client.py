@@ -145,6 +145,27 @@ def join_chunks(chunks: Sequence[Chunk]) -> tuple[np.ndarray, int]:
     return np.concatenate([c.audio for c in chunks]), chunks[0].sample_rate
 
 
+def normalize_url(base_url: str) -> str:
+    """'localhost:8000' or '127.0.0.1:8000' -> 'http://...': a bare host:port means plain HTTP
+    (httpx would otherwise read 'localhost' as a URL scheme)."""
+    url = base_url.strip()
+    if not url:
+        raise ValueError("empty server URL")
+    if "://" not in url:
+        url = "http://" + url
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"server URL {base_url!r}: only http:// and https:// are supported")
+    return url.rstrip("/")
+
+
+def _unreachable(base_url, method: str, url: str, e: Exception) -> ConnectionFailed:
+    return ConnectionFailed(
+        f"could not reach the snac-dit server at {base_url} ({method} {url}: "
+        f"{type(e).__name__}: {e or 'no detail'}). Is it running there? Start one with "
+        "`make serve`, or point at yours with --url / SNAC_DIT_URL."
+    )
+
+
 class Client:
     def __init__(
         self,
@@ -154,7 +175,8 @@ class Client:
         transport=None,
     ):
         self._http = httpx.Client(
-            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
+            base_url=normalize_url(base_url), headers=_headers(api_key), timeout=timeout,
+            transport=transport,
         )
 
     def __enter__(self) -> Client:
@@ -170,7 +192,7 @@ class Client:
         try:
             return self._http.request(method, url, **kw)
         except httpx.TransportError as e:
-            raise ConnectionFailed(f"{method} {url}: {e}") from e
+            raise _unreachable(self._http.base_url, method, url, e) from e
 
     def health(self) -> dict:
         r = self._send("GET", "/health")
@@ -250,7 +272,7 @@ class Client:
                             return
                         yield chunk
         except httpx.TransportError as e:
-            raise ConnectionFailed(f"POST /extend: {e}") from e
+            raise _unreachable(self._http.base_url, "POST", "/extend", e) from e
         raise StreamError(None, "truncated_stream", "the stream ended without a 'done' line")
 
 
@@ -265,7 +287,8 @@ class AsyncClient:
         transport=None,
     ):
         self._http = httpx.AsyncClient(
-            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
+            base_url=normalize_url(base_url), headers=_headers(api_key), timeout=timeout,
+            transport=transport,
         )
 
     async def __aenter__(self) -> AsyncClient:
@@ -281,7 +304,7 @@ class AsyncClient:
         try:
             return await self._http.request(method, url, **kw)
         except httpx.TransportError as e:
-            raise ConnectionFailed(f"{method} {url}: {e}") from e
+            raise _unreachable(self._http.base_url, method, url, e) from e
 
     async def health(self) -> dict:
         r = await self._send("GET", "/health")
@@ -360,5 +383,5 @@ class AsyncClient:
                             return
                         yield chunk
         except httpx.TransportError as e:
-            raise ConnectionFailed(f"POST /extend: {e}") from e
+            raise _unreachable(self._http.base_url, "POST", "/extend", e) from e
         raise StreamError(None, "truncated_stream", "the stream ended without a 'done' line")

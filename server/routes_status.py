@@ -54,6 +54,7 @@ async def info(_: AuthDep, svc: ReadyDep):
             "max_upload_mb": s.max_upload_mb,
             "max_chunks": s.max_chunks,
             "max_steps": s.max_steps,
+            "max_request_passes": s.max_request_passes,
             "min_input_seconds": s.min_input_seconds,
             "max_input_seconds": s.max_input_seconds,
         },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import subprocess
 import sys
@@ -172,3 +173,39 @@ def test_cli_errors_exit_nonzero_with_the_servers_message(url, song, tmp_path):
     r = _cli("continue", str(tmp_path / "missing.wav"), "-o", str(tmp_path / "x.wav"), url=url)
     assert r.returncode == 2 and "no such file" in r.stderr
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_cli_unreachable_server_names_the_url_and_what_to_do(tmp_path):
+    r = _cli("info", url="http://127.0.0.1:9")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "http://127.0.0.1:9" in r.stderr and "make serve" in r.stderr and "--url" in r.stderr
+
+
+def test_cli_takes_a_bare_host_port_url(url):
+    bare = url.removeprefix("http://")
+    r = _cli("info", url=bare)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["limits"]["max_request_passes"] == 1024
+    with Client(bare) as c:
+        assert c.health()["status"] == "ok"
+    r = _cli("info", url="ftp://example.org")
+    assert r.returncode == 2 and "http://" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_output_into_a_closed_pipe_is_quiet(url):
+    """`python -m clients info | head -c 10`: no BrokenPipe traceback."""
+    env = {**os.environ, "SNAC_DIT_URL": url}
+    cmd = f"{sys.executable} -m clients info | head -c 10"
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert len(r.stdout) == 10
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_cli_help_explains_each_sampling_option():
+    r = subprocess.run([sys.executable, "-m", "clients", "continue", "--help"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    text = " ".join(r.stdout.split())
+    assert "--temperature TEMPERATURE sampling temperature" in text
+    assert "--top-p TOP_P nucleus mass" in text and "--guidance GUIDANCE classifier-free" in text
+    assert text.count("16,12,8,8") == 1

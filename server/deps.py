@@ -24,6 +24,8 @@ class Service:
     batcher: Batcher | None = None
     defaults: object = None  # SamplingParams the server applies when a field is not given
     ready: bool = False
+    # Uploads being read and decoded now; bounded by settings.max_concurrent_uploads.
+    uploads_in_flight: int = 0
 
 
 def get_service(request: Request) -> Service:

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.audio import read_audio, write_wav
 from server.deps import AuthDep, ReadyDep, Service
-from server.errors import ClientGone, InvalidParameter, error_payload
+from server.errors import ClientGone, InvalidParameter, Unavailable, error_payload
 from server.params import (
     CONTINUE_PARAMS,
     EXTEND_PARAMS,
@@ -87,7 +87,26 @@ async def _read_input(request: Request, svc: Service, allowed: tuple[str, ...]):
     """-> (parameters by name, mono float32 audio at the engine rate)."""
     given = _given(request, allowed)
     svc.batcher.check_capacity()
-    upload = await read_upload(request, svc.settings.max_upload_bytes)
+    limit = svc.settings.max_concurrent_uploads
+    # Claim an upload slot before reading a byte of the body (no await between the check and
+    # the claim: one event loop, so this is atomic).
+    if svc.uploads_in_flight >= limit:
+        raise Unavailable(
+            f"{limit} uploads are being received and decoded already "
+            "(SNAC_DIT_MAX_CONCURRENT_UPLOADS); retry shortly",
+            code="uploads_busy",
+            retry_after=1,
+        )
+    svc.uploads_in_flight += 1
+    try:
+        return await _receive_and_decode(request, svc, given, allowed)
+    finally:
+        svc.uploads_in_flight -= 1
+
+
+async def _receive_and_decode(request: Request, svc: Service, given: dict, allowed):
+    upload = await read_upload(request, svc.settings.max_upload_bytes,
+                               svc.settings.upload_timeout_s)
     reject_unknown(upload.fields, allowed)
     for k, v in upload.fields.items():
         if k in given:

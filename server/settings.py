@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     # Requests waiting (queued + running /extend streams) before new ones get 429.
     max_queue: int = Field(64, ge=1)
     max_upload_mb: float = Field(50.0, gt=0)
+    # Uploads being received + decoded at once. Each holds its body and decoded audio in RAM
+    # (8 x 46 MB uploads took RSS from 0.9 to 2.7 GB, measured); more get 503 at once, before
+    # their body is read.
+    max_concurrent_uploads: int = Field(4, ge=1)
+    # The whole body must arrive within this many seconds (else 408): a client dripping bytes
+    # cannot hold a connection and an upload slot forever. 50 MB in 120 s needs ~3.5 Mbit/s.
+    upload_timeout_s: float = Field(120.0, gt=0)
     max_chunks: int = Field(8, ge=1)  # bound on /extend?chunks=N
     max_steps: int = Field(256, ge=1)  # per level; bounds the work one request can ask for
     # Model passes one request may cost: sum of steps over levels (guided levels twice) x

@@ -7,6 +7,7 @@ too much); only then is multipart parsed, from the bounded bytes.
 
 from __future__ import annotations
 
+import asyncio
 import io
 from dataclasses import dataclass, field
 
@@ -15,7 +16,13 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from server.errors import BadAudio, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
+from server.errors import (
+    BadAudio,
+    InvalidParameter,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 
 HOW_TO_SEND = (
     "send multipart/form-data with a file field 'audio', or the raw file as the body with "
@@ -29,7 +36,20 @@ class Upload:
     fields: dict[str, str] = field(default_factory=dict)  # multipart text fields (parameters)
 
 
-async def read_bounded(request: Request, max_bytes: int) -> bytes:
+async def read_bounded(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The body, refused (413) past max_bytes and (408) if it has not all arrived in timeout_s."""
+    if timeout_s is None:
+        return await _read_bounded(request, max_bytes)
+    try:
+        return await asyncio.wait_for(_read_bounded(request, max_bytes), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout_s:g} s "
+            "(SNAC_DIT_UPLOAD_TIMEOUT_S); send it faster or smaller"
+        ) from None
+
+
+async def _read_bounded(request: Request, max_bytes: int) -> bytes:
     limit_msg = f"the request body exceeds the {max_bytes / 2**20:g} MB upload limit"
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -114,13 +134,13 @@ def declared_seconds(data: bytes) -> float | None:
     return info.frames / info.samplerate
 
 
-async def read_upload(request: Request, max_bytes: int) -> Upload:
+async def read_upload(request: Request, max_bytes: int, timeout_s: float | None = None) -> Upload:
     ctype = request.headers.get("content-type", "")
     media, options = parse_options_header(ctype)
     media = media.decode("latin-1").lower() if isinstance(media, bytes) else media.lower()
 
     if media.startswith("audio/"):
-        return Upload(await read_bounded(request, max_bytes))
+        return Upload(await read_bounded(request, max_bytes, timeout_s))
     if media != "multipart/form-data":
         got = f"'{media}'" if media else "no Content-Type"
         raise UnsupportedMediaType(f"unsupported media type ({got}); {HOW_TO_SEND}")
@@ -128,7 +148,7 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
     boundary = options.get(b"boundary")
     if not boundary:
         raise BadAudio("multipart body without a boundary", code="malformed_multipart")
-    body = await read_bounded(request, max_bytes)
+    body = await read_bounded(request, max_bytes, timeout_s)
     try:
         parts = _parse_multipart(body, boundary)
     except FormParserError as e:

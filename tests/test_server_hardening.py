@@ -156,3 +156,83 @@ def test_exported_weights_are_readable_by_other_users(tmp_path, debug_weights_di
     dit_dir = save_pretrained(load_dit(debug_weights_dir), tmp_path / "dit")
     for f in [*codec_dir.iterdir(), *dit_dir.iterdir()]:
         assert f.stat().st_mode & stat.S_IROTH, f"{f} is not world-readable"
+
+
+def _raw_partial_upload(url: str, declared: int, sent: bytes):
+    """A socket that sent the headers and part of a /continue body, then went quiet."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    s = socket.create_connection((u.hostname, u.port), timeout=30)
+    s.sendall((f"POST /continue?{FAST} HTTP/1.1\r\nHost: {u.netloc}\r\n"
+               f"Content-Type: audio/wav\r\nContent-Length: {declared}\r\n\r\n").encode() + sent)
+    return s
+
+
+def _read_response(sock) -> tuple[int, dict]:
+    import json as _json
+
+    data = b""
+    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), _json.loads(body[body.index(b"{"):])
+
+
+@pytest.fixture
+def live(engine):
+    from server.background import serve_in_background
+
+    def start(**settings):
+        app = create_app(Settings(warmup=False, max_wait_ms=1, **settings), engine=engine)
+        return serve_in_background(app)
+
+    return start
+
+
+def test_a_body_dripped_in_too_slowly_gets_408(live, clip):
+    import time
+
+    import httpx
+
+    with live(upload_timeout_s=1.0) as url:
+        sock = _raw_partial_upload(url, len(clip), clip[:100])
+        t0 = time.monotonic()
+        status, body = _read_response(sock)
+        sock.close()
+        assert status == 408 and body["error"] == "request_timeout", body
+        assert "SNAC_DIT_UPLOAD_TIMEOUT_S" in body["detail"]
+        assert time.monotonic() - t0 < 10
+        ok = httpx.post(f"{url}/continue?{FAST}", files={"audio": ("a.wav", clip)}, timeout=60)
+        assert ok.status_code == 200, ok.text
+
+
+def test_concurrent_uploads_are_bounded_with_an_early_503(live, clip):
+    import time
+
+    import httpx
+
+    with live(max_concurrent_uploads=2, upload_timeout_s=60) as url:
+        held = [_raw_partial_upload(url, len(clip), clip[:1000]) for _ in range(2)]
+        deadline = time.monotonic() + 20
+        while True:  # until both held uploads have claimed their slots
+            r = httpx.post(f"{url}/continue?{FAST}", files={"audio": ("a.wav", clip)}, timeout=60)
+            if r.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 503 and r.json()["error"] == "uploads_busy", r.text
+        assert r.headers["retry-after"] == "1"
+        assert "SNAC_DIT_MAX_CONCURRENT_UPLOADS" in r.json()["detail"]
+        for s in held:  # the clients give up: their slots come back
+            s.close()
+        deadline = time.monotonic() + 20
+        while True:
+            r = httpx.post(f"{url}/continue?{FAST}", files={"audio": ("a.wav", clip)}, timeout=60)
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text

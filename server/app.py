@@ -70,6 +70,29 @@ def _warmup(engine, defaults) -> None:
     engine.continue_batch([torch.zeros(engine.sample_rate)], [params])
 
 
+DOCS_ASSETS = "/docs-assets"
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the swagger-ui-bundle package's files, so the API docs work on
+    a machine without internet (FastAPI's default page pulls its JS and CSS from a CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
+
+
 def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     """Build the app. `engine`: an already loaded engine (tests; several apps can share one)."""
     settings = settings or Settings()
@@ -100,7 +123,10 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
         version=version(),
         summary="Continue music: 12.288 s of audio in, the next 6.144 s out.",
         lifespan=lifespan,
+        docs_url=None,  # served below from local files: FastAPI's default loads them from a CDN
+        redoc_url=None,
     )
+    _offline_docs(app)
     app.state.service = service
     install_error_handlers(app)
     app.include_router(generate_router)

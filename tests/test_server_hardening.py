@@ -236,3 +236,21 @@ def test_concurrent_uploads_are_bounded_with_an_early_503(live, clip):
                 break
             time.sleep(0.1)
         assert r.status_code == 200, r.text
+
+
+def test_api_docs_need_no_internet(engine):
+    """/docs references only this server's own files, and those files are served."""
+    import re
+
+    with app_client(engine) as c:
+        page = c.get("/docs")
+        assert page.status_code == 200
+        urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+        urls += re.findall(r"""url: ?['"]([^'"]+)['"]""", page.text)
+        assert urls and all(not u.startswith(("http://", "https://", "//")) for u in urls), urls
+        assert "cdn" not in page.text.lower()
+        for u in urls:
+            r = c.get(u)
+            assert r.status_code == 200 and len(r.content) > 100, u
+        assert c.get("/docs-assets/swagger-ui-bundle.js").headers["content-type"].startswith(
+            ("application/javascript", "text/javascript"))

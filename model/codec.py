@@ -9,8 +9,11 @@ Geometry (DESIGN §1) is derived from the codec config, never hard-coded:
     pad_samples       = hop_length * lcm(strides[0], attn_window)   12,288: SNAC pads to this
 
 The decoder is non-causal and injects noise even in eval mode, so `decode` takes the preceding
-tokens as `context`, decodes everything together and cuts the context off (seam-free chunks), and
-runs under a seeded RNG (reproducible audio).
+tokens as `context` (and, optionally, the following ones as `right_context`), decodes everything
+together and cuts the contexts off. Its noise is keyed to absolute positions
+(`positional_noise`): with the same seed, every sample of a decoded window equals the same sample
+of a one-pass decode of the whole token sequence, wherever the window starts (within fp
+tolerance, given enough context on both sides). That is what makes chained chunks seam-exact.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ import hashlib
 import json
 import math
 import os
+import types
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from snac import SNAC
+from snac.layers import DecoderBlock, NoiseBlock
 
 # A chunk is 64 frames of the coarsest level: 6.144 s at 32 kHz. A project-wide decision, not a
 # codec property, so it lives here as the one constant the geometry is built from.
@@ -50,6 +56,59 @@ DEBUG_CODEC_CONFIG = dict(SNAC_32KHZ_CONFIG, encoder_dim=8, decoder_dim=64)
 
 class CodecLoadError(RuntimeError):
     pass
+
+
+# Decoder noise is drawn per span of this many decoder-input frames (hop_length samples each);
+# any span boundary may fall inside a decoded window, so the value only trades draws for size.
+NOISE_SPAN_FRAMES = 32
+
+
+def _noise_span(seed: int, row: int, block: int, span: int, length: int) -> torch.Tensor:
+    key = hashlib.blake2b(f"{seed}/{row}/{block}/{span}".encode(), digest_size=8).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+    return torch.randn(length, generator=g)
+
+
+@contextmanager
+def positional_noise(snac: SNAC, seed: int, first_frame: int = 0):
+    """Inside the block, the decoder's NoiseBlocks draw noise keyed to (seed, batch row, block,
+    absolute position) instead of from the global RNG: the decode's first input frame is frame
+    `first_frame` of the whole sequence. snac's NoiseBlock draws `randn(B, 1, T)` fresh per call,
+    so the same position gets different noise in differently placed windows, and no two windows
+    of a chain could agree where they overlap."""
+    noise_blocks, upsample = [], 1
+    for layer in snac.decoder.model:
+        if isinstance(layer, DecoderBlock):
+            upsample *= next(m for m in layer.block
+                             if isinstance(m, torch.nn.ConvTranspose1d)).stride[0]
+            noise_blocks += [(m, upsample) for m in layer.block if isinstance(m, NoiseBlock)]
+
+    def forward_for(index: int, factor: int):
+        def forward(self, x):
+            B, _, T = x.shape
+            span = NOISE_SPAN_FRAMES * factor
+            start = first_frame * factor
+            first, last = start // span, (start + T - 1) // span
+            rows = []
+            for b in range(B):
+                spans = [_noise_span(seed, b, index, s, span) for s in range(first, last + 1)]
+                rows.append(torch.cat(spans)[start - first * span: start - first * span + T])
+            noise = torch.stack(rows)[:, None].to(device=x.device, dtype=x.dtype)
+            return x + noise * self.linear(x)
+        return forward
+
+    saved = []
+    try:
+        for index, (block, factor) in enumerate(noise_blocks):
+            saved.append((block, block.__dict__.get("forward")))
+            block.forward = types.MethodType(forward_for(index, factor), block)
+        yield
+    finally:
+        for block, old in saved:
+            if old is None:
+                del block.forward
+            else:
+                block.forward = old
 
 
 def pad_samples(config: dict) -> int:
@@ -268,30 +327,44 @@ class Codec:
         tokens: list[torch.Tensor],
         context: list[torch.Tensor] | None = None,
         seed: int | None = 0,
+        right_context: list[torch.Tensor] | None = None,
+        first_frame: int = 0,
     ) -> torch.Tensor:
-        """Per-level codes -> (B, samples) float32 audio, `context` decoded along and cut off.
+        """Per-level codes -> (B, samples) float32 audio; the contexts are decoded along and cut.
 
-        `seed` fixes the decoder's noise injection (None: use the global RNG). The context makes
-        consecutive chunks seamless: decode(b, context=a) == decode(a + b)[len(a):].
+        `seed` keys the decoder's noise to absolute positions (None: snac's own global-RNG
+        noise). `first_frame`: where the first decoded token (context included) sits in the
+        whole sequence, in hop frames (`strides[0]` per level-0 token). Then
+        decode(b, context=a, right_context=c, first_frame=len(x)) equals
+        decode(x + a + b + c)[the samples of b], up to fp error and to how far the decoder sees:
+        with context and right context longer than its receptive field, exactly.
         """
         self.validate_tokens(tokens)
-        n_ctx_frames = 0
-        if context is not None:
-            self.validate_tokens(context, "context")
-            if context[0].shape[0] != tokens[0].shape[0]:
-                raise ValueError("context and tokens have different batch sizes")
-            n_ctx_frames = context[0].shape[1]
-            tokens = [
-                torch.cat([c.to(t.device), t], dim=1) for c, t in zip(context, tokens, strict=True)
-            ]
-        codes = [t.to(self.device) for t in tokens]
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+        before = after = 0
+        parts = [tokens]
+        for name, extra in (("context", context), ("right_context", right_context)):
+            if extra is None:
+                continue
+            self.validate_tokens(extra, name)
+            if extra[0].shape[0] != tokens[0].shape[0]:
+                raise ValueError(f"{name} and tokens have different batch sizes")
+            if name == "context":
+                parts.insert(0, extra)
+                before = extra[0].shape[1]
+            else:
+                parts.append(extra)
+                after = extra[0].shape[1]
+        if first_frame < 0 or first_frame % (self.pad_frames[0] * self.strides[0]):
+            raise ValueError(f"first_frame must be a non-negative multiple of "
+                             f"{self.pad_frames[0] * self.strides[0]} (the padding grid)")
+        codes = [torch.cat([p[level].to(self.device) for p in parts], dim=1)
+                 for level in range(self.n_levels)]
+        noise = positional_noise(self.snac, seed, first_frame) if seed is not None else None
+        with noise if noise is not None else nullcontext():
             with torch.autocast(
                 self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
             ):
                 audio = self.snac.decode(codes)  # (B, 1, T)
-        cut = n_ctx_frames * self.strides[0] * self.hop_length
-        return audio[:, 0, cut:].float()
+        frame = self.strides[0] * self.hop_length                 # samples per level-0 token
+        end = audio.shape[-1] - after * frame
+        return audio[:, 0, before * frame: end].float()

@@ -6,9 +6,18 @@
 
 Input audio is mono float32 at the codec's rate; the last `context_samples` (12.288 s) are used
 and shorter input is left-padded with zeros. The context is encoded once; chained chunks slide
-the window in token space (no re-encode). Each chunk is decoded together with the context tokens
-that precede it and cut (`Codec.decode(new, context=...)`), so consecutive chunks join without
-seams.
+the window in token space (no re-encode).
+
+Seam-exact chaining: the decoder is non-causal, so the last ~0.45 s of a decoded chunk still
+change once the next chunk's tokens follow it. `extend` therefore holds back the last
+`holdback_samples` (0.768 s) of each chunk and sends them with the next one, re-decoded with that
+chunk's tokens after them; the decoder noise is keyed to absolute positions
+(`model.codec.positional_noise`). Each piece is decoded from its own tokens plus 0.768 s of
+tokens on either side (the decoder reaches ~0.45 s), not from the whole 12.288 s context: the
+same samples for a third of the work. The concatenated output equals a one-pass decode of the
+context and all generated tokens (same seed) to fp precision. The pieces `extend` yields are
+therefore 6.144 s - 0.768 s (the first), 6.144 s (the middle ones) and 6.144 s + 0.768 s (the
+last), n x 6.144 s in all; a single chunk is 6.144 s, exactly `continue_audio`'s.
 
 Reproducibility: a request's seed fixes its tokens (per-row generators, see model/sampler.py)
 and its decoder noise (each request is decoded on its own with a seed derived from its seed), so
@@ -33,7 +42,7 @@ from torch import Tensor
 from model.codec import Codec, save_readable_safetensors
 from model.diffusion import DiffusionConfig
 from model.dit import DiT, DiTConfig
-from model.sampler import SamplingParams, derive_seed, generate, resolve_seed, slide_window
+from model.sampler import SamplingParams, derive_seed, generate, resolve_seed
 from model.sampler import extend as extend_tokens
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -84,6 +93,13 @@ def load_dit(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = 
     return dit.to(device=device, dtype=dtype).eval()
 
 
+# Padding units (0.384 s at 32 kHz) of tokens decoded on each side of the samples wanted.
+# SNAC's decoder reaches ~14,300 samples either way (measured, tests/test_engine.py), less
+# than two units: decoding 0.768 s of neighbours gives the same samples as decoding everything.
+HOLDBACK_PADS = 2  # after: how much of a chunk's end waits for the next chunk
+LEFT_PADS = 2      # before: instead of the whole 12.288 s context (3x less decoding)
+
+
 class ContinuationEngine:
     def __init__(
         self,
@@ -109,6 +125,10 @@ class ContinuationEngine:
         self.chunk_samples = codec.samples_per_chunk
         self.context_chunks = cfg.max_ctx_chunks
         self.context_samples = self.context_chunks * self.chunk_samples
+        # How much of a chunk's end waits for the next chunk (module docstring): 24,576 samples
+        # at 32 kHz. The decoder's reach depends on its rates, kernels and attention window,
+        # which all snac_32khz-geometry codecs share, not on the widths.
+        self.holdback_samples = HOLDBACK_PADS * codec.pad_samples
         self.diffusion = diffusion or DiffusionConfig()
         if len(self.diffusion.schedules) != cfg.n_levels:
             raise ValueError("diffusion config and model disagree on the number of levels")
@@ -167,16 +187,22 @@ class ContinuationEngine:
                 )
         return [t.to(self.device) for t in tokens]
 
-    def _decode(self, new: list[Tensor], context: list[Tensor], seed: int, chunk: int) -> Tensor:
-        """One request's chunk (1, F_l) per level, decoded after its context -> (chunk_samples,)."""
-        audio = self.codec.decode(
-            new, context=context, seed=derive_seed(seed, chunk, "decode") % 2**31
-        )
-        if audio.shape[-1] < self.chunk_samples:
-            raise RuntimeError(
-                f"codec decoded {audio.shape[-1]} samples, expected {self.chunk_samples}"
-            )
-        return audio[0, : self.chunk_samples].clamp(-1.0, 1.0).float().cpu()
+    def _decode_samples(self, seq: list[Tensor], start: int, end: int, seed: int) -> Tensor:
+        """Samples [start, end) of one request's whole token sequence `seq` ((1, n_l) per level:
+        the context, then every generated chunk), decoded from the tokens around them only:
+        LEFT_PADS padding units before, up to `holdback_samples` after (what exists of them).
+        Both exceed the decoder's reach, so the result equals a decode of all of `seq` there."""
+        codec, hop = self.codec, self.codec.hop_length
+        total = seq[0].shape[1] * codec.strides[0] * hop
+        lo = max(0, start - LEFT_PADS * codec.pad_samples)
+        hi = min(total, end + self.holdback_samples)
+        window = [t[:, lo // (hop * s): hi // (hop * s)] for t, s in zip(seq, codec.strides,
+                                                                          strict=True)]
+        audio = codec.decode(window, seed=derive_seed(seed, 0, "decode") % 2**31,
+                             first_frame=lo // hop)
+        if audio.shape[-1] < end - lo:
+            raise RuntimeError(f"codec decoded {audio.shape[-1]} samples, expected {hi - lo}")
+        return audio[0, start - lo: end - lo].clamp(-1.0, 1.0).float().cpu()
 
     # ------------------------------------------------------------------ public API
     def continue_batch(
@@ -192,10 +218,13 @@ class ContinuationEngine:
         params = [self._params(p) for p in params]
         context = self._encode(audios)
         new = generate(self.dit, context, params, self.diffusion.schedules, chunk_index=0)
-        return [
-            self._decode([t[b : b + 1] for t in new], [c[b : b + 1] for c in context], p.seed, 0)
-            for b, p in enumerate(params)
-        ]
+        start = self.context_samples
+        out = []
+        for b, p in enumerate(params):
+            seq = [torch.cat([c[b : b + 1], t[b : b + 1]], dim=1) for c, t in zip(context, new,
+                                                                                  strict=True)]
+            out.append(self._decode_samples(seq, start, start + self.chunk_samples, p.seed))
+        return out
 
     def continue_audio(self, audio, params: SamplingParams | None = None) -> Tensor:
         return self.continue_batch([audio], [params])[0]
@@ -203,9 +232,10 @@ class ContinuationEngine:
     def extend(
         self, audio, n_chunks: int, params: SamplingParams | None = None
     ) -> Iterator[Tensor]:
-        """Yield `n_chunks` chained chunks (chunk_samples,) as they finish; the first equals
-        `continue_audio(audio, params)` for the same seed. Bad input raises here, at the call,
-        not at the first `next()`."""
+        """Yield `n_chunks` chained pieces as they finish: together n_chunks * chunk_samples,
+        seam-exact (module docstring). The first piece is `continue_audio(audio, params)`'s first
+        chunk_samples - holdback_samples for the same seed (all of it when n_chunks == 1). Bad
+        input raises here, at the call, not at the first `next()`."""
         if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
             raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
         p = self._params(params)
@@ -214,9 +244,15 @@ class ContinuationEngine:
 
     def _chunks(self, context: list[Tensor], n_chunks: int, p: SamplingParams) -> Iterator[Tensor]:
         tokens = extend_tokens(self.dit, context, n_chunks, p, self.diffusion.schedules)
+        seq = list(context)                 # the request's whole token sequence so far
+        start = self.context_samples        # first sample not yet sent
         for k, new in enumerate(tokens):
-            yield self._decode(new, context, p.seed, k)
-            context = slide_window(context, new, self.context_chunks)
+            seq = [torch.cat([s, n.to(s.device)], dim=1) for s, n in zip(seq, new, strict=True)]
+            end = self.context_samples + (k + 1) * self.chunk_samples
+            if k < n_chunks - 1:            # the last holdback_samples wait for the next chunk
+                end -= self.holdback_samples
+            yield self._decode_samples(seq, start, end, p.seed)
+            start = end
 
     def info(self) -> dict:
         """JSON-able description: model, codec, geometry, sampling defaults."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -25,7 +26,7 @@ class Service:
     defaults: object = None  # SamplingParams the server applies when a field is not given
     ready: bool = False
     # Uploads being read and decoded now; bounded by settings.max_concurrent_uploads.
-    uploads_in_flight: int = 0
+    upload_slots: asyncio.Semaphore | None = field(default=None, repr=False)
 
 
 def get_service(request: Request) -> Service:

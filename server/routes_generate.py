@@ -83,25 +83,41 @@ def _given(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
     return given
 
 
+async def _acquire_within(sem: asyncio.Semaphore, seconds: float) -> bool:
+    """sem.acquire() with a deadline that can never leak a permit (a bare wait_for can, when
+    the acquire succeeds just as the timeout cancels it)."""
+    attempt = asyncio.ensure_future(sem.acquire())
+    done, _ = await asyncio.wait({attempt}, timeout=seconds)
+    if done:
+        return True
+    attempt.cancel()
+    try:
+        await attempt
+    except asyncio.CancelledError:
+        return False
+    sem.release()  # it was acquired after all, between the timeout and the cancel
+    return False
+
+
 async def _read_input(request: Request, svc: Service, allowed: tuple[str, ...]):
     """-> (parameters by name, mono float32 audio at the engine rate)."""
     given = _given(request, allowed)
     svc.batcher.check_capacity()
+    # Claim an upload slot before reading a byte of the body; wait a little for one, then 503.
     limit = svc.settings.max_concurrent_uploads
-    # Claim an upload slot before reading a byte of the body (no await between the check and
-    # the claim: one event loop, so this is atomic).
-    if svc.uploads_in_flight >= limit:
+    if svc.upload_slots is None:
+        svc.upload_slots = asyncio.Semaphore(limit)
+    if not await _acquire_within(svc.upload_slots, svc.settings.upload_slot_wait_s):
         raise Unavailable(
             f"{limit} uploads are being received and decoded already "
             "(SNAC_DIT_MAX_CONCURRENT_UPLOADS); retry shortly",
             code="uploads_busy",
             retry_after=1,
         )
-    svc.uploads_in_flight += 1
     try:
         return await _receive_and_decode(request, svc, given, allowed)
     finally:
-        svc.uploads_in_flight -= 1
+        svc.upload_slots.release()
 
 
 async def _receive_and_decode(request: Request, svc: Service, given: dict, allowed):

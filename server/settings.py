@@ -33,9 +33,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1)
     max_upload_mb: float = Field(50.0, gt=0)
     # Uploads being received + decoded at once. Each holds its body and decoded audio in RAM
-    # (8 x 46 MB uploads took RSS from 0.9 to 2.7 GB, measured); more get 503 at once, before
-    # their body is read.
+    # (8 x 46 MB uploads took RSS from 0.9 to 2.7 GB, measured). One more waits up to
+    # upload_slot_wait_s for a slot, its body unread, then gets 503.
     max_concurrent_uploads: int = Field(4, ge=1)
+    upload_slot_wait_s: float = Field(2.0, ge=0)
     # The whole body must arrive within this many seconds (else 408): a client dripping bytes
     # cannot hold a connection and an upload slot forever. 50 MB in 120 s needs ~3.5 Mbit/s.
     upload_timeout_s: float = Field(120.0, gt=0)

@@ -91,10 +91,13 @@ def test_batch_with_short_input_and_guided_mate(engine, reference):
 
 def test_extend_yields_chunks_and_first_equals_continue(engine, reference):
     full, out = reference
+    H = engine.holdback_samples
     chunks = list(engine.extend(full, 3, FAST))
-    assert len(chunks) == 3 and all(c.shape == (CHUNK,) for c in chunks)
-    assert torch.equal(chunks[0], out)
-    assert not torch.equal(chunks[1], chunks[2])
+    assert [c.shape[0] for c in chunks] == [CHUNK - H, CHUNK, CHUNK + H]
+    assert torch.equal(chunks[0], out[: CHUNK - H])
+    assert not torch.equal(chunks[1], chunks[2][:CHUNK])
+    (one,) = engine.extend(full, 1, FAST)
+    assert torch.equal(one, out)
     with pytest.raises(ValueError):
         engine.extend(full, 0, FAST)  # raised at the call, not at the first next()
     with pytest.raises(ValueError):
@@ -124,3 +127,76 @@ def test_bad_input_and_info(engine):
     assert info["defaults"]["steps"] == [16, 12, 8, 8] and info["model"]["params"] > 0
     with pytest.raises(ValueError, match="disagree"):
         ContinuationEngine(engine.codec, DiT(DiTConfig.from_name("debug", codebook_size=1024)))
+
+
+def test_extend_is_seam_exact_against_a_one_pass_decode(engine, reference):
+    """The chained output equals a decode of the context and all generated tokens in one pass
+    (same seed), everywhere: the chunk tails are re-decoded once the next chunk exists."""
+    from model.sampler import derive_seed
+    from model.sampler import extend as extend_tokens
+
+    full, _ = reference
+    n = 3
+    chained = torch.cat(list(engine.extend(full, n, FAST)))
+    context = engine._encode([full])
+    new = list(extend_tokens(engine.dit, context, n, FAST, engine.diffusion.schedules))
+    tokens = [torch.cat([c, *(chunk[lv] for chunk in new)], dim=1) for lv, c in enumerate(context)]
+    seed = derive_seed(engine._params(FAST).seed, 0, "decode") % 2**31
+    one_pass = engine.codec.decode(tokens, seed=seed)[0, 2 * CHUNK:].clamp(-1, 1)
+    assert chained.shape == one_pass.shape == (n * CHUNK,)
+    torch.testing.assert_close(chained, one_pass, atol=1e-5, rtol=0)
+    # Without the hold-back the old seams are real: each chunk decoded with only its left
+    # context differs from the one-pass decode near its end.
+    naive = engine.codec.decode([t[:, : 2 * f + f] for t, f in
+                                 zip(tokens, engine.codec.frames_per_chunk, strict=True)],
+                                seed=seed)[0, 2 * CHUNK:]
+    assert (naive[-engine.holdback_samples:] - one_pass[CHUNK - engine.holdback_samples:CHUNK]
+            ).abs().max() > 1e-3
+
+
+def test_holdback_and_left_window_cover_the_decoders_reach(debug_codec):
+    """How far the decoder sees, measured: decoding without the following chunk changes only
+    the last samples, fewer than the engine holds back; decoding from LEFT_PADS before a chunk
+    instead of from its whole context changes nothing. The reach depends on the rates, kernels
+    and attention window (shared by every snac_32khz-geometry codec), not on the widths."""
+    from model.engine import HOLDBACK_PADS, LEFT_PADS
+
+    codec = debug_codec
+    g = torch.Generator().manual_seed(0)
+    tok = [torch.randint(0, codec.codebook_size, (1, 3 * f), generator=g)
+           for f in codec.frames_per_chunk]
+    whole = codec.decode(tok, seed=5)
+    cut = codec.decode([t[:, : 2 * f] for t, f in zip(tok, codec.frames_per_chunk, strict=True)],
+                       seed=5)
+    diff = (cut - whole[:, : cut.shape[1]]).abs()[0]
+    changed = (diff > 1e-5).nonzero()
+    reach = cut.shape[1] - int(changed[0])
+    assert 8_000 < reach < HOLDBACK_PADS * codec.pad_samples, reach
+    pf, s0 = codec.pad_frames, codec.strides[0]
+    for pads, exact in ((LEFT_PADS, True), (1, False)):
+        ctx = [t[:, 2 * f - pads * p: 2 * f] for t, f, p in zip(tok, codec.frames_per_chunk, pf,
+                                                                 strict=True)]
+        new = [t[:, 2 * f:] for t, f in zip(tok, codec.frames_per_chunk, strict=True)]
+        short = codec.decode(new, context=ctx, seed=5,
+                             first_frame=(2 * codec.frames_per_chunk[0] - pads * pf[0]) * s0)
+        err = float((short - whole[:, 2 * CHUNK:]).abs().max())
+        assert (err < 1e-5) is exact, (pads, err)
+
+
+def test_decode_noise_is_keyed_to_absolute_positions(debug_codec):
+    codec = debug_codec
+    F = codec.frames_per_chunk
+    g = torch.Generator().manual_seed(1)
+    tok = [torch.randint(0, codec.codebook_size, (1, 4 * f), generator=g) for f in F]
+    part = [lambda a, b, t=t, f=f: t[:, a * f: b * f] for t, f in zip(tok, F, strict=True)]
+    whole = codec.decode(tok, seed=9)
+    window = codec.decode([p(2, 3) for p in part], context=[p(1, 2) for p in part],
+                          right_context=[p(3, 4) for p in part], seed=9,
+                          first_frame=F[0] * codec.strides[0])
+    torch.testing.assert_close(window, whole[:, 2 * CHUNK: 3 * CHUNK], atol=1e-5, rtol=0)
+    misplaced = codec.decode([p(2, 3) for p in part], context=[p(1, 2) for p in part],
+                             right_context=[p(3, 4) for p in part], seed=9)
+    assert (misplaced - window).abs().max() > 1e-2
+    assert not torch.equal(codec.decode(tok, seed=9), codec.decode(tok, seed=10))
+    with pytest.raises(ValueError, match="first_frame"):
+        codec.decode(tok, seed=9, first_frame=5)

@@ -117,6 +117,39 @@ def test_extend_three_chunks(client, clip):
     assert not np.array_equal(x[:CHUNK], x[CHUNK : 2 * CHUNK])
 
 
+def test_extend_is_seam_exact_over_http_streamed_or_not(client, engine, clip):
+    """/extend's WAV equals a one-pass decode of the context and all its tokens (same seed),
+    to 16-bit precision; the stream carries the same samples, split at the hold-back."""
+    import base64
+    import dataclasses
+
+    import torch
+
+    from model.sampler import derive_seed
+    from model.sampler import extend as extend_tokens
+    from server.audio import read_audio
+
+    query = "chunks=3&steps=2,1,1,1&seed=5"
+    whole = post(client, "/extend", clip, query)
+    assert whole.status_code == 200, whole.text
+    x, _, _ = read_wav(whole.content)
+    r = post(client, "/extend", clip, query + "&stream=true")
+    lines = [json.loads(line) for line in r.text.splitlines() if line]
+    pieces = [read_wav(base64.b64decode(m["audio"]))[0] for m in lines if m["event"] == "chunk"]
+    H = engine.holdback_samples
+    assert [len(p) for p in pieces] == [CHUNK - H, CHUNK, CHUNK + H]
+    assert np.array_equal(np.concatenate(pieces), x)
+
+    params = dataclasses.replace(engine.default_params, steps=(2, 1, 1, 1), seed=5)
+    audio = torch.from_numpy(read_audio(clip, SR))
+    context = engine._encode([audio])
+    new = list(extend_tokens(engine.dit, context, 3, params, engine.diffusion.schedules))
+    tokens = [torch.cat([c, *(n[lv] for n in new)], dim=1) for lv, c in enumerate(context)]
+    one_pass = engine.codec.decode(tokens, seed=derive_seed(5, 0, "decode") % 2**31)
+    ref, _, _ = read_wav(wav_bytes(one_pass[0, 2 * CHUNK:].clamp(-1, 1).numpy()))
+    assert np.abs(x - ref).max() <= 1.5 / 32768
+
+
 def _bad_inputs(clip: bytes) -> list[tuple[str, dict, int, str]]:
     """(name, request kwargs, status, error code)."""
     good = wav_bytes(tone(2.0))

@@ -62,8 +62,10 @@ def run_once(engine: ContinuationEngine, audios, params) -> dict[str, float]:
         new = generate(engine.dit, ctx, params, engine.diffusion.schedules)
     out["sample"] = t.seconds
     with Timer(device) as t:
+        start = ctx[0].shape[1] // engine.codec.frames_per_chunk[0] * engine.chunk_samples
         for b, p in enumerate(params):
-            engine._decode([x[b : b + 1] for x in new], [c[b : b + 1] for c in ctx], p.seed, 0)
+            seq = [torch.cat([c[b : b + 1], x[b : b + 1]], dim=1) for c, x in zip(ctx, new, strict=True)]
+            engine._decode_samples(seq, start, start + engine.chunk_samples, p.seed)
     out["decode"] = t.seconds
     out["total"] = out["encode"] + out["sample"] + out["decode"]
     return out

@@ -4,9 +4,12 @@
     chunk = engine.continue_audio(audio)              # (196608,) float32: the next 6.144 s
     for chunk in engine.extend(audio, 3): ...         # chained chunks, yielded as they finish
 
-Input audio is mono float32 at the codec's rate; the last `context_samples` (12.288 s) are used
-and shorter input is left-padded with zeros. The context is encoded once; chained chunks slide
-the window in token space (no re-encode).
+Input audio is mono float32 at the codec's rate. The context is its last whole chunks, up to
+`context_chunks` (2 = 12.288 s): an input of 9 s gives one chunk of context (its last 6.144 s),
+not 12.288 s with 3.3 s of silence in front, which the model never saw as context (DESIGN §5b).
+Input shorter than one chunk is left-padded with zeros to one chunk (a track that starts after
+silence looks like that); the server refuses input under SNAC_DIT_MIN_INPUT_SECONDS (1 s). The
+context is encoded once; chained chunks slide the window in token space (no re-encode).
 
 Seam-exact chaining: the decoder is non-causal, so the last ~0.45 s of a decoded chunk still
 change once the next chunk's tokens follow it. `extend` therefore holds back the last
@@ -159,8 +162,14 @@ class ContinuationEngine:
         return cls(codec, dit, diffusion, defaults)
 
     # ------------------------------------------------------------------ helpers
+    def context_chunks_for(self, n_samples: int) -> int:
+        """How many whole chunks of context an input of n_samples gives: up to context_chunks;
+        an input shorter than one chunk still gives one (left-padded, see `_window`)."""
+        return max(1, min(self.context_chunks, n_samples // self.chunk_samples))
+
     def _window(self, audio) -> Tensor:
-        """The last `context_samples` of mono audio (T,), left-padded with zeros -> float32."""
+        """The context audio of mono audio (T,): its last whole chunks (up to context_chunks),
+        or, if it is shorter than one chunk, all of it left-padded with zeros to one chunk."""
         audio = torch.as_tensor(audio)
         if audio.ndim != 1:
             raise ValueError(f"audio must be mono (T,), got shape {tuple(audio.shape)}")
@@ -168,23 +177,26 @@ class ContinuationEngine:
             raise ValueError(f"audio must be float samples, got {audio.dtype}")
         if audio.numel() == 0:
             raise ValueError("audio is empty")
-        audio = audio[-self.context_samples :].float().cpu()
+        n = self.context_chunks_for(audio.shape[0]) * self.chunk_samples
+        audio = audio[-n:].float().cpu()
         if not torch.isfinite(audio).all():
             raise ValueError("audio contains NaN or infinite samples")
-        return torch.nn.functional.pad(audio, (self.context_samples - audio.shape[0], 0))
+        return torch.nn.functional.pad(audio, (n - audio.shape[0], 0))
 
     def _params(self, params: SamplingParams | None) -> SamplingParams:
         p = (params or self.default_params).validated(self.dit.config.n_levels)
         return replace(p, seed=resolve_seed(p.seed))  # fixed now: tokens and decoder share it
 
     def _encode(self, audios: list) -> list[Tensor]:
-        x = torch.stack([self._window(a) for a in audios])  # (B, context_samples)
-        tokens = self.codec.encode(x)
+        """Context tokens of inputs that give the same number of context chunks."""
+        windows = [self._window(a) for a in audios]
+        if len({w.shape[0] for w in windows}) != 1:
+            raise ValueError("_encode needs inputs with the same number of context chunks")
+        n_chunks = windows[0].shape[0] // self.chunk_samples
+        tokens = self.codec.encode(torch.stack(windows))
         for t, f in zip(tokens, self.dit.config.frames_per_chunk, strict=True):
-            if t.shape[1] != self.context_chunks * f:  # the codec's grid divides a chunk
-                raise RuntimeError(
-                    f"codec produced {t.shape[1]} frames, expected {self.context_chunks * f}"
-                )
+            if t.shape[1] != n_chunks * f:  # the codec's grid divides a chunk
+                raise RuntimeError(f"codec produced {t.shape[1]} frames, expected {n_chunks * f}")
         return [t.to(self.device) for t in tokens]
 
     def _decode_samples(self, seq: list[Tensor], start: int, end: int, seed: int) -> Tensor:
@@ -216,14 +228,22 @@ class ContinuationEngine:
         if len(params) != len(audios):
             raise ValueError(f"{len(params)} SamplingParams for {len(audios)} audios")
         params = [self._params(p) for p in params]
-        context = self._encode(audios)
-        new = generate(self.dit, context, params, self.diffusion.schedules, chunk_index=0)
-        start = self.context_samples
-        out = []
-        for b, p in enumerate(params):
-            seq = [torch.cat([c[b : b + 1], t[b : b + 1]], dim=1) for c, t in zip(context, new,
-                                                                                  strict=True)]
-            out.append(self._decode_samples(seq, start, start + self.chunk_samples, p.seed))
+        # Inputs with as many context chunks run together (encode, sample, decode): one group
+        # for a uniform batch; a request's result never depends on the others (per-row seeds).
+        groups: dict[int, list[int]] = {}
+        for i, a in enumerate(audios):
+            groups.setdefault(self.context_chunks_for(torch.as_tensor(a).shape[-1]), []).append(i)
+        out: list[Tensor | None] = [None] * len(audios)
+        for n, rows in groups.items():
+            context = self._encode([audios[i] for i in rows])
+            new = generate(self.dit, context, [params[i] for i in rows], self.diffusion.schedules,
+                           chunk_index=0)
+            start = n * self.chunk_samples
+            for b, i in enumerate(rows):
+                seq = [torch.cat([c[b : b + 1], t[b : b + 1]], dim=1)
+                       for c, t in zip(context, new, strict=True)]
+                out[i] = self._decode_samples(seq, start, start + self.chunk_samples,
+                                              params[i].seed)
         return out
 
     def continue_audio(self, audio, params: SamplingParams | None = None) -> Tensor:
@@ -245,10 +265,11 @@ class ContinuationEngine:
     def _chunks(self, context: list[Tensor], n_chunks: int, p: SamplingParams) -> Iterator[Tensor]:
         tokens = extend_tokens(self.dit, context, n_chunks, p, self.diffusion.schedules)
         seq = list(context)                 # the request's whole token sequence so far
-        start = self.context_samples        # first sample not yet sent
+        ctx = context[0].shape[1] // self.codec.frames_per_chunk[0] * self.chunk_samples
+        start = ctx                         # first sample not yet sent
         for k, new in enumerate(tokens):
             seq = [torch.cat([s, n.to(s.device)], dim=1) for s, n in zip(seq, new, strict=True)]
-            end = self.context_samples + (k + 1) * self.chunk_samples
+            end = ctx + (k + 1) * self.chunk_samples
             if k < n_chunks - 1:            # the last holdback_samples wait for the next chunk
                 end -= self.holdback_samples
             yield self._decode_samples(seq, start, end, p.seed)

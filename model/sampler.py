@@ -207,10 +207,12 @@ def generate(
     schedules: Sequence[str] | None = None,
     chunk_index: int = 0,
     on_step: Callable | None = None,
+    n_ctx: Sequence[int] | None = None,
 ) -> list[Tensor]:
     """Generate the chunk that follows `context`.
 
     context[l]: (B, W * F_l) int64 tokens of W <= max_ctx_chunks chunks (W may be 0).
+    n_ctx: per row, how many of the W chunks (the most recent) it uses; default all W.
     params: one SamplingParams per row (or one for all). schedules: the per-level mask schedules
     the model was trained with (DiffusionConfig.schedules; default cosine).
     chunk_index: which chained chunk this is (seeds a different stream per chunk).
@@ -241,10 +243,14 @@ def generate(
     if len(schedules) != L:
         raise ValueError(f"need {L} schedules, got {len(schedules)}")
 
+    n_ctx = [W] * B if n_ctx is None else [int(n) for n in n_ctx]
+    if len(n_ctx) != B or any(not 0 <= n <= W for n in n_ctx):
+        raise ValueError(f"n_ctx must give 0..{W} chunks for each of the {B} rows, got {n_ctx}")
+
     dev = model.tok_emb.weight.device
-    cfg_rows = W > 0 and any(g != 1.0 for p in params for g in p.guidance)
+    cfg_rows = any(n_ctx) and any(g != 1.0 for p in params for g in p.guidance)
     rows_ctx = [torch.cat([c, c]) if cfg_rows else c for c in context]
-    runner = StagedDenoiser(model, rows_ctx, [W] * B + ([0] * B if cfg_rows else []))
+    runner = StagedDenoiser(model, rows_ctx, n_ctx + ([0] * B if cfg_rows else []))
     dup = (lambda x: torch.cat([x, x])) if cfg_rows else (lambda x: x)  # noqa: E731
 
     out = []
@@ -266,9 +272,13 @@ def generate(
             x_in, t_rows = dup(x), dup(t_in[step])
             logits = runner.logits(lvl, x_in, t_rows)  # (R, F, V)
             logp = torch.log_softmax(logits, dim=-1)
-            if cfg_rows:  # written so that guidance 1 gives the conditional log-probs exactly
+            if cfg_rows:
                 cond, uncond = logp[:B], logp[B:]
-                logp = torch.log_softmax(cond + (g - 1) * (cond - uncond), dim=-1)
+                guided = torch.log_softmax(cond + (g - 1) * (cond - uncond), dim=-1)
+                # Rows without guidance keep the conditional log-probs bit for bit: re-normalising
+                # them would move them by rounding and could flip a near-tie, making a request's
+                # tokens depend on whether a guided request shares its batch.
+                logp = torch.where(g == 1.0, cond, guided)
             # Each row draws its own uniforms: one per position for the order, one per
             # position for the token (used only where a token is sampled).
             u_pos = torch.stack([torch.rand(F, generator=gb, device=dev) for gb in gens])

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     # chunks. The defaults (16+12+8+8) x 8 chunks = 352; 1024 allows e.g. 8 guided chunks.
     max_request_passes: int = Field(1024, ge=1)
     min_input_seconds: float = Field(1.0, ge=0)
-    # Only the last 12.288 s are used; the bound keeps a small compressed upload from
+    # At most the last 12.288 s are used; the bound keeps a small compressed upload from
     # decoding into gigabytes of float32.
     max_input_seconds: float = Field(600.0, gt=0)
     default_steps: str | None = None  # e.g. "16,12,8,8"; overrides the engine's default

@@ -67,24 +67,42 @@ def test_continue_geometry(engine, reference):
     assert engine.chunk_samples == CHUNK and engine.context_samples == 2 * CHUNK
 
 
-def test_window_left_pads_short_and_keeps_last_context_of_long(engine, reference):
+def test_window_is_the_last_whole_chunks(engine, reference):
     full, _ = reference
-    short = audio(3.0, seed=1)
-    padded = torch.cat([torch.zeros(2 * CHUNK - short.shape[0]), short])
-    # the continuation is a function of this window (tokens, seeds), so equal windows suffice
-    assert torch.equal(engine._window(short), padded)
     assert torch.equal(engine._window(torch.cat([audio(2.0, seed=2), full])), full)
     assert torch.equal(engine._window(full.double()), full)
+    nine = audio(9.0, seed=3)
+    assert torch.equal(engine._window(nine), nine[-CHUNK:])          # one chunk, no silence
+    short = audio(3.0, seed=1)                                        # under a chunk: padded
+    assert torch.equal(engine._window(short), torch.cat([torch.zeros(CHUNK - len(short)), short]))
+    assert [engine.context_chunks_for(n) for n in (1, CHUNK - 1, CHUNK, 2 * CHUNK - 1,
+                                                   2 * CHUNK, 5 * CHUNK)] == [1, 1, 1, 1, 2, 2]
+
+
+def test_short_input_is_a_one_chunk_context_not_silence(engine):
+    """9 s of input continue from its last 6.144 s (n_ctx = 1): the first 2.856 s do not matter,
+    which they would if the input were left-padded with silence to 12.288 s."""
+    nine = audio(9.0, seed=3)
+    a = engine.continue_audio(nine, FAST)
+    b = engine.continue_audio(nine[-CHUNK:], FAST)
+    c = engine.continue_audio(torch.cat([audio(2.856, seed=8), nine[-CHUNK:]]), FAST)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    chained = list(engine.extend(nine, 2, FAST))
+    assert torch.equal(chained[0], a[: CHUNK - engine.holdback_samples])
+    assert sum(len(x) for x in chained) == 2 * CHUNK
 
 
 def test_batch_with_short_input_and_guided_mate(engine, reference):
     full, out = reference
     guided = SamplingParams(steps=(1, 2, 1, 1), guidance=2.0, seed=7)
-    outs = engine.continue_batch([audio(3.0, seed=1), full], [guided, FAST])
-    assert len(outs) == 2 and all(o.shape == (CHUNK,) and torch.isfinite(o).all() for o in outs)
+    short, nine = audio(3.0, seed=1), audio(9.0, seed=3)
+    outs = engine.continue_batch([short, full, nine], [guided, FAST, FAST])
+    assert len(outs) == 3 and all(o.shape == (CHUNK,) and torch.isfinite(o).all() for o in outs)
     # a request's result does not depend on its batch mates (other params, guidance rows,
-    # batched encode): the single request's audio up to fp noise
+    # other context lengths, batched encode): each equals the single request's audio
     assert torch.allclose(outs[1], out, atol=1e-5)
+    assert torch.allclose(outs[0], engine.continue_audio(short, guided), atol=1e-5)
+    assert torch.allclose(outs[2], engine.continue_audio(nine, FAST), atol=1e-5)
     assert not torch.allclose(outs[0], out)
     assert engine.continue_batch([]) == []
 
@@ -142,7 +160,7 @@ def test_extend_is_seam_exact_against_a_one_pass_decode(engine, reference):
     new = list(extend_tokens(engine.dit, context, n, FAST, engine.diffusion.schedules))
     tokens = [torch.cat([c, *(chunk[lv] for chunk in new)], dim=1) for lv, c in enumerate(context)]
     seed = derive_seed(engine._params(FAST).seed, 0, "decode") % 2**31
-    one_pass = engine.codec.decode(tokens, seed=seed)[0, 2 * CHUNK:].clamp(-1, 1)
+    one_pass = engine.codec.decode(tokens, seed=seed)[0, 2 * CHUNK:].clamp(-1, 1)  # 2-chunk ctx
     assert chained.shape == one_pass.shape == (n * CHUNK,)
     torch.testing.assert_close(chained, one_pass, atol=1e-5, rtol=0)
     # Without the hold-back the old seams are real: each chunk decoded with only its left

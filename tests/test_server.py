@@ -146,8 +146,20 @@ def test_extend_is_seam_exact_over_http_streamed_or_not(client, engine, clip):
     new = list(extend_tokens(engine.dit, context, 3, params, engine.diffusion.schedules))
     tokens = [torch.cat([c, *(n[lv] for n in new)], dim=1) for lv, c in enumerate(context)]
     one_pass = engine.codec.decode(tokens, seed=derive_seed(5, 0, "decode") % 2**31)
-    ref, _, _ = read_wav(wav_bytes(one_pass[0, 2 * CHUNK:].clamp(-1, 1).numpy()))
+    ctx = context[0].shape[1] // engine.codec.frames_per_chunk[0] * CHUNK  # 1 chunk for 2 s in
+    ref, _, _ = read_wav(wav_bytes(one_pass[0, ctx:].clamp(-1, 1).numpy()))
     assert np.abs(x - ref).max() <= 1.5 / 32768
+
+
+def test_short_clip_context_is_its_last_whole_chunk(client):
+    """9 s in: the continuation comes from the last 6.144 s alone (the first 2.856 s change
+    nothing), not from 12.288 s with silence in front."""
+    nine = tone(9.0)
+    other_start = np.concatenate([0.5 * tone(2.856, freq=330.0), nine[-CHUNK:]])
+    a = post(client, "/continue", wav_bytes(nine), "steps=2,1,1,1&seed=3")
+    b = post(client, "/continue", wav_bytes(other_start), "steps=2,1,1,1&seed=3")
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    assert a.content == b.content
 
 
 def _bad_inputs(clip: bytes) -> list[tuple[str, dict, int, str]]:

@@ -238,3 +238,50 @@ def test_fp16_export_loads_in_snac_and_in_the_project(tmp_path, songs):
     for a, b in zip(ours.encode(x), ref, strict=True):
         assert torch.equal(a, b)
     assert all(p.dtype == torch.float32 for p in ours.snac.parameters())
+
+
+def test_eval_and_model_card_of_a_snapshot(tmp_path, songs):
+    """bench/eval_codec.py on held-out audio (with the Opus baseline) and the card written from
+    it: the fingerprint, the targets and the held-out tracks with their licences."""
+    import importlib.util
+
+    from training.codec_card import main as card_main
+
+    train, _ = songs
+    corpus = tmp_path / "corpus"
+    (corpus / "audio").mkdir(parents=True)
+    rows = []
+    for f in sorted(train.iterdir()):
+        (corpus / "audio" / f.name).write_bytes(f.read_bytes())
+        rows.append({"package": "synthetic-music", "licence": "CC0-1.0", "status": "kept",
+                     "output_path": f"audio/{f.name}"})
+    (corpus / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (corpus / "summary.json").write_text(json.dumps({
+        "total_hours": 0.01, "kept": len(rows), "packages": {"synthetic-music": {
+            "kept": len(rows), "hours": 0.01, "licences": {"CC0-1.0": len(rows)}}}}))
+    run = tmp_path / "run"
+    assert main(RUN + ["--train", str(corpus / "manifest.jsonl"), "--val_files", "2",
+                       "--steps", "4", "--val_every", "2", "--out_dir", str(run)]) == 0
+    shipped = tmp_path / "codec"
+    assert main(["export", str(run), str(shipped), "--fp16"]) == 0
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_codec", Path(__file__).resolve().parents[1] / "bench" / "eval_codec.py")
+    eval_codec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_codec)
+    out = tmp_path / "eval.json"
+    assert eval_codec.main(["--codec", str(shipped), "--corpus", str(corpus / "manifest.jsonl"),
+                            "--val-files", "2", "--segments", "1", "--repeats", "1",
+                            "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    # 6 files, val_files 2: the split holds out at most a fifth, so 1 track, 1 segment
+    assert len(result["held_out_tracks"]) == 1 and result["segments"] == 1
+    assert result["opus_mel"] > 0 and 5 < result["opus_kbps"] < 12
+    assert result["codec_mel"] > 0 and len(result["perplexity"]) == 4
+
+    assert card_main(["--run", str(run), "--codec", str(shipped), "--eval", str(out),
+                      "--corpus", str(corpus)]) == 0
+    text = (shipped / "MODEL_CARD.md").read_text()
+    assert f"fingerprint `{Codec.load(str(shipped)).fingerprint}`" in text
+    assert "not final" in text and "≤ 0.75 × Opus" in text and "synthetic-music" in text
+    assert "CC0-1.0" in text and "Steps: 4" in text

@@ -1,0 +1,161 @@
+"""MODEL_CARD.md for a shipped codec snapshot, from what was measured: the run's config and log,
+the corpus manifest (data + licences) and `bench/eval_codec.py`'s result.
+
+    python -m training.codec_card --run runs/codec_demo --codec weights/demo/codec \
+        --eval bench/results/codec_demo_eval.json --corpus data/corpus
+
+Training time is summed from the log's per-window speeds. A window slower than a third of the
+median (the run was paused, SIGSTOP, while tests ran) is counted at the median speed instead,
+so the figure is the time the steps took on a quiet machine, not the wall time of the session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+TARGET_PERPLEXITY = 64
+TARGET_MEL_RATIO = 0.75
+TARGET_DECODE_S = 2.0
+
+
+def training_hours(rows: list[dict], log_every: int) -> float:
+    speeds = [r["it_per_s"] for r in rows if r.get("it_per_s")]
+    if not speeds:
+        return 0.0
+    med = statistics.median(speeds)
+    return sum(log_every / (s if s > med / 3 else med) for s in speeds) / 3600
+
+
+def corpus_table(corpus: Path) -> tuple[list[str], dict[str, dict]]:
+    summary = json.loads((corpus / "summary.json").read_text())
+    lines = ["| package | tracks | hours | licences (tracks) |", "|---|---|---|---|"]
+    for name, pkg in sorted(summary["packages"].items()):
+        lic = ", ".join(f"{k} x{v}" for k, v in sorted(pkg["licences"].items()))
+        lines.append(f"| {name} | {pkg['kept']} | {pkg['hours']:.2f} | {lic} |")
+    lines.append(f"| **total** | **{summary['kept']}** | **{summary['total_hours']:.2f}** | |")
+    by_file = {}
+    for line in (corpus / "manifest.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("status") == "kept":
+            by_file[Path(row["output_path"]).name] = row
+    return lines, by_file
+
+
+def card(run: Path, codec_dir: Path, result: dict, corpus: Path) -> str:
+    cfg = json.loads((run / "config.json").read_text())
+    train, model = cfg["train"], cfg["model"]
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss/mel" in r]
+    val_rows = [r for r in rows if "val/mel" in r]
+    step = max(r["step"] for r in rows)
+    hours = training_hours(train_rows, train["log_every"])
+    table, by_file = corpus_table(corpus)
+    ppl, uniq = result["perplexity"], result["unique"]
+    ratio = result.get("mel_ratio_to_opus")
+    decode = result["decode_chunk_with_context_s"]
+    ok = lambda cond: "met" if cond else "**not met**"  # noqa: E731
+    held = "\n".join(
+        f"- `{t}` ({by_file[t]['package']}, {by_file[t]['licence']})" if t in by_file else f"- `{t}`"
+        for t in result["held_out_tracks"])
+    curve = "\n".join(
+        f"| {r['step']} | {r['val/mel']:.3f} | {r['val/si_sdr']:.1f} | "
+        + " / ".join(str(r.get(f"val/unique_{lv}", "?")) for lv in range(4)) + " | "
+        + " / ".join(f"{r[f'val/perplexity_{lv}']:.0f}" for lv in range(4)) + " |"
+        for r in val_rows)
+    return f"""# Demo codec (snac-dit) — snapshot at step {step}
+
+A small SNAC-architecture codec (32 kHz, hop 384, `vq_strides` [8, 4, 2, 1], the 6.144 s chunk
+geometry of the project), trained from scratch on a 2-core CPU so that a fresh checkout can
+serve without downloading anything. **Work in progress**: training continues across working
+periods (issue "Demo codec"); the targets below say what this snapshot does and does not meet.
+
+- Codec fingerprint `{result['fingerprint']}` (`model.codec.Codec.fingerprint`). **These codes
+  are not final yet**: the encoder and quantiser are still training, so do not tokenise a DiT
+  corpus with this snapshot; the card of the frozen codec will say so.
+- Files: `config.json`, `pytorch_model.bin` (what `snac.SNAC.from_pretrained(dir)` loads) and
+  `model.safetensors` (what `model.codec.Codec.load(dir)` prefers), both fp16; loading casts
+  to fp32.
+- Parameters: {result['params']:,} (encoder_dim {model['encoder_dim']}, decoder_dim
+  {model['decoder_dim']}, {model['codebook_size']} codes per level, codebook_dim
+  {model['codebook_dim']}); {result['codec_kbps']:.2f} kbps of tokens.
+
+## Data and licences
+
+The six Debian music packages, built with `python -m training.corpus.debian_music` (32 kHz
+mono FLAC, deduplicated, tracks under 30 s dropped; per-track licences in the corpus
+`manifest.jsonl`, each package's copyright file copied next to it). The audio is not
+distributed with the weights. These weights were trained on GPL-2+, GPL-3+, CC-BY-3.0,
+CC-BY-SA-3.0 and public-domain music; whether weights are a derivative work of their training
+data is unsettled — if you redistribute them, keep this card with them.
+
+{chr(10).join(table)}
+
+Held out (never trained on; `val_files = {train['val_files']}`, chosen by a hash of the path):
+
+{held}
+
+## Recipe
+
+`python training/train_codec.py --config training/configs/codec_demo.toml` (re-running it
+resumes). From scratch; batch {train['curriculum'][0][2]} × {train['curriculum'][0][1]} s
+segments; AdamW, lr {train['lr']:g} for the decoder and {train['lr'] * train['encoder_lr_scale']:.2g}
+for encoder + quantiser (`encoder_lr_scale` {train['encoder_lr_scale']}), per-step decay
+{train['lr_decay']}; losses {', '.join(f'{k} {v:g}' for k, v in train['loss_weights'].items()
+if v and k not in ('adv', 'feat'))}; GAN {'on' if train['gan'] else 'off'}. Codebook health
+(docs/codec-training.md §4): batch-centred quantiser input folded into `in_proj` for export,
+data-initialised codebooks, dead codes restarted every {train['dead_code_every']} steps.
+
+- Steps: {step}. Training time: {hours:.2f} h on a 2-core AMD EPYC VM (no GPU), fp32,
+  {train['threads']} torch threads; the figure counts the steps at their quiet-machine speed
+  (`training/codec_card.py` says how).
+
+## Metrics (held-out tracks)
+
+`python bench/eval_codec.py --codec {codec_dir}` ({result['date']}): {result['segments']}
+segments of 6.144 s, {len(result['held_out_tracks'])} tracks, {result['threads']} threads.
+Mel = DAC's multi-scale mel distance (7 windows 32…2048, L1 of log10 mel, summed); Opus =
+libsndfile OGG/Opus at 48 kHz, `compression_level=1.0` (its lowest bitrate,
+{result['opus_kbps']:.1f} kbps here) on the same segments.
+
+| | this codec | Opus | target | |
+|---|---|---|---|---|
+| mel distance | {result['codec_mel']:.3f} | {result['opus_mel']:.3f} | ≤ {TARGET_MEL_RATIO} × Opus = {TARGET_MEL_RATIO * result['opus_mel']:.3f} | {ok(ratio is not None and ratio <= TARGET_MEL_RATIO)} (ratio {ratio:.2f}) |
+| SI-SDR | {result['codec_si_sdr']:.1f} dB | {result['opus_si_sdr']:.1f} dB | | |
+| distinct codes A/B/C/D | {' / '.join(map(str, uniq))} | | | |
+| perplexity A/B/C/D | {' / '.join(f'{p:.0f}' for p in ppl)} | | ≥ {TARGET_PERPLEXITY} each | {ok(min(ppl) >= TARGET_PERPLEXITY)} |
+| decode 6.144 s with its context | {decode:.2f} s | | ≤ {TARGET_DECODE_S} s on 2 cores | {ok(decode <= TARGET_DECODE_S)} |
+
+The decode time is what the server pays per chunk: it decodes each chunk with 0.768 s of tokens
+on either side (docs/benchmarks.md, "Decode window").
+
+Validation during training (one 6.144 s segment from the middle of each held-out track,
+`log.jsonl`):
+
+| step | mel | SI-SDR dB | distinct codes A/B/C/D | perplexity A/B/C/D |
+|---|---|---|---|---|
+{curve}
+
+Samples: `docs/samples/codec/` (held-out originals, reconstructions, spectrograms).
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, type=Path)
+    ap.add_argument("--codec", required=True, type=Path)
+    ap.add_argument("--eval", required=True, type=Path, help="bench/eval_codec.py --out JSON")
+    ap.add_argument("--corpus", default=Path("data/corpus"), type=Path)
+    a = ap.parse_args(argv)
+    result = json.loads(a.eval.read_text())
+    text = card(a.run, a.codec, result, a.corpus)
+    (a.codec / "MODEL_CARD.md").write_text(text)
+    print(f"wrote {a.codec / 'MODEL_CARD.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -205,9 +205,10 @@ class ContinuationEngine:
         LEFT_PADS padding units before, up to `holdback_samples` after (what exists of them).
         Both exceed the decoder's reach, so the result equals a decode of all of `seq` there."""
         codec, hop = self.codec, self.codec.hop_length
-        total = seq[0].shape[1] * codec.strides[0] * hop
-        lo = max(0, start - LEFT_PADS * codec.pad_samples)
-        hi = min(total, end + self.holdback_samples)
+        total, pad = seq[0].shape[1] * codec.strides[0] * hop, codec.pad_samples
+        # The window's ends lie on the codec's padding grid (tokens come in whole pad units).
+        lo = max(0, (start - LEFT_PADS * pad) // pad * pad)
+        hi = min(total, -(-(end + self.holdback_samples) // pad) * pad)
         window = [t[:, lo // (hop * s): hi // (hop * s)] for t, s in zip(seq, codec.strides,
                                                                           strict=True)]
         audio = codec.decode(window, seed=derive_seed(seed, 0, "decode") % 2**31,
@@ -218,9 +219,12 @@ class ContinuationEngine:
 
     # ------------------------------------------------------------------ public API
     def continue_batch(
-        self, audios: Sequence, params: Sequence[SamplingParams | None] | None = None
+        self, audios: Sequence, params: Sequence[SamplingParams | None] | None = None,
+        lead_in: int = 0,
     ) -> list[Tensor]:
-        """One continuation (chunk_samples,) per input audio; requests batch together."""
+        """One continuation (chunk_samples,) per input audio; requests batch together.
+        lead_in > 0: each result starts with the last `lead_in` samples of the decoded context,
+        (lead_in + chunk_samples,): what a join to the input crossfades over (server/audio.py)."""
         audios = list(audios)
         if not audios:
             return []
@@ -228,6 +232,7 @@ class ContinuationEngine:
         if len(params) != len(audios):
             raise ValueError(f"{len(params)} SamplingParams for {len(audios)} audios")
         params = [self._params(p) for p in params]
+        self._check_lead_in(lead_in)
         # Inputs with as many context chunks run together (encode, sample, decode): one group
         # for a uniform batch; a request's result never depends on the others (per-row seeds).
         groups: dict[int, list[int]] = {}
@@ -242,31 +247,38 @@ class ContinuationEngine:
             for b, i in enumerate(rows):
                 seq = [torch.cat([c[b : b + 1], t[b : b + 1]], dim=1)
                        for c, t in zip(context, new, strict=True)]
-                out[i] = self._decode_samples(seq, start, start + self.chunk_samples,
+                out[i] = self._decode_samples(seq, start - lead_in, start + self.chunk_samples,
                                               params[i].seed)
         return out
 
     def continue_audio(self, audio, params: SamplingParams | None = None) -> Tensor:
         return self.continue_batch([audio], [params])[0]
 
+    def _check_lead_in(self, lead_in: int) -> None:
+        if not 0 <= lead_in <= self.chunk_samples:
+            raise ValueError(f"lead_in must lie in [0, {self.chunk_samples}], got {lead_in}")
+
     def extend(
-        self, audio, n_chunks: int, params: SamplingParams | None = None
+        self, audio, n_chunks: int, params: SamplingParams | None = None, lead_in: int = 0
     ) -> Iterator[Tensor]:
         """Yield `n_chunks` chained pieces as they finish: together n_chunks * chunk_samples,
         seam-exact (module docstring). The first piece is `continue_audio(audio, params)`'s first
-        chunk_samples - holdback_samples for the same seed (all of it when n_chunks == 1). Bad
-        input raises here, at the call, not at the first `next()`."""
+        chunk_samples - holdback_samples for the same seed (all of it when n_chunks == 1);
+        lead_in > 0 puts the last lead_in decoded context samples in front of it, as in
+        `continue_batch`. Bad input raises here, at the call, not at the first `next()`."""
         if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
             raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
         p = self._params(params)
+        self._check_lead_in(lead_in)
         context = self._encode([audio])
-        return self._chunks(context, n_chunks, p)
+        return self._chunks(context, n_chunks, p, lead_in)
 
-    def _chunks(self, context: list[Tensor], n_chunks: int, p: SamplingParams) -> Iterator[Tensor]:
+    def _chunks(self, context: list[Tensor], n_chunks: int, p: SamplingParams,
+                lead_in: int = 0) -> Iterator[Tensor]:
         tokens = extend_tokens(self.dit, context, n_chunks, p, self.diffusion.schedules)
         seq = list(context)                 # the request's whole token sequence so far
         ctx = context[0].shape[1] // self.codec.frames_per_chunk[0] * self.chunk_samples
-        start = ctx                         # first sample not yet sent
+        start = ctx - lead_in               # first sample not yet sent
         for k, new in enumerate(tokens):
             seq = [torch.cat([s, n.to(s.device)], dim=1) for s, n in zip(seq, new, strict=True)]
             end = ctx + (k + 1) * self.chunk_samples

@@ -85,3 +85,24 @@ def write_wav(audio: np.ndarray, sample_rate: int) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, np.clip(audio, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
     return buf.getvalue()
+
+
+# The join between a user's audio and its continuation (include_input): the continuation was
+# decoded from the codec's tokens, so its first sample need not meet the input's last one (a
+# click) nor its level (a jump). The output crossfades, over JOIN_SAMPLES (64 ms), from the
+# input into the codec's own decoding of the input's end, which the continuation follows
+# seamlessly (same decode).
+JOIN_SAMPLES = 2048
+
+
+def join_input(audio: np.ndarray, lead: np.ndarray) -> np.ndarray:
+    """input (T,) + [decoded input end (F,) + continuation] -> one signal: the input unchanged
+    up to its last F samples, a raised-cosine crossfade from it into the decoded end there,
+    then the continuation. F = min(JOIN_SAMPLES, T)."""
+    audio = np.asarray(audio, dtype=np.float32)
+    lead = np.asarray(lead, dtype=np.float32)
+    f = min(JOIN_SAMPLES, len(audio))
+    decoded_end, continuation = lead[JOIN_SAMPLES - f: JOIN_SAMPLES], lead[JOIN_SAMPLES:]
+    w = (0.5 - 0.5 * np.cos(np.pi * (np.arange(f, dtype=np.float32) + 0.5) / f)).astype(np.float32)
+    fade = audio[len(audio) - f:] * (1 - w) + decoded_end * w
+    return np.concatenate([audio[: len(audio) - f], fade, continuation])

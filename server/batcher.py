@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from server.audio import JOIN_SAMPLES
 from server.errors import QueueFull, Unavailable
 from server.metrics import Metrics
 
@@ -223,7 +224,9 @@ class Batcher:
         """On the engine thread: arrays in, arrays out (conversions included, so any failure
         is caught like an engine fault)."""
         audios = [torch.from_numpy(j.audio) for j in batch]
-        outs = self.engine.continue_batch(audios, [j.params for j in batch])
+        # Every result comes with the decoded end of its input in front (JOIN_SAMPLES): the
+        # route crossfades into it for include_input, or drops it.
+        outs = self.engine.continue_batch(audios, [j.params for j in batch], lead_in=JOIN_SAMPLES)
         if len(outs) != len(batch):
             raise RuntimeError(f"engine returned {len(outs)} results for {len(batch)} requests")
         return [o.detach().cpu().float().numpy() for o in outs]
@@ -257,7 +260,8 @@ class Batcher:
         def step():
             if job.iterator is None:
                 job.iterator = iter(
-                    self.engine.extend(torch.from_numpy(job.audio), job.n_chunks, job.params)
+                    self.engine.extend(torch.from_numpy(job.audio), job.n_chunks, job.params,
+                                       lead_in=JOIN_SAMPLES)
                 )
             # StopIteration must not cross into a Future; an early end is an engine fault.
             chunk = next(job.iterator, None)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.audio import read_audio, write_wav
+from server.audio import JOIN_SAMPLES, join_input, read_audio, write_wav
 from server.deps import AuthDep, ReadyDep, Service
 from server.errors import ClientGone, InvalidParameter, Unavailable, error_payload
 from server.params import (
@@ -204,7 +204,8 @@ async def continue_(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     except ClientGone:
         svc.batcher.cancel(job)
         return Response(status_code=499)  # nobody reads this; it labels the metric
-    result = np.concatenate([audio, out]) if include_input else out
+    # `out` starts with the decoded end of the input (JOIN_SAMPLES): crossfaded into, or dropped.
+    result = join_input(audio, out) if include_input else out[JOIN_SAMPLES:]
     headers = _wav_headers(svc, params, len(audio) if include_input else None)
     wav = await run_in_threadpool(write_wav, result, svc.engine.sample_rate)  # long inputs
     return Response(wav, media_type="audio/wav", headers=headers)
@@ -254,8 +255,11 @@ async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
         svc.batcher.cancel(job)
         raise
 
+    # The first piece starts with the decoded end of the input (JOIN_SAMPLES, see /continue).
+    joined = join_input(audio, ready[0]) if include_input else None
+    ready[0] = ready[0][JOIN_SAMPLES:]
     if not stream:
-        result = np.concatenate(([audio] if include_input else []) + ready)
+        result = np.concatenate(([joined[: len(audio)]] if include_input else []) + ready)
         wav = await run_in_threadpool(write_wav, result, rate)
         return Response(wav, media_type="audio/wav", headers=headers)
     first = ready[0]
@@ -271,8 +275,8 @@ async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
 
     async def body():
         try:
-            if include_input:
-                yield audio_line("input", audio)
+            if include_input:  # the input with its crossfaded end; the continuation follows
+                yield audio_line("input", joined[: len(audio)])
             yield audio_line("chunk", first, index=0)
             for i in range(1, n):
                 try:

@@ -101,7 +101,10 @@ def test_form_field_params_and_include_input(client, clip):
     x, rate, info = read_wav(r.content)
     assert info.frames == n_in + CHUNK
     assert r.headers["x-input-samples"] == str(n_in)
-    assert np.abs(x[:n_in] - tone(2.0)).max() < 1e-3  # the input comes back first (16-bit)
+    # The input comes back first (16-bit), up to the crossfade into the continuation.
+    from server.audio import JOIN_SAMPLES
+
+    assert np.abs(x[: n_in - JOIN_SAMPLES] - tone(2.0)[: n_in - JOIN_SAMPLES]).max() < 1e-3
     # The same name in both the query and the form is ambiguous.
     r = client.post(f"/continue?{FAST}", files=files, data={"steps": "1"})
     assert_error(r, 422, "invalid_parameter", "steps")
@@ -376,3 +379,54 @@ def test_a_dead_worker_fails_requests_and_health_instead_of_hanging(engine, clip
         assert c.get("/health").status_code == 503  # so an orchestrator restarts the process
         assert c.get("/ready").status_code == 503
         assert_error(post(c, "/continue", clip, "steps=1"), 503, "not_ready")
+
+
+def test_include_input_crossfades_into_the_continuation_without_a_click(client, engine):
+    """include_input returns the input unchanged up to its last 64 ms, a crossfade there into
+    the codec's decoding of the input's end, then the continuation (which follows that decoding
+    seamlessly). No sample-to-sample step at the join larger than the signals' own."""
+    import base64
+
+    from server.audio import JOIN_SAMPLES, join_input
+
+    x_in = tone(3.0)
+    clip = wav_bytes(x_in)
+    x_in, _, _ = read_wav(clip)                              # what the server received (16-bit)
+    plain = post(client, "/continue", clip, "steps=2,1,1,1&seed=11")
+    joined = post(client, "/continue", clip, "steps=2,1,1,1&seed=11&include_input=true")
+    assert plain.status_code == joined.status_code == 200
+    y, _, _ = read_wav(joined.content)
+    cont, _, _ = read_wav(plain.content)
+    n = len(x_in)
+    assert len(y) == n + CHUNK and joined.headers["x-input-samples"] == str(n)
+    assert np.array_equal(y[: n - JOIN_SAMPLES], x_in[: n - JOIN_SAMPLES])
+    assert np.array_equal(y[n:], cont)
+    step = np.abs(np.diff(y))
+    join = step[n - JOIN_SAMPLES - 1: n + 1].max()
+    own = max(step[: n - JOIN_SAMPLES - 1].max(), step[n + 1:].max())
+    assert join <= own + 0.01, (join, own)
+    # A plain concatenation would have stepped by |last input sample - first continuation one|.
+    assert np.abs(join_input(np.ones(4096), np.zeros(JOIN_SAMPLES + 10))[1:] -
+                  join_input(np.ones(4096), np.zeros(JOIN_SAMPLES + 10))[:-1]).max() < 0.002
+
+    # /extend: the same join, streamed or not.
+    query = "chunks=2&steps=1&seed=11&include_input=true"
+    whole = post(client, "/extend", clip, query)
+    lines = [json.loads(line) for line in post(client, "/extend", clip, query + "&stream=true")
+             .text.splitlines() if line]
+    assert [m["event"] for m in lines] == ["input", "chunk", "chunk", "done"]
+    parts = [read_wav(base64.b64decode(m["audio"]))[0] for m in lines if "audio" in m]
+    assert len(parts[0]) == n and np.array_equal(np.concatenate(parts), read_wav(whole.content)[0])
+    assert np.array_equal(parts[0][: n - JOIN_SAMPLES], x_in[: n - JOIN_SAMPLES])
+
+
+def test_join_input_is_the_identity_when_the_codec_is_perfect():
+    from server.audio import JOIN_SAMPLES, join_input
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(10_000).astype(np.float32) * 0.1
+    cont = rng.standard_normal(500).astype(np.float32) * 0.1
+    y = join_input(x, np.concatenate([x[-JOIN_SAMPLES:], cont]))
+    np.testing.assert_allclose(y, np.concatenate([x, cont]), atol=1e-6)
+    short = join_input(x[:100], np.concatenate([np.zeros(JOIN_SAMPLES), cont]))  # input < fade
+    assert len(short) == 100 + len(cont) and abs(short[0] - x[0]) < 0.01

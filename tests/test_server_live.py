@@ -65,17 +65,17 @@ class Gated:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def continue_batch(self, audios, params):
+    def continue_batch(self, audios, params, **kw):
         self.entered.set()
         self.open.wait(60)
         self.batches.append(len(audios))
         if self.fail_batches:
             self.fail_batches -= 1
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return self._engine.continue_batch(audios, params)
+        return self._engine.continue_batch(audios, params, **kw)
 
-    def extend(self, audio, n_chunks, params=None):
-        chunks = self._engine.extend(audio, n_chunks, params)
+    def extend(self, audio, n_chunks, params=None, **kw):
+        chunks = self._engine.extend(audio, n_chunks, params, **kw)
         for i in range(n_chunks):
             if self.fail_extend_after is not None and i >= self.fail_extend_after:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")

@@ -39,6 +39,7 @@ MAX_STEPS = 1024  # more steps than tokens commit nothing new; this bounds the w
 # Scale of the Gumbel noise added to the confidences, times the request's temperature and the
 # schedule's t (MaskGIT-style annealing: random order early, pure confidence at the end).
 CONFIDENCE_NOISE = 1.0
+CONFIDENCES = ("top", "sampled")
 
 
 def _levels(name: str, value, n_levels: int, cast) -> tuple:
@@ -64,6 +65,11 @@ class SamplingParams:
     top_p: tuple[float, ...] = (0.95, 0.95, 0.95, 0.95)
     guidance: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)  # 1.0 = no classifier-free guidance
     seed: int | None = None  # None: a fresh random seed per request
+    # Which masked positions a step commits: the most confident, where confidence is the
+    # model's top log-prob there ("top", temperature-free) or the log-prob of the token just
+    # sampled there ("sampled", MaskGIT's), plus Gumbel noise of this scale x temperature x t.
+    confidence: str = "top"
+    gumbel: tuple[float, ...] = (CONFIDENCE_NOISE,) * 4
 
     def validated(self, n_levels: int) -> SamplingParams:
         """Normalised copy (scalars broadcast to all levels); ValueError naming the bad field."""
@@ -79,12 +85,18 @@ class SamplingParams:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         if any(not (0.0 <= x <= 100.0) for x in guidance):
             raise ValueError(f"guidance must lie in [0, 100], got {guidance}")
+        gumbel = _levels("gumbel", self.gumbel, n_levels, float)
+        if any(not (0.0 <= x <= 100.0) for x in gumbel):
+            raise ValueError(f"gumbel must lie in [0, 100], got {gumbel}")
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"confidence must be one of {', '.join(CONFIDENCES)}, "
+                             f"got {self.confidence!r}")
         seed = self.seed
         if seed is not None and (
             isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63
         ):
             raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
-        return SamplingParams(steps, temperature, top_p, guidance, seed)
+        return SamplingParams(steps, temperature, top_p, guidance, seed, self.confidence, gumbel)
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -263,6 +275,9 @@ def generate(
         top_p = torch.tensor([p.top_p[lvl] for p in params], device=dev)
         g = torch.tensor([p.guidance[lvl] for p in params], device=dev)[:, None, None]
         use_top_p = any(p.top_p[lvl] < 1.0 for p in params)
+        gscale = torch.tensor([p.gumbel[lvl] for p in params], device=dev)[:, None]
+        any_sampled = any(p.confidence == "sampled" for p in params)
+        by_sampled = torch.tensor([p.confidence == "sampled" for p in params], device=dev)[:, None]
         gens = [torch.Generator(dev).manual_seed(derive_seed(sd, chunk_index, lvl)) for sd in seeds]
 
         x = torch.full((B, F), V, dtype=torch.long, device=dev)  # all [MASK]
@@ -287,13 +302,19 @@ def generate(
             # free so greedy decoding orders by it too, plus Gumbel noise annealed with t.
             gumbel = -torch.log(-torch.log(u_pos.clamp(1e-10, 1 - 1e-7)))
             conf = logp.max(dim=-1).values
-            conf = conf + CONFIDENCE_NOISE * temp[:, None] * t_next[step][:, None] * gumbel
+            if any_sampled:  # MaskGIT rows: a token at every position first, then its log-prob
+                tok_all = sample_tokens(logp, temp, top_p, u_tok, use_top_p)  # (B, F)
+                conf = torch.where(by_sampled, logp.gather(2, tok_all[..., None])[..., 0], conf)
+            conf = conf + gscale * temp[:, None] * t_next[step][:, None] * gumbel
             conf = conf.masked_fill(x != V, -math.inf)
             # The k most confident masked positions (k = the most any row commits now); sampling
             # only there costs ~F samples per level instead of F per step.
             pos = conf.topk(k, dim=1).indices  # (B, k), most confident first
-            lp = logp.gather(1, pos[..., None].expand(-1, -1, V))  # (B, k, V)
-            tok = sample_tokens(lp, temp, top_p, u_tok.gather(1, pos), use_top_p)  # (B, k)
+            if any_sampled:  # sampling is per position, so these are the tokens drawn there
+                tok = tok_all.gather(1, pos)
+            else:
+                lp = logp.gather(1, pos[..., None].expand(-1, -1, V))  # (B, k, V)
+                tok = sample_tokens(lp, temp, top_p, u_tok.gather(1, pos), use_top_p)  # (B, k)
             take = torch.arange(k, device=dev) < commit[step][:, None]  # row's own count
             x = x.scatter(1, pos, torch.where(take, tok, x.gather(1, pos)))
             if on_step is not None:

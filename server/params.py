@@ -1,7 +1,7 @@
 """HTTP parameters -> `SamplingParams`: per-level lists, strict names, errors naming the field.
 
 `steps=16,12,8,8` sets each level; `steps=8` sets all levels. The same holds for temperature,
-top_p and guidance. Unknown names are rejected (a typo like `step=4` must not silently run the
+top_p, guidance and gumbel; `confidence` is `top` or `sampled`. Unknown names are rejected (a typo like `step=4` must not silently run the
 defaults). The seed is resolved here, before the engine runs, so the response can report it.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from model.sampler import SamplingParams
 from server.errors import InvalidParameter
 
-SAMPLING_FIELDS = ("steps", "temperature", "top_p", "guidance", "seed")
+SAMPLING_FIELDS = ("steps", "temperature", "top_p", "guidance", "gumbel", "confidence", "seed")
 CONTINUE_PARAMS = (*SAMPLING_FIELDS, "include_input")
 EXTEND_PARAMS = (*CONTINUE_PARAMS, "chunks", "stream")
 SEED_MAX = 2**63 - 1
@@ -80,9 +80,12 @@ def sampling_params(
         ("temperature", float),
         ("top_p", float),
         ("guidance", float),
+        ("gumbel", float),
     ):
         if given.get(name) is not None:
             changes[name] = per_level(name, given[name], n_levels, cast)
+    if given.get("confidence") is not None:
+        changes["confidence"] = given["confidence"].strip().lower()
     steps = changes.get("steps", defaults.steps)
     if any(s < 1 for s in steps):
         raise InvalidParameter(f"steps: every level needs at least 1 step, got {steps}")
@@ -110,10 +113,13 @@ def param_headers(p: SamplingParams) -> dict[str, str]:
         "X-Temperature": join(p.temperature),
         "X-Top-P": join(p.top_p),
         "X-Guidance": join(p.guidance),
+        "X-Gumbel": join(p.gumbel),
+        "X-Confidence": p.confidence,
     }
 
 
-PARAM_HEADERS = ("X-Seed", "X-Steps", "X-Temperature", "X-Top-P", "X-Guidance")
+PARAM_HEADERS = ("X-Seed", "X-Steps", "X-Temperature", "X-Top-P", "X-Guidance", "X-Gumbel",
+                 "X-Confidence")
 
 
 def request_passes(params: SamplingParams, chunks: int = 1) -> int:

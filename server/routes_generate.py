@@ -38,6 +38,9 @@ _PARAM_DOCS = {
     "temperature": ("string", f"sampling temperature; {_PER_LEVEL}"),
     "top_p": ("string", f"nucleus sampling mass; {_PER_LEVEL}"),
     "guidance": ("string", f"classifier-free guidance scale, 1 = off; {_PER_LEVEL}"),
+    "gumbel": ("string", f"scale of the Gumbel noise on the commit order (0 = none); {_PER_LEVEL}"),
+    "confidence": ("string", "what orders the commits: 'top' (the top log-prob at a position, "
+                             "default) or 'sampled' (the sampled token's log-prob, MaskGIT)"),
     "seed": ("integer", "random seed; chosen and reported in X-Seed when absent"),
     "include_input": ("boolean", "return the input followed by the continuation"),
     "chunks": ("integer", "number of chained 6.144 s chunks (1..max_chunks)"),

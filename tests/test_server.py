@@ -165,6 +165,18 @@ def test_short_clip_context_is_its_last_whole_chunk(client):
     assert a.content == b.content
 
 
+def test_commit_order_parameters(client, clip):
+    r = post(client, "/continue", clip, "steps=2,1,1,1&seed=3&confidence=sampled&gumbel=0.5")
+    assert r.status_code == 200, r.text
+    assert (r.headers["x-confidence"], r.headers["x-gumbel"]) == ("sampled", "0.5,0.5,0.5,0.5")
+    assert post(client, "/continue", clip, "steps=2,1,1,1&seed=3").headers["x-confidence"] == "top"
+    assert_error(post(client, "/continue", clip, "confidence=bogus"), 422, "invalid_parameter",
+                 "confidence")
+    assert_error(post(client, "/continue", clip, "gumbel=-1"), 422, "invalid_parameter", "gumbel")
+    assert_error(post(client, "/continue", clip, "gumbel=1,2"), 422, "invalid_parameter",
+                 "gumbel")
+
+
 def _bad_inputs(clip: bytes) -> list[tuple[str, dict, int, str]]:
     """(name, request kwargs, status, error code)."""
     good = wav_bytes(tone(2.0))

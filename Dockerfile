@@ -1,20 +1,36 @@
 # The snac-dit server on one NVIDIA GPU. Deploy with `docker compose up` (docs/server.md).
 # Install steps are the Makefile's: torch first (here its CUDA build), then this package.
-FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+# Build args (defaults = the GPU image): BASE_IMAGE, TORCH_SPEC, TORCH_INDEX_URL (empty = PyPI).
+# `make docker-test` builds a CPU image from a local Debian base with them (DEVELOPERS.md).
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+FROM ${BASE_IMAGE}
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 # gcc + python3-dev: Triton compiles its small C launcher on first kernel use, at run time.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
+        ca-certificates \
     && rm -rf /var/lib/apt/lists/*
+# Certificates in docker/certs/*.crt (untracked; e.g. a TLS-inspecting proxy's CA) are trusted by
+# pip at build time and by Python's HTTP clients at run time, on top of the system store.
+COPY docker/certs /tmp/certs
+RUN cat /etc/ssl/certs/ca-certificates.crt $(ls /tmp/certs/*.crt 2>/dev/null) > /opt/ca-bundle.crt \
+    && rm -rf /tmp/certs
+ENV PIP_CERT=/opt/ca-bundle.crt REQUESTS_CA_BUNDLE=/opt/ca-bundle.crt SSL_CERT_FILE=/opt/ca-bundle.crt
 
 RUN useradd --create-home --uid 10001 app
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv
 
-# torch from the CUDA index; a separate layer so code changes do not re-download it.
+# torch from the CUDA index; a separate layer so code changes do not re-download it. Wheels put
+# in docker/wheels/ (untracked) are offered too: the CPU test image installs torch from there.
+ARG TORCH_SPEC=torch
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-RUN pip install --upgrade pip && pip install torch --index-url "$TORCH_INDEX_URL"
+COPY docker/wheels /tmp/wheels
+RUN pip install --upgrade pip \
+    && pip install "$TORCH_SPEC" --find-links /tmp/wheels \
+        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+    && rm -rf /tmp/wheels
 
 WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./

@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test serve lint clean
+.PHONY: install test serve lint clean docker-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(VENV)/.installed
 
 serve: $(VENV)/.installed
 	HOST=$(HOST) PORT=$(PORT) $(PY) -m server
+
+# Build the server image on this CPU machine from a locally bootstrapped Debian base and serve
+# from it (root, docker.io, debootstrap; see DEVELOPERS.md). Not part of `make test`.
+docker-test: $(VENV)/.installed
+	PY=$(PY) bash docker/test.sh
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

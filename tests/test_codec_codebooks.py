@@ -285,3 +285,36 @@ def test_eval_and_model_card_of_a_snapshot(tmp_path, songs):
     assert f"fingerprint `{Codec.load(str(shipped)).fingerprint}`" in text
     assert "not final" in text and "≤ 0.75 × Opus" in text and "synthetic-music" in text
     assert "CC0-1.0" in text and "Steps: 4" in text
+
+
+def test_warm_start_from_a_folded_export_keeps_its_codes(tmp_path, songs):
+    """`--init EXPORT` (what a fresh machine does with weights/demo/codec): the export is folded,
+    so before batch centring trains it the trainer moves the mean input back out of in_proj.
+    On the calibration batch the centred training forward then picks the export's own codes."""
+    from training.codec_config import load_config
+    from training.codec_trainer import CodecTrainer
+
+    train, val = songs
+    run = tmp_path / "run"
+    assert main(RUN + ["--train", str(train), "--val", str(val), "--steps", "6",
+                       "--val_every", "0", "--out_dir", str(run)]) == 0
+    export = run / "export"
+    x = torch.from_numpy(np.stack([synthetic_song(s, 0.384) for s in (20, 21, 22, 23)]))[:, None]
+    ref = Codec.load(str(export)).encode(x[:, 0])
+
+    cfg = load_config(None, ["--init", str(export), "--gan", "false"])
+    trainer = CodecTrainer(cfg)
+    trainer.calibration = [x]
+    trainer._unfold(x)
+    with torch.no_grad():
+        codes = codec_forward(trainer.model, x, centre="batch").codes
+    for a, b in zip(codes, ref, strict=True):
+        assert torch.equal(a, b)
+    # Without the unfold the centring would subtract the mean a second time: other codes.
+    plain = CodecTrainer(cfg)
+    with torch.no_grad():
+        wrong = codec_forward(plain.model, x, centre="batch").codes
+    assert any(not torch.equal(a, b) for a, b in zip(wrong, ref, strict=True))
+    # And through the entry point: a warm start trains and exports.
+    assert main(RUN + ["--train", str(train), "--val", str(val), "--steps", "2", "--val_every",
+                       "0", "--init", str(export), "--out_dir", str(tmp_path / "warm")]) == 0

@@ -98,7 +98,26 @@ class CodecTrainer:
         self._last_batch: torch.Tensor | None = None
         self.needs_data_init = (cfg.codebook_init == "data" and not cfg.init
                                 and not cfg.freeze_encoder and model_source is None)
+        # A model loaded from `init` is a plain snac model (exports, the hub, checkpoints: all
+        # folded). Before batch centring trains it, its mean quantiser input is moved back out of
+        # in_proj (`_unfold`), so the first centred step sees the model as it was.
+        self.needs_unfold = bool(cfg.init) and self.centre is not None and model_source is None
         self.step = 0
+
+    @torch.no_grad()
+    def _unfold(self, x: torch.Tensor) -> None:
+        """in_proj.bias += W m, m = each level's mean input under the plain forward on the
+        calibration batches (else this batch): the inverse of `fold_input_means`."""
+        rvq = self.model.quantizer
+        sums = None
+        for batch in self.calibration or [x]:
+            with self.autocast():
+                z = self.model.encoder(self.model.preprocess(batch.to(self.device))).float()
+            means = quantize(rvq, z)[5]
+            sums = means if sums is None else [a + b for a, b in zip(sums, means, strict=True)]
+        for vq, m in zip(rvq.quantizers, sums, strict=True):
+            w = vq.in_proj.weight.squeeze(-1)
+            vq.in_proj.bias.add_((w.float() @ (m / len(self.calibration or [x]))).to(w))
 
     @torch.no_grad()
     def _init_codebooks(self, x: torch.Tensor) -> None:
@@ -151,6 +170,9 @@ class CodecTrainer:
         if self.needs_data_init and self.step == 0:
             self._init_codebooks(x)
         self.needs_data_init = False
+        if self.needs_unfold:
+            self._unfold(x)
+            self.needs_unfold = False
         with self.autocast():
             out = codec_forward(self.model, x, cfg.freeze_encoder, self.centre)
         self._last_batch = x.detach()
@@ -222,6 +244,7 @@ class CodecTrainer:
         if self.keeper is not None and "keeper" in sd:
             self.keeper.load_state_dict(sd["keeper"])
         self.needs_data_init = False  # a resumed model's codebooks are already trained
+        self.needs_unfold = False     # and its weights are stored unfolded
         if self.disc is not None and "disc" in sd:
             self.disc.load_state_dict(sd["disc"])
             self.opt_d.load_state_dict(sd["opt_d"])

@@ -57,6 +57,20 @@ def opus_roundtrip(x: np.ndarray, sr: int) -> tuple[np.ndarray, float]:
     return out, kbps
 
 
+def track_licences(corpus: list[str]) -> dict[str, str]:
+    """file name -> ' (package, licence)' from corpus manifests, where the corpus is one."""
+    out = {}
+    for src in corpus:
+        if src.endswith(".jsonl") and Path(src).is_file():
+            for line in Path(src).read_text().splitlines():
+                row = json.loads(line)
+                if row.get("output_path"):
+                    out[Path(row["output_path"]).name] = (
+                        f" ({row.get('package', '?')}, {row.get('licence', '?')}; "
+                        f"{row.get('licence_file', 'see the corpus manifest')})")
+    return out
+
+
 def held_out_segments(corpus: list[str], n_val: int, n_seg: int, n_samples: int, sr: int):
     files = probe(find_audio_files(corpus))
     _, val = split_train_val(files, n_val)
@@ -193,10 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         for i, (_name, x, y, _opus) in enumerate(picks):
             sf.write(out / f"{i}_original.flac", x, sr, subtype="PCM_16")
             sf.write(out / f"{i}_codec.flac", np.clip(y, -1, 1), sr, subtype="PCM_16")
+        licences = track_licences(a.corpus)
         (out / "README.md").write_text(
             "Held-out 6.144 s segments and their reconstructions by the codec in "
-            f"`{a.codec}` (fingerprint `{codec.fingerprint}`), written by `bench/eval_codec.py`."
+            f"`{a.codec}` (fingerprint `{codec.fingerprint}`), written by `bench/eval_codec.py`. "
+            "Excerpts of the corpus tracks named, under those tracks' licences."
             "\n\n" + "\n".join(f"- `{i}_original.flac` / `{i}_codec.flac`: {name}"
+                                 + licences.get(name.split("@")[0], "")
                                  for i, (name, *_rest) in enumerate(picks)) + "\n")
         if all(o is not None for *_x, o in picks):
             spectrogram_png(out / "spectrograms.png", picks, sr)

@@ -45,10 +45,16 @@ def corpus_table(corpus: Path) -> tuple[list[str], dict[str, dict]]:
     return lines, by_file
 
 
-def card(run: Path, codec_dir: Path, result: dict, corpus: Path) -> str:
+def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = "") -> str:
     cfg = json.loads((run / "config.json").read_text())
     train, model = cfg["train"], cfg["model"]
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    # The snapshot is the newest checkpoint (what `train_codec.py export RUN` takes); log rows
+    # after it (an interrupted stretch) are not part of it.
+    ckpts = sorted((run / "checkpoints").glob("ckpt_*.pt"))
+    if ckpts:
+        last = int(ckpts[-1].stem.split("_")[1])
+        rows = [r for r in rows if r.get("step", 0) <= last]
     train_rows = [r for r in rows if "loss/mel" in r]
     val_rows = [r for r in rows if "val/mel" in r]
     step = max(r["step"] for r in rows)
@@ -140,7 +146,7 @@ Validation during training (one 6.144 s segment from the middle of each held-out
 {curve}
 
 Samples: `docs/samples/codec/` (held-out originals, reconstructions, spectrograms).
-"""
+{f"{chr(10)}## What it sounds like{chr(10)}{chr(10)}{notes.strip()}{chr(10)}" if notes.strip() else ""}"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codec", required=True, type=Path)
     ap.add_argument("--eval", required=True, type=Path, help="bench/eval_codec.py --out JSON")
     ap.add_argument("--corpus", default=Path("data/corpus"), type=Path)
+    ap.add_argument("--notes", type=Path, help="Markdown: what listening and the spectrograms show")
     a = ap.parse_args(argv)
     result = json.loads(a.eval.read_text())
-    text = card(a.run, a.codec, result, a.corpus)
+    text = card(a.run, a.codec, result, a.corpus, a.notes.read_text() if a.notes else "")
     (a.codec / "MODEL_CARD.md").write_text(text)
     print(f"wrote {a.codec / 'MODEL_CARD.md'}", file=sys.stderr)
     return 0

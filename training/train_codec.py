@@ -65,6 +65,7 @@ from training.codec_data import (  # noqa: E402
 from training.codec_eval import collapsed_levels, evaluate  # noqa: E402
 from training.codec_model import count_params, load_snac  # noqa: E402
 from training.codec_trainer import CodecTrainer  # noqa: E402
+from training.trainer import ignore_stop_signals  # noqa: E402
 
 CALIBRATION_STEP = 10**12
 
@@ -149,7 +150,10 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
                         prefetch_factor=4 if cfg.num_workers else None,
                         # Its own generator: iterator creation draws a worker seed, and from
                         # the global RNG that draw would shift the NoiseBlocks' stream on resume.
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        generator=torch.Generator().manual_seed(cfg.seed),
+                        # A signal to the whole group (Ctrl-C, pkill -f) must not kill the workers
+                        # before the trainer has finished its step and saved.
+                        worker_init_fn=ignore_stop_signals if cfg.num_workers else None)
     ckpt_dir = out / "checkpoints"
 
     def checkpoint():

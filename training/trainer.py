@@ -50,7 +50,7 @@ def _step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
-def _worker_init(_):
+def ignore_stop_signals(_worker_id=None):
     # Ctrl-C reaches the whole process group, and torchrun signals its workers' groups: data
     # workers must not die before the trainer has finished its step and saved. They exit with
     # the trainer (DataLoader shuts them down; a watchdog ends them if the trainer is killed).
@@ -160,7 +160,7 @@ class Trainer:
             # valid for the diffusion's input check.
             collate_fn=functools.partial(collate_windows, pad_id=0),
             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init if cfg.data.num_workers else None,
+            worker_init_fn=ignore_stop_signals if cfg.data.num_workers else None,
             # Own generator: creating an iterator must not consume the global torch RNG.
             generator=torch.Generator().manual_seed(cfg.seed),
         )

@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
             eng, metrics, settings.max_batch, settings.max_wait_ms, settings.max_queue
         )
         service.batcher.start()
+        service.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
         if settings.warmup:
             await service.batcher.run_on_engine(_warmup, eng, service.defaults)
         service.ready = True

@@ -108,8 +108,6 @@ async def _read_input(request: Request, svc: Service, allowed: tuple[str, ...]):
     svc.batcher.check_capacity()
     # Claim an upload slot before reading a byte of the body; wait a little for one, then 503.
     limit = svc.settings.max_concurrent_uploads
-    if svc.upload_slots is None:
-        svc.upload_slots = asyncio.Semaphore(limit)
     if not await _acquire_within(svc.upload_slots, svc.settings.upload_slot_wait_s):
         raise Unavailable(
             f"{limit} uploads are being received and decoded already "

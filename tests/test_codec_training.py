@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 from snac import SNAC
 
 from model.codec import DEBUG_CODEC_CONFIG
@@ -165,6 +166,50 @@ def test_vq_losses_reach_encoder_and_codebooks():
     assert model.quantizer.quantizers[0].codebook.weight.grad is None  # commitment: encoder only
     out.codebook.backward()
     assert model.quantizer.quantizers[0].codebook.weight.grad.abs().sum() > 0
+
+
+def test_direction_gradients_keep_the_forward_pass_and_drop_the_radial_part():
+    torch.manual_seed(0)
+    model = SNAC(**DEBUG_CODEC_CONFIG)
+    x = torch.randn(2, 1, 24576) * 0.3
+    z = model.encoder(model.preprocess(x)).detach()
+    raw = quantize(model.quantizer, z)
+    outs = {}
+    for mode in ("raw", "direction"):
+        zz = z.clone().requires_grad_(True)
+        z_q, codes, commitment, codebook, latents, _ = quantize(model.quantizer, zz,
+                                                                gradients=mode)
+        outs[mode] = (z_q, codes, commitment, codebook)
+    # Same codes and same quantised output: only the gradients differ.
+    for a, b in zip(raw[1], outs["direction"][1], strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(outs["direction"][0], raw[0])
+    # The VQ losses compare unit vectors: bounded by 4 / codebook_dim per level.
+    d = model.quantizer.codebook_dim
+    assert 0 < outs["direction"][2].item() <= 4 * len(raw[1]) / d
+    # The straight-through passes the direction only: at level A (the first, so the z_e it
+    # sees is in_proj(z) exactly) the gradient on z_e is orthogonal to z_e.
+    vq = model.quantizer.quantizers[0]
+    z_e = vq.in_proj(F.avg_pool1d(z, vq.stride, vq.stride)).detach().requires_grad_(True)
+    code, _ = vq.decode_latents(z_e)
+    unit = F.normalize(z_e, dim=1)
+    gain = code.norm(dim=1, keepdim=True)
+    st = gain * (unit + (code / gain - unit).detach())
+    st.pow(2).sum().backward()       # any loss with a radial pull
+    radial = (z_e.grad * unit).sum(dim=1)
+    assert z_e.grad.abs().max() > 0
+    assert radial.abs().max() < 1e-4 * z_e.grad.abs().max()
+    with pytest.raises(ValueError, match="gradients"):
+        quantize(model.quantizer, z, gradients="cosine")
+
+
+def test_direction_gradients_train_code_gains_from_the_decoder():
+    torch.manual_seed(0)
+    model = SNAC(**DEBUG_CODEC_CONFIG)
+    out = codec_forward(model, torch.randn(1, 1, 12288) * 0.3, gradients="direction")
+    out.audio.pow(2).mean().backward()      # a reconstruction-like loss, no VQ terms
+    assert model.quantizer.quantizers[0].codebook.weight.grad.abs().sum() > 0
+    assert model.encoder.block[0].parametrizations.weight.original1.grad.abs().sum() > 0
 
 
 def test_discriminator_outputs():

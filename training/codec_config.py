@@ -69,6 +69,9 @@ class CodecTrainConfig:
     dead_code_window: int = 10        # dead = not picked by any vector of its level in the
     #                                   last N steps
     dead_code_noise: float = 0.01     # relative noise on restarted codes
+    vq_gradients: str = "raw"         # raw = DAC's VQ losses and straight-through; direction =
+    #                                   losses on unit vectors, the code's gain learned from the
+    #                                   decoder (codec_model.quantize): |z_e| cannot run away
     collapse_perplexity: float = 8.0  # validation warns loudly when a level's perplexity is below
     # ---- optimisation (SNAC paper: AdamW, lr 6e-4, exponential decay 0.999994 per step)
     steps: int = 400_000
@@ -134,6 +137,8 @@ class CodecTrainConfig:
             raise ValueError("steps must be >= 0; keep_last, log_every, ckpt_every >= 1")
         if self.codebook_init not in ("data", "random"):
             raise ValueError(f"codebook_init must be data or random, not {self.codebook_init!r}")
+        if self.vq_gradients not in ("raw", "direction"):
+            raise ValueError(f"vq_gradients must be raw or direction, not {self.vq_gradients!r}")
         if self.centre_calibration_batches < 0:
             raise ValueError("centre_calibration_batches must be >= 0")
         if self.dead_code_every < 0 or self.dead_code_window < 1 or self.dead_code_noise < 0:

@@ -34,7 +34,7 @@ class CodecOutput:
 
 
 def quantize(rvq: ResidualVectorQuantize, z: torch.Tensor,
-             centre: str | list[torch.Tensor] | None = None):
+             centre: str | list[torch.Tensor] | None = None, gradients: str = "raw"):
     """snac's residual VQ loop, plus DAC's per-level losses summed over levels.
 
     z: (B, D, T) encoder output. centre="batch" subtracts each level's detached batch mean from
@@ -42,7 +42,19 @@ def quantize(rvq: ResidualVectorQuantize, z: torch.Tensor,
     those. `fold_input_means` turns a fixed centre into a plain snac model (codec_vq.py).
     Returns (z_q (B, D, T), codes, commitment, codebook, latents, input_means): input_means
     are the batch means of each level's input before centring.
+
+    gradients="raw" is DAC's: both VQ losses on the raw vectors, straight-through z_e -> code.
+    The lookup only compares directions, so there nothing opposes the radial part of the
+    decoder's gradient, which the straight-through pours into |z_e| with no effect on the
+    forward pass; measured on real music, |z_e| spread grew until the raw commitment loss went
+    0.1 -> 68 and dominated the total (steps 500-1400 of the demo run). gradients="direction"
+    splits each code into gain x direction: both VQ losses compare unit vectors (ViT-VQGAN's
+    l2-normalised codes), the straight-through passes only the direction to the encoder, and
+    the code's gain is learned from the decoder's gradient. The forward pass, the codes and the
+    exported model are exactly those of "raw" (a plain snac model).
     """
+    if gradients not in ("raw", "direction"):
+        raise ValueError(f"gradients must be 'raw' or 'direction', not {gradients!r}")
     z_q_sum = 0.0
     residual = z
     codes, latents, means, commitment, codebook = [], [], [], 0.0, 0.0
@@ -55,10 +67,19 @@ def quantize(rvq: ResidualVectorQuantize, z: torch.Tensor,
             x = x - centre[level].to(x).view(1, -1, 1)
         z_e = vq.in_proj(x)                     # (B, d, T / stride): factorised low-dim space
         z_q, idx = vq.decode_latents(z_e)       # nearest code by cosine, raw code vectors
-        # DAC: both terms on the raw (un-normalised) vectors, mean over (d, t), mean over batch.
-        commitment = commitment + F.mse_loss(z_e.float(), z_q.detach().float())
-        codebook = codebook + F.mse_loss(z_q.float(), z_e.detach().float())
-        z_q = z_e + (z_q - z_e).detach()        # straight-through estimator
+        if gradients == "raw":
+            # DAC: both terms on the raw vectors, mean over (d, t), mean over batch.
+            commitment = commitment + F.mse_loss(z_e.float(), z_q.detach().float())
+            codebook = codebook + F.mse_loss(z_q.float(), z_e.detach().float())
+            z_q = z_e + (z_q - z_e).detach()    # straight-through estimator
+        else:
+            unit = F.normalize(z_e.float(), dim=1)
+            gain = z_q.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+            code_dir = z_q.float() / gain
+            commitment = commitment + F.mse_loss(unit, code_dir.detach())
+            codebook = codebook + F.mse_loss(code_dir, unit.detach())
+            # forward: gain * code_dir = the raw code; backward: direction -> encoder, gain -> code
+            z_q = gain * (unit + (code_dir - unit).detach())
         z_q = vq.out_proj(z_q)
         if vq.stride > 1:
             z_q = z_q.repeat_interleave(vq.stride, dim=-1)
@@ -70,7 +91,8 @@ def quantize(rvq: ResidualVectorQuantize, z: torch.Tensor,
 
 
 def codec_forward(model: SNAC, audio: torch.Tensor, freeze_encoder: bool = False,
-                  centre: str | list[torch.Tensor] | None = None) -> CodecOutput:
+                  centre: str | list[torch.Tensor] | None = None,
+                  gradients: str = "raw") -> CodecOutput:
     """audio (B, 1, T) -> reconstruction + codes + VQ losses (SNAC.forward with the losses)."""
     length = audio.shape[-1]
     x = model.preprocess(audio)                 # right-pad to hop * lcm(stride0, window)
@@ -81,7 +103,7 @@ def codec_forward(model: SNAC, audio: torch.Tensor, freeze_encoder: bool = False
         # picks different codes than fp32 inference will, and the quantiser is tiny.
         with torch.autocast(x.device.type, enabled=False):
             z_q, codes, commitment, codebook, latents, means = quantize(
-                model.quantizer, z.float(), None if freeze_encoder else centre)
+                model.quantizer, z.float(), None if freeze_encoder else centre, gradients)
     audio_hat = model.decoder(z_q)[..., :length]
     return CodecOutput(audio_hat, codes, commitment, codebook, latents, means)
 

@@ -174,7 +174,8 @@ class CodecTrainer:
             self._unfold(x)
             self.needs_unfold = False
         with self.autocast():
-            out = codec_forward(self.model, x, cfg.freeze_encoder, self.centre)
+            out = codec_forward(self.model, x, cfg.freeze_encoder, self.centre,
+                                cfg.vq_gradients)
         self._last_batch = x.detach()
         y = out.audio.float()                                   # (B, 1, T)
         losses = self.recon(y, x)

@@ -3,7 +3,9 @@
     python bench/data_throughput.py [--hours 5] [--file-minutes 3] [--files-per-shard 20]
                                     [--batch-size 64] [--workers 0 2] [--seconds 10]
 
-Builds random uint16 tokens with the SNAC 32 kHz geometry (no codec needed), then measures
+Builds random uint16 tokens with the SNAC 32 kHz geometry (no codec needed), with context
+tiles (training/shards.py), then measures, with whole-file contexts only and with the default
+mix of encoded / mixed / generated contexts (training/data.py),
   * `dataset[i]` in random order in this process (one window per call), and
   * the full pipeline a trainer uses (WindowBatchSampler with an n_ctx mix -> DataLoader with
     N workers -> collate_windows) in windows/s.
@@ -36,9 +38,13 @@ def build(out: Path, hours: float, file_minutes: float, files_per_shard: int) ->
     rng = np.random.default_rng(0)
     n_files = max(1, round(hours * 60 / file_minutes))
     n_frames = int(file_minutes * 60 * FRAMES_PER_SECOND) // 4 * 4
-    files = {f"song_{i:05d}.wav": [rng.integers(0, 4096, n_frames * 8 // s, dtype=np.uint16)
-                                   for s in STRIDES] for i in range(n_files)}
-    return write_token_dir(out, files, files_per_shard=files_per_shard, val_fraction=0.0)
+    def tokens():
+        return [rng.integers(0, 4096, n_frames * 8 // s, dtype=np.uint16) for s in STRIDES]
+
+    files = {f"song_{i:05d}.wav": tokens() for i in range(n_files)}
+    tiles = {name: tokens() for name in files}
+    return write_token_dir(out, files, files_per_shard=files_per_shard, val_fraction=0.0,
+                           tiles=tiles, tile_plan=dict(units=4, border_units=2, reach_samples=18191))
 
 
 def random_access(ds: TokenWindows, seconds: float) -> float:
@@ -85,7 +91,7 @@ def main() -> None:
         t0 = time.perf_counter()
         manifest = build(Path(tmp), a.hours, a.file_minutes, a.files_per_shard)
         build_s = time.perf_counter() - t0
-        ds = TokenWindows(tmp, "all", n_ctx=(0, 1, 2))
+        ds = TokenWindows(tmp, "all", n_ctx=(0, 1, 2), contexts=(0, 0, 1))
         size_mb = sum(f.stat().st_size for f in Path(tmp).rglob("*.npy")) / 1e6
         print(f"token dir: {a.hours:g} h in {len(manifest['files'])} files, "
               f"{len(manifest['shards'])} shards, {size_mb:.0f} MB, {len(ds)} windows "
@@ -96,13 +102,18 @@ def main() -> None:
             cpu_count=os.cpu_count(), platform=platform.platform(), torch=torch.__version__,
             load_average_before=round(os.getloadavg()[0], 2),  # other work on the box skews figures
         )
-        rate = random_access(ds, a.seconds)
-        print(f"dataset[i], random order, 1 process: {rate:,.0f} windows/s")
-        result["getitem_windows_per_s"] = round(rate)
-        for w in a.workers:
-            rate = loader_rate(ds, a.batch_size, w, a.seconds)
-            print(f"DataLoader, batch {a.batch_size}, {w} workers: {rate:,.0f} windows/s")
-            result[f"loader_{w}_workers_windows_per_s"] = round(rate)
+        mixed = TokenWindows(tmp, "all", n_ctx=(0, 1, 2))          # the default context mix
+        result["contexts"] = dict(mixed.describe()["contexts"])
+        for tag, d in (("", ds), ("contexts_", mixed)):
+            label = "default context mix" if tag else "whole-file contexts"
+            rate = random_access(d, a.seconds)
+            print(f"{label}: dataset[i], random order, 1 process: {rate:,.0f} windows/s")
+            result[f"{tag}getitem_windows_per_s"] = round(rate)
+            for w in a.workers:
+                rate = loader_rate(d, a.batch_size, w, a.seconds)
+                print(f"{label}: DataLoader, batch {a.batch_size}, {w} workers: "
+                      f"{rate:,.0f} windows/s")
+                result[f"{tag}loader_{w}_workers_windows_per_s"] = round(rate)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {a.out}")

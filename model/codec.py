@@ -294,6 +294,30 @@ class Codec:
         x = torch.nn.functional.pad(x, (0, pad))[:, None, :]  # (B, 1, T)
         return [c.long() for c in self.snac.encode(x)]
 
+    def encoder_reach(self) -> int:
+        """How far (samples) a change in the audio can move a token, on either side: the
+        encoder's receptive field (found by back-propagating from one latent frame to the
+        input, so it follows the architecture, not a guess) plus one coarsest token, whose
+        residual every finer level subtracts. Convolutions and windowed attention are local,
+        so audio further away than this cannot change a token."""
+        n_units = 8
+        while True:
+            x = torch.zeros(1, 1, n_units * self.pad_samples, device=self.device)
+            x.normal_(generator=torch.Generator(self.device).manual_seed(0)).mul_(0.1)
+            x.requires_grad_(True)
+            with torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
+                z = self.snac.encoder(x)
+                centre = z.shape[-1] // 2
+                z[0, :, centre].sum().backward()
+            touched = (x.grad[0, 0] != 0).nonzero()
+            at = centre * self.hop_length
+            reach = max(at - int(touched[0]), int(touched[-1]) - at) + self.hop_length
+            if int(touched[0]) > 0 and int(touched[-1]) < x.shape[-1] - 1:
+                return reach + self.strides[0] * self.hop_length
+            n_units *= 2                     # the field reached the probe's ends: widen it
+            if n_units > 1024:
+                raise RuntimeError("the encoder's receptive field exceeds 6 minutes")
+
     def validate_tokens(self, tokens: list[torch.Tensor], name: str = "tokens") -> None:
         if len(tokens) != self.n_levels:
             raise ValueError(f"{name}: expected {self.n_levels} levels, got {len(tokens)}")

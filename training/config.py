@@ -59,6 +59,10 @@ class DataConfig:
     tokens: str = "data/tokens"  # output dir of `python -m training.tokenize`
     batch_size: int = 32  # rows per micro-batch per rank
     num_workers: int = 2  # DataLoader workers (0 = load in the training process)
+    # Weights of the context kinds a window with context draws (training/data.py): encoded =
+    # as `/continue` encodes it, mixed = the second /extend chunk's, generated = whole-file
+    # tokens (later /extend chunks). A directory tokenised without tiles trains on generated.
+    contexts: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.25])
 
 
 @dataclass
@@ -334,6 +338,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.stop_at >= 0, "stop_at must be >= 0")
     need(cfg.data.batch_size >= 1, "data.batch_size must be >= 1")
     need(cfg.data.num_workers >= 0, "data.num_workers must be >= 0")
+    need(len(cfg.data.contexts) == 3 and all(w >= 0 for w in cfg.data.contexts)
+         and sum(cfg.data.contexts) > 0,
+         f"data.contexts must be 3 non-negative weights (encoded, mixed, generated) with a "
+         f"positive sum, got {cfg.data.contexts}")
     need(cfg.optim.grad_accum >= 1, "optim.grad_accum must be >= 1")
     need(cfg.optim.lr > 0 and 0 <= cfg.optim.min_lr <= cfg.optim.lr, "need 0 <= optim.min_lr <= optim.lr, lr > 0")
     need(len(cfg.optim.betas) == 2, "optim.betas must have two values")

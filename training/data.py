@@ -10,6 +10,22 @@ Indexing is flat and deterministic: `dataset.window(i)` says which file/start/n_
 `dataset[i]` reads it. `WindowBatchSampler` turns (seed, epoch, position) into batches with O(1)
 memory, so a trainer resumes exactly by saving `batch["data_state"]` (see the class).
 
+Contexts. Inference gives the model two kinds of context: `/continue` (and the first `/extend`
+chunk) encodes the context audio alone, whose tokens differ from whole-file tokens near both
+ends (SNAC's encoder is non-causal); later `/extend` chunks see the model's own generated
+tokens, which it learned to produce as whole-file tokens. Each window with context therefore
+draws a kind (`contexts` weights, a pure function of index and epoch):
+
+    encoded    the context as an encode of its audio alone: the whole-file tokens with both
+               border stretches replaced by tile encodes (training/shards.py "Tiles")
+    mixed      the second /extend chunk: the older chunk encoded (its end bordered), the newer
+               one generated; with one context chunk this is `generated`
+    generated  the whole-file tokens
+
+Borders come from tiles, so an encoded or mixed window starts on the tile grid (1.536 s for
+SNAC 32 kHz): the drawn start is moved back to it, uniformly over the aligned windows. Away
+from pieces (tokenize.py) `encoded` equals `Codec.encode(context audio)` exactly (tested).
+
 Shards are memory-mapped lazily, per process (DataLoader workers open their own maps). Each map
 holds a file descriptor, so a directory of more than `max_open_shards` shards is read with one
 `pread` per level and window instead (no descriptor kept; about 3x slower, still far above what
@@ -28,11 +44,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from training.shards import read_manifest
 
+CONTEXT_KINDS = ("encoded", "mixed", "generated")
+DEFAULT_CONTEXTS = (0.5, 0.25, 0.25)  # /continue and the first /extend chunk, the second, later
+
 
 class WindowRef(NamedTuple):
     n_ctx: int
     file: int  # index into dataset.files
     start: int  # first coarse frame (level 0) of the window, a multiple of dataset.grid
+    context: str = "generated"  # CONTEXT_KINDS; for n_ctx = 0 always "generated"
 
 
 class WindowKey(NamedTuple):
@@ -53,11 +73,14 @@ class TokenWindows(Dataset):
         which is the point: every shift of the music is a distinct sample).
     max_open_shards: memory-map at most this many shards (x levels descriptors per process);
         larger directories are read by pread.
+    contexts: weights of CONTEXT_KINDS (encoded, mixed, generated); None = DEFAULT_CONTEXTS,
+        or all generated for a directory tokenised without tiles. A directory without tiles
+        refuses a positive encoded/mixed weight.
     """
 
     def __init__(self, token_dir: str | os.PathLike, split: str = "train", n_ctx=2,
                  expected_fingerprint: str | None = None, start_step: int = 1,
-                 max_open_shards: int = 256):
+                 max_open_shards: int = 256, contexts=None):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
         self.n_ctx_values = (n_ctx,) if isinstance(n_ctx, int) else tuple(int(n) for n in n_ctx)
@@ -77,6 +100,28 @@ class TokenWindows(Dataset):
         self.split = split
         self.files = [f for f in manifest["files"] if split == "all" or f["split"] == split]
         self.shard_levels = {s["id"]: s["levels"] for s in manifest["shards"]}
+        self.tiles = manifest.get("tiles")
+        if self.tiles is not None:
+            self.shard_levels.update({(s["id"], "tiles"): s["tiles"] for s in manifest["shards"]})
+        if contexts is None:
+            contexts = DEFAULT_CONTEXTS if self.tiles else (0.0, 0.0, 1.0)
+        w = np.asarray(contexts, dtype=np.float64)
+        if w.shape != (3,) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"contexts needs 3 non-negative weights ({', '.join(CONTEXT_KINDS)}) "
+                             f"with a positive sum, got {contexts!r}")
+        if self.tiles is None and w[:2].sum() > 0:
+            raise ValueError(
+                f"{token_dir} was tokenised without context tiles, so it cannot give encoded or "
+                "mixed contexts; re-tokenise it (python -m training.tokenize) or use contexts "
+                "= [0, 0, 1]")
+        self.contexts = tuple(float(x) for x in w / w.sum())
+        self._context_cum = np.cumsum(self.contexts).tolist()
+        # Border stretch and tile length, in coarse frames (level 0).
+        if self.tiles is not None:
+            self._border = int(self.tiles["border_units"]) * self.grid
+            self._tile = int(self.tiles["units"]) * self.grid
+            if self.frames_per_chunk[0] % self._tile:
+                raise ValueError(f"tiles of {self._tile} frames do not divide a chunk")
         # Memory maps are fastest (~2 us a slice) but each holds a file descriptor. Random
         # windows from more shards than fit would thrash any cache of maps, so past
         # `max_open_shards` every read is one pread instead (~20 us, nothing kept open).
@@ -102,7 +147,8 @@ class TokenWindows(Dataset):
     def __len__(self) -> int:
         return self._len
 
-    def window(self, index: int) -> WindowRef:
+    def window(self, index: int, epoch: int = 0) -> WindowRef:
+        """Which window item `index` is; its context kind is drawn from (index, epoch)."""
         if not 0 <= index < self._len:
             raise IndexError(f"window {index} out of range [0, {self._len})")
         for n in self.n_ctx_values:
@@ -111,10 +157,24 @@ class TokenWindows(Dataset):
                 cum = self._cum[n]
                 i = index - lo
                 f = int(np.searchsorted(cum, i, side="right")) - 1
-                return WindowRef(n, f, int(i - cum[f]) * self.step)
+                return self._with_context(WindowRef(n, f, int(i - cum[f]) * self.step), index,
+                                          epoch)
         raise AssertionError("unreachable")
 
-    def _level_map(self, shard: int, level: int) -> np.ndarray:
+    def _with_context(self, ref: WindowRef, index: int, epoch: int) -> WindowRef:
+        if ref.n_ctx == 0 or self.tiles is None:
+            return ref
+        u = _key(index, epoch, 0xC0) / 2.0**64
+        kind = next((k for k, c in zip(CONTEXT_KINDS, self._context_cum, strict=True) if u < c),
+                    "generated")
+        if kind == "mixed" and ref.n_ctx < 2:
+            kind = "generated"               # one context chunk: /extend's later chunks
+        if kind == "generated":
+            return ref
+        return ref._replace(start=ref.start - ref.start % self._tile, context=kind)
+
+    def _level_map(self, shard, level: int) -> np.ndarray:
+        """shard: an id (whole-file tokens) or (id, "tiles")."""
         if self._pid != os.getpid():  # forked into a worker: maps are per process
             self._maps, self._pid = {}, os.getpid()
         m = self._maps.get((shard, level))
@@ -124,7 +184,7 @@ class TokenWindows(Dataset):
             m = self._maps[(shard, level)] = np.load(path, mmap_mode="r").view(np.ndarray)
         return m
 
-    def _pread(self, shard: int, level: int, start: int, n: int) -> np.ndarray:
+    def _pread(self, shard, level: int, start: int, n: int) -> np.ndarray:
         """Tokens [start, start + n) of a shard level by one pread: no descriptor kept open."""
         key = (shard, level)
         head = self._headers.get(key)
@@ -149,21 +209,32 @@ class TokenWindows(Dataset):
     def read(self, ref: WindowRef) -> list[torch.Tensor]:
         """Per level int64 tokens ((n_ctx + 1) * F_l,) of one window."""
         shard, offsets = self._where[ref.file]
+        get = (lambda sh, lv, a, n: self._level_map(sh, lv)[a:a + n]) if self.use_maps \
+            else self._pread
+        # Border stretches [from, to) in level-0 frames relative to the window start.
+        if ref.context == "encoded":
+            ctx_end = ref.n_ctx * self.frames_per_chunk[0]
+            borders = ((0, self._border), (ctx_end - self._border, ctx_end))
+        elif ref.context == "mixed":
+            older_end = (ref.n_ctx - 1) * self.frames_per_chunk[0]
+            borders = ((older_end - self._border, older_end),)
+        else:
+            borders = ()
         out = []
         for level, (scale, F) in enumerate(zip(self._scales, self.frames_per_chunk, strict=True)):
             a, n = offsets[level] + ref.start * scale, (ref.n_ctx + 1) * F
-            if self.use_maps:
-                tokens = self._level_map(shard, level)[a:a + n]
-            else:
-                tokens = self._pread(shard, level, a, n)
-            out.append(torch.from_numpy(tokens.astype(np.int64)))
+            tokens = get(shard, level, a, n).astype(np.int64)
+            for lo, hi in borders:
+                tokens[lo * scale:hi * scale] = get((shard, "tiles"), level, a + lo * scale,
+                                                    (hi - lo) * scale)
+            out.append(torch.from_numpy(tokens))
         return out
 
     def __getitem__(self, key) -> dict:
         """int or WindowKey -> dict(tokens=[(n_ctx+1)*F_l int64 per level], n_ctx, index[, data_state])."""
         index = key.index if isinstance(key, WindowKey) else int(key)
-        ref = self.window(index)
-        item = dict(tokens=self.read(ref), n_ctx=ref.n_ctx, index=index)
+        ref = self.window(index, key.epoch if isinstance(key, WindowKey) else 0)
+        item = dict(tokens=self.read(ref), n_ctx=ref.n_ctx, index=index, context=ref.context)
         if isinstance(key, WindowKey):
             item["data_state"] = dict(epoch=key.epoch, position=key.position)
         return item
@@ -177,6 +248,7 @@ class TokenWindows(Dataset):
         return dict(
             split=self.split, files=len(self.files), windows=self._len,
             windows_per_n_ctx={n: hi - lo for n, (lo, hi) in self.ranges.items()},
+            contexts=dict(zip(CONTEXT_KINDS, self.contexts, strict=True)),
             hours=sum(f["duration"] for f in self.files) / 3600,
         )
 

@@ -96,7 +96,9 @@ class Evaluator:
     def _val_windows(self) -> list[torch.Tensor] | None:
         """Fixed windows (batches * batch_size, spread evenly over the split), or None."""
         W = max(self.ecfg.n_ctx)
-        val = TokenWindows(self.cfg.data.tokens, "val", n_ctx=W)
+        # Contexts as `/continue` encodes them, where the directory has the tiles for it.
+        kinds = (1.0, 0.0, 0.0) if "tiles" in self.manifest else (0.0, 0.0, 1.0)
+        val = TokenWindows(self.cfg.data.tokens, "val", n_ctx=W, contexts=kinds)
         if len(val) == 0:
             return None
         k = self.ecfg.batches * self.ecfg.batch_size

@@ -4,6 +4,7 @@ A token directory holds
 
     manifest.json                 what is where (below); rewritten atomically after every shard
     shards/00000.L0.npy ...       one uint16 .npy per level per shard: the files' tokens back to back
+    shards/00000.L0.tiles.npy ... the same files encoded in short tiles (below), same offsets
 
 `manifest.json`:
 
@@ -12,7 +13,10 @@ A token directory holds
                                   pad_frames, codebook_size, sample_rate, hop_length, ...)
     piece_samples                 length of the pieces long files were encoded in (see tokenize.py)
     val_fraction                  share of files in the "val" split
-    shards[]                      id, levels (file names per level), frames (tokens per level)
+    tiles                         units, border_units, reach_samples (absent: no tile files;
+                                  such a directory trains on whole-file contexts only)
+    shards[]                      id, levels (file names per level), frames (tokens per level),
+                                  tiles (file names per level, when the manifest has `tiles`)
     files[]                       path (relative, '/'-separated), size, mtime_ns, shard,
                                   offsets (per level, in tokens, into that shard's level file),
                                   n_frames (coarsest-level frames; level l has n_frames*s_0/s_l),
@@ -23,6 +27,14 @@ Writers never leave a half-written file under a final name: everything goes to a
 the same directory and is `os.replace`d into place, so a crash leaves either the old or the new
 version. A shard is written before the manifest that references it, so a crash in between leaves
 an unreferenced shard that the next run overwrites.
+
+Tiles. SNAC's encoder is non-causal, so an encode of a context alone (what `/continue` feeds
+the model) differs from the whole-file tokens near both ends of the context, within the
+encoder's reach. Each file is therefore also encoded in tiles of `tiles.units` padding units
+(a divisor of a chunk, at least twice `border_units`, which cover the reach): a tile's first
+`border_units` are what an encode starting at the tile's start gives there, its last
+`border_units` what an encode ending at the tile's end gives. `training/data.py` splices them
+into the whole-file tokens to build the context an encode of that stretch alone gives.
 """
 
 from __future__ import annotations
@@ -100,16 +112,32 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(token_dir: Path, shard_id: int, levels: list[np.ndarray]) -> dict:
-    """Write one shard's per-level token arrays; returns its manifest entry."""
+def shard_tiles_name(shard_id: int, level: int) -> str:
+    return f"{SHARD_DIR}/{shard_id:05d}.L{level}.tiles.npy"
+
+
+def write_shard(token_dir: Path, shard_id: int, levels: list[np.ndarray],
+                tiles: list[np.ndarray] | None = None) -> dict:
+    """Write one shard's per-level token arrays (and tile encodes, laid out alike); returns its
+    manifest entry."""
     (Path(token_dir) / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    names = []
+    names, tile_names = [], []
     for level, tokens in enumerate(levels):
         name = shard_level_name(shard_id, level)
         atomic_save_npy(Path(token_dir) / name, np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE))
         names.append(name)
+        if tiles is not None:
+            if tiles[level].shape != tokens.shape:
+                raise ValueError(f"level {level}: tiles {tiles[level].shape} != tokens {tokens.shape}")
+            name = shard_tiles_name(shard_id, level)
+            atomic_save_npy(Path(token_dir) / name,
+                            np.ascontiguousarray(tiles[level], dtype=TOKEN_DTYPE))
+            tile_names.append(name)
     _fsync_dir(Path(token_dir) / SHARD_DIR)
-    return dict(id=shard_id, levels=names, frames=[int(t.shape[0]) for t in levels])
+    entry = dict(id=shard_id, levels=names, frames=[int(t.shape[0]) for t in levels])
+    if tiles is not None:
+        entry["tiles"] = tile_names
+    return entry
 
 
 def remove_temp_files(token_dir: Path) -> None:
@@ -181,11 +209,15 @@ def write_token_dir(out_dir: str | os.PathLike, files: dict[str, list[np.ndarray
                     files_per_shard: int = 64, val_fraction: float = 0.0,
                     fingerprint: str = "synthetic", strides=(8, 4, 2, 1), chunk_frames: int = 64,
                     pad_frames: int = 4, hop_length: int = 384, sample_rate: int = 32000,
-                    codebook_size: int = 4096) -> dict:
+                    codebook_size: int = 4096, tiles: dict[str, list[np.ndarray]] | None = None,
+                    tile_plan: dict | None = None) -> dict:
     """A token directory from given per-level tokens, no codec involved (tests, benchmarks).
 
     files: relative path -> per-level token arrays on the grid (level l = n_frames*s_0/s_l).
+    tiles + tile_plan: the tile encodes, laid out like `files`, and the manifest's `tiles`.
     """
+    if (tiles is None) != (tile_plan is None):
+        raise ValueError("give both tiles and tile_plan, or neither")
     out = Path(out_dir)
     geometry = dict(
         sample_rate=sample_rate, hop_length=hop_length, strides=list(strides),
@@ -197,6 +229,8 @@ def write_token_dir(out_dir: str | os.PathLike, files: dict[str, list[np.ndarray
     )
     codec = dict(fingerprint=fingerprint, source="synthetic", config={}, geometry=geometry)
     manifest = new_manifest(codec, piece_samples=0, val_fraction=val_fraction)
+    if tile_plan is not None:
+        manifest["tiles"] = dict(tile_plan)
     names = list(files)
     for shard_id, lo in enumerate(range(0, len(names), files_per_shard)):
         group = names[lo:lo + files_per_shard]
@@ -214,6 +248,8 @@ def write_token_dir(out_dir: str | os.PathLike, files: dict[str, list[np.ndarray
             ))
             offsets = [o + int(t.shape[0]) for o, t in zip(offsets, levels, strict=True)]
         per_level = [np.concatenate([files[n][lvl] for n in group]) for lvl in range(len(strides))]
-        manifest["shards"].append(write_shard(out, shard_id, per_level))
+        per_level_tiles = None if tiles is None else [
+            np.concatenate([tiles[n][lvl] for n in group]) for lvl in range(len(strides))]
+        manifest["shards"].append(write_shard(out, shard_id, per_level, per_level_tiles))
     write_manifest(out, manifest)
     return manifest

@@ -87,7 +87,14 @@ class Trainer:
             self.manifest = read_manifest(cfg.data.tokens)
         except ManifestError as e:
             raise DataMissingError(str(e)) from e
-        self.train_set = TokenWindows(cfg.data.tokens, "train", n_ctx=N_CTX_VALUES)
+        contexts = list(cfg.data.contexts)
+        if "tiles" not in self.manifest and any(contexts[:2]):
+            print(f"warning: {cfg.data.tokens} was tokenised without context tiles, so every "
+                  "context is whole-file tokens, which peek at the target near its start; "
+                  "re-tokenise to train on contexts as /continue encodes them", file=sys.stderr)
+            contexts = [0.0, 0.0, 1.0]
+        self.train_set = TokenWindows(cfg.data.tokens, "train", n_ctx=N_CTX_VALUES,
+                                      contexts=contexts)
         if len(self.train_set) == 0:
             raise DataMissingError(
                 f"{cfg.data.tokens} has no training windows (files shorter than one 6.144 s chunk, "

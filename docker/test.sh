@@ -7,10 +7,14 @@
 #      TORCH_INDEX_URL build args; the default build stays the CUDA one);
 #   3. a container run with --network host as the image's non-root user, the weights mounted
 #      read-only (a tiny random debug DiT + debug codec: this tests the image, not the music);
-#   4. wait for /health, POST /continue, check the WAV, stop the container.
+#   4. wait for /health, POST /continue, check the WAV, stop the container;
+#   5. docker-compose.yml validated (`docker compose config` or `docker-compose config`); it
+#      cannot be brought up here, since it reserves an NVIDIA GPU.
 #
 # Needs root (dockerd, debootstrap) and the package registries. Safe to re-run: the base image
 # is built once and reused. Settings: PORT (18731), BASE_IMAGE_TAG, TORCH_WHEEL.
+# Exit status: 0 passed; 1 the image or compose file is broken; 2 this machine cannot run the
+# test (no docker daemon, no debootstrap, no Debian mirror), with the reason on stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +24,17 @@ IMAGE="snac-dit:cpu-test"
 NAME="snac-dit-test-$$"
 PY="${PY:-.venv/bin/python}"
 log() { echo "docker-test: $*" >&2; }
+
+# ---- the compose file: valid, builds this Dockerfile, weights read-only, loopback by default
+if docker compose version >/dev/null 2>&1; then compose=(docker compose)
+elif command -v docker-compose >/dev/null 2>&1; then compose=(docker-compose)
+else log "no docker compose / docker-compose: apt-get install docker-compose"; exit 2; fi
+resolved="$(env -u PORT -u BIND "${compose[@]}" -f docker-compose.yml config)" \
+    || { log "docker-compose.yml does not validate"; exit 1; }
+for want in "context: $PWD" "/app/weights:ro" "127.0.0.1" "driver: nvidia"; do
+    grep -qF "$want" <<<"$resolved" || { log "compose config lacks '$want':"; echo "$resolved" >&2; exit 1; }
+done
+log "docker-compose.yml validates (${compose[*]})"
 
 # ---- the docker daemon
 if ! docker info >/dev/null 2>&1; then
@@ -35,10 +50,16 @@ if ! docker image inspect "$BASE_TAG" >/dev/null 2>&1; then
     command -v debootstrap >/dev/null || { log "no debootstrap: apt-get install debootstrap"; exit 2; }
     root="$(mktemp -d /tmp/snac-dit-rootfs.XXXXXX)"
     log "bootstrapping Debian bookworm into $root (a few minutes)"
-    debootstrap --variant=minbase bookworm "$root" http://deb.debian.org/debian >/tmp/snac-dit-debootstrap.log
+    debootstrap --variant=minbase bookworm "$root" http://deb.debian.org/debian \
+        >/tmp/snac-dit-debootstrap.log 2>&1 \
+        || { log "debootstrap failed (no Debian mirror?): /tmp/snac-dit-debootstrap.log"; exit 2; }
     tar -C "$root" -c . | docker import - "$BASE_TAG" >/dev/null
     rm -rf "$root"
 fi
+
+# ---- can this machine run a container at all? (if not, that is the machine, not the image)
+docker run --rm --network host "$BASE_TAG" true >/tmp/snac-dit-docker-run.log 2>&1 \
+    || { log "docker cannot run a container here: /tmp/snac-dit-docker-run.log"; exit 2; }
 
 # ---- this machine's CA bundle (it may hold a TLS-inspecting proxy's CA the registries need)
 cp /etc/ssl/certs/ca-certificates.crt docker/certs/host-ca.crt 2>/dev/null || true

@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", help=f"nucleus mass in (0, 1]: {per_level}, e.g. 0.95")
     gen.add_argument("--guidance", help=f"classifier-free guidance on the context (1 = off): "
                                         f"{per_level}, e.g. 1.5 or 2,1.5,1,1")
+    gen.add_argument("--gumbel", help=f"scale of the Gumbel noise on the unmasking order "
+                                      f"(0 = by confidence alone): {per_level}, e.g. 1 or 0")
+    gen.add_argument("--confidence", choices=["top", "sampled"],
+                     help="what ranks positions for unmasking: the top log-prob (default) or "
+                          "the sampled token's (MaskGIT)")
     gen.add_argument("--seed", type=int)
     gen.add_argument(
         "--include-input", action="store_true", help="write the input followed by the continuation"
@@ -60,6 +65,8 @@ def _params(args) -> dict:
         temperature=args.temperature,
         top_p=args.top_p,
         guidance=args.guidance,
+        gumbel=args.gumbel,
+        confidence=args.confidence,
         seed=args.seed,
         include_input=args.include_input,
     )

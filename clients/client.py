@@ -37,7 +37,8 @@ class Result:
     audio: np.ndarray  # float32 (T,) mono
     sample_rate: int
     seed: int
-    params: dict[str, str] = field(default_factory=dict)  # steps, temperature, top_p, guidance
+    params: dict[str, str] = field(default_factory=dict)  # steps, temperature, top_p,
+    #                                                        guidance, gumbel, confidence
     input_samples: int | None = None  # with include_input: where the continuation starts
 
     def save(self, path: str | os.PathLike) -> None:
@@ -63,12 +64,15 @@ def _per_level(v: PerLevel) -> str | None:
     return ",".join(str(x) for x in v)
 
 
-def _query(steps, temperature, top_p, guidance, seed, include_input, **more) -> dict[str, str]:
+def _query(steps, temperature, top_p, guidance, gumbel, confidence, seed, include_input,
+           **more) -> dict[str, str]:
     q = {
         "steps": _per_level(steps),
         "temperature": _per_level(temperature),
         "top_p": _per_level(top_p),
         "guidance": _per_level(guidance),
+        "gumbel": _per_level(gumbel),
+        "confidence": confidence,
         "seed": None if seed is None else str(int(seed)),
         "include_input": "true" if include_input else None,
     }
@@ -98,6 +102,8 @@ _PARAM_HEADERS = {
     "temperature": "x-temperature",
     "top_p": "x-top-p",
     "guidance": "x-guidance",
+    "gumbel": "x-gumbel",
+    "confidence": "x-confidence",
 }
 
 
@@ -216,11 +222,13 @@ class Client:
         temperature: PerLevel = None,
         top_p: PerLevel = None,
         guidance: PerLevel = None,
+        gumbel: PerLevel = None,
+        confidence: str | None = None,
         seed: int | None = None,
         include_input: bool = False,
     ) -> Result:
         """6.144 s continuing `audio` (a path, file bytes, or a float array with sample_rate)."""
-        q = _query(steps, temperature, top_p, guidance, seed, include_input)
+        q = _query(steps, temperature, top_p, guidance, gumbel, confidence, seed, include_input)
         return _result(self._send("POST", "/continue", params=q, files=_files(audio, sample_rate)))
 
     def extend(
@@ -233,11 +241,13 @@ class Client:
         temperature: PerLevel = None,
         top_p: PerLevel = None,
         guidance: PerLevel = None,
+        gumbel: PerLevel = None,
+        confidence: str | None = None,
         seed: int | None = None,
         include_input: bool = False,
     ) -> Result:
         """`chunks` chained continuations as one WAV."""
-        q = _query(steps, temperature, top_p, guidance, seed, include_input, chunks=chunks)
+        q = _query(steps, temperature, top_p, guidance, gumbel, confidence, seed, include_input, chunks=chunks)
         return _result(self._send("POST", "/extend", params=q, files=_files(audio, sample_rate)))
 
     def extend_stream(
@@ -250,12 +260,15 @@ class Client:
         temperature: PerLevel = None,
         top_p: PerLevel = None,
         guidance: PerLevel = None,
+        gumbel: PerLevel = None,
+        confidence: str | None = None,
         seed: int | None = None,
         include_input: bool = False,
     ) -> Iterator[Chunk]:
         """Yield each chunk as soon as the server has generated it."""
         q = _query(
-            steps, temperature, top_p, guidance, seed, include_input, chunks=chunks, stream=True
+            steps, temperature, top_p, guidance, gumbel, confidence, seed, include_input,
+            chunks=chunks, stream=True
         )
         try:
             with self._http.stream(
@@ -328,10 +341,12 @@ class AsyncClient:
         temperature: PerLevel = None,
         top_p: PerLevel = None,
         guidance: PerLevel = None,
+        gumbel: PerLevel = None,
+        confidence: str | None = None,
         seed: int | None = None,
         include_input: bool = False,
     ) -> Result:
-        q = _query(steps, temperature, top_p, guidance, seed, include_input)
+        q = _query(steps, temperature, top_p, guidance, gumbel, confidence, seed, include_input)
         r = await self._send("POST", "/continue", params=q, files=_files(audio, sample_rate))
         return _result(r)
 
@@ -345,10 +360,12 @@ class AsyncClient:
         temperature: PerLevel = None,
         top_p: PerLevel = None,
         guidance: PerLevel = None,
+        gumbel: PerLevel = None,
+        confidence: str | None = None,
         seed: int | None = None,
         include_input: bool = False,
     ) -> Result:
-        q = _query(steps, temperature, top_p, guidance, seed, include_input, chunks=chunks)
+        q = _query(steps, temperature, top_p, guidance, gumbel, confidence, seed, include_input, chunks=chunks)
         r = await self._send("POST", "/extend", params=q, files=_files(audio, sample_rate))
         return _result(r)
 
@@ -362,11 +379,14 @@ class AsyncClient:
         temperature: PerLevel = None,
         top_p: PerLevel = None,
         guidance: PerLevel = None,
+        gumbel: PerLevel = None,
+        confidence: str | None = None,
         seed: int | None = None,
         include_input: bool = False,
     ) -> AsyncIterator[Chunk]:
         q = _query(
-            steps, temperature, top_p, guidance, seed, include_input, chunks=chunks, stream=True
+            steps, temperature, top_p, guidance, gumbel, confidence, seed, include_input,
+            chunks=chunks, stream=True
         )
         try:
             async with self._http.stream(

@@ -76,6 +76,11 @@ def test_continue_from_file_bytes_and_from_an_array(url, song):
         assert arr.input_samples == int(1.2 * 32000)
         assert arr.audio.shape == (arr.input_samples + CHUNK,)
         assert arr.params["temperature"] == "0.9,0.9,0.9,0.9"
+        assert arr.params["gumbel"] == "1,1,1,1" and arr.params["confidence"] == "top"
+        g = c.continue_(song, steps=2, seed=3, gumbel=0, confidence="sampled")
+        assert g.params["gumbel"] == "0,0,0,0" and g.params["confidence"] == "sampled"
+        with pytest.raises(clients.SnacDitError):
+            c.continue_(song, steps=1, confidence="loudest")
 
 
 def test_extend_whole_and_streamed_agree(url, song, tmp_path):
@@ -154,7 +159,11 @@ def test_cli_continue_and_extend(url, song, tmp_path):
     out = tmp_path / "out.wav"
     r = _cli("continue", str(song), "-o", str(out), "--steps", "1,1,1,1", "--seed", "4", url=url)
     assert r.returncode == 0, r.stderr
-    assert "seed=4" in r.stderr
+    assert "seed=4" in r.stderr and "confidence=top" in r.stderr
+    r = _cli("continue", str(song), "-o", str(out), "--steps", "2", "--seed", "4", "--gumbel",
+             "0,0,0.5,0.5", "--confidence", "sampled", url=url)
+    assert r.returncode == 0, r.stderr
+    assert "gumbel=0,0,0.5,0.5" in r.stderr and "confidence=sampled" in r.stderr
     info = sf.info(out)
     assert (info.frames, info.samplerate, info.channels) == (CHUNK, 32000, 1)
 

@@ -40,6 +40,22 @@ SCHEDULES = {
 }
 
 
+# t(gamma): the time at which a schedule masks a given fraction (the inverses of SCHEDULES).
+INVERSES = {
+    "cosine": lambda f: torch.asin(f.clamp(0, 1)) * (2 / math.pi),
+    "linear": lambda f: f.clamp(0, 1),
+    "square": lambda f: f.clamp(0, 1).sqrt(),
+    "sqrt": lambda f: f.clamp(0, 1) ** 2,
+}
+
+
+def mask_time(schedule: str, fraction: Tensor) -> Tensor:
+    """The t at which `schedule` masks `fraction` of a level, elementwise (gamma^-1)."""
+    if schedule not in INVERSES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {sorted(INVERSES)}")
+    return INVERSES[schedule](fraction)
+
+
 def mask_fraction(schedule: str, t: Tensor) -> Tensor:
     """gamma(t) of a named schedule, elementwise."""
     if schedule not in SCHEDULES:
@@ -129,32 +145,44 @@ class MaskedDiffusion:
     def __init__(self, config: DiffusionConfig | None = None):
         self.config = config or DiffusionConfig()
 
-    def _n_ctx(self, n_ctx, B: int, W: int, generator) -> list[int]:
-        if n_ctx is None:
-            rows = [W] * B
-        elif isinstance(n_ctx, int):
-            rows = [n_ctx] * B
+    @staticmethod
+    def _rows(value, B: int, hi: int, name: str) -> list[int]:
+        if value is None:
+            rows = [hi] * B
+        elif isinstance(value, int):
+            rows = [value] * B
         else:
-            rows = [int(n) for n in (n_ctx.tolist() if isinstance(n_ctx, Tensor) else n_ctx)]
-        if len(rows) != B or any(not 0 <= n <= W for n in rows):
-            raise ValueError(f"n_ctx must give {B} values in [0, {W}], got {n_ctx!r}")
+            rows = [int(n) for n in (value.tolist() if isinstance(value, Tensor) else value)]
+        if len(rows) != B or any(not 0 <= n <= hi for n in rows):
+            raise ValueError(f"{name} must give {B} values in [0, {hi}], got {value!r}")
+        return rows
+
+    def _n_ctx(self, n_ctx, B: int, W: int, generator, n_after=None, A: int = 0):
+        """Per-row (n_ctx, n_after) after context dropout, which removes a row's whole context
+        (before and after: the unconditional branch has none)."""
+        rows = self._rows(n_ctx, B, W, "n_ctx")
+        after = self._rows(n_after, B, A, "n_after") if A else [0] * B
         p = self.config.context_dropout
         if p > 0:
             drop = (
                 _rand((B,), generator, "cpu") < p
             ).tolist()  # host ints: layouts are built on the host
             rows = [0 if d else n for n, d in zip(rows, drop, strict=True)]
-        return rows
+            after = [0 if d else a for a, d in zip(after, drop, strict=True)]
+        return rows, after
 
     def loss(
-        self, model, windows: list[Tensor], n_ctx=None, generator: torch.Generator | None = None
+        self, model, windows: list[Tensor], n_ctx=None, generator: torch.Generator | None = None,
+        n_after=None,
     ) -> dict[str, Tensor]:
         """Named loss terms for a batch of clean token windows.
 
         windows[l]: (B, (W+1) * F_l) int64 — W context chunks followed by the target chunk, at
-          every level l. n_ctx: None (all W chunks), an int, or one int per row (<= W): rows keep
-          their most recent n_ctx chunks; rows may differ (padded batching). Context dropout
-          then sets n_ctx = 0 for a random fraction of rows.
+          every level l; with `n_after` given, one more chunk after the target (the
+          after-context). n_ctx: None (all W chunks), an int, or one int per row (<= W): rows keep
+          their most recent n_ctx chunks; rows may differ (padded batching). n_after: None (no
+          after chunk in the windows), or an int / one 0-or-1 per row: whether the row sees the
+          after chunk. Context dropout then removes a random fraction of rows' whole context.
         generator: optional torch.Generator for reproducible t / masks / dropout.
         Returns {"loss": weighted mean of per-level CE, "ce_A".., "acc_A"..} (acc detached).
         """
@@ -169,7 +197,13 @@ class MaskedDiffusion:
             raise ValueError(
                 f"level 0 tokens must be (B, k * {fpc[0]}), got {tuple(windows[0].shape)}"
             )
-        W = windows[0].shape[1] // fpc[0] - 1
+        A = 0 if n_after is None else 1
+        W = windows[0].shape[1] // fpc[0] - 1 - A
+        if A > mcfg.max_after_chunks:
+            raise ValueError(f"windows hold an after-context chunk; the model config allows "
+                             f"{mcfg.max_after_chunks} (DiTConfig.max_after_chunks)")
+        if W < 0:
+            raise ValueError("windows must hold the target chunk (and the after chunk)")
         if W > mcfg.max_ctx_chunks:
             raise ValueError(
                 f"{W} context chunks given; the model takes at most {mcfg.max_ctx_chunks}"
@@ -181,8 +215,9 @@ class MaskedDiffusion:
                 raise ValueError(f"token ids must lie in [0, {V})")
         device = windows[0].device
 
-        batch = collate(self._n_ctx(n_ctx, B, W, generator), fpc, mcfg.strides).to(device)
-        tokens = fill_tokens(batch, windows)  # (B, N), noised segments still clean
+        rows, after = self._n_ctx(n_ctx, B, W, generator, n_after, A)
+        batch = collate(rows, fpc, mcfg.strides, after).to(device)
+        tokens = fill_tokens(batch, windows, A)  # (B, N), noised segments still clean
 
         t = _rand((B, L), generator, device)  # independent t per sample and level
         if cfg.stratified_t:  # one t in each of B strata, strata shuffled per level

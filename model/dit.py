@@ -36,6 +36,9 @@ class DiTConfig:
     frames_per_chunk: tuple[int, ...] = SNAC_FRAMES  # tokens per 6.144 s chunk, per level
     strides: tuple[int, ...] = SNAC_STRIDES  # finest frames per token, per level (time alignment)
     max_ctx_chunks: int = 2  # 12.288 s of context; layouts with 0..this many chunks are trained
+    # 1 = also trained with a context chunk after the target (editing: inpaint, loop; DESIGN
+    # §2). A model with 0 never saw that layout, and the engine refuses to edit with it.
+    max_after_chunks: int = 0
     # Trunk.
     d_model: int = 512
     n_layers: int = 8
@@ -57,6 +60,8 @@ class DiTConfig:
             )
         if self.codebook_size < 2 or self.max_ctx_chunks < 0:
             raise ValueError("codebook_size must be >= 2 and max_ctx_chunks >= 0")
+        if self.max_after_chunks not in (0, 1):
+            raise ValueError("max_after_chunks must be 0 or 1")
 
     @property
     def head_dim(self) -> int:

@@ -2,10 +2,14 @@
 
 A sample is a sequence of segments, each a contiguous run of one chunk's tokens at one level:
 
-    [ctx chunk 0: A B C D] [ctx chunk 1: A B C D] [target clean: A B C] [target noised: A B C D]
+    [ctx chunk 0: A B C D] [ctx chunk 1: A B C D] [after: A B C D]
+    [target clean: A B C] [target noised: A B C D]
 
-with n_ctx in {0, 1, 2} context chunks. Sequence order does not matter to the transformer (it
-only sees positions and the attention table), so the order is chosen for readability and so that
+with n_ctx in {0, 1, 2} context chunks before the target and n_after in {0, 1} after it (the
+after-context: editing, DESIGN §2). The after chunk is a context chunk like the others (chunk
+index n_ctx + 1, so its positions lie after the target's); with n_after = 0 a layout is exactly
+the continuation layout. Sequence order does not matter to the transformer (it only sees
+positions and the attention table), so the order is chosen for readability and so that all
 context tokens come first (the sampler caches them as a prefix).
 
 Positions are time-aligned across levels: token i of level l (stride s_l in finest frames) of
@@ -54,6 +58,7 @@ class Layout:
     n_ctx: int
     frames_per_chunk: tuple[int, ...]
     strides: tuple[int, ...]
+    n_after: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -100,13 +105,18 @@ def allowed_table(segments: list[Segment]) -> Tensor:
     return allowed
 
 
-def build_layout(n_ctx: int, frames_per_chunk=SNAC_FRAMES, strides=SNAC_STRIDES) -> Layout:
-    """Layout of one sample with `n_ctx` context chunks and one target chunk."""
+def build_layout(n_ctx: int, frames_per_chunk=SNAC_FRAMES, strides=SNAC_STRIDES,
+                 n_after: int = 0) -> Layout:
+    """Layout of one sample: `n_ctx` context chunks, one target chunk, `n_after` (0 or 1)
+    context chunks after it."""
     fpc, st = check_geometry(frames_per_chunk, strides)
     if not isinstance(n_ctx, int) or n_ctx < 0:
         raise ValueError(f"n_ctx must be a non-negative int, got {n_ctx!r}")
+    if n_after not in (0, 1) or isinstance(n_after, bool):
+        raise ValueError(f"n_after must be 0 or 1, got {n_after!r}")
     L, fine = len(fpc), fpc[-1] * st[-1]
     spec = [(c, lvl, CONTEXT) for c in range(n_ctx) for lvl in range(L)]
+    spec += [(n_ctx + 1, lvl, CONTEXT) for _ in range(n_after) for lvl in range(L)]
     spec += [(n_ctx, lvl, CLEAN) for lvl in range(L - 1)]  # the finest level is never context
     spec += [(n_ctx, lvl, NOISED) for lvl in range(L)]
     segments, seg_id, level, role, pos, start = [], [], [], [], [], 0
@@ -128,12 +138,14 @@ def build_layout(n_ctx: int, frames_per_chunk=SNAC_FRAMES, strides=SNAC_STRIDES)
         n_ctx=n_ctx,
         frames_per_chunk=fpc,
         strides=st,
+        n_after=n_after,
     )
 
 
 @lru_cache(maxsize=64)
-def _cached_layout(n_ctx: int, fpc: tuple[int, ...], st: tuple[int, ...]) -> Layout:
-    return build_layout(n_ctx, fpc, st)
+def _cached_layout(n_ctx: int, fpc: tuple[int, ...], st: tuple[int, ...],
+                   n_after: int = 0) -> Layout:
+    return build_layout(n_ctx, fpc, st, n_after)
 
 
 @dataclass
@@ -154,6 +166,11 @@ class LayoutBatch:
     n_ctx: tuple[int, ...]  # per row
     frames_per_chunk: tuple[int, ...]
     strides: tuple[int, ...]
+    n_after: tuple[int, ...] = ()  # per row; () = no row has an after-context chunk
+
+    def __post_init__(self):
+        if not self.n_after:
+            self.n_after = (0,) * len(self.n_ctx)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -181,8 +198,8 @@ class LayoutBatch:
         if role == CONTEXT:
             raise ValueError("context segments are not target segments")
         starts = []
-        for n in self.n_ctx:
-            lay = _cached_layout(n, self.frames_per_chunk, self.strides)
+        for n, a in zip(self.n_ctx, self.n_after, strict=True):
+            lay = _cached_layout(n, self.frames_per_chunk, self.strides, a)
             starts.append(lay.segments[lay.find(role, level)].start)
         F = self.frames_per_chunk[level]
         starts = torch.tensor(starts, dtype=torch.long, device=self.seg_id.device)
@@ -191,13 +208,15 @@ class LayoutBatch:
     def context_index(self) -> tuple[Tensor, Tensor]:
         """(B, C) positions of each row's context tokens (C = longest context) and (B, C) validity.
 
-        Context segments come first in every row, so the positions are 0..C-1 for all rows.
+        Context segments (before and after the target) come first in every row, so the
+        positions are 0..C-1 for all rows.
         """
         per_chunk = sum(self.frames_per_chunk)
-        C = max(self.n_ctx) * per_chunk
+        chunks = [n + a for n, a in zip(self.n_ctx, self.n_after, strict=True)]
+        C = max(chunks) * per_chunk
         dev = self.seg_id.device
         idx = torch.arange(C, device=dev).expand(len(self.n_ctx), C)
-        lens = torch.tensor([n * per_chunk for n in self.n_ctx], device=dev)
+        lens = torch.tensor([n * per_chunk for n in chunks], device=dev)
         return idx, idx < lens[:, None]
 
     def select(self, idx: Tensor, valid: Tensor | None = None) -> LayoutBatch:
@@ -220,16 +239,22 @@ class LayoutBatch:
             n_ctx=self.n_ctx,
             frames_per_chunk=self.frames_per_chunk,
             strides=self.strides,
+            n_after=self.n_after,
         )
 
 
-def collate(n_ctx, frames_per_chunk=SNAC_FRAMES, strides=SNAC_STRIDES) -> LayoutBatch:
-    """Batch the layouts of rows with context counts `n_ctx` (sequence of int), padded."""
+def collate(n_ctx, frames_per_chunk=SNAC_FRAMES, strides=SNAC_STRIDES,
+            n_after=None) -> LayoutBatch:
+    """Batch the layouts of rows with context counts `n_ctx` (sequence of int) and after-context
+    counts `n_after` (sequence of 0/1; None = all 0), padded."""
     fpc, st = check_geometry(frames_per_chunk, strides)
     n_ctx = tuple(int(n) for n in n_ctx)
     if not n_ctx:
         raise ValueError("empty batch")
-    lays = [_cached_layout(n, fpc, st) for n in n_ctx]
+    n_after = (0,) * len(n_ctx) if n_after is None else tuple(int(a) for a in n_after)
+    if len(n_after) != len(n_ctx):
+        raise ValueError(f"n_after has {len(n_after)} rows, n_ctx {len(n_ctx)}")
+    lays = [_cached_layout(n, fpc, st, a) for n, a in zip(n_ctx, n_after, strict=True)]
     B, N, S = len(lays), max(x.n_tokens for x in lays), max(len(x.segments) for x in lays)
     out = LayoutBatch(
         seg_id=torch.full((B, N), -1, dtype=torch.long),
@@ -242,6 +267,7 @@ def collate(n_ctx, frames_per_chunk=SNAC_FRAMES, strides=SNAC_STRIDES) -> Layout
         n_ctx=n_ctx,
         frames_per_chunk=fpc,
         strides=st,
+        n_after=n_after,
     )
     for b, lay in enumerate(lays):
         n, s = lay.n_tokens, len(lay.segments)
@@ -254,43 +280,49 @@ def collate(n_ctx, frames_per_chunk=SNAC_FRAMES, strides=SNAC_STRIDES) -> Layout
 
 
 @lru_cache(maxsize=64)
-def _source_index(n_ctx: int, window: int, fpc: tuple[int, ...], st: tuple[int, ...]) -> Tensor:
+def _source_index(n_ctx: int, window: int, fpc: tuple[int, ...], st: tuple[int, ...],
+                  n_after: int = 0, after: int = 0) -> Tensor:
     """(N,) index of each token of a layout into the level-concatenated window of `window`
-    context chunks + target: level l occupies [off_l, off_l + (window+1)*F_l)."""
-    lay = _cached_layout(n_ctx, fpc, st)
+    context chunks + target + `after` chunks: level l occupies
+    [off_l, off_l + (window + 1 + after) * F_l)."""
+    lay = _cached_layout(n_ctx, fpc, st, n_after)
     offsets = [0]
     for f in fpc:
-        offsets.append(offsets[-1] + (window + 1) * f)
+        offsets.append(offsets[-1] + (window + 1 + after) * f)
     src = torch.empty(lay.n_tokens, dtype=torch.long)
     for s in lay.segments:
         # Context chunk c of a row with n_ctx chunks is window chunk (window - n_ctx + c): a row
-        # with fewer context chunks keeps the most recent ones.
+        # with fewer context chunks keeps the most recent ones. The target (chunk n_ctx) is
+        # window chunk `window`, the after chunk (n_ctx + 1) the one after it.
         first = offsets[s.level] + (window - n_ctx + s.chunk) * fpc[s.level]
         src[s.start : s.start + s.length] = torch.arange(first, first + s.length)
     return src
 
 
-def fill_tokens(batch: LayoutBatch, windows: list[Tensor]) -> Tensor:
+def fill_tokens(batch: LayoutBatch, windows: list[Tensor], after: int = 0) -> Tensor:
     """(B, N) token ids of the batch's sequences taken from clean windows.
 
-    windows[l]: (B, (W+1) * F_l) int64, W context chunks then the target chunk. Noised segments
+    windows[l]: (B, (W + 1 + after) * F_l) int64: W context chunks, the target chunk, then
+    `after` (0 or 1) after-context chunks, which rows with n_after = 0 ignore. Noised segments
     receive the clean target (the diffusion process masks them). Padding gets id 0.
     """
     fpc = batch.frames_per_chunk
     if len(windows) != len(fpc):
         raise ValueError(f"expected {len(fpc)} levels of tokens, got {len(windows)}")
+    if max(batch.n_after) > after:
+        raise ValueError(f"rows need {max(batch.n_after)} after-context chunks, windows hold {after}")
     B = batch.seg_id.shape[0]
-    W = windows[0].shape[-1] // fpc[0] - 1
+    W = windows[0].shape[-1] // fpc[0] - 1 - after
     for lvl, (w, f) in enumerate(zip(windows, fpc, strict=True)):
-        if w.ndim != 2 or w.shape[0] != B or w.shape[1] != (W + 1) * f:
+        if w.ndim != 2 or w.shape[0] != B or w.shape[1] != (W + 1 + after) * f:
             raise ValueError(
-                f"level {lvl}: expected shape ({B}, {(W + 1) * f}), got {tuple(w.shape)}"
+                f"level {lvl}: expected shape ({B}, {(W + 1 + after) * f}), got {tuple(w.shape)}"
             )
     if W < 0 or max(batch.n_ctx) > W:
         raise ValueError(f"windows hold {W} context chunks, batch needs {max(batch.n_ctx)}")
-    cat = torch.cat(windows, dim=1)  # (B, (W+1) * sum F)
+    cat = torch.cat(windows, dim=1)  # (B, (W + 1 + after) * sum F)
     src = torch.zeros_like(batch.seg_id)
-    for b, n in enumerate(batch.n_ctx):
-        s = _source_index(n, W, fpc, batch.strides)
+    for b, (n, a) in enumerate(zip(batch.n_ctx, batch.n_after, strict=True)):
+        s = _source_index(n, W, fpc, batch.strides, a, after)
         src[b, : s.shape[0]] = s.to(src.device)
     return torch.where(batch.seg_id >= 0, cat.gather(1, src), 0)

@@ -16,6 +16,11 @@ unconditional row per request (no context: the n_ctx = 0 layout) to the same for
 Reproducibility: each request owns torch.Generators seeded from (seed, chunk, level), and draws
 only its own row's noise, so its output does not depend on its batch mates (up to floating-point
 differences of batched matmuls, which do not move sampled tokens in practice).
+Editing (DESIGN §5.5) uses the same loop: `after` adds a context chunk after the target (the
+model must have been trained with one: `DiTConfig.max_after_chunks`), and `given` fixes target
+tokens, so only the masked positions are denoised: a time span at every level (inpaint), or
+whole coarse levels (a variation keeps A or A and B). With fixed tokens the model is told the
+time at which its schedule masks the fraction really still masked, as in training.
 Static shapes: every index, step schedule and commit count is prepared on the host before the
 step loop, so shapes depend on the requests' parameters only, never on data (the number of
 positions sampled per step, k, follows the plan); the loop itself only launches device work
@@ -32,7 +37,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from model.diffusion import mask_fraction
+from model.diffusion import mask_fraction, mask_time
 from model.layout import CLEAN, NOISED, collate, fill_tokens
 
 MAX_STEPS = 1024  # more steps than tokens commit nothing new; this bounds the work per request
@@ -114,21 +119,24 @@ class StagedDenoiser:
     """Context cached once; noised passes of one level against the cache; clean passes append.
 
     context[l]: (R, W * F_l) tokens of W context chunks; n_ctx[r] <= W chunks are used by row r
-    (the most recent ones; 0 = unconditional row).
+    (the most recent ones; 0 = unconditional row). after[l]: (R, F_l) tokens of the chunk after
+    the target, seen by the rows with n_after[r] = 1 (None: no row has one).
     """
 
-    def __init__(self, model, context: list[Tensor], n_ctx: Sequence[int]):
+    def __init__(self, model, context: list[Tensor], n_ctx: Sequence[int],
+                 after: list[Tensor] | None = None, n_after: Sequence[int] | None = None):
         cfg = self.config = model.config
         self.model = model
         fpc = cfg.frames_per_chunk
         R = context[0].shape[0]
         dev = model.tok_emb.weight.device
-        # Context chunks then a placeholder target: fill_tokens wants whole windows.
+        # Context chunks, a placeholder target, the after chunk: fill_tokens wants whole windows.
         windows = [
-            torch.cat([c.to(dev), torch.zeros(R, f, dtype=torch.long, device=dev)], 1)
-            for c, f in zip(context, fpc, strict=True)
+            torch.cat([c.to(dev), torch.zeros(R, f, dtype=torch.long, device=dev)]
+                      + ([after[lvl].to(dev)] if after is not None else []), 1)
+            for lvl, (c, f) in enumerate(zip(context, fpc, strict=True))
         ]
-        self.batch = collate(n_ctx, fpc, cfg.strides).to(dev)
+        self.batch = collate(n_ctx, fpc, cfg.strides, n_after).to(dev)
         ctx_idx, ctx_valid = self.batch.context_index()  # (R, C)
         self.cache = model.new_cache(R, ctx_idx.shape[1] + sum(fpc))
         self.seg_t = torch.zeros(self.batch.seg_role.shape, device=dev)  # (R, S)
@@ -146,7 +154,7 @@ class StagedDenoiser:
         self.level = 0
         self.forwards = 0
         if ctx_idx.shape[1]:
-            tokens = fill_tokens(self.batch, windows).gather(1, ctx_idx)
+            tokens = fill_tokens(self.batch, windows, int(after is not None)).gather(1, ctx_idx)
             self._run(tokens, self.batch.select(ctx_idx, ctx_valid), self.seg_t, commit=True)
 
     def _run(self, tokens, layout, seg_t, commit: bool) -> Tensor:
@@ -191,19 +199,21 @@ def sample_tokens(
     return j if order is None else order.gather(-1, j[..., None])[..., 0]
 
 
-def step_plan(steps: Sequence[int], n_tokens: int, schedule: str) -> tuple[Tensor, Tensor, Tensor]:
+def step_plan(steps: Sequence[int], n_tokens, schedule: str) -> tuple[Tensor, Tensor, Tensor]:
     """Host-side plan of one level for rows with `steps` (B,) iterations: (t_in, t_next, commit),
     each (max steps, B). t_in is the time fed to the model, t_next the time after the step and
-    commit the number of tokens committed: down to floor(F * gamma(t_next)) still masked, at
-    least one per step while any is masked. The counts do not depend on the data, so they are
-    known before the loop (static shapes, no host sync)."""
+    commit the number of tokens committed: down to floor(n * gamma(t_next)) still masked, at
+    least one per step while any is masked. n_tokens: the masked tokens at the start, one int
+    for all rows or one per row. The counts do not depend on the data, so they are known before
+    the loop (static shapes, no host sync)."""
     s = torch.arange(max(steps), dtype=torch.float64)[:, None]
     st = torch.tensor(steps, dtype=torch.float64)[None, :]
     t_in = (1 - s / st).clamp(min=0)
     t_next = (1 - (s + 1) / st).clamp(min=0)
-    keep_target = (n_tokens * mask_fraction(schedule, t_next)).floor().long()
+    n = torch.as_tensor(n_tokens, dtype=torch.long).expand(len(steps))
+    keep_target = (n * mask_fraction(schedule, t_next)).floor().long()
     commit = torch.zeros_like(keep_target)
-    masked = torch.full((len(steps),), n_tokens, dtype=torch.long)
+    masked = n.clone()
     for i in range(s.shape[0]):
         keep = torch.minimum(keep_target[i], (masked - 1).clamp(min=0))
         commit[i] = masked - keep
@@ -220,11 +230,17 @@ def generate(
     chunk_index: int = 0,
     on_step: Callable | None = None,
     n_ctx: Sequence[int] | None = None,
+    after: list[Tensor] | None = None,
+    given: list[Tensor] | None = None,
 ) -> list[Tensor]:
-    """Generate the chunk that follows `context`.
+    """Generate the chunk that follows `context` (and precedes `after`).
 
     context[l]: (B, W * F_l) int64 tokens of W <= max_ctx_chunks chunks (W may be 0).
     n_ctx: per row, how many of the W chunks (the most recent) it uses; default all W.
+    after[l]: (B, F_l) int64 tokens of the chunk after the target (editing); needs a model
+    trained with after-context (`max_after_chunks` = 1).
+    given[l]: (B, F_l) int64 target tokens to keep, -1 where a token is to be generated (None:
+    generate everything). Kept tokens are returned unchanged.
     params: one SamplingParams per row (or one for all). schedules: the per-level mask schedules
     the model was trained with (DiffusionConfig.schedules; default cosine).
     chunk_index: which chained chunk this is (seeds a different stream per chunk).
@@ -258,17 +274,36 @@ def generate(
     n_ctx = [W] * B if n_ctx is None else [int(n) for n in n_ctx]
     if len(n_ctx) != B or any(not 0 <= n <= W for n in n_ctx):
         raise ValueError(f"n_ctx must give 0..{W} chunks for each of the {B} rows, got {n_ctx}")
+    if after is not None:
+        if cfg.max_after_chunks < 1:
+            raise ValueError("this model was trained without after-context (max_after_chunks "
+                             "= 0), so it cannot fill in before given audio: train it with "
+                             "after-context for inpainting and loops")
+        _check_chunk(after, "after", B, fpc, V)
+    if given is not None:
+        _check_chunk(given, "given", B, fpc, V, allow_free=True)
 
     dev = model.tok_emb.weight.device
-    cfg_rows = any(n_ctx) and any(g != 1.0 for p in params for g in p.guidance)
+    n_after = [int(after is not None)] * B
+    cfg_rows = (any(n_ctx) or after is not None) and any(
+        g != 1.0 for p in params for g in p.guidance)
     rows_ctx = [torch.cat([c, c]) if cfg_rows else c for c in context]
-    runner = StagedDenoiser(model, rows_ctx, n_ctx + ([0] * B if cfg_rows else []))
+    rows_after = None if after is None else [torch.cat([a, a]) if cfg_rows else a for a in after]
+    runner = StagedDenoiser(model, rows_ctx, n_ctx + ([0] * B if cfg_rows else []), rows_after,
+                            n_after + ([0] * B if cfg_rows else []))
     dup = (lambda x: torch.cat([x, x])) if cfg_rows else (lambda x: x)  # noqa: E731
 
     out = []
     for lvl in range(L):
         F = fpc[lvl]
-        t_in, t_next, commit = step_plan([p.steps[lvl] for p in params], F, schedules[lvl])
+        keep = None if given is None else given[lvl].to(dev)
+        n_free = F if keep is None else (keep < 0).sum(1).tolist()   # host ints, before the loop
+        t_in, t_next, commit = step_plan([p.steps[lvl] for p in params], n_free, schedules[lvl])
+        if keep is not None:
+            # The model was trained with t and the masked fraction tied by the schedule; with
+            # fixed tokens the fraction still masked is lower, so tell it that fraction's t.
+            masked_before = torch.tensor(n_free)[None, :] - commit.cumsum(0) + commit
+            t_in = mask_time(schedules[lvl], masked_before / F).float()
         k_max = commit.max(dim=1).values.tolist()  # host ints: tokens sampled per step
         t_in, t_next, commit = t_in.to(dev), t_next.to(dev), commit.to(dev)
         temp = torch.tensor([p.temperature[lvl] for p in params], device=dev)
@@ -281,6 +316,8 @@ def generate(
         gens = [torch.Generator(dev).manual_seed(derive_seed(sd, chunk_index, lvl)) for sd in seeds]
 
         x = torch.full((B, F), V, dtype=torch.long, device=dev)  # all [MASK]
+        if keep is not None:
+            x = torch.where(keep >= 0, keep, x)                       # the given tokens stay
         for step, k in enumerate(k_max):
             if k == 0:  # every row already finished (steps > tokens): nothing left to do
                 continue
@@ -322,6 +359,19 @@ def generate(
         runner.finish_level(lvl, dup(x))
         out.append(x)
     return out
+
+
+def _check_chunk(tokens: list[Tensor], name: str, B: int, fpc, V: int,
+                 allow_free: bool = False) -> None:
+    if len(tokens) != len(fpc):
+        raise ValueError(f"{name}: expected {len(fpc)} levels, got {len(tokens)}")
+    lo = -1 if allow_free else 0
+    for lvl, (t, f) in enumerate(zip(tokens, fpc, strict=True)):
+        if t.ndim != 2 or t.shape != (B, f) or t.dtype != torch.long:
+            raise ValueError(f"{name} level {lvl}: expected int64 ({B}, {f}), got {t.dtype} "
+                             f"{tuple(t.shape)}")
+        if t.numel() and (int(t.min()) < lo or int(t.max()) >= V):
+            raise ValueError(f"{name} token ids must lie in [{lo}, {V})")
 
 
 def slide_window(context: list[Tensor], new: list[Tensor], max_chunks: int) -> list[Tensor]:

@@ -115,6 +115,29 @@ def test_context_dropout_and_n_ctx():
         diffusion_loss(model, [w.clamp(max=V - 1) + 1 for w in windows])  # id V is [MASK]
 
 
+def test_after_context_windows_and_dropout():
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.from_name("debug", frames_per_chunk=FPC, codebook_size=V,
+                                    max_after_chunks=1))
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, V, (4, 4 * f), generator=g) for f in FPC]  # 2 ctx + target + after
+    spy = Spy(model)
+    terms = MaskedDiffusion(DiffusionConfig(context_dropout=0.0)).loss(
+        spy, windows, n_ctx=[2, 1, 0, 2], n_after=[1, 0, 1, 0])
+    terms["loss"].backward()
+    tokens, layout, _ = spy.calls[0]
+    assert layout.n_ctx == (2, 1, 0, 2) and layout.n_after == (1, 0, 1, 0)
+    ctx = layout.role == CONTEXT                 # context and after chunk as in the windows
+    assert torch.equal(tokens[ctx], fill_tokens(layout, windows, after=1)[ctx])
+    assert ctx.sum(1).tolist() == [3 * 60, 60, 60, 2 * 60]
+    with torch.no_grad():
+        MaskedDiffusion(DiffusionConfig(context_dropout=1.0)).loss(spy, windows, n_after=1)
+    assert spy.calls[1][1].n_ctx == (0,) * 4 and spy.calls[1][1].n_after == (0,) * 4
+    plain = DiT(DiTConfig.from_name("debug", frames_per_chunk=FPC, codebook_size=V))
+    with pytest.raises(ValueError, match="max_after_chunks"):
+        MaskedDiffusion().loss(plain, windows, n_after=1)
+
+
 def test_reproducible_with_generator_and_elbo_weighting():
     model, windows = model_and_windows()
     with torch.no_grad():

@@ -21,9 +21,9 @@ def tiny(**kw) -> DiT:
     return model
 
 
-def inputs(n_ctx, V=32, seed=0):
+def inputs(n_ctx, V=32, seed=0, n_after=None):
     g = torch.Generator().manual_seed(seed)
-    batch = collate(n_ctx, FPC, STRIDES)
+    batch = collate(n_ctx, FPC, STRIDES, n_after)
     tokens = torch.randint(0, V + 1, batch.shape, generator=g)
     seg_t = torch.rand(batch.seg_role.shape, generator=g) * (batch.seg_role == NOISED)
     return batch, tokens, seg_t
@@ -74,9 +74,10 @@ def test_every_block_is_identity_at_init():
 
 
 @torch.no_grad()
-def test_no_leakage():
+@pytest.mark.parametrize("n_ctx,n_after", [(2, 0), (1, 1), (0, 1)])
+def test_no_leakage(n_ctx, n_after):
     model = tiny()
-    batch, tokens, seg_t = inputs([2])
+    batch, tokens, seg_t = inputs([n_ctx], n_after=[n_after])
     base = model(tokens, batch, seg_t)
     role, level = batch.role[0], batch.level[0]
 
@@ -99,6 +100,9 @@ def test_no_leakage():
         if lvl > 0:
             assert changed((role == CLEAN) & (level < lvl))[noised_l].max() > 0
         assert changed(role == CONTEXT)[noised_l].max() > 0
+        if n_after:  # the after-context is seen too
+            after = (role == CONTEXT) & (batch.pos[0] > (n_ctx + 1) * FPC[-1] - 1)
+            assert changed(after)[noised_l].max() > 0
         # other noised segments' t does not matter either
         t2 = seg_t.clone()
         other = (batch.seg_role[0] == NOISED) & (batch.seg_level[0] != lvl)
@@ -109,10 +113,10 @@ def test_no_leakage():
 @torch.no_grad()
 def test_rows_with_fewer_context_chunks_are_padding_invariant():
     model = tiny()
-    batch, tokens, seg_t = inputs([2, 1, 0])
+    batch, tokens, seg_t = inputs([2, 1, 0, 1], n_after=[0, 1, 1, 0])
     out = model(tokens, batch, seg_t)
-    for b, n in enumerate(batch.n_ctx):
-        alone, _, _ = inputs([n])
+    for b, (n, a) in enumerate(zip(batch.n_ctx, batch.n_after, strict=True)):
+        alone, _, _ = inputs([n], n_after=[a])
         N = alone.shape[1]
         single = model(tokens[b : b + 1, :N], alone, seg_t[b : b + 1, : alone.seg_role.shape[1]])
         torch.testing.assert_close(out[b : b + 1, :N], single, atol=1e-5, rtol=1e-5)

@@ -138,3 +138,49 @@ def test_backend_switch():
     )
     with pytest.raises(ValueError):
         attn.attention(q, q, q, seg[:, :3], seg, allowed)
+
+
+@pytest.mark.parametrize("n_ctx", [0, 1, 2])
+def test_after_context_layout(n_ctx):
+    """The after chunk is context (chunk n_ctx + 1), placed right after the other context so the
+    context stays a prefix; with n_after = 0 the layout is exactly the continuation one."""
+    plain, edit = build_layout(n_ctx), build_layout(n_ctx, n_after=1)
+    same = build_layout(n_ctx, n_after=0)
+    assert same.segments == plain.segments and torch.equal(same.allowed, plain.allowed)
+    assert all(torch.equal(getattr(same, f), getattr(plain, f)) for f in ("seg_id", "role", "pos"))
+    per_chunk = 64 + 128 + 256 + 512
+    assert edit.n_tokens == plain.n_tokens + per_chunk and edit.n_after == 1
+    after = [s for s in edit.segments if s.chunk == n_ctx + 1]
+    assert [s.level for s in after] == [0, 1, 2, 3] and {s.role for s in after} == {CONTEXT}
+    assert after[0].start == n_ctx * per_chunk and after[-1].start + 512 == (n_ctx + 1) * per_chunk
+    for s in after:  # positions: the chunk after the target
+        p = edit.pos[s.start : s.start + s.length]
+        assert p.min() > (n_ctx + 1) * 512 - 1 and p.max() < (n_ctx + 2) * 512
+    # the rule: context (before and after) sees all context and nothing else; targets see it
+    for qi, q in enumerate(edit.segments):
+        for ki, k in enumerate(edit.segments):
+            if k.chunk == n_ctx + 1:
+                assert bool(edit.allowed[qi, ki])
+            if q.chunk == n_ctx + 1:
+                assert bool(edit.allowed[qi, ki]) == (k.role == CONTEXT)
+    with pytest.raises(ValueError, match="n_after"):
+        build_layout(n_ctx, n_after=2)
+
+
+def test_fill_tokens_places_the_after_chunk_and_rows_may_lack_it():
+    fpc, st = SMALL
+    batch = collate([2, 1, 0], fpc, st, n_after=[1, 0, 1])
+    windows = [  # 2 context chunks, the target (chunk 2), the after chunk (chunk 3)
+        (lvl * 10000 + torch.arange(4)[:, None] * 1000 + torch.arange(f)).reshape(1, -1).repeat(3, 1)
+        for lvl, f in enumerate(fpc)
+    ]
+    tok = fill_tokens(batch, windows, after=1)
+    for b, (n, a) in enumerate(zip(batch.n_ctx, batch.n_after, strict=True)):
+        for s in build_layout(n, fpc, st, a).segments:
+            window_chunk = 2 - n + s.chunk if s.chunk <= n else 3   # the after chunk is chunk 3
+            want = s.level * 10000 + window_chunk * 1000 + torch.arange(s.length)
+            assert torch.equal(tok[b, s.start : s.start + s.length], want)
+    idx, valid = batch.context_index()
+    assert valid.sum(1).tolist() == [3 * 60, 60, 60]
+    with pytest.raises(ValueError, match="after-context"):
+        fill_tokens(batch, [w[:, : 3 * f] for w, f in zip(windows, fpc, strict=True)])

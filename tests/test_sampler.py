@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model.diffusion import DiffusionConfig, MaskedDiffusion
+from model.diffusion import DiffusionConfig, MaskedDiffusion, mask_time
 from model.dit import DiT, DiTConfig
 from model.layout import NOISED, collate, fill_tokens
 from model.sampler import SamplingParams, extend, generate, slide_window
@@ -14,9 +14,9 @@ V = 32
 P = SamplingParams(steps=(3, 2, 2, 2), seed=0)
 
 
-def tiny(std=0.1) -> DiT:
+def tiny(std=0.1, **kw) -> DiT:
     torch.manual_seed(0)
-    model = DiT(DiTConfig.from_name("debug", frames_per_chunk=FPC, codebook_size=V)).eval()
+    model = DiT(DiTConfig.from_name("debug", frames_per_chunk=FPC, codebook_size=V, **kw)).eval()
     with torch.no_grad():  # zero-initialised heads would make every prediction uniform
         for p in model.parameters():
             p.normal_(0.0, std)
@@ -75,6 +75,69 @@ def test_cached_staged_inference_equals_full_recompute():
             h = model(tokens, batch, seg_t)
             ref = model.logits(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])), level)
             torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+
+
+def test_editing_with_after_context_and_given_tokens_equals_full_recompute():
+    """Inpaint-shaped call (context before and after, a span of the target given at every
+    level): given tokens come back unchanged, and every logit used equals the training layout's
+    full forward with the after chunk."""
+    model = tiny(max_after_chunks=1)
+    ctx, after = context(B=2, W=1), [c[:, :f] for c, f in zip(context(B=2, W=1, seed=1), FPC,
+                                                               strict=True)]
+    truth = [c[:, :f] for c, f in zip(context(B=2, W=1, seed=2), FPC, strict=True)]
+    given = []
+    for t, f in zip(truth, FPC, strict=True):
+        g = t.clone()
+        g[:, f // 4: f // 2] = -1          # regenerate the second quarter of the chunk
+        given.append(g)
+    params = [replace(P, guidance=(1.5, 1.0, 1.0, 2.0)), replace(P, seed=1)]
+    seen = []
+    out = generate(model, ctx, params, after=after, given=given,
+                   on_step=lambda *a: seen.append(a))
+    for o, g in zip(out, given, strict=True):
+        assert torch.equal(o[g >= 0], g[g >= 0]) and (o >= 0).all()
+    n_ctx, n_after = [1, 1, 0, 0], [1, 1, 0, 0]            # guidance: unconditional rows
+    batch = collate(n_ctx, FPC, model.config.strides, n_after)
+    both = lambda x: torch.cat([x, x])  # noqa: E731
+    windows = [both(torch.cat([c, o, a], 1)) for c, o, a in zip(ctx, out, after, strict=True)]
+    full = fill_tokens(batch, windows, after=1)
+    # the masked fraction of an inpainted level starts at 1/4: so does the t the model is told
+    first = [x for x in seen if x[0] == 3][0]
+    assert torch.allclose(first[3][:2], mask_time("cosine", torch.tensor(0.25)).expand(2))
+    with torch.no_grad():
+        for level, _, x_in, t_in, logits in seen:
+            tokens = full.clone()
+            seg_t = torch.rand(batch.seg_role.shape) * (batch.seg_role == NOISED)
+            for lvl in range(4):
+                tokens.scatter_(1, batch.target_index(NOISED, lvl), V)
+            idx = batch.target_index(NOISED, level)
+            tokens.scatter_(1, idx, x_in)
+            seg_t.scatter_(1, batch.segment_index(NOISED, level)[:, None], t_in[:, None])
+            h = model(tokens, batch, seg_t)
+            ref = model.logits(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])), level)
+            torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+
+
+def test_variation_keeps_the_given_levels_and_runs_no_steps_for_them():
+    model = tiny()
+    ctx = context(B=1)
+    base = generate(model, ctx, P)
+    seen = []
+    given = [base[0], base[1]] + [torch.full_like(b, -1) for b in base[2:]]   # keep A and B
+    vary = generate(model, ctx, replace(P, seed=7), given=given,
+                    on_step=lambda *a: seen.append(a[0]))
+    assert torch.equal(vary[0], base[0]) and torch.equal(vary[1], base[1])
+    assert set(seen) == {2, 3}                     # no denoising step for the kept levels
+    assert any(not torch.equal(v, b) for v, b in zip(vary[2:], base[2:], strict=True))
+
+
+def test_after_context_needs_a_model_trained_with_it():
+    model = tiny()                                  # max_after_chunks = 0
+    after = [torch.zeros(1, f, dtype=torch.long) for f in FPC]
+    with pytest.raises(ValueError, match="trained without after-context"):
+        generate(model, context(B=1), P, after=after)
+    with pytest.raises(ValueError, match="given"):
+        generate(model, context(B=1), P, given=[torch.full((1, f), -2) for f in FPC])
 
 
 def test_seed_determinism_batch_independence_and_greedy():

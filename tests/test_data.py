@@ -210,3 +210,32 @@ def test_windows_of_a_tokenised_file_match_the_codec(tmp_path, debug_codec, debu
         for level, (tok, s) in enumerate(zip(ds[i]["tokens"], STRIDES, strict=True)):
             a = start * 8 // s
             assert torch.equal(tok, codes[level][0, a:a + FPC[level]])
+
+
+def test_windows_with_an_after_chunk_and_their_batches(token_dir):
+    """(n_ctx, n_after) values: the window runs one chunk past the target; batches mixing them
+    keep the target at chunk W and the after chunk right after it, as fill_tokens reads."""
+    out, files = token_dir
+    ds = TokenWindows(out, split="all", n_ctx=[2, (1, 1), (0, 1)])
+    for value, (lo, hi) in ds.ranges.items():
+        n_ctx, n_after = (value, 0) if isinstance(value, int) else value
+        span = (n_ctx + 1 + n_after) * 64
+        assert hi - lo == sum((len(t[0]) - span) // 4 + 1 for t in files.values()
+                              if len(t[0]) >= span)
+        for i in range(lo, min(hi, lo + 3)):
+            item, ref = ds[i], ds.window(i)
+            assert (item["n_ctx"], item["n_after"]) == (n_ctx, n_after) == (ref.n_ctx, ref.n_after)
+            src = files[ds.files[ref.file]["path"]]
+            for level, s in enumerate(STRIDES):
+                a = ref.start * 8 // s
+                np.testing.assert_array_equal(item["tokens"][level].numpy(),
+                                              src[level][a:a + span * 8 // s])
+    picks = [ds.ranges[2][0], ds.ranges[(1, 1)][0], ds.ranges[(0, 1)][0]]
+    items = [ds[i] for i in picks]
+    batch = collate_windows(items)
+    assert batch["n_ctx"].tolist() == [2, 1, 0] and batch["n_after"].tolist() == [0, 1, 1]
+    layout = layout_collate(batch["n_ctx"].tolist(), FPC, STRIDES, batch["n_after"].tolist())
+    tokens = fill_tokens(layout, batch["tokens"], after=1)
+    assert (tokens[layout.seg_id >= 0] >= 0).all()      # no padding id reaches the model
+    with pytest.raises(ValueError, match="n_after"):
+        TokenWindows(out, split="all", n_ctx=[(1, 2)])

@@ -33,16 +33,21 @@ class Stage:
     # shorter contexts in later stages keep the model good at them (the server left-pads short
     # input, and classifier-free guidance needs the no-context branch).
     n_ctx: list[float] = field(default_factory=lambda: [0.0, 0.0, 1.0])
+    # Share of rows that also see the chunk after the target (the editing layouts: inpaint,
+    # loop; DESIGN §2). Any stage with a positive share makes the model an editing model
+    # (DiTConfig.max_after_chunks = 1); 0 everywhere trains the continuation layouts only.
+    n_after: float = 0.0
 
 
 def _default_stages() -> list[Stage]:
     # The plan's curriculum (seeds/plan-snac-diffusion.txt): pretraining without context (A alone,
     # B from A, C from AB, D from ABC — all in one n_ctx=0 pass), then the chunk just before the
     # target, then the full two chunks, each later stage still mixing in shorter contexts.
+    # A fifth of the later stages' rows train the editing layouts (context after the target).
     return [
         Stage("pretrain", 20_000, [1.0, 0.0, 0.0]),
-        Stage("one_chunk", 20_000, [0.2, 0.8, 0.0]),
-        Stage("full", 60_000, [0.1, 0.2, 0.7]),
+        Stage("one_chunk", 20_000, [0.2, 0.8, 0.0], n_after=0.2),
+        Stage("full", 60_000, [0.1, 0.2, 0.7], n_after=0.2),
     ]
 
 
@@ -333,6 +338,10 @@ def validate(cfg: TrainConfig) -> None:
             len(s.n_ctx) == N_CTX_MAX + 1 and all(w >= 0 for w in s.n_ctx) and sum(s.n_ctx) > 0,
             f"curriculum.stages[{i}].n_ctx must be {N_CTX_MAX + 1} non-negative weights "
             f"(n_ctx = 0..{N_CTX_MAX}) with a positive sum, got {s.n_ctx}",
+        )
+        need(
+            0.0 <= s.n_after <= 1.0,
+            f"curriculum.stages[{i}].n_after must be a share in [0, 1], got {s.n_after}",
         )
     need(cfg.total_steps > 0, "the curriculum has no steps")
     need(cfg.stop_at >= 0, "stop_at must be >= 0")

@@ -1,7 +1,7 @@
 """Windows of SNAC tokens for training, read from a token directory (training/shards.py).
 
-A window is n_ctx context chunks + 1 target chunk of one file, every level: level l holds
-(n_ctx + 1) * F_l tokens (F = 64/128/256/512 per chunk for SNAC 32 kHz). Window starts lie on
+A window is n_ctx context chunks + 1 target chunk (+ n_after after-context chunks, for editing)
+of one file, every level: level l holds (n_ctx + 1 + n_after) * F_l tokens (F = 64/128/256/512 per chunk for SNAC 32 kHz). Window starts lie on
 the codec's padding grid (4 coarse frames = 0.384 s), so every level starts on a whole token and
 a window is exactly what `Codec.encode` gives for the same stretch of audio (pieces aside, see
 tokenize.py). Windows never cross files; files shorter than a window give none.
@@ -53,6 +53,7 @@ class WindowRef(NamedTuple):
     file: int  # index into dataset.files
     start: int  # first coarse frame (level 0) of the window, a multiple of dataset.grid
     context: str = "generated"  # CONTEXT_KINDS; for n_ctx = 0 always "generated"
+    n_after: int = 0  # after-context chunks (0 or 1), whole-file tokens
 
 
 class WindowKey(NamedTuple):
@@ -67,6 +68,8 @@ class TokenWindows(Dataset):
     """Fixed-length token windows of one split of a token directory.
 
     n_ctx: an int or a sequence of ints (a mix: the index space is the concatenation of each
+        value's windows); a value may also be a pair (n_ctx, n_after) for windows with an
+        after-context chunk (editing layouts, DESIGN §2). Otherwise as before:
         value's windows, in the given order; `ranges[n]` says where value n lives).
     expected_fingerprint: refuse a directory tokenised by another codec (`Codec.fingerprint`).
     start_step: window starts every `start_step` grid steps (1 = every 0.384 s; windows overlap,
@@ -83,9 +86,17 @@ class TokenWindows(Dataset):
                  max_open_shards: int = 256, contexts=None):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
-        self.n_ctx_values = (n_ctx,) if isinstance(n_ctx, int) else tuple(int(n) for n in n_ctx)
-        if not self.n_ctx_values or min(self.n_ctx_values) < 0 or len(set(self.n_ctx_values)) != len(self.n_ctx_values):
-            raise ValueError(f"n_ctx must be a non-negative int or distinct ints, got {n_ctx!r}")
+        # An int, or a sequence of ints and (n_ctx, n_after) pairs: (1, 2) is two values, a
+        # single pair is given as [(1, 1)].
+        values = (n_ctx,) if isinstance(n_ctx, int) else tuple(n_ctx)
+        self.n_ctx_values = tuple(v if isinstance(v, int) else tuple(int(x) for x in v)
+                                  for v in values)
+        self._shapes = {v: (v, 0) if isinstance(v, int) else v for v in self.n_ctx_values}
+        if (not self.n_ctx_values or len(set(self.n_ctx_values)) != len(self.n_ctx_values)
+                or any(len(sh) != 2 or sh[0] < 0 or sh[1] not in (0, 1)
+                       for sh in self._shapes.values())):
+            raise ValueError(f"n_ctx must be distinct non-negative ints or (n_ctx, n_after) pairs "
+                             f"with n_after 0 or 1, got {n_ctx!r}")
         if start_step < 1:
             raise ValueError("start_step must be at least 1")
         self.token_dir = os.fspath(token_dir)
@@ -135,7 +146,7 @@ class TokenWindows(Dataset):
         # Per n_ctx value: cumulative window counts over files, for index -> (file, start).
         self._cum, self.ranges, lo = {}, {}, 0
         for n in self.n_ctx_values:
-            span = (n + 1) * self.frames_per_chunk[0]
+            span = (sum(self._shapes[n]) + 1) * self.frames_per_chunk[0]
             counts = np.where(self._n_frames >= span, (self._n_frames - span) // self.step + 1, 0)
             self._cum[n] = np.concatenate([[0], np.cumsum(counts)])
             self.ranges[n] = (lo, lo + int(self._cum[n][-1]))
@@ -157,8 +168,9 @@ class TokenWindows(Dataset):
                 cum = self._cum[n]
                 i = index - lo
                 f = int(np.searchsorted(cum, i, side="right")) - 1
-                return self._with_context(WindowRef(n, f, int(i - cum[f]) * self.step), index,
-                                          epoch)
+                n_ctx, n_after = self._shapes[n]
+                ref = WindowRef(n_ctx, f, int(i - cum[f]) * self.step, n_after=n_after)
+                return self._with_context(ref, index, epoch)
         raise AssertionError("unreachable")
 
     def _with_context(self, ref: WindowRef, index: int, epoch: int) -> WindowRef:
@@ -207,7 +219,7 @@ class TokenWindows(Dataset):
         return np.frombuffer(buf, dtype=dtype)
 
     def read(self, ref: WindowRef) -> list[torch.Tensor]:
-        """Per level int64 tokens ((n_ctx + 1) * F_l,) of one window."""
+        """Per level int64 tokens ((n_ctx + 1 + n_after) * F_l,) of one window."""
         shard, offsets = self._where[ref.file]
         get = (lambda sh, lv, a, n: self._level_map(sh, lv)[a:a + n]) if self.use_maps \
             else self._pread
@@ -222,7 +234,7 @@ class TokenWindows(Dataset):
             borders = ()
         out = []
         for level, (scale, F) in enumerate(zip(self._scales, self.frames_per_chunk, strict=True)):
-            a, n = offsets[level] + ref.start * scale, (ref.n_ctx + 1) * F
+            a, n = offsets[level] + ref.start * scale, (ref.n_ctx + 1 + ref.n_after) * F
             tokens = get(shard, level, a, n).astype(np.int64)
             for lo, hi in borders:
                 tokens[lo * scale:hi * scale] = get((shard, "tiles"), level, a + lo * scale,
@@ -234,7 +246,8 @@ class TokenWindows(Dataset):
         """int or WindowKey -> dict(tokens=[(n_ctx+1)*F_l int64 per level], n_ctx, index[, data_state])."""
         index = key.index if isinstance(key, WindowKey) else int(key)
         ref = self.window(index, key.epoch if isinstance(key, WindowKey) else 0)
-        item = dict(tokens=self.read(ref), n_ctx=ref.n_ctx, index=index, context=ref.context)
+        item = dict(tokens=self.read(ref), n_ctx=ref.n_ctx, index=index, context=ref.context,
+                    n_after=ref.n_after)
         if isinstance(key, WindowKey):
             item["data_state"] = dict(epoch=key.epoch, position=key.position)
         return item
@@ -256,27 +269,31 @@ class TokenWindows(Dataset):
 def collate_windows(items: list[dict], pad_id: int = -1) -> dict:
     """Stack dataset items into a batch.
 
-    tokens: per level (B, (W + 1) * F_l) int64 with W = the batch's largest n_ctx. Rows with fewer
-        context chunks are LEFT-padded with `pad_id`, so the target is always the last chunk and
-        a row's context chunks are the most recent ones: what `model.layout.fill_tokens` reads
-        (it never touches the padding).
-    n_ctx: (B,) int64. index: (B,) int64. data_state: the sampler position after this batch
-        (from the last item; present when the batch came from WindowBatchSampler).
+    tokens: per level (B, (W + 1 + A) * F_l) int64 with W = the batch's largest n_ctx and A its
+        largest n_after. Rows with fewer context chunks are LEFT-padded with `pad_id`, so the
+        target is always chunk W and a row's context chunks are the most recent ones: what
+        `model.layout.fill_tokens` reads (it never touches the padding). Rows without the after
+        chunk of an A = 1 batch are right-padded.
+    n_ctx, n_after: (B,) int64. index: (B,) int64. data_state: the sampler position after this
+        batch (from the last item; present when the batch came from WindowBatchSampler).
     """
     if not items:
         raise ValueError("empty batch")
     n_ctx = [it["n_ctx"] for it in items]
-    W = max(n_ctx)
+    n_after = [it.get("n_after", 0) for it in items]
+    W, A = max(n_ctx), max(n_after)
     tokens = []
     for level in range(len(items[0]["tokens"])):
-        F = items[0]["tokens"][level].shape[0] // (items[0]["n_ctx"] + 1)
+        F = items[0]["tokens"][level].shape[0] // (n_ctx[0] + 1 + n_after[0])
         # Built in numpy: torch.full/stack go through intra-op threads, slow for this size.
-        out = np.full((len(items), (W + 1) * F), pad_id, dtype=np.int64)  # (B, (W+1)*F)
-        for row, it in enumerate(items):
+        out = np.full((len(items), (W + 1 + A) * F), pad_id, dtype=np.int64)
+        for row, (it, n) in enumerate(zip(items, n_ctx, strict=True)):
             t = it["tokens"][level].numpy()
-            out[row, out.shape[1] - t.shape[0]:] = t
+            lo = (W - n) * F
+            out[row, lo:lo + t.shape[0]] = t
         tokens.append(torch.from_numpy(out))
     batch = dict(tokens=tokens, n_ctx=torch.tensor(n_ctx, dtype=torch.int64),
+                 n_after=torch.tensor(n_after, dtype=torch.int64),
                  index=torch.tensor([it["index"] for it in items], dtype=torch.int64))
     if "data_state" in items[-1]:
         batch["data_state"] = items[-1]["data_state"]

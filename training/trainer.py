@@ -27,7 +27,7 @@ from model.dit import DiT, DiTConfig
 from training import checkpoint as ckpt_io
 from training import distributed as D
 from training.config import ConfigError, TrainConfig
-from training.curriculum import N_CTX_VALUES, stage_at, stage_sampler
+from training.curriculum import dataset_values, stage_at, stage_sampler, trains_after_context
 from training.data import TokenWindows, collate_windows
 from training.evaluate import Evaluator
 from training.observe import MetricsLog, Throughput, flops_per_token, peak_flops
@@ -65,14 +65,16 @@ class LossModule(nn.Module):
         super().__init__()
         self.dit, self.diffusion = dit, diffusion
 
-    def forward(self, windows, n_ctx, generator):
-        return self.diffusion.loss(self.dit, windows, n_ctx=n_ctx, generator=generator)
+    def forward(self, windows, n_ctx, generator, n_after=None):
+        return self.diffusion.loss(self.dit, windows, n_ctx=n_ctx, generator=generator,
+                                   n_after=n_after)
 
 
-def sequence_tokens(n_ctx: int, frames_per_chunk) -> int:
-    """Tokens in one row's layout: context chunks + clean target (all but finest) + noised target."""
+def sequence_tokens(n_ctx: int, frames_per_chunk, n_after: int = 0) -> int:
+    """Tokens in one row's layout: context chunks (before and after) + clean target (all but
+    finest) + noised target."""
     per_chunk = sum(frames_per_chunk)
-    return n_ctx * per_chunk + (per_chunk - frames_per_chunk[-1]) + per_chunk
+    return (n_ctx + n_after) * per_chunk + (per_chunk - frames_per_chunk[-1]) + per_chunk
 
 
 class Trainer:
@@ -93,7 +95,9 @@ class Trainer:
                   "context is whole-file tokens, which peek at the target near its start; "
                   "re-tokenise to train on contexts as /continue encodes them", file=sys.stderr)
             contexts = [0.0, 0.0, 1.0]
-        self.train_set = TokenWindows(cfg.data.tokens, "train", n_ctx=N_CTX_VALUES,
+        self.editing = trains_after_context(cfg.curriculum.stages)
+        self.train_set = TokenWindows(cfg.data.tokens, "train",
+                                      n_ctx=dataset_values(cfg.curriculum.stages),
                                       contexts=contexts)
         if len(self.train_set) == 0:
             raise DataMissingError(
@@ -107,6 +111,7 @@ class Trainer:
         from_tokens = dict(
             n_levels=len(geo["strides"]), codebook_size=int(geo["codebook_size"]),
             frames_per_chunk=tuple(geo["frames_per_chunk"]), strides=tuple(geo["strides"]),
+            max_after_chunks=int(self.editing),     # from the curriculum: editing layouts
         )
         for k, v in from_tokens.items():
             if k in overrides and tuple(np.atleast_1d(overrides[k])) != tuple(np.atleast_1d(v)):
@@ -247,16 +252,20 @@ class Trainer:
             batch = self._next_batch()
             windows = [t.to(self.device, non_blocking=True) for t in batch["tokens"]]
             n_ctx = batch["n_ctx"].tolist()
+            n_after = batch["n_after"].tolist() if self.editing else [0] * len(n_ctx)
             self.gen.manual_seed(_step_seed(cfg.seed, self.step, micro, self.env.rank))
             sync = micro == accum - 1 or not self.env.enabled
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self.autocast():
-                    terms = self.model(windows, n_ctx, self.gen)
+                    # Windows carry an after chunk only when some row of the batch has one.
+                    terms = self.model(windows, n_ctx, self.gen,
+                                       n_after if any(n_after) else None)
                 (terms["loss"] / accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
-            seq = sequence_tokens(max(n_ctx), self.model_cfg.frames_per_chunk)
-            tokens = sum(sequence_tokens(n, self.model_cfg.frames_per_chunk) for n in n_ctx)
+            fpc = self.model_cfg.frames_per_chunk
+            seq = max(sequence_tokens(n, fpc, a) for n, a in zip(n_ctx, n_after, strict=True))
+            tokens = sum(sequence_tokens(n, fpc, a) for n, a in zip(n_ctx, n_after, strict=True))
             self.meter.add(tokens, seq)
             self.data_state, self.data_stage = batch["data_state"], stage_idx
         clip = cfg.optim.grad_clip

@@ -22,6 +22,14 @@ context and all generated tokens (same seed) to fp precision. The pieces `extend
 therefore 6.144 s - 0.768 s (the first), 6.144 s (the middle ones) and 6.144 s + 0.768 s (the
 last), n x 6.144 s in all; a single chunk is 6.144 s, exactly `continue_audio`'s.
 
+Editing (`edit_batch`, `loop_batch`; DESIGN §5.5) runs the same sampler with the chunk after
+the target as context and given target tokens fixed: an inpaint regenerates a span of the
+input at every level; a variation regenerates a chunk's finer levels under its own coarse ones;
+a loop generates the chunk that follows the input's end and leads into its start. Results are
+spliced into the input with raised-cosine crossfades of `JOIN_SAMPLES` (64 ms) at each join, so
+nothing steps at a boundary even where the codec does not reconstruct the input exactly.
+Inpaint and loop need a model trained with after-context (`can_edit`); else `EditUnsupported`.
+
 Reproducibility: a request's seed fixes its tokens (per-row generators, see model/sampler.py)
 and its decoder noise (each request is decoded on its own with a seed derived from its seed), so
 the output does not depend on what else is in the batch. seed=None draws a fresh seed.
@@ -36,7 +44,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +57,30 @@ from model.sampler import SamplingParams, derive_seed, generate, resolve_seed
 from model.sampler import extend as extend_tokens
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+JOIN_SAMPLES = 2048  # 64 ms at 32 kHz: the crossfade at every join of generated and given audio
+
+
+class EditUnsupported(ValueError):
+    """The model was not trained for this edit (no after-context layouts)."""
+
+
+@dataclass
+class EditRequest:
+    """Regenerate samples [start, end) of `audio` (mono float at the codec rate): at every level
+    (keep = 0, an inpaint) or only the levels finer than the `keep` coarsest (a variation)."""
+
+    audio: Tensor
+    start: int
+    end: int
+    keep: int = 0
+    params: SamplingParams | None = None
+
+
+def crossfade(a: Tensor, b: Tensor) -> Tensor:
+    """Raised-cosine crossfade from a into b (same length)."""
+    n = a.shape[-1]
+    w = 0.5 - 0.5 * torch.cos(torch.pi * (torch.arange(n, dtype=torch.float32) + 0.5) / n)
+    return a * (1 - w) + b * w
 
 
 def save_pretrained(dit: DiT, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -287,6 +319,153 @@ class ContinuationEngine:
             yield self._decode_samples(seq, start, end, p.seed)
             start = end
 
+    # ------------------------------------------------------------------ editing
+    @property
+    def can_edit(self) -> bool:
+        """Trained with the chunk after the target as context: inpaint and loop work."""
+        return self.dit.config.max_after_chunks >= 1
+
+    def edit_plan(self, n_samples: int, start: int, end: int, keep: int = 0) -> tuple[int, int, int]:
+        """(t0, n_ctx, n_after) of an edit of [start, end) in an input of n_samples: the target
+        chunk [t0, t0 + chunk) on the codec's grid holds the span (centred where it can), with
+        the whole chunks before it as context (up to context_chunks) and the chunk after it as
+        after-context when the input has it and the model can use it. ValueError says why not."""
+        chunk, pad = self.chunk_samples, self.codec.pad_samples
+        if not 0 <= keep < self.codec.n_levels:
+            raise ValueError(f"keep must lie in [0, {self.codec.n_levels}), got {keep}")
+        if not 0 <= start < end <= n_samples:
+            raise ValueError(f"the span [{start}, {end}) must lie inside the input's "
+                             f"{n_samples} samples and not be empty")
+        if n_samples < chunk:
+            raise ValueError(f"editing needs at least one whole chunk of input "
+                             f"({chunk / self.sample_rate:g} s), got {n_samples / self.sample_rate:.2f} s")
+        lo = max(0, -(-(end - chunk) // pad) * pad)             # smallest grid t0 holding the end
+        hi = min(start // pad * pad, (n_samples - chunk) // pad * pad)
+        if lo > hi:
+            raise ValueError(
+                f"a span of {(end - start) / self.sample_rate:.3f} s there does not fit one "
+                f"{chunk / self.sample_rate:g} s chunk on the {pad / self.sample_rate:g} s grid "
+                "inside the input; shorten it")
+        want = (start + end - chunk) / 2
+        t0 = min(max(round(want / pad) * pad, lo), hi)
+        n_ctx = min(self.context_chunks, t0 // chunk)
+        n_after = int(self.can_edit and t0 + 2 * chunk <= n_samples)
+        return t0, n_ctx, n_after
+
+    def _free_tokens(self, target: list[Tensor], t0: int, start: int, end: int,
+                     keep: int) -> list[Tensor]:
+        """The target tokens with those overlapping [start, end) set to -1 at levels >= keep."""
+        given = []
+        for lvl, (t, s) in enumerate(zip(target, self.codec.strides, strict=True)):
+            g = t.clone()
+            if lvl >= keep:
+                span = self.codec.hop_length * s                # samples per token here
+                g[:, (start - t0) // span: -(-(end - t0) // span)] = -1
+            given.append(g)
+        return given
+
+    def edit_batch(self, requests: Sequence[EditRequest]) -> list[Tensor]:
+        """One edited copy of each request's audio, same length: the span regenerated, joined
+        to the untouched audio by crossfades of JOIN_SAMPLES on either side (inside the input).
+        Requests with the same layout batch together; results do not depend on batch mates."""
+        requests = list(requests)
+        plans = []
+        for r in requests:
+            audio = torch.as_tensor(r.audio)
+            if audio.ndim != 1 or not audio.is_floating_point() or not torch.isfinite(audio).all():
+                raise ValueError("audio must be mono (T,) finite float samples")
+            if r.keep == 0 and not self.can_edit:
+                raise EditUnsupported(
+                    "this model was trained without after-context (max_after_chunks = 0), so it "
+                    "cannot fill in a span between given audio; variations (keep >= 1) work")
+            plans.append((audio.float().cpu(), *self.edit_plan(audio.shape[0], r.start, r.end,
+                                                               r.keep)))
+        params = [self._params(r.params) for r in requests]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (_, _, n_ctx, n_after) in enumerate(plans):
+            groups.setdefault((n_ctx, n_after), []).append(i)
+        out: list[Tensor | None] = [None] * len(requests)
+        chunk, fpc = self.chunk_samples, self.codec.frames_per_chunk
+        for (n_ctx, n_after), rows in groups.items():
+            w0 = [plans[i][1] - n_ctx * chunk for i in rows]
+            span = (n_ctx + 1 + n_after) * chunk
+            tokens = self.codec.encode(torch.stack([plans[i][0][a:a + span]
+                                                    for i, a in zip(rows, w0, strict=True)]))
+            tokens = [t.to(self.device) for t in tokens]
+            ctx = [t[:, :n_ctx * f] for t, f in zip(tokens, fpc, strict=True)]
+            target = [t[:, n_ctx * f:(n_ctx + 1) * f] for t, f in zip(tokens, fpc, strict=True)]
+            after = [t[:, (n_ctx + 1) * f:] for t, f in zip(tokens, fpc, strict=True)] \
+                if n_after else None
+            given = [torch.cat(g) for g in zip(*[
+                self._free_tokens([t[b:b + 1] for t in target], plans[i][1], requests[i].start,
+                                  requests[i].end, requests[i].keep)
+                for b, i in enumerate(rows)], strict=True)]
+            new = generate(self.dit, ctx, [params[i] for i in rows], self.diffusion.schedules,
+                           after=after, given=given)
+            for b, i in enumerate(rows):
+                seq = [torch.cat([c[b:b + 1], n[b:b + 1]] + ([a[b:b + 1]] if after else []), 1)
+                       for c, n, a in zip(ctx, new, after or ctx, strict=True)]
+                out[i] = self._splice(plans[i][0], seq, w0[b], requests[i].start,
+                                      requests[i].end, params[i].seed)
+        return out
+
+    def _splice(self, audio: Tensor, seq: list[Tensor], w0: int, start: int, end: int,
+                seed: int) -> Tensor:
+        """audio with [start, end) replaced by the decoding of seq (whose first sample is at
+        w0), crossfaded over JOIN_SAMPLES before start and after end where the input has them."""
+        n, seq_end = audio.shape[0], w0 + seq[0].shape[1] * self.codec.strides[0] * \
+            self.codec.hop_length
+        a, b = max(w0, start - JOIN_SAMPLES), min(seq_end, n, end + JOIN_SAMPLES)
+        decoded = self._decode_samples(seq, a - w0, b - w0, seed)
+        result = audio.clone()
+        result[a:b] = decoded
+        if start - a:                                  # fade in: input -> decoded
+            result[a:start] = crossfade(audio[a:start], decoded[: start - a])
+        if b - end:                                    # fade out: decoded -> input
+            result[end:b] = crossfade(decoded[end - a:], audio[end:b])
+        return result
+
+    def loop_batch(self, audios: Sequence, params: Sequence[SamplingParams | None] | None = None
+                   ) -> list[Tensor]:
+        """Per input, a loopable track (T + chunk_samples,): the input, then a generated chunk
+        that continues its end and leads back into its start (its first chunk is the
+        after-context). Played on repeat, every join is a crossfade into what the decoder made
+        there: from the input's end into the bridge, and from the bridge into the input's start."""
+        if not self.can_edit:
+            raise EditUnsupported(
+                "this model was trained without after-context (max_after_chunks = 0), so it "
+                "cannot generate a chunk that leads back into the clip's start")
+        audios = [torch.as_tensor(a).float().cpu() for a in audios]
+        params = [self._params(p) for p in (params or [None] * len(audios))]
+        chunk, J = self.chunk_samples, JOIN_SAMPLES
+        for a in audios:
+            if a.ndim != 1 or not torch.isfinite(a).all():
+                raise ValueError("audio must be mono (T,) finite float samples")
+            if a.shape[0] < chunk:
+                raise ValueError(f"a loop needs at least one whole chunk of input "
+                                 f"({chunk / self.sample_rate:g} s), got "
+                                 f"{a.shape[0] / self.sample_rate:.2f} s")
+        groups: dict[int, list[int]] = {}
+        for i, a in enumerate(audios):
+            groups.setdefault(self.context_chunks_for(a.shape[0]), []).append(i)
+        out: list[Tensor | None] = [None] * len(audios)
+        for n_ctx, rows in groups.items():
+            ctx = self._encode([audios[i] for i in rows])
+            after = [t.to(self.device) for t in self.codec.encode(
+                torch.stack([audios[i][:chunk] for i in rows]))]
+            new = generate(self.dit, ctx, [params[i] for i in rows], self.diffusion.schedules,
+                           after=after)
+            for b, i in enumerate(rows):
+                seq = [torch.cat([c[b:b + 1], x[b:b + 1], a[b:b + 1]], 1)
+                       for c, x, a in zip(ctx, new, after, strict=True)]
+                s0 = n_ctx * chunk                       # the bridge's first sample in seq
+                pieces = self._decode_samples(seq, s0 - J, s0 + chunk + J, params[i].seed)
+                x = audios[i].clone()
+                x[-J:] = crossfade(x[-J:], pieces[:J])               # input end -> bridge
+                x[:J] = crossfade(pieces[-J:], x[:J])                # bridge -> input start
+                out[i] = torch.cat([x, pieces[J:J + chunk]])
+        return out
+
     def info(self) -> dict:
         """JSON-able description: model, codec, geometry, sampling defaults."""
         return dict(
@@ -310,4 +489,5 @@ class ContinuationEngine:
             ),
             diffusion=asdict(self.diffusion),
             defaults=asdict(self.default_params),
+            editing=dict(inpaint=self.can_edit, loop=self.can_edit, vary=True),
         )

@@ -1,5 +1,8 @@
 """Command line: `python -m clients continue in.wav -o out.wav [--steps 16,12,8,8] [--seed 7]`,
-`python -m clients extend in.wav --chunks 5 -o out.wav [--stream]`, `python -m clients info`.
+`python -m clients extend in.wav --chunks 5 -o out.wav [--stream]`,
+`python -m clients inpaint in.wav --start 9 --end 11 -o out.wav`, `python -m clients loop in.wav
+-o out.wav`, `python -m clients vary in.wav --keep A [--start 6.144] -o out.wav`,
+`python -m clients info`.
 
 The server URL comes from --url or $SNAC_DIT_URL (default http://127.0.0.1:8000); an API key
 from --api-key or $SNAC_DIT_API_KEY. Exit status: 0 ok, 1 the server refused or failed, 2 usage.
@@ -41,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="what ranks positions for unmasking: the top log-prob (default) or "
                           "the sampled token's (MaskGIT)")
     gen.add_argument("--seed", type=int)
-    gen.add_argument(
+    cont = argparse.ArgumentParser(add_help=False)
+    cont.add_argument(
         "--include-input", action="store_true", help="write the input followed by the continuation"
     )
 
@@ -51,15 +55,28 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("continue", parents=[common, gen], help="continue a clip by 6.144 s")
-    ext = sub.add_parser("extend", parents=[common, gen], help="continue by N chained chunks")
+    sub.add_parser("continue", parents=[common, gen, cont], help="continue a clip by 6.144 s")
+    ext = sub.add_parser("extend", parents=[common, gen, cont], help="continue by N chained chunks")
     ext.add_argument("--chunks", type=int, required=True)
     ext.add_argument("--stream", action="store_true", help="report each chunk as it arrives")
+    inp = sub.add_parser("inpaint", parents=[common, gen],
+                         help="regenerate a span of the input from what surrounds it")
+    inp.add_argument("--start", type=float, required=True, help="span start, seconds")
+    inp.add_argument("--end", type=float, required=True,
+                     help="span end, seconds (at most 6.144 s after --start)")
+    sub.add_parser("loop", parents=[common, gen],
+                   help="append a bridge that leads back into the input's start (play on repeat)")
+    var = sub.add_parser("vary", parents=[common, gen],
+                         help="regenerate a chunk's finer levels under its own coarse ones")
+    var.add_argument("--keep", choices=["A", "AB"], default="A",
+                     help="coarse levels kept: A (melody, rhythm) or AB (default A)")
+    var.add_argument("--start", type=float,
+                     help="where the 6.144 s chunk begins, seconds (default: the last whole one)")
     sub.add_parser("info", parents=[common], help="print the server's /info")
     return ap
 
 
-def _params(args) -> dict:
+def _sampling(args) -> dict:
     return dict(
         steps=args.steps,
         temperature=args.temperature,
@@ -68,8 +85,11 @@ def _params(args) -> dict:
         gumbel=args.gumbel,
         confidence=args.confidence,
         seed=args.seed,
-        include_input=args.include_input,
     )
+
+
+def _params(args) -> dict:
+    return dict(_sampling(args), include_input=args.include_input)
 
 
 def _run(args) -> None:
@@ -92,11 +112,17 @@ def _run(args) -> None:
         else:
             if args.command == "continue":
                 r = c.continue_(args.input, **_params(args))
-            else:
+            elif args.command == "extend":
                 r = c.extend(args.input, args.chunks, **_params(args))
+            elif args.command == "inpaint":
+                r = c.inpaint(args.input, args.start, args.end, **_sampling(args))
+            elif args.command == "loop":
+                r = c.loop(args.input, **_sampling(args))
+            else:
+                r = c.vary(args.input, keep=args.keep, start=args.start, **_sampling(args))
             r.save(args.output)
             audio, rate, seed = r.audio, r.sample_rate, r.seed
-            ran = " ".join(f"{k}={v}" for k, v in r.params.items())
+            ran = " ".join(f"{k}={v}" for k, v in {**r.params, **r.edit}.items())
         print(
             f"wrote {args.output}: {len(audio) / rate:.3f} s at {rate} Hz, seed={seed} {ran}"
             f" ({time.perf_counter() - start:.1f} s)",

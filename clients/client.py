@@ -40,6 +40,9 @@ class Result:
     params: dict[str, str] = field(default_factory=dict)  # steps, temperature, top_p,
     #                                                        guidance, gumbel, confidence
     input_samples: int | None = None  # with include_input: where the continuation starts
+    #                                   (/loop: where the bridge starts)
+    edit: dict[str, int | str] = field(default_factory=dict)  # /inpaint edit_start, edit_end;
+    #                                   /loop loop_samples; /vary chunk_start, keep
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_bytes(self.wav)
@@ -107,11 +110,28 @@ _PARAM_HEADERS = {
 }
 
 
+_EDIT_HEADERS = {"edit_start": "x-edit-start", "edit_end": "x-edit-end",
+                 "loop_samples": "x-loop-samples", "chunk_start": "x-chunk-start", "keep": "x-keep"}
+_SAMPLING = ("steps", "temperature", "top_p", "guidance", "gumbel", "confidence", "seed")
+
+
+def _edit_query(sampling: dict, **more) -> dict[str, str]:
+    """Query of an edit: the sampling keywords (as for continue_), plus the edit's own."""
+    unknown = sorted(set(sampling) - set(_SAMPLING))
+    if unknown:
+        raise TypeError(f"unknown sampling parameter(s) {unknown}; use {list(_SAMPLING)}")
+    q = _query(*(sampling.get(k) for k in _SAMPLING), False)
+    q.update({k: str(v) for k, v in more.items() if v is not None})
+    return q
+
+
 def _result(resp: httpx.Response) -> Result:
     _check(resp)
     audio, rate = decode_wav(resp.content)
     h = resp.headers
     return Result(
+        edit={k: (h[name] if k == "keep" else int(h[name]))
+              for k, name in _EDIT_HEADERS.items() if name in h},
         wav=resp.content,
         audio=audio,
         sample_rate=rate,
@@ -288,6 +308,25 @@ class Client:
             raise _unreachable(self._http.base_url, "POST", "/extend", e) from e
         raise StreamError(None, "truncated_stream", "the stream ended without a 'done' line")
 
+    def inpaint(self, audio: AudioInput, start: float, end: float, *,
+                sample_rate: int | None = None, **sampling) -> Result:
+        """The whole input with [start, end) seconds regenerated from what surrounds it.
+        Sampling keywords as for `continue_` (steps, temperature, ..., seed)."""
+        q = _edit_query(sampling, start=start, end=end)
+        return _result(self._send("POST", "/inpaint", params=q, files=_files(audio, sample_rate)))
+
+    def loop(self, audio: AudioInput, *, sample_rate: int | None = None, **sampling) -> Result:
+        """The input plus a 6.144 s bridge back into its start: play the result on repeat."""
+        q = _edit_query(sampling)
+        return _result(self._send("POST", "/loop", params=q, files=_files(audio, sample_rate)))
+
+    def vary(self, audio: AudioInput, *, keep: str = "A", start: float | None = None,
+             sample_rate: int | None = None, **sampling) -> Result:
+        """The whole input with the chunk at `start` (default: the last whole one) regenerated
+        above its kept coarse levels (keep "A" or "AB")."""
+        q = _edit_query(sampling, keep=keep, start=start)
+        return _result(self._send("POST", "/vary", params=q, files=_files(audio, sample_rate)))
+
 
 class AsyncClient:
     """The same API as `Client`, awaitable (`extend_stream` is an async iterator)."""
@@ -405,3 +444,21 @@ class AsyncClient:
         except httpx.TransportError as e:
             raise _unreachable(self._http.base_url, "POST", "/extend", e) from e
         raise StreamError(None, "truncated_stream", "the stream ended without a 'done' line")
+
+    async def inpaint(self, audio: AudioInput, start: float, end: float, *,
+                      sample_rate: int | None = None, **sampling) -> Result:
+        q = _edit_query(sampling, start=start, end=end)
+        return _result(await self._send("POST", "/inpaint", params=q,
+                                        files=_files(audio, sample_rate)))
+
+    async def loop(self, audio: AudioInput, *, sample_rate: int | None = None,
+                   **sampling) -> Result:
+        q = _edit_query(sampling)
+        return _result(await self._send("POST", "/loop", params=q,
+                                        files=_files(audio, sample_rate)))
+
+    async def vary(self, audio: AudioInput, *, keep: str = "A", start: float | None = None,
+                   sample_rate: int | None = None, **sampling) -> Result:
+        q = _edit_query(sampling, keep=keep, start=start)
+        return _result(await self._send("POST", "/vary", params=q,
+                                        files=_files(audio, sample_rate)))

@@ -3,6 +3,8 @@
 - /continue requests queue up; the worker takes up to `max_batch` of them, waiting at most
   `max_wait` after the oldest arrived, and runs them as ONE `engine.continue_batch` call
   (parameters may differ per request).
+- Edits (/inpaint, /vary: `engine.edit_batch`; /loop: `engine.loop_batch`) queue the same way
+  and run in batches of one kind, taken after each continue batch.
 - /extend streams are advanced one chunk per turn, between continue batches, so a long
   extension does not lock everyone else out for its whole length.
 - Every engine call runs on a single dedicated thread: the event loop keeps answering (health,
@@ -42,6 +44,16 @@ class ContinueJob:
 
 
 @dataclass(eq=False)
+class EditJob:
+    kind: str  # "edit" (an EditRequest for engine.edit_batch) or "loop" (audio for loop_batch)
+    request: object
+    params: object
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
 class ExtendJob:
     audio: np.ndarray
     params: object
@@ -67,6 +79,7 @@ class Batcher:
         self.engine, self.metrics = engine, metrics
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait_ms / 1000, max_queue
         self._continues: deque[ContinueJob] = deque()
+        self._edits: deque[EditJob] = deque()
         self._extends: deque[ExtendJob] = deque()  # streams whose next chunk is due
         self._streams: set[ExtendJob] = set()  # every unfinished stream, incl. the running one
         self._wake = asyncio.Event()
@@ -91,12 +104,13 @@ class Batcher:
         dead = Unavailable(
             "the engine worker stopped; the server needs a restart", code="worker_down"
         )
-        for job in [*self._continues, *self._running]:
+        for job in [*self._continues, *self._edits, *self._running]:
             if not job.future.done():
                 job.future.set_exception(dead)
         for job in self._streams:
             job.chunks.put_nowait(dead)
         self._continues.clear()
+        self._edits.clear()
         self._extends.clear()
         self._streams.clear()
 
@@ -111,12 +125,13 @@ class Batcher:
     async def close(self) -> None:
         self._closing = True
         gone = Unavailable("the server is shutting down", code="shutting_down")
-        for job in [*self._continues, *self._running]:
+        for job in [*self._continues, *self._edits, *self._running]:
             if not job.future.done():
                 job.future.set_exception(gone)
         for job in self._streams:
             job.chunks.put_nowait(gone)
         self._continues.clear()
+        self._edits.clear()
         self._extends.clear()
         self._streams.clear()
         if self._task is not None:
@@ -131,7 +146,7 @@ class Batcher:
     # -- submission (event loop) ---------------------------------------------------------------
 
     def depth(self) -> int:
-        return len(self._continues) + len(self._streams)
+        return len(self._continues) + len(self._edits) + len(self._streams)
 
     def _admit(self) -> None:
         if self._closing:
@@ -158,6 +173,13 @@ class Batcher:
         self._changed()
         return job
 
+    def submit_edit(self, kind: str, request, params) -> EditJob:
+        self._admit()
+        job = EditJob(kind, request, params, asyncio.get_running_loop().create_future())
+        self._edits.append(job)
+        self._changed()
+        return job
+
     def submit_extend(self, audio: np.ndarray, params, n_chunks: int) -> ExtendJob:
         self._admit()
         job = ExtendJob(audio, params, n_chunks, asyncio.Queue())
@@ -172,6 +194,9 @@ class Batcher:
         job.cancelled = True
         if isinstance(job, ContinueJob) and job in self._continues:
             self._continues.remove(job)
+            self.metrics.dropped.inc()
+        if isinstance(job, EditJob) and job in self._edits:
+            self._edits.remove(job)
             self.metrics.dropped.inc()
         if isinstance(job, ExtendJob) and job in self._streams:
             self._streams.discard(job)
@@ -189,7 +214,7 @@ class Batcher:
 
     async def _run(self) -> None:
         while True:
-            if not self._continues and not self._extends:
+            if not self._continues and not self._edits and not self._extends:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -197,6 +222,8 @@ class Batcher:
                 batch = await self._collect()
                 if batch:
                     await self._run_batch(batch)
+            if self._edits:
+                await self._run_edits()
             if self._extends:
                 await self._step_extend(self._extends.popleft())
 
@@ -251,6 +278,40 @@ class Batcher:
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * took
         for j, out in zip(batch, outs, strict=True):
             if not j.future.done():  # a cancelled request's result is simply dropped
+                j.future.set_result(out)
+
+    async def _run_edits(self) -> None:
+        """One engine call for up to max_batch waiting edits of the first one's kind."""
+        kind = self._edits[0].kind
+        batch = [j for j in self._edits if j.kind == kind][: self.max_batch]
+        for j in batch:
+            self._edits.remove(j)
+        self.metrics.queue_depth.set(self.depth())
+
+        def run():
+            if kind == "loop":
+                outs = self.engine.loop_batch([torch.from_numpy(j.request) for j in batch],
+                                              [j.params for j in batch])
+            else:
+                outs = self.engine.edit_batch([j.request for j in batch])
+            return [o.detach().cpu().float().numpy() for o in outs]
+
+        self._running = batch
+        start = time.perf_counter()
+        try:
+            outs = await self.run_on_engine(run)
+        except Exception as e:  # noqa: BLE001 - an engine fault fails this batch only
+            log.exception("engine failed on a batch of %d %s requests", len(batch), kind)
+            self.metrics.engine_errors.labels(kind).inc()
+            for j in batch:
+                if not j.future.done():
+                    j.future.set_exception(_engine_fault(kind, e))
+            return
+        finally:
+            self._running = []
+            self.metrics.engine_seconds.labels(kind).observe(time.perf_counter() - start)
+        for j, out in zip(batch, outs, strict=True):
+            if not j.future.done():
                 j.future.set_result(out)
 
     async def _step_extend(self, job: ExtendJob) -> None:

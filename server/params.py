@@ -18,6 +18,9 @@ from server.errors import InvalidParameter
 SAMPLING_FIELDS = ("steps", "temperature", "top_p", "guidance", "gumbel", "confidence", "seed")
 CONTINUE_PARAMS = (*SAMPLING_FIELDS, "include_input")
 EXTEND_PARAMS = (*CONTINUE_PARAMS, "chunks", "stream")
+INPAINT_PARAMS = (*SAMPLING_FIELDS, "start", "end")
+LOOP_PARAMS = SAMPLING_FIELDS
+VARY_PARAMS = (*SAMPLING_FIELDS, "keep", "start")
 SEED_MAX = 2**63 - 1
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
@@ -67,6 +70,21 @@ def parse_int(name: str, raw: str | None, default: int, lo: int, hi: int) -> int
         raise InvalidParameter(f"{name}: expected an integer, got {raw!r}") from None
     if not lo <= value <= hi:
         raise InvalidParameter(f"{name}: must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def parse_seconds(name: str, raw: str | None, default: float | None = None) -> float:
+    """A time in seconds: a finite non-negative number."""
+    if raw is None:
+        if default is None:
+            raise InvalidParameter(f"{name}: required (seconds into the input)")
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise InvalidParameter(f"{name}: expected seconds (a number), got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise InvalidParameter(f"{name}: must be a finite number of seconds >= 0, got {raw!r}")
     return value
 
 

@@ -218,3 +218,58 @@ def test_cli_help_explains_each_sampling_option():
     assert "--temperature TEMPERATURE sampling temperature" in text
     assert "--top-p TOP_P nucleus mass" in text and "--guidance GUIDANCE classifier-free" in text
     assert text.count("16,12,8,8") == 1
+
+
+@pytest.fixture(scope="module")
+def edit_url(debug_codec_dir):
+    from tests.test_editing import make_engine
+
+    settings = Settings(warmup=False, max_wait_ms=1)
+    with serve_in_background(create_app(settings, engine=make_engine(debug_codec_dir, 1))) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def long_song(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("clients") / "long.wav"
+    sf.write(path, tone(14.0), 32000, subtype="PCM_16")
+    return path
+
+
+def test_client_inpaint_loop_and_vary(edit_url, long_song):
+    n = sf.info(long_song).frames
+    with Client(edit_url) as c:
+        r = c.inpaint(long_song, 7.0, 8.0, steps=1, seed=2)
+        assert r.audio.shape == (n,) and r.seed == 2
+        assert r.edit == {"edit_start": 7 * 32000 - 2048, "edit_end": 8 * 32000 + 2048}
+        lp = c.loop(long_song.read_bytes(), steps=1, seed=2)
+        assert lp.audio.shape == (n + CHUNK,) and lp.edit["loop_samples"] == n + CHUNK
+        assert lp.input_samples == n
+        v = c.vary(long_song, keep="AB", start=1.0, steps=1)
+        assert v.audio.shape == (n,) and v.edit["keep"] == "AB"
+        assert v.edit["chunk_start"] == 32000 // 12288 * 12288
+        with pytest.raises(TypeError, match="unknown sampling"):
+            c.loop(long_song, step=1)
+        with pytest.raises(clients.InvalidParameter, match="start/end"):
+            c.inpaint(long_song, 3.0, 12.0, steps=1)
+
+    async def run():
+        async with AsyncClient(edit_url) as ac:
+            return await ac.inpaint(long_song, 7.0, 8.0, steps=1, seed=2)
+
+    assert np.array_equal(asyncio.run(run()).audio, r.audio)
+
+
+def test_cli_inpaint_loop_vary(edit_url, long_song, tmp_path):
+    n = sf.info(long_song).frames
+    for args, frames, says in (
+        (["inpaint", "--start", "7", "--end", "8"], n, "edit_start=221952"),
+        (["loop"], n + CHUNK, f"loop_samples={n + CHUNK}"),
+        (["vary", "--keep", "AB"], n, "keep=AB"),
+    ):
+        out = tmp_path / f"{args[0]}.wav"
+        r = _cli(args[0], str(long_song), "-o", str(out), "--steps", "1", *args[1:], url=edit_url)
+        assert r.returncode == 0, r.stderr
+        assert sf.info(out).frames == frames and says in r.stderr, r.stderr
+    r = _cli("inpaint", str(long_song), "-o", str(tmp_path / "x.wav"), "--start", "1", url=edit_url)
+    assert r.returncode == 2 and "--end" in r.stderr

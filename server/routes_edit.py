@@ -1,0 +1,145 @@
+"""POST /inpaint, /loop and /vary: editing the uploaded audio with the same model (DESIGN §5.5).
+
+Same upload rules, parameters, limits, batching and errors as /continue (routes_generate.py).
+Inpaint and loop need a model trained with the chunk after the target as context; another model
+answers 422 `model_cannot_edit`. Every result is 32 kHz mono 16-bit WAV.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from model.engine import JOIN_SAMPLES, EditRequest
+from server.audio import write_wav
+from server.deps import AuthDep, ReadyDep, Service
+from server.errors import ClientGone, InvalidParameter
+from server.params import (
+    INPAINT_PARAMS,
+    LOOP_PARAMS,
+    VARY_PARAMS,
+    check_budget,
+    parse_seconds,
+)
+from server.routes_generate import (
+    _PARAM_DOCS,
+    _openapi,
+    _read_input,
+    _sampling,
+    _until_done_or_gone,
+    _wav_headers,
+)
+
+router = APIRouter(tags=["edit"])
+
+_PARAM_DOCS.update({
+    "start": ("number", "seconds into the input where the span (/inpaint) or the chunk (/vary) "
+                        "begins; /vary rounds it down to the 0.384 s grid"),
+    "end": ("number", "seconds into the input where the span to regenerate ends; at most one "
+                      "6.144 s chunk after start"),
+    "keep": ("string", "the coarse levels a variation keeps: A (default) or AB"),
+})
+KEEP = {"A": 1, "AB": 2}
+
+
+def _need_editing_model(svc: Service, what: str) -> None:
+    if not svc.engine.can_edit:
+        raise InvalidParameter(
+            f"this model was trained without after-context (max_after_chunks = 0), so it cannot "
+            f"{what}; /vary works with any model. Train with curriculum stages that have "
+            "n_after > 0 (docs/training.md).",
+            code="model_cannot_edit",
+        )
+
+
+def _plan(svc: Service, n: int, start: int, end: int, keep: int, names: str) -> None:
+    try:
+        svc.engine.edit_plan(n, start, end, keep)
+    except ValueError as e:
+        raise InvalidParameter(f"{names}: {e}") from None
+
+
+async def _run(request: Request, svc: Service, kind: str, payload, params, headers) -> Response:
+    job = svc.batcher.submit_edit(kind, payload, params)
+    try:
+        out = await _until_done_or_gone(request, job.future)
+    except ClientGone:
+        svc.batcher.cancel(job)
+        return Response(status_code=499)
+    wav = await run_in_threadpool(write_wav, out, svc.engine.sample_rate)
+    return Response(wav, media_type="audio/wav", headers=headers)
+
+
+_WAV = {200: {"content": {"audio/wav": {}}, "description": "32 kHz mono 16-bit WAV"}}
+
+
+@router.post("/inpaint", summary="Regenerate a span of the input from what surrounds it",
+             response_class=Response, responses=_WAV, openapi_extra=_openapi(INPAINT_PARAMS))
+async def inpaint(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
+    """The whole input back, with [start, end) regenerated at every level from the audio before
+    and after it and crossfaded in over 64 ms at both ends. X-Edit-Start / X-Edit-End say which
+    samples changed (the crossfades included)."""
+    _need_editing_model(svc, "fill in a span between given audio")
+    given, audio = await _read_input(request, svc, INPAINT_PARAMS)
+    params = _sampling(given, svc)
+    check_budget(params, 1, svc.settings.max_request_passes)
+    rate = svc.engine.sample_rate
+    start = round(parse_seconds("start", given.get("start")) * rate)
+    end = round(parse_seconds("end", given.get("end")) * rate)
+    _plan(svc, len(audio), start, end, 0, "start/end")
+    headers = _wav_headers(svc, params, None, **{
+        "X-Edit-Start": max(0, start - JOIN_SAMPLES),
+        "X-Edit-End": min(len(audio), end + JOIN_SAMPLES)})
+    return await _run(request, svc, "edit", EditRequest(audio, start, end, 0, params), params,
+                      headers)
+
+
+@router.post("/loop", summary="Make the input loop: a chunk that leads from its end to its start",
+             response_class=Response, responses=_WAV, openapi_extra=_openapi(LOOP_PARAMS))
+async def loop(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
+    """The input followed by a generated 6.144 s bridge that continues its end and leads back
+    into its start. Play the whole file on repeat (X-Loop-Samples = its length); X-Input-Samples
+    says where the bridge begins. Needs at least one chunk (6.144 s) of input."""
+    _need_editing_model(svc, "generate a chunk that leads back into the clip's start")
+    given, audio = await _read_input(request, svc, LOOP_PARAMS)
+    params = _sampling(given, svc)
+    check_budget(params, 1, svc.settings.max_request_passes)
+    chunk = svc.engine.chunk_samples
+    if len(audio) < chunk:
+        raise InvalidParameter(
+            f"audio: a loop needs at least {chunk / svc.engine.sample_rate:g} s (one chunk: its "
+            f"start is what the bridge leads into), got {len(audio) / svc.engine.sample_rate:.2f} s",
+            code="audio_too_short")
+    headers = _wav_headers(svc, params, len(audio), **{"X-Loop-Samples": len(audio) + chunk})
+    return await _run(request, svc, "loop", audio, params, headers)
+
+
+@router.post("/vary", summary="Regenerate a chunk's finer levels under its own coarse ones",
+             response_class=Response, responses=_WAV, openapi_extra=_openapi(VARY_PARAMS))
+async def vary(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
+    """The whole input back, with the 6.144 s chunk at `start` (default: the input's last whole
+    chunk) regenerated above the kept levels: keep=A keeps melody and rhythm, keep=AB also the
+    next level; the rest (timbre, texture) is new. Crossfaded in over 64 ms at both ends."""
+    given, audio = await _read_input(request, svc, VARY_PARAMS)
+    params = _sampling(given, svc)
+    check_budget(params, 1, svc.settings.max_request_passes)
+    raw_keep = (given.get("keep") or "A").strip().upper()
+    if raw_keep not in KEEP:
+        raise InvalidParameter(f"keep: A or AB, got {given.get('keep')!r}")
+    rate, chunk, pad = svc.engine.sample_rate, svc.engine.chunk_samples, svc.engine.codec.pad_samples
+    if len(audio) < chunk:
+        raise InvalidParameter(
+            f"audio: a variation needs at least {chunk / rate:g} s (one chunk), got "
+            f"{len(audio) / rate:.2f} s", code="audio_too_short")
+    last = (len(audio) - chunk) // pad * pad
+    start = parse_seconds("start", given.get("start"), last / rate)
+    start = int(round(start * rate)) // pad * pad
+    if start > last:
+        raise InvalidParameter(
+            f"start: the chunk must end inside the input; start at most {last / rate:.3f} s, got "
+            f"{start / rate:.3f} s")
+    _plan(svc, len(audio), start, start + chunk, KEEP[raw_keep], "start")
+    headers = _wav_headers(svc, params, None, **{"X-Chunk-Start": start, "X-Keep": raw_keep})
+    return await _run(request, svc, "edit",
+                      EditRequest(audio, start, start + chunk, KEEP[raw_keep], params), params,
+                      headers)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,7 +27,15 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.background import serve_in_background
-from server.params import CONTINUE_PARAMS, EXTEND_PARAMS, PARAM_HEADERS
+from server.params import (
+    CONTINUE_PARAMS,
+    EXTEND_PARAMS,
+    INPAINT_PARAMS,
+    LOOP_PARAMS,
+    PARAM_HEADERS,
+    SAMPLING_FIELDS,
+    VARY_PARAMS,
+)
 from server.settings import Settings
 from tests.conftest import tone
 
@@ -33,17 +43,20 @@ CHUNK = 196_608
 
 
 @pytest.fixture(scope="module")
-def app(debug_weights_dir, debug_codec_dir):
-    from model.engine import ContinuationEngine
+def app(debug_codec_dir):
+    from tests.test_editing import make_engine  # a random debug model trained-for-editing shape
 
-    engine = ContinuationEngine.load(debug_weights_dir, debug_codec_dir)
-    return create_app(Settings(warmup=False, max_wait_ms=1), engine=engine)
+    engine = make_engine(debug_codec_dir, after=1)
+    return create_app(Settings(warmup=False, max_wait_ms=1, max_chunks=4), engine=engine)
+
+
+SECONDS = 14.0  # long enough for every action: loop and vary need a whole 6.144 s chunk
 
 
 @pytest.fixture(scope="module")
 def clip_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("page") / "clip.wav"
-    sf.write(path, tone(1.5), 32000, subtype="PCM_16")
+    sf.write(path, tone(SECONDS), 32000, subtype="PCM_16")
     return path
 
 
@@ -59,7 +72,13 @@ def _page_contract(html: str) -> dict:
         "endpoints": endpoints,
         "file_field": re.search(r'body\.append\("(\w+)", file', html).group(1),
         "params": re.findall(r'data-param[^>]*name="(\w+)"', html),
-        "extend_extra": re.findall(r'request\("extend", \{ (\w+): n, (\w+): "true" \}', html)[0],
+        "extend_extra": re.findall(r'request\("extend", \{ (\w+): n, (\w+): "true", (\w+): "true" \}',
+                                   html)[0],
+        # one-shot actions: simple("endpoint", {literal extra} or extra, ...)
+        "simple": {name: (re.search(r"extra = \{([^}]*)\}", html).group(1) + ", start: extra.start"
+                          if var else body)
+                   for name, body, var in re.findall(r'simple\("(\w+)", (?:(\{[^}]*\})|(extra))',
+                                                     html)},
         "headers_read": re.findall(r'"(X-[\w-]+)"', html),
         "events": set(re.findall(r'msg\.event === "(\w+)"', html)),
         "fields_read": set(re.findall(r"msg\.(\w+)", html)) - {"event"},
@@ -71,26 +90,42 @@ def test_page_is_served_and_its_requests_are_the_api(app, clip_path):
         r = c.get("/")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         page = _page_contract(r.text)
-        assert page["endpoints"] == {"continue": "continue", "extend": "extend"}
-        assert set(page["params"]) <= set(CONTINUE_PARAMS)  # no input the API would 422
-        assert {"steps", "seed", "include_input"} <= set(page["params"])
+        assert page["endpoints"] == {"continue": "continue", "extend": "extend",
+                                     "inpaint": "inpaint", "loop": "loop", "vary": "vary",
+                                     "info": "info"}
+        assert set(page["params"]) <= set(SAMPLING_FIELDS)  # no input the API would 422
+        assert {"steps", "seed", "gumbel", "confidence"} <= set(page["params"])
         assert set(page["extend_extra"]) <= set(EXTEND_PARAMS)
         assert set(page["headers_read"]) <= set(PARAM_HEADERS)
+        # Each one-shot action's own parameters belong to its endpoint.
+        allowed = {"continue": CONTINUE_PARAMS, "inpaint": INPAINT_PARAMS, "loop": LOOP_PARAMS,
+                   "vary": VARY_PARAMS}
+        assert set(page["simple"]) == set(allowed)
+        for action, body in page["simple"].items():
+            names = set(re.findall(r"(\w+):", body))
+            assert names <= set(allowed[action]), (action, names)
+        assert "extra.start" in r.text and set(VARY_PARAMS) >= {"start", "keep"}
+        # /info: what the page reads to show limits and enable the editing buttons.
+        info = c.get("/" + page["endpoints"]["info"]).json()
+        assert {"max_chunks", "max_steps"} <= set(info["limits"])
+        assert {"context_seconds", "chunk_seconds"} <= set(info["engine"]["geometry"])
+        assert info["engine"]["editing"] == {"inpaint": True, "loop": True, "vary": True}
 
-        # The request doContinue() makes, with the values a user might type in every field.
-        form = {
-            "steps": "1",
-            "temperature": "1.0",
-            "top_p": "0.9",
-            "guidance": "1",
-            "seed": "5",
-            "include_input": "true",
-        }
+        # The requests the buttons make, with the values a user might type in every field.
+        form = {"steps": "1", "temperature": "1.0", "top_p": "0.9", "guidance": "1",
+                "gumbel": "0.5", "confidence": "sampled", "seed": "5"}
         files = {page["file_field"]: ("clip.wav", clip_path.read_bytes(), "audio/wav")}
-        r = c.post("/" + page["endpoints"]["continue"], params=form, files=files)
-        assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
-        assert all(h.lower() in r.headers for h in page["headers_read"])
-        assert sf.info(io.BytesIO(r.content)).frames == int(1.5 * 32000) + CHUNK
+        n = int(SECONDS * 32000)
+        for action, extra, frames in (
+            ("continue", {"include_input": "true"}, n + CHUNK),
+            ("inpaint", {"start": "3.000", "end": "4.500"}, n),
+            ("loop", {}, n + CHUNK),
+            ("vary", {"keep": "AB", "start": "2.000"}, n),
+        ):
+            r = c.post("/" + page["endpoints"][action], params=form | extra, files=files)
+            assert r.status_code == 200 and r.headers["content-type"] == "audio/wav", r.text
+            assert all(h.lower() in r.headers for h in page["headers_read"])
+            assert sf.info(io.BytesIO(r.content)).frames == frames
 
         # The request doExtend() makes, and the stream events it handles.
         extra = dict.fromkeys(page["extend_extra"], "true") | {"chunks": "1"}
@@ -108,10 +143,10 @@ def test_page_is_served_and_its_requests_are_the_api(app, clip_path):
         }
         assert set().union(*needs.values()) == page["fields_read"]
         assert set(needs) == page["events"] | {"chunk"}  # "chunk" is the script's else-branch
-        assert [m["event"] for m in lines] == ["chunk", "done"]
+        assert [m["event"] for m in lines] == ["input", "chunk", "done"]
         for m in lines:
             assert needs[m["event"]] <= set(m), m.keys()
-        wav = base64.b64decode(lines[0]["audio"])
+        wav = base64.b64decode(lines[1]["audio"])
         assert sf.info(io.BytesIO(wav)).frames == CHUNK
 
         # An error the page shows as "status error: detail".
@@ -221,25 +256,71 @@ def browser():
         proc.wait(10)
 
 
-def test_browser_uploads_a_file_and_gets_a_playable_result(app, clip_path, browser):
+def _duration(browser, css: str) -> float:
+    return browser.wait_js(f"const a = document.querySelector('{css}');"
+                           "return a && a.readyState >= 1 && a.duration")
+
+
+def _run(browser, button: str) -> None:
+    browser.click(button)
+    browser.wait_js("return document.getElementById('status').textContent.startsWith('done')"
+                    " || document.getElementById('status').className === 'error'")
+    status = browser.js("return document.getElementById('status').textContent")
+    assert status.startswith("done"), status
+
+
+def test_browser_a_musicians_session(app, clip_path, browser, tmp_path):
+    """Upload, see the waveform, drag a selection, and run every action through the real
+    server; each result plays as one track and downloads; cancel and errors show."""
+    seconds, chunk = SECONDS, CHUNK / 32000
     with serve_in_background(app) as url:
+        browser.cmd("POST", "/window/rect", {"width": 1000, "height": 1700})
         browser.cmd("POST", "/url", {"url": url + "/"})
+        browser.wait_js("return document.getElementById('max-chunks').textContent.includes('4')")
         browser.type("#audio", str(clip_path))
         browser.type("input[name=steps]", "1")
         browser.type("input[name=seed]", "9")
-        # The chosen file plays as the input.
         browser.wait_js("return document.getElementById('input-audio').readyState >= 1")
-        browser.click("#continue-btn")
-        duration = browser.wait_js(
-            "const a = document.getElementById('result-audio');"
-            "return a.readyState >= 1 && a.duration"
-        )
-        assert abs(duration - CHUNK / 32000) < 0.01
-        assert "seed=9" in browser.js("return document.getElementById('ran').textContent")
+        # The waveform is drawn: dark pixels in the middle row of the canvas.
+        browser.wait_js("const c = document.getElementById('wave');"
+                        "const d = c.getContext('2d').getImageData(0, c.height / 2, c.width, 1).data;"
+                        "let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] < 100) n++;"
+                        "return n > c.width / 2")
+        # Drag across the middle fifth of the waveform: that is the selection.
+        wave = browser.find("#wave")
+        width = browser.js("return document.getElementById('wave').getBoundingClientRect().width")
+        move = lambda x: {"type": "pointerMove", "duration": 50,  # noqa: E731
+                          "origin": {browser.ELEMENT: wave}, "x": int(x), "y": 0}
+        browser.cmd("POST", "/actions", {"actions": [{
+            "type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
+            "actions": [move(-0.1 * width), {"type": "pointerDown", "button": 0},
+                        move(0.1 * width), {"type": "pointerUp", "button": 0}]}]})
+        start = float(browser.js("return document.getElementById('sel-start').value"))
+        end = float(browser.js("return document.getElementById('sel-end').value"))
+        assert abs(start - 0.4 * seconds) < 0.3 and abs(end - 0.6 * seconds) < 0.3, (start, end)
 
-        # The streamed extension: one playable player per chunk, as they arrive.
+        _run(browser, "#inpaint-btn")
+        assert abs(_duration(browser, "#result-audio") - seconds) < 0.01
+        assert "seed=9" in browser.js("return document.getElementById('ran').textContent")
+        assert browser.js("return document.getElementById('download').download") == "inpainted.wav"
+        size = browser.wait_js("return fetch(document.getElementById('download').href)"
+                               ".then(r => r.arrayBuffer()).then(b => b.byteLength)")
+        assert size == 44 + 2 * int(seconds * 32000)
+
+        _run(browser, "#continue-btn")
+        assert abs(_duration(browser, "#result-audio") - (seconds + chunk)) < 0.01
+
+        _run(browser, "#loop-btn")
+        assert abs(_duration(browser, "#result-audio") - (seconds + chunk)) < 0.01
+        assert browser.js("return document.getElementById('result-audio').loop") is True
+
+        browser.js("document.getElementById('keep').value = 'AB'")
+        _run(browser, "#vary-btn")
+        assert abs(_duration(browser, "#result-audio") - seconds) < 0.01
+
+        # The streamed extension: a player per chunk as they arrive, then one joined track.
         browser.type("#chunks", "2")
-        browser.click("#extend-btn")
+        _run(browser, "#extend-btn")
         durations = browser.wait_js(
             "const els = [...document.querySelectorAll('audio.chunk')];"
             "return els.length === 2 && els.every(a => a.readyState >= 1)"
@@ -248,9 +329,23 @@ def test_browser_uploads_a_file_and_gets_a_playable_result(app, clip_path, brows
         # Seam-exact chaining holds each chunk's last 0.768 s back for the next piece
         # (docs/server.md): pieces of 6.144 - 0.768 s and 6.144 + 0.768 s, 12.288 s in all.
         hold = 24_576 / 32000
-        assert abs(durations[0] - (CHUNK / 32000 - hold)) < 0.01, durations
-        assert abs(durations[1] - (CHUNK / 32000 + hold)) < 0.01, durations
-        assert browser.js("return document.getElementById('status').textContent").startswith("done")
+        assert abs(durations[0] - (chunk - hold)) < 0.01, durations
+        assert abs(durations[1] - (chunk + hold)) < 0.01, durations
+        assert abs(_duration(browser, "#result-audio") - (seconds + 2 * chunk)) < 0.01
+        assert "2 of 2 chunks" in browser.js("return document.getElementById('status').textContent")
+
+        # The page as a musician sees it, kept for the docs when asked.
+        png = base64.b64decode(browser.cmd("GET", "/screenshot"))
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        target = os.environ.get("SNAC_DIT_PAGE_SCREENSHOT")
+        (Path(target) if target else tmp_path / "page.png").write_bytes(png)
+
+        # Cancel a long extension: the page says so and is usable again.
+        browser.type("#chunks", "4")
+        browser.click("#extend-btn")
+        browser.click("#cancel-btn")
+        browser.wait_js("return document.getElementById('status').textContent === 'cancelled'")
+        assert browser.js("return document.getElementById('continue-btn').disabled") is False
 
         # An error is shown, not swallowed.
         browser.type("input[name=steps]", "0")

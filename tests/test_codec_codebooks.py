@@ -207,6 +207,26 @@ def test_encoder_learns_at_its_own_rate():
     assert {id(p) for p in back["params"]} == {id(p) for p in trainer.model.decoder.parameters()}
 
 
+def test_a_resumed_run_uses_the_rates_its_config_asks_for_now():
+    """Optimizer.load_state_dict restores the saved learning rates; the trainer puts the
+    config's back (decayed to the step), so `--encoder_lr_scale` on a resume takes effect."""
+    from training.codec_config import load_config
+    from training.codec_trainer import CodecTrainer
+
+    base = ["--preset", "debug", "--gan", "false", "--lr", "6e-4", "--lr_decay", "0.99"]
+    first = CodecTrainer(load_config(None, base + ["--encoder_lr_scale", "0.25"]))
+    for _ in range(3):
+        first.sched_g.step()
+    sd = {**first.state_dict(), "step": 3}      # as codec_checkpoint saves it
+    resumed = CodecTrainer(load_config(None, base + ["--encoder_lr_scale", "1.0"]))
+    resumed.load_state_dict(sd)
+    front, back = resumed.opt_g.param_groups
+    assert front["lr"] == pytest.approx(6e-4 * 0.99 ** 3)
+    assert back["lr"] == pytest.approx(6e-4 * 0.99 ** 3)
+    resumed.sched_g.step()                      # and the schedule goes on from there
+    assert front["lr"] == pytest.approx(6e-4 * 0.99 ** 4)
+
+
 @pytest.mark.parametrize("bad, match", [
     (["--encoder_lr_scale", "0"], "encoder_lr_scale"),
     (["--dead_code_window", "0"], "dead_code_window"),

@@ -253,3 +253,29 @@ class CodecTrainer:
         elif self.disc is not None:
             print("warning: checkpoint has no discriminator; starting a fresh one", file=sys.stderr)
         self.step = int(sd["step"])
+        self._apply_configured_rates()
+
+    def _apply_configured_rates(self) -> None:
+        """Loading an optimiser restores the learning rates it was saved with; a resumed run
+        must use the rates its config asks for now (lr, encoder_lr_scale), decayed to its step."""
+        cfg = self.cfg
+        pairs = [(self.opt_g, self.sched_g, self._group_rates())]
+        if self.opt_d is not None:
+            pairs.append((self.opt_d, self.sched_d, [cfg.lr]))
+        for opt, sched, bases in pairs:
+            old = list(sched.base_lrs)
+            decay = cfg.lr_decay ** sched.last_epoch
+            for group, base in zip(opt.param_groups, bases, strict=True):
+                group["initial_lr"] = base
+                group["lr"] = base * decay
+            sched.base_lrs = list(bases)
+            if any(abs(a - b) > 1e-12 for a, b in zip(old, bases, strict=True)):
+                print(f"note: learning rates {old} from the checkpoint replaced by the config's "
+                      f"{bases}", file=sys.stderr)
+
+    def _group_rates(self) -> list[float]:
+        """Base learning rate of each generator param group, as built in __init__."""
+        front = {id(p) for m in (self.model.encoder, self.model.quantizer) for p in m.parameters()}
+        return [self.cfg.lr * (self.cfg.encoder_lr_scale
+                               if any(id(p) in front for p in g["params"]) else 1.0)
+                for g in self.opt_g.param_groups]

@@ -74,7 +74,11 @@ def run_once(engine: ContinuationEngine, audios, params) -> dict[str, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="debug")
-    ap.add_argument("--codec", choices=("debug", "snac32k"), default="debug")
+    ap.add_argument("--codec", default="debug",
+                    help="debug, snac32k (random-init architectures) or a codec directory "
+                         "(e.g. weights/demo/codec)")
+    ap.add_argument("--dit", default="",
+                    help="DiTConfig overrides on the preset, e.g. d_model=192,n_layers=4,n_heads=3")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
@@ -89,9 +93,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    codec = Codec.load(DEBUG_CODEC_CONFIG if args.codec == "debug" else SNAC_32KHZ_CONFIG, device)
+    named = {"debug": DEBUG_CODEC_CONFIG, "snac32k": SNAC_32KHZ_CONFIG}
+    codec = Codec.load(named.get(args.codec, args.codec), device)
     dtype = getattr(torch, args.dtype)
-    dit = DiT(DiTConfig.from_name(args.preset)).to(device, dtype).eval()
+    overrides = {k: int(v) for k, v in (kv.split("=") for kv in args.dit.split(",") if kv)}
+    dit = DiT(DiTConfig.from_name(args.preset, codebook_size=codec.codebook_size,
+                                  **overrides)).to(device, dtype).eval()
     engine = ContinuationEngine(codec, dit)
     steps = tuple(int(s) for s in args.steps.split(","))
     chunk = codec.samples_per_chunk
@@ -106,6 +113,8 @@ def main(argv=None) -> int:
         audio_s = bs * chunk / codec.sample_rate
         row = dict(
             preset=args.preset,
+            dit=overrides,
+            params=dit.num_params(),
             codec=args.codec,
             device=str(device),
             device_name=torch.cuda.get_device_name(device)

@@ -29,14 +29,15 @@ STRIDES = (8, 4, 2, 1)
 
 
 def make_tokens(out: Path, n_train: int = 3, chunks: int = 4, seed: int = 0,
-                same: bool = False) -> Path:
+                same: bool = False, codebook_size: int = V) -> Path:
     """A token dir: `n_train` train files + 1 val file of `chunks` chunks of random tokens
     (`same`: every file holds the same tokens)."""
     rng = np.random.default_rng(seed)
     n_frames = chunks * CHUNK_FRAMES
 
     def tokens():
-        return [rng.integers(0, V, n_frames * STRIDES[0] // s).astype(np.uint16) for s in STRIDES]
+        return [rng.integers(0, codebook_size, n_frames * STRIDES[0] // s).astype(np.uint16)
+                for s in STRIDES]
 
     val = next(f"val{i}.wav" for i in range(100) if split_of(f"val{i}.wav", 0.5) == "val")
     train = [n for n in (f"train{i}.wav" for i in range(100)) if split_of(n, 0.5) == "train"]
@@ -44,7 +45,7 @@ def make_tokens(out: Path, n_train: int = 3, chunks: int = 4, seed: int = 0,
     files = {name: first if same else tokens() for name in train[:n_train]}
     files[val] = tokens()
     write_token_dir(out, files, val_fraction=0.5, strides=STRIDES, chunk_frames=CHUNK_FRAMES,
-                    pad_frames=1, codebook_size=V)
+                    pad_frames=1, codebook_size=codebook_size)
     return out
 
 

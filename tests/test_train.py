@@ -147,3 +147,34 @@ def test_overrides_parse_and_validate(tmp_path):
     toml.write_text('name = "x"\n[optim]\nlr = 1e-3\n[[curriculum.stages]]\nsteps = 5\nn_ctx = [1, 0, 0]\n')
     cfg = load_config(toml, [("optim.lr", 2e-3)])
     assert cfg.name == "x" and cfg.optim.lr == 2e-3 and cfg.total_steps == 5
+
+
+def test_fine_tune_starts_from_an_exported_model(tmp_path):
+    """`init`: the run starts from an export's weights and architecture (what `adapt` builds
+    on); an export made for other tokens is refused, naming the mismatch."""
+    from model.engine import load_dit
+    from training.export import main as export
+
+    tokens = make_tokens(tmp_path / "tokens", n_train=2, chunks=3, same=True)
+    memo = {"curriculum.stages.0.steps": 0, "curriculum.stages.1.steps": 0,
+            "curriculum.stages.2.steps": 30, "curriculum.stages.2.n_ctx": [0.0, 0.0, 1.0],
+            "optim.lr": 3e-3, "optim.min_lr": 3e-3, "data.batch_size": 4,
+            "diffusion.context_dropout": 0.0, "eval.every": 0, "ckpt.every": 1000,
+            "log.every": 1}
+    assert Trainer(debug_config(tokens, tmp_path, "base", **memo)).fit() == 0
+    assert export([str(tmp_path / "base"), str(tmp_path / "served")]) == 0
+    served = load_dit(tmp_path / "served")
+
+    tuned = Trainer(debug_config(tokens, tmp_path, "tuned", init=str(tmp_path / "served"),
+                                 **{**memo, "curriculum.stages.2.steps": 3}))
+    start = {k: v.detach().clone() for k, v in tuned.dit.state_dict().items()}
+    assert all(torch.equal(start[k], v.float()) for k, v in served.state_dict().items())
+    assert tuned.model_cfg == served.config
+    assert tuned.fit() == 0
+    rows = [json.loads(x) for x in (tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()]
+    first = [r["loss"] for r in rows if r["kind"] == "train"][0]
+    assert first < 0.5 * math.log(32)          # it already knows the windows: not from scratch
+
+    other = make_tokens(tmp_path / "other", n_train=2, chunks=3, codebook_size=64)
+    with pytest.raises(ConfigError, match="codebook_size"):
+        Trainer(debug_config(other, tmp_path, "bad", init=str(tmp_path / "served")))

@@ -124,6 +124,9 @@ class TrainConfig:
     # Stop (saving a checkpoint) at this step although the curriculum goes on: for jobs with a
     # time limit. The schedule still spans the whole curriculum. 0 = run to the end.
     stop_at: int = 0
+    # Fine-tune: start from the weights of an exported model (a `save_pretrained` directory,
+    # e.g. weights/demo/dit); its architecture replaces [model]. "" = from scratch.
+    init: str = ""
     model: dict = field(default_factory=lambda: {"preset": "base"})  # DiTConfig overrides
     diffusion: dict = field(default_factory=dict)  # DiffusionConfig overrides
     data: DataConfig = field(default_factory=DataConfig)

@@ -10,11 +10,13 @@ order is a pure function of the sampler position, so a resumed run continues bit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +26,8 @@ from torch.utils.data import DataLoader
 
 from model.diffusion import DiffusionConfig, MaskedDiffusion
 from model.dit import DiT, DiTConfig
+from model.engine import WEIGHTS_FILE
+from model.engine import load_config as load_model_config
 from training import checkpoint as ckpt_io
 from training import distributed as D
 from training.config import ConfigError, TrainConfig
@@ -113,13 +117,33 @@ class Trainer:
             frames_per_chunk=tuple(geo["frames_per_chunk"]), strides=tuple(geo["strides"]),
             max_after_chunks=int(self.editing),     # from the curriculum: editing layouts
         )
-        for k, v in from_tokens.items():
-            if k in overrides and tuple(np.atleast_1d(overrides[k])) != tuple(np.atleast_1d(v)):
-                raise ConfigError(f"model.{k} = {overrides[k]} contradicts the tokens ({v})")
-        try:
-            self.model_cfg = DiTConfig.from_name(cfg.model["preset"], **{**overrides, **from_tokens})
-        except (TypeError, ValueError) as e:  # unknown preset or field, bad value
-            raise ConfigError(f"[model] {cfg.model}: {e}") from e
+        self.init_weights = None
+        if cfg.init:
+            # Fine-tune: the exported model's own architecture, on these tokens.
+            try:
+                base = DiTConfig.from_dict(load_model_config(cfg.init)["dit"])
+            except (OSError, ValueError, TypeError) as e:
+                raise ConfigError(f"init {cfg.init!r}: {e}") from e
+            for k, v in from_tokens.items():
+                if k != "max_after_chunks" and tuple(np.atleast_1d(getattr(base, k))) != tuple(
+                        np.atleast_1d(v)):
+                    raise ConfigError(
+                        f"init {cfg.init!r} has {k} = {getattr(base, k)}, but the tokens in "
+                        f"{cfg.data.tokens} have {v}: tokenise with the codec that model was "
+                        "trained on")
+            self.model_cfg = dataclasses.replace(
+                base, max_after_chunks=max(base.max_after_chunks, from_tokens["max_after_chunks"]))
+            self.init_weights = Path(cfg.init) / WEIGHTS_FILE
+        else:
+            for k, v in from_tokens.items():
+                if k in overrides and tuple(np.atleast_1d(overrides[k])) != tuple(
+                        np.atleast_1d(v)):
+                    raise ConfigError(f"model.{k} = {overrides[k]} contradicts the tokens ({v})")
+            try:
+                self.model_cfg = DiTConfig.from_name(cfg.model["preset"],
+                                                     **{**overrides, **from_tokens})
+            except (TypeError, ValueError) as e:  # unknown preset or field, bad value
+                raise ConfigError(f"[model] {cfg.model}: {e}") from e
         try:
             self.diff_cfg = DiffusionConfig.from_dict(cfg.diffusion)
         except (TypeError, ValueError) as e:
@@ -127,6 +151,11 @@ class Trainer:
 
         seed_everything(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         self.dit = DiT(self.model_cfg).to(self.device)
+        if self.init_weights is not None:
+            from safetensors.torch import load_file
+
+            state = load_file(str(self.init_weights), device=str(self.device))
+            self.dit.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         self.n_params = self.dit.num_params()
         self.ema = EMA(self.dit, cfg.optim.ema_decay, cfg.optim.ema_warmup)
         module = LossModule(self.dit, MaskedDiffusion(self.diff_cfg))

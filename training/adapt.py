@@ -1,0 +1,237 @@
+"""Adapt the demo model to your own music: `python -m training.adapt ~/my-songs --out weights/mine`.
+
+One command, four phases, each resumable (re-run the same command after Ctrl-C):
+
+1. tokenise the folder with the codec the base model was trained on (`training.tokenize`);
+2. hold out a few songs (chosen by a hash of their paths, so every re-run holds out the same);
+3. fine-tune the base DiT on the rest (`training/train.py` with `init`, one curriculum stage
+   mixing 0, 1 and 2 context chunks, and after-context if the base model has it);
+4. export the EMA weights to `--out`, measure the held-out songs' per-level masked-token
+   cross-entropy of the base and the adapted model, and print the line that serves it.
+
+Everything but the export lives in `--work` (default `runs/adapt/<out name>`): the tokens, the
+run (checkpoints, metrics.jsonl), `adapt.toml` (the training config, for inspection) and
+`adapt_eval.json`. Exit status: 0 done; 1 nothing to learn from (no audio, nothing decodable,
+songs too short); 2 refused (bad arguments, base model or codec missing); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_BASE, DEFAULT_CODEC = "weights/demo/dit", "weights/demo/codec"
+
+
+class AdaptError(RuntimeError):
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.adapt",
+                                description="Fine-tune the demo model on a folder of your songs.")
+    p.add_argument("songs", type=Path, help="folder of audio (searched recursively; any format "
+                                            "the server reads)")
+    p.add_argument("--out", type=Path, required=True, help="where to write the adapted model")
+    p.add_argument("--base", default=DEFAULT_BASE, help=f"model to start from ({DEFAULT_BASE})")
+    p.add_argument("--codec", default=DEFAULT_CODEC,
+                   help=f"the codec the base model was trained on ({DEFAULT_CODEC})")
+    p.add_argument("--work", type=Path, help="working directory (default runs/adapt/<out name>)")
+    p.add_argument("--steps", type=int, default=600, help="fine-tuning steps (default 600)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--val-songs", type=int, default=None,
+                   help="songs held out to measure the adaptation (default: 1 per 8, at least "
+                        "1 when there are 3 or more)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _hash(path: str) -> str:
+    return hashlib.sha256(path.encode("utf-8")).hexdigest()
+
+
+def hold_out(token_dir: Path, k: int | None) -> tuple[list[str], list[str]]:
+    """Mark k songs of the token directory 'val' (the smallest path hashes), the rest 'train'."""
+    from training import shards
+
+    manifest = shards.read_manifest(token_dir)
+    names = sorted((f["path"] for f in manifest["files"]), key=_hash)
+    if k is None:
+        k = max(1, len(names) // 8) if len(names) >= 3 else 0
+    val = set(names[:k])
+    changed = False
+    for f in manifest["files"]:
+        split = "val" if f["path"] in val else "train"
+        changed |= f["split"] != split
+        f["split"] = split
+    if changed:
+        shards.write_manifest(token_dir, manifest)
+    return sorted(set(names) - val), sorted(val)
+
+
+def training_toml(a, work: Path, editing: bool, has_val: bool) -> str:
+    """The fine-tuning config: one stage over the context mix, a gentle learning rate."""
+    every = max(10, a.steps // 10)
+    return f"""# written by `python -m training.adapt`; re-running that command resumes this run
+name = "run"
+out_dir = {json.dumps(str(work))}
+init = {json.dumps(str(a.base))}
+
+[data]
+tokens = {json.dumps(str(work / "tokens"))}
+batch_size = {a.batch_size}
+num_workers = 0
+
+[optim]
+lr = {a.lr}
+min_lr = {a.lr / 10}
+warmup_steps = {min(50, max(1, a.steps // 10))}
+grad_accum = 1
+ema_decay = 0.999
+
+[[curriculum.stages]]
+name = "adapt"
+steps = {a.steps}
+n_ctx = [0.1, 0.2, 0.7]
+n_after = {0.2 if editing else 0.0}
+
+[eval]
+every = {a.steps if has_val else 0}
+batches = 2
+batch_size = 2
+n_ctx = [2]
+audio = false
+
+[ckpt]
+every = {every}
+keep = 2
+
+[log]
+every = {every}
+progress = {"false" if a.no_progress else "true"}
+"""
+
+
+def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int = 16) -> dict:
+    """Per-level masked-token CE (half the tokens masked) of each model on the val windows."""
+    import numpy as np
+    import torch
+
+    from model.diffusion import LEVEL_NAMES, DiffusionConfig
+    from model.engine import load_config, load_dit
+    from training.data import TokenWindows
+    from training.evaluate import masked_token_metrics
+
+    for n_ctx in (2, 1, 0):
+        val = TokenWindows(token_dir, "val", n_ctx=n_ctx, contexts=(1.0, 0.0, 0.0))
+        if len(val):
+            break
+    else:
+        return {}
+    picks = np.unique(np.linspace(0, len(val) - 1, max_windows).round().astype(int))
+    items = [val[int(i)]["tokens"] for i in picks]
+    windows = [torch.stack([it[lvl] for it in items]) for lvl in range(len(items[0]))]
+    out = {"windows": len(picks), "n_ctx": n_ctx}
+    for name, path in model_dirs.items():
+        model = load_dit(path)
+        schedules = DiffusionConfig.from_dict(load_config(path).get("diffusion", {})).schedules
+        sums = {}
+        with torch.no_grad():
+            for lo in range(0, len(picks), 4):
+                batch = [w[lo:lo + 4] for w in windows]
+                for lvl, (ce, _, n) in masked_token_metrics(model, batch, n_ctx, 0.5, schedules,
+                                                            seed=lo).items():
+                    s = sums.setdefault(lvl, [0.0, 0])
+                    s[0] += ce
+                    s[1] += n
+        out[name] = {lvl: round(sums[lvl][0] / sums[lvl][1], 4)
+                     for lvl in LEVEL_NAMES[: len(sums)]}
+    return out
+
+
+def run(a) -> int:
+    from training import train
+    from training.export import export
+    from training.tokenize import TokenizeConfig, TokenizeError, tokenize
+
+    if not a.songs.is_dir():
+        raise AdaptError(f"{a.songs}: not a folder of audio")
+    if a.steps < 1 or a.batch_size < 1 or a.lr <= 0 or (a.val_songs is not None and a.val_songs < 0):
+        raise AdaptError("--steps and --batch-size must be >= 1, --lr > 0, --val-songs >= 0")
+    base = Path(a.base)
+    if not (base / "config.json").is_file():
+        raise AdaptError(f"base model {a.base}: not found (a directory with config.json and "
+                         "model.safetensors, e.g. weights/demo/dit)")
+    from model.engine import load_config
+
+    editing = load_config(base)["dit"].get("max_after_chunks", 0) >= 1
+    work = a.work or Path("runs/adapt") / a.out.name
+    work.mkdir(parents=True, exist_ok=True)
+
+    print(f"1/4 tokenising {a.songs} with {a.codec}", file=sys.stderr)
+    try:
+        summary = tokenize(TokenizeConfig(audio_dir=a.songs, out_dir=work / "tokens",
+                                          codec=a.codec, val_fraction=0.0,
+                                          progress=not a.no_progress))
+    except TokenizeError as e:
+        raise AdaptError(str(e)) from e
+    if summary.total_files == 0:
+        what = "no audio files" if summary.found == 0 else "no file could be decoded"
+        raise AdaptError(f"{a.songs}: {what}; nothing to adapt to", code=1)
+
+    train_songs, val_songs = hold_out(work / "tokens", a.val_songs)
+    print(f"2/4 {len(train_songs)} songs to learn from, {len(val_songs)} held out: "
+          f"{', '.join(val_songs) or '-'}", file=sys.stderr)
+    from training.data import TokenWindows
+
+    if len(TokenWindows(work / "tokens", "train", n_ctx=1)) == 0:
+        raise AdaptError(
+            "every song to learn from is shorter than 12.288 s (one 6.144 s chunk of context "
+            "and one to predict); add longer songs", code=1)
+
+    config = work / "adapt.toml"
+    config.write_text(training_toml(a, work, editing, bool(val_songs)))
+    print(f"3/4 fine-tuning {a.base} for {a.steps} steps (config {config})", file=sys.stderr)
+    rc = train.main(["--config", str(config), "--resume"])
+    if rc == 130:
+        return 130
+    if rc != 0:
+        raise AdaptError(f"training stopped with status {rc} (see above)", code=rc)
+
+    print(f"4/4 exporting to {a.out}", file=sys.stderr)
+    export(work / "run", a.out)
+    report = held_out_ce({"base": base, "adapted": a.out}, work / "tokens") if val_songs else {}
+    (work / "adapt_eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    if report:
+        print(f"held-out masked-token cross-entropy, {report['windows']} windows "
+              f"(lower is better):", file=sys.stderr)
+        for lvl, ce in report["base"].items():
+            print(f"  level {lvl}: base {ce:.3f} -> adapted {report['adapted'][lvl]:.3f}",
+                  file=sys.stderr)
+    codec = "" if a.codec == DEFAULT_CODEC else f"SNAC_DIT_CODEC={a.codec} "
+    print(f"done. Serve it with:\n\n    {codec}SNAC_DIT_WEIGHTS={a.out} make serve\n",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        return run(a)
+    except AdaptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("\ninterrupted; what is done is kept. Re-run the same command to go on.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -178,3 +178,16 @@ def test_fine_tune_starts_from_an_exported_model(tmp_path):
     other = make_tokens(tmp_path / "other", n_train=2, chunks=3, codebook_size=64)
     with pytest.raises(ConfigError, match="codebook_size"):
         Trainer(debug_config(other, tmp_path, "bad", init=str(tmp_path / "served")))
+
+
+def test_configs_load_without_the_stdlib_tomllib():
+    """Python 3.10 has no tomllib: both config loaders fall back to the tomli package (a
+    dependency there). Simulated: tomllib hidden, tomli provided by the same parser."""
+    code = ("import sys, tomllib; sys.modules['tomli'] = tomllib; sys.modules['tomllib'] = None; "
+            "import training.config as c, training.codec_config as cc; "
+            "c.load_config('training/configs/debug.toml', []); "
+            "print(c.tomllib.__name__, cc.tomllib.__name__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["tomllib", "tomllib"]  # the module registered as 'tomli'

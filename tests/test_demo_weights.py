@@ -48,12 +48,6 @@ def spectral_flux(y, n: int = 1024, hop: int = 256):
     return np.maximum(np.diff(mag, axis=0), 0).sum(axis=1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect (boundary issue): the context's last tokens come from an encode of the "
-    "context alone, which ends in silence; decoded next to the continuation's tokens they give "
-    "a dip then a burst in the last ~30 ms before the join (measured: flux 580 vs the input's "
-    "own 310). Fix planned: re-encode the input's end with the decoded continuation after it "
-    "and decode the join from those tokens."))
 def test_include_input_join_has_no_spectral_jump(tmp_path, monkeypatch):
     """Through HTTP with the shipped codec. The DiT is replaced by one that "continues"
     perfectly (its tokens are the codec's encoding of the real next 6.144 s), so what is judged

@@ -158,7 +158,9 @@ def test_extend_is_seam_exact_against_a_one_pass_decode(engine, reference):
     chained = torch.cat(list(engine.extend(full, n, FAST)))
     context = engine._encode([full])
     new = list(extend_tokens(engine.dit, context, n, FAST, engine.diffusion.schedules))
-    tokens = [torch.cat([c, *(chunk[lv] for chunk in new)], dim=1) for lv, c in enumerate(context)]
+    # What is decoded: the context with its end re-heard next to the first chunk (the join).
+    heard = engine.heard_context(context, engine._window(full), new[0], engine._params(FAST).seed)
+    tokens = [torch.cat([c, *(chunk[lv] for chunk in new)], dim=1) for lv, c in enumerate(heard)]
     seed = derive_seed(engine._params(FAST).seed, 0, "decode") % 2**31
     one_pass = engine.codec.decode(tokens, seed=seed)[0, 2 * CHUNK:].clamp(-1, 1)  # 2-chunk ctx
     assert chained.shape == one_pass.shape == (n * CHUNK,)

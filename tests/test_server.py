@@ -147,7 +147,8 @@ def test_extend_is_seam_exact_over_http_streamed_or_not(client, engine, clip):
     audio = torch.from_numpy(read_audio(clip, SR))
     context = engine._encode([audio])
     new = list(extend_tokens(engine.dit, context, 3, params, engine.diffusion.schedules))
-    tokens = [torch.cat([c, *(n[lv] for n in new)], dim=1) for lv, c in enumerate(context)]
+    heard = engine.heard_context(context, engine._window(audio), new[0], 5)  # the join, decoded
+    tokens = [torch.cat([c, *(n[lv] for n in new)], dim=1) for lv, c in enumerate(heard)]
     one_pass = engine.codec.decode(tokens, seed=derive_seed(5, 0, "decode") % 2**31)
     ctx = context[0].shape[1] // engine.codec.frames_per_chunk[0] * CHUNK  # 1 chunk for 2 s in
     ref, _, _ = read_wav(wav_bytes(one_pass[0, ctx:].clamp(-1, 1).numpy()))

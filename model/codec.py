@@ -234,6 +234,7 @@ class Codec:
         # Coarse frames per padding unit: token lengths must be multiples of this per level.
         self.pad_frames = tuple(self.pad_samples // (self.hop_length * s) for s in self.strides)
         self._fingerprint: str | None = None
+        self._reach: int | None = None  # encoder_reach, measured on first use
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -299,7 +300,12 @@ class Codec:
         encoder's receptive field (found by back-propagating from one latent frame to the
         input, so it follows the architecture, not a guess) plus one coarsest token, whose
         residual every finer level subtracts. Convolutions and windowed attention are local,
-        so audio further away than this cannot change a token."""
+        so audio further away than this cannot change a token. Measured once per codec."""
+        if self._reach is None:
+            self._reach = self._measure_reach()
+        return self._reach
+
+    def _measure_reach(self) -> int:
         n_units = 8
         while True:
             x = torch.zeros(1, 1, n_units * self.pad_samples, device=self.device)
@@ -317,6 +323,13 @@ class Codec:
             n_units *= 2                     # the field reached the probe's ends: widen it
             if n_units > 1024:
                 raise RuntimeError("the encoder's receptive field exceeds 6 minutes")
+
+    @property
+    def border_samples(self) -> int:
+        """`encoder_reach` rounded up to the padding grid: how much of a
+        stretch's ends an encode of that stretch alone gets wrong, in whole padding units.
+        24,576 samples (0.768 s) for every snac_32khz-geometry codec."""
+        return -(-self.encoder_reach() // self.pad_samples) * self.pad_samples
 
     def validate_tokens(self, tokens: list[torch.Tensor], name: str = "tokens") -> None:
         if len(tokens) != self.n_levels:

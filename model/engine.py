@@ -172,7 +172,6 @@ class ContinuationEngine:
         if len(self.diffusion.schedules) != cfg.n_levels:
             raise ValueError("diffusion config and model disagree on the number of levels")
         self.default_params = (default_params or SamplingParams()).validated(cfg.n_levels)
-        self._border: int | None = None     # border_samples, measured on first use
 
     @classmethod
     def load(
@@ -330,57 +329,50 @@ class ContinuationEngine:
             start = end
 
     # ------------------------------------------------------------------ the join
-    @property
-    def border_samples(self) -> int:
-        """The encoder's reach rounded up to the padding grid: how much of a context's end an
-        encode of the context alone gets wrong (it hears silence after it). 24,576 samples
-        (0.768 s) for every snac_32khz-geometry codec."""
-        if self._border is None:
-            pad = self.codec.pad_samples
-            self._border = -(-self.codec.encoder_reach() // pad) * pad
-        return self._border
-
     def heard_context(self, context: list[Tensor], window: Tensor, new: list[Tensor],
                       seed: int) -> list[Tensor]:
         """The context tokens to *decode* a continuation with (one row; the model itself keeps
         the tokens it was given). An encode of the context audio alone ends as if silence
         followed, and those last tokens decoded next to the continuation's make the decoder dip
-        and burst at the join (measured: RMS 0.03 then 0.35 against the music's 0.1). So the
-        context's last `border_samples` are re-encoded from the real audio there followed by a
-        first decoding of the continuation; nothing else changes."""
-        B, hop = self.border_samples, self.codec.hop_length
-        n = window.shape[-1]
-        if n < 2 * B:
-            return context
-        seq = [torch.cat([c, x.to(c.device)], dim=1) for c, x in zip(context, new, strict=True)]
-        after = self._decode_samples(seq, n, n + B, seed)              # (B,) the join's far side
-        heard = self.codec.encode(torch.cat([window[n - 2 * B:].float().cpu(), after])[None])
-        out = []
-        for c, h, s in zip(context, heard, self.codec.strides, strict=True):
-            b = B // (hop * s)                                         # border tokens, this level
-            c = c.clone()
-            c[:, -b:] = h[:, b: 2 * b].to(c.device)
-            out.append(c)
-        return out
+        and burst at the join (measured: RMS 0.03 then 0.3 against the music's 0.1). So the
+        context's last `codec.border_samples` are re-encoded from the real audio there followed
+        by a first decoding of the continuation; nothing else changes."""
+        return self._rehear(context, new, window, context_first=True, seed=seed)
 
     def heard_head(self, before: list[Tensor], after: list[Tensor], audio: Tensor,
                    seed: int) -> list[Tensor]:
         """The mirror of `heard_context` for a chunk encoded alone that follows generated
-        tokens (the loop's first chunk after its bridge): its first `border_samples` are
+        tokens (the loop's first chunk after its bridge): its first `codec.border_samples` are
         re-encoded from a first decoding of what precedes it followed by its real audio."""
-        B, hop = self.border_samples, self.codec.hop_length
+        return self._rehear(after, before, audio, context_first=False, seed=seed)
+
+    def _rehear(self, encoded: list[Tensor], other: list[Tensor], audio: Tensor,
+                context_first: bool, seed: int) -> list[Tensor]:
+        """`encoded` (tokens of `audio` encoded alone) with the border facing `other` (generated
+        tokens, after it if context_first else before it) re-encoded from 2 borders of the real
+        audio and 1 border of a first decoding of `other` across the join."""
+        B, hop = self.codec.border_samples, self.codec.hop_length
         if audio.shape[-1] < 2 * B:
-            return after
-        seq = [torch.cat([b, a.to(b.device)], dim=1) for b, a in zip(before, after, strict=True)]
-        n = before[0].shape[1] * self.codec.strides[0] * hop           # where `after` starts
-        lead = self._decode_samples(seq, n - B, n, seed)
-        heard = self.codec.encode(torch.cat([lead, audio[: 2 * B].float().cpu()])[None])
+            return encoded
+        parts = (encoded, other) if context_first else (other, encoded)
+        seq = [torch.cat([a, b.to(a.device)], dim=1) for a, b in zip(*parts, strict=True)]
+        join = parts[0][0].shape[1] * self.codec.strides[0] * hop      # sample of the join
+        audio = audio.float().cpu()
+        if context_first:
+            far = self._decode_samples(seq, join, join + B, seed)
+            heard = self.codec.encode(torch.cat([audio[-2 * B:], far])[None])
+        else:
+            far = self._decode_samples(seq, join - B, join, seed)
+            heard = self.codec.encode(torch.cat([far, audio[: 2 * B]])[None])
         out = []
-        for a, h, s in zip(after, heard, self.codec.strides, strict=True):
-            b = B // (hop * s)
-            a = a.clone()
-            a[:, :b] = h[:, b: 2 * b].to(a.device)
-            out.append(a)
+        for t, h, s in zip(encoded, heard, self.codec.strides, strict=True):
+            b = B // (hop * s)                                         # border tokens, this level
+            t = t.clone()
+            if context_first:
+                t[:, -b:] = h[:, b: 2 * b].to(t.device)
+            else:
+                t[:, :b] = h[:, b: 2 * b].to(t.device)
+            out.append(t)
         return out
 
     # ------------------------------------------------------------------ editing
@@ -467,8 +459,9 @@ class ContinuationEngine:
             new = generate(self.dit, ctx, [params[i] for i in rows], self.diffusion.schedules,
                            after=after, given=given)
             for b, i in enumerate(rows):
-                seq = [torch.cat([c[b:b + 1], n[b:b + 1]] + ([a[b:b + 1]] if after else []), 1)
-                       for c, n, a in zip(ctx, new, after or ctx, strict=True)]
+                parts = [ctx, new] + ([after] if after else [])
+                seq = [torch.cat([p[lvl][b:b + 1] for p in parts], 1)
+                       for lvl in range(self.codec.n_levels)]
                 out[i] = self._splice(plans[i][0], seq, w0[b], requests[i].start,
                                       requests[i].end, params[i].seed)
         return out

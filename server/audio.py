@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import soxr
+import torch
+
+from model.engine import JOIN_SAMPLES, crossfade
 
 
 class AudioError(ValueError):
@@ -91,8 +94,8 @@ def write_wav(audio: np.ndarray, sample_rate: int) -> bytes:
 # decoded from the codec's tokens, so its first sample need not meet the input's last one (a
 # click) nor its level (a jump). The output crossfades, over JOIN_SAMPLES (64 ms), from the
 # input into the codec's own decoding of the input's end, which the continuation follows
-# seamlessly (same decode).
-JOIN_SAMPLES = 2048
+# seamlessly (same decode). JOIN_SAMPLES and the crossfade are the engine's, which splices
+# its edits the same way.
 
 
 def join_input(audio: np.ndarray, lead: np.ndarray) -> np.ndarray:
@@ -103,6 +106,5 @@ def join_input(audio: np.ndarray, lead: np.ndarray) -> np.ndarray:
     lead = np.asarray(lead, dtype=np.float32)
     f = min(JOIN_SAMPLES, len(audio))
     decoded_end, continuation = lead[JOIN_SAMPLES - f: JOIN_SAMPLES], lead[JOIN_SAMPLES:]
-    w = (0.5 - 0.5 * np.cos(np.pi * (np.arange(f, dtype=np.float32) + 0.5) / f)).astype(np.float32)
-    fade = audio[len(audio) - f:] * (1 - w) + decoded_end * w
-    return np.concatenate([audio[: len(audio) - f], fade, continuation])
+    fade = crossfade(torch.from_numpy(audio[len(audio) - f:]), torch.from_numpy(decoded_end))
+    return np.concatenate([audio[: len(audio) - f], fade.numpy(), continuation])

@@ -22,7 +22,6 @@ from server.params import (
     parse_seconds,
 )
 from server.routes_generate import (
-    _PARAM_DOCS,
     _openapi,
     _read_input,
     _sampling,
@@ -32,13 +31,6 @@ from server.routes_generate import (
 
 router = APIRouter(tags=["edit"])
 
-_PARAM_DOCS.update({
-    "start": ("number", "seconds into the input where the span (/inpaint) or the chunk (/vary) "
-                        "begins; /vary rounds it down to the 0.384 s grid"),
-    "end": ("number", "seconds into the input where the span to regenerate ends; at most one "
-                      "6.144 s chunk after start"),
-    "keep": ("string", "the coarse levels a variation keeps: A (default) or AB"),
-})
 KEEP = {"A": 1, "AB": 2}
 
 

@@ -45,6 +45,12 @@ _PARAM_DOCS = {
     "include_input": ("boolean", "return the input followed by the continuation"),
     "chunks": ("integer", "number of chained 6.144 s chunks (1..max_chunks)"),
     "stream": ("boolean", "send each chunk as an NDJSON line as soon as it is generated"),
+    # the editing endpoints (routes_edit.py)
+    "start": ("number", "seconds into the input where the span (/inpaint) or the chunk (/vary) "
+                        "begins; /vary rounds it down to the 0.384 s grid"),
+    "end": ("number", "seconds into the input where the span to regenerate ends; at most one "
+                      "6.144 s chunk after start"),
+    "keep": ("string", "the coarse levels a variation keeps: A (default) or AB"),
 }
 
 

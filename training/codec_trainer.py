@@ -76,6 +76,7 @@ class CodecTrainer:
                               {"params": back, "lr": cfg.lr}) if g["params"]]
         self.opt_g = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
                                        weight_decay=cfg.weight_decay)
+        self.rates_g = [g["lr"] for g in groups]   # the config's, kept across a resume
         self.sched_g = torch.optim.lr_scheduler.ExponentialLR(self.opt_g, cfg.lr_decay)
         self.disc = self.opt_d = self.sched_d = None
         if cfg.gan:
@@ -259,7 +260,7 @@ class CodecTrainer:
         """Loading an optimiser restores the learning rates it was saved with; a resumed run
         must use the rates its config asks for now (lr, encoder_lr_scale), decayed to its step."""
         cfg = self.cfg
-        pairs = [(self.opt_g, self.sched_g, self._group_rates())]
+        pairs = [(self.opt_g, self.sched_g, self.rates_g)]
         if self.opt_d is not None:
             pairs.append((self.opt_d, self.sched_d, [cfg.lr]))
         for opt, sched, bases in pairs:
@@ -273,9 +274,3 @@ class CodecTrainer:
                 print(f"note: learning rates {old} from the checkpoint replaced by the config's "
                       f"{bases}", file=sys.stderr)
 
-    def _group_rates(self) -> list[float]:
-        """Base learning rate of each generator param group, as built in __init__."""
-        front = {id(p) for m in (self.model.encoder, self.model.quantizer) for p in m.parameters()}
-        return [self.cfg.lr * (self.cfg.encoder_lr_scale
-                               if any(id(p) in front for p in g["params"]) else 1.0)
-                for g in self.opt_g.param_groups]

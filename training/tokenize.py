@@ -204,7 +204,7 @@ def tile_plan(codec: Codec) -> dict | None:
     when the reach exceeds half a chunk (then contexts stay whole-file tokens)."""
     reach = codec.encoder_reach()
     units_per_chunk = codec.samples_per_chunk // codec.pad_samples
-    border = math.ceil(reach / codec.pad_samples)
+    border = codec.border_samples // codec.pad_samples
     for units in range(2 * border, units_per_chunk + 1):
         if units_per_chunk % units == 0:
             return dict(units=units, border_units=border, reach_samples=reach)

@@ -25,21 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model.kernels.block_attention as ba  # noqa: E402
+from model.attention_rule import dense_mask  # noqa: E402
 from model.kernels.block_attention import (  # noqa: E402
     FULL,
     PARTIAL,
     BlockPlan,
     block_attention,
-    dense_mask,
     plan_block_attention,
 )
 from model.layout import CLEAN, CONTEXT, NOISED, build_layout, collate  # noqa: E402

@@ -4,8 +4,8 @@
                                     [--batch-size 64] [--workers 0 2] [--seconds 10]
 
 Builds random uint16 tokens with the SNAC 32 kHz geometry (no codec needed), with context
-tiles (training/shards.py), then measures, with whole-file contexts only and with the default
-mix of encoded / mixed / generated contexts (training/data.py),
+tiles (training/tokens/shards.py), then measures, with whole-file contexts only and with the default
+mix of encoded / mixed / generated contexts (training/tokens/windows.py),
   * `dataset[i]` in random order in this process (one window per call), and
   * the full pipeline a trainer uses (WindowBatchSampler with an n_ctx mix -> DataLoader with
     N workers -> collate_windows) in windows/s.
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from training.data import TokenWindows, WindowBatchSampler, collate_windows  # noqa: E402
-from training.shards import write_token_dir  # noqa: E402
+from training.tokens.shards import write_token_dir  # noqa: E402
+from training.tokens.windows import TokenWindows, WindowBatchSampler, collate_windows  # noqa: E402
 
 STRIDES = (8, 4, 2, 1)
 FRAMES_PER_SECOND = 32000 / 384 / 8  # coarse (A) frames per second

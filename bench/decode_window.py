@@ -16,11 +16,8 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.codec import SNAC_32KHZ_CONFIG, Codec  # noqa: E402
 from model.engine import HOLDBACK_PADS, LEFT_PADS  # noqa: E402

@@ -33,14 +33,15 @@ import soundfile as sf
 import soxr
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from audio import (
+    probe,  # noqa: E402
+    read_audio,  # noqa: E402
+)
 from model.codec import Codec  # noqa: E402
 from model.engine import LEFT_PADS  # noqa: E402
-from server.audio import read_audio  # noqa: E402
-from training.codec_data import find_audio_files, probe, split_train_val  # noqa: E402
-from training.codec_eval import codebook_stats  # noqa: E402
-from training.codec_losses import MelLoss, si_sdr  # noqa: E402
+from training.codec.data import find_audio_files, split_train_val  # noqa: E402
+from training.codec.eval import codebook_stats  # noqa: E402
+from training.codec.losses import MelLoss, si_sdr  # noqa: E402
 
 
 def opus_roundtrip(x: np.ndarray, sr: int) -> tuple[np.ndarray, float]:

@@ -44,11 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from audio import read_audio  # noqa: E402
 from model.engine import ContinuationEngine  # noqa: E402
-from server.audio import read_audio  # noqa: E402
-from training.codec_data import find_audio_files  # noqa: E402
-from training.codec_losses import mel_filterbank, stft_magnitude  # noqa: E402
+from training.codec.data import find_audio_files  # noqa: E402
+from training.codec.losses import mel_filterbank, stft_magnitude  # noqa: E402
 
 SYSTEMS = ("model", "repeat", "random", "real")
 N_FFT, HOP, N_MELS, N_MFCC = 2048, 2048, 64, 20   # 64 ms frames at 32 kHz
@@ -145,7 +144,7 @@ def score(features: Features, contexts: list[np.ndarray], outs: dict[str, list[n
 def held_out_files(audio: list[Path], tokens: Path | None, split: str) -> list[Path]:
     if tokens is None:
         return find_audio_files([str(p) for p in audio])
-    from training.shards import read_manifest
+    from training.tokens.shards import read_manifest
 
     if len(audio) != 1 or not audio[0].is_dir():
         raise SystemExit("--tokens needs --audio to be the one folder the tokens were made from")

@@ -15,13 +15,10 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_CONFIG, Codec  # noqa: E402
 from model.dit import DiT, DiTConfig  # noqa: E402

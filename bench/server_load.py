@@ -31,7 +31,6 @@ import numpy as np
 import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def wav(seconds: float, seed: int = 0, sample_rate: int = 32000, channels: int = 1) -> bytes:
@@ -54,7 +53,7 @@ def rss_mb(pid: int) -> float:
 def start_server(port: int, weights: Path) -> subprocess.Popen:
     from model.codec import DEBUG_CODEC_CONFIG, Codec
     from model.dit import DiT, DiTConfig
-    from model.engine import save_pretrained
+    from model.weights import save_pretrained
 
     codec = Codec.load(DEBUG_CODEC_CONFIG, seed=0)
     codec.save(weights / "codec")

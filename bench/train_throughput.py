@@ -6,17 +6,13 @@
 Builds a synthetic token directory (random ids, the real SNAC 32 kHz geometry) in a temp dir and
 times `Trainer.train_step` (data loading, forward, backward, clipping, AdamW, EMA) after warm-up.
 Tokens are sequence tokens: context + clean target + noised target (3,328 per row at n_ctx = 2).
-MFU = (6 * params + 12 * layers * d_model * seq) * tokens/s / peak (training/observe.py); n/a on
+MFU = (6 * params + 12 * layers * d_model * seq) * tokens/s / peak (training/run/observe.py); n/a on
 CPU unless --peak-tflops is given. Prints one JSON object (and appends it to --out if given).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse  # noqa: E402
 import json  # noqa: E402
+import sys
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -24,9 +20,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from training.config import load_config  # noqa: E402
-from training.shards import write_token_dir  # noqa: E402
-from training.trainer import Trainer, sequence_tokens  # noqa: E402
+from training.dit.config import load_config  # noqa: E402
+from training.dit.trainer import Trainer, sequence_tokens  # noqa: E402
+from training.tokens.shards import write_token_dir  # noqa: E402
 
 
 def synthetic_tokens(out: Path, n_files: int = 8, chunks: int = 6, seed: int = 0) -> Path:

@@ -30,6 +30,8 @@ import torch
 from snac import SNAC
 from snac.layers import DecoderBlock, NoiseBlock
 
+from model.weights import CodecLoadError, load_snac, save_snac
+
 # A chunk is 64 frames of the coarsest level: 6.144 s at 32 kHz. A project-wide decision, not a
 # codec property, so it lives here as the one constant the geometry is built from.
 CHUNK_A_FRAMES = 64
@@ -52,10 +54,6 @@ SNAC_32KHZ_HUB_ID = "hubertsiuzdak/snac_32khz"
 
 # Same geometry as the real codec, tiny widths: tests run the real code path in well under a second.
 DEBUG_CODEC_CONFIG = dict(SNAC_32KHZ_CONFIG, encoder_dim=8, decoder_dim=64)
-
-
-class CodecLoadError(RuntimeError):
-    pass
 
 
 # Decoder noise is drawn per span of this many decoder-input frames (hop_length samples each);
@@ -115,98 +113,6 @@ def pad_samples(config: dict) -> int:
     """SNAC's padding grid in samples: hop * lcm(coarsest stride, attention window)."""
     hop = math.prod(config["encoder_rates"])
     return hop * math.lcm(config["vq_strides"][0], config.get("attn_window_size") or 1)
-
-
-def load_snac(source: str | dict | os.PathLike, seed: int = 0) -> tuple[SNAC, dict]:
-    """A `snac.SNAC` and its constructor config from a config dict (random init, seeded), a local
-    directory (config.json + model.safetensors or pytorch_model.bin) or a hub id (downloads).
-    Returned as built: `Codec` puts it in eval mode, the codec trainer trains it."""
-    if isinstance(source, dict):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return SNAC(**source), dict(source)
-    path = Path(source)
-    if path.is_dir():
-        return _snac_from_dir(path)
-    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise CodecLoadError(
-            f"codec {str(source)!r} is neither a local directory nor a hub id of the form 'owner/name'"
-        )
-    return _snac_from_hub(str(source))
-
-
-def _snac_from_dir(path: Path) -> tuple[SNAC, dict]:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CodecLoadError(f"codec directory {path} has no config.json")
-    config = json.loads(config_file.read_text())
-    snac = SNAC(**config)
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(path / "model.safetensors")
-    elif (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise CodecLoadError(
-            f"codec directory {path} has neither model.safetensors nor pytorch_model.bin"
-        )
-    try:
-        snac.load_state_dict(state)
-    except RuntimeError as e:
-        raise CodecLoadError(f"codec weights in {path} do not match its config.json: {e}") from e
-    return snac, config
-
-
-def _snac_from_hub(repo_id: str) -> tuple[SNAC, dict]:
-    from huggingface_hub import hf_hub_download
-
-    try:
-        config_file = hf_hub_download(repo_id=repo_id, filename="config.json")
-        weights_file = hf_hub_download(repo_id=repo_id, filename="pytorch_model.bin")
-    except Exception as e:  # network, auth, missing repo: all mean "cannot load this id"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CodecLoadError(
-            f"could not fetch the codec {repo_id!r} from the Hugging Face hub "
-            f"({type(e).__name__}: {reason}). If this machine is offline: run once where the hub "
-            "is reachable (the files are cached; HF_HUB_OFFLINE=1 then uses the cache), or "
-            "point at a local codec directory with config.json + pytorch_model.bin (or "
-            "model.safetensors), e.g. the shipped weights/demo/codec; a DiT must be served "
-            "with the codec whose tokens it was trained on."
-        ) from e
-    config = json.loads(Path(config_file).read_text())
-    snac = SNAC(**config)
-    snac.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
-    return snac, config
-
-
-def save_readable_safetensors(state: dict, path: str | os.PathLike, **kwargs) -> None:
-    """safetensors' `save_file`, then mode 0644: it creates files 0600, which a container's
-    non-root user cannot read from a read-only weights mount."""
-    from safetensors.torch import save_file
-
-    save_file(state, str(path), **kwargs)
-    os.chmod(path, 0o644)
-
-
-def save_snac(snac: SNAC, config: dict, out_dir: str | os.PathLike,
-              dtype: torch.dtype | None = None) -> Path:
-    """Write a directory that both `Codec.load` and `snac.SNAC.from_pretrained` accept:
-    config.json + pytorch_model.bin + model.safetensors. Each file goes to a temp name and is
-    renamed, so a crash never leaves a half-written export that later loads as garbage.
-    dtype=torch.float16 halves the files (a shipped snapshot); loading casts back to fp32."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous()
-             for k, v in snac.state_dict().items()}
-    tmp = out / ".tmp-export"
-    tmp.with_suffix(".json").write_text(json.dumps(config, indent=2))
-    os.replace(tmp.with_suffix(".json"), out / "config.json")
-    torch.save(state, tmp.with_suffix(".bin"))
-    os.replace(tmp.with_suffix(".bin"), out / "pytorch_model.bin")
-    save_readable_safetensors(state, tmp.with_suffix(".safetensors"))
-    os.replace(tmp.with_suffix(".safetensors"), out / "model.safetensors")
-    return out
 
 
 class Codec:

@@ -252,10 +252,3 @@ class MaskedDiffusion:
             total = total + cfg.loss_weights[lvl] * ce_l
         terms["loss"] = total / sum(cfg.loss_weights)
         return terms
-
-
-def diffusion_loss(
-    model, windows, config: DiffusionConfig | None = None, n_ctx=None, generator=None
-) -> dict[str, Tensor]:
-    """Functional form of `MaskedDiffusion(config).loss(...)`."""
-    return MaskedDiffusion(config).loss(model, windows, n_ctx=n_ctx, generator=generator)

@@ -45,22 +45,20 @@ schedules the model was trained with) and "sampling" (SamplingParams fields: def
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from model.codec import Codec, save_readable_safetensors
+from model.codec import Codec
 from model.diffusion import DiffusionConfig
-from model.dit import DiT, DiTConfig
+from model.dit import DiT
 from model.sampler import SamplingParams, derive_seed, generate, resolve_seed
 from model.sampler import extend as extend_tokens
+from model.weights import load_dit, read_dit_config
 
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 JOIN_SAMPLES = 2048  # 64 ms at 32 kHz: the crossfade at every join of generated and given audio
 
 
@@ -87,49 +85,23 @@ def crossfade(a: Tensor, b: Tensor) -> Tensor:
     return a * (1 - w) + b * w
 
 
-def save_pretrained(dit: DiT, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write `model.safetensors` + `config.json` ({"dit": asdict(config), **extra})."""
-    extra = dict(extra or {})
-    if "dit" in extra:
-        raise ValueError("extra must not contain 'dit': that key holds the model config")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in dit.state_dict().items()}
-    save_readable_safetensors(state, out / WEIGHTS_FILE, metadata={"format": "pt"})
-    config = {"dit": asdict(dit.config), **extra}
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    return out
+# The join between a user's audio and its continuation (include_input): the continuation was
+# decoded from the codec's tokens, so its first sample need not meet the input's last one (a
+# click) nor its level (a jump). The output crossfades, over JOIN_SAMPLES (64 ms), from the
+# input into the codec's own decoding of the input's end, which the continuation follows
+# seamlessly (same decode). The engine splices its edits the same way.
 
 
-def load_config(path: str | os.PathLike) -> dict:
-    """The checkpoint's config.json as a dict (FileNotFoundError / ValueError with the path)."""
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{path} is not a DiT checkpoint: no {CONFIG_FILE}")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(config, dict) or not isinstance(config.get("dit"), dict):
-        raise ValueError(f"{file} has no 'dit' model config")
-    return config
-
-
-def load_dit(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None) -> DiT:
-    """Rebuild a DiT from a `save_pretrained` directory."""
-    from safetensors.torch import load_file
-
-    config = DiTConfig.from_dict(load_config(path)["dit"])
-    weights = Path(path) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path} has a config but no {WEIGHTS_FILE}")
-    with torch.device("meta"):  # skip the random init: every tensor comes from the file
-        dit = DiT(config)
-    try:
-        dit.load_state_dict(load_file(str(weights)), strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"weights in {path} do not match its config: {e}") from e
-    return dit.to(device=device, dtype=dtype).eval()
+def join_input(audio: np.ndarray, lead: np.ndarray) -> np.ndarray:
+    """input (T,) + [decoded input end (F,) + continuation] -> one signal: the input unchanged
+    up to its last F samples, a raised-cosine crossfade from it into the decoded end there,
+    then the continuation. F = min(JOIN_SAMPLES, T)."""
+    audio = np.asarray(audio, dtype=np.float32)
+    lead = np.asarray(lead, dtype=np.float32)
+    f = min(JOIN_SAMPLES, len(audio))
+    decoded_end, continuation = lead[JOIN_SAMPLES - f: JOIN_SAMPLES], lead[JOIN_SAMPLES:]
+    fade = crossfade(torch.from_numpy(audio[len(audio) - f:]), torch.from_numpy(decoded_end))
+    return np.concatenate([audio[: len(audio) - f], fade.numpy(), continuation])
 
 
 # Padding units (0.384 s at 32 kHz) of tokens decoded on each side of the samples wanted.
@@ -183,7 +155,7 @@ class ContinuationEngine:
         device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        config = load_config(dit_dir)
+        config = read_dit_config(dit_dir)
         dit = load_dit(dit_dir, device=device, dtype=dtype)
         codec = codec if isinstance(codec, Codec) else Codec.load(codec, device=device)
         diffusion = (
@@ -260,7 +232,7 @@ class ContinuationEngine:
     ) -> list[Tensor]:
         """One continuation (chunk_samples,) per input audio; requests batch together.
         lead_in > 0: each result starts with the last `lead_in` samples of the decoded context,
-        (lead_in + chunk_samples,): what a join to the input crossfades over (server/audio.py)."""
+        (lead_in + chunk_samples,): what a join to the input crossfades over (join_input)."""
         audios = list(audios)
         if not audios:
             return []

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from model.codec import CodecLoadError
+    from model.weights import CodecLoadError
     from server.app import create_app, load_engine
 
     # Load before serving, so a codec that cannot be fetched (offline hub) or weights that do

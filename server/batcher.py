@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from server.audio import JOIN_SAMPLES
+from model.engine import JOIN_SAMPLES
 from server.errors import QueueFull, Unavailable
 from server.metrics import Metrics
 

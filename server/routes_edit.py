@@ -10,8 +10,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from audio import write_wav
 from model.engine import JOIN_SAMPLES, EditRequest
-from server.audio import write_wav
 from server.deps import AuthDep, ReadyDep, Service
 from server.errors import ClientGone, InvalidParameter
 from server.params import (

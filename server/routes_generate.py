@@ -15,7 +15,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.audio import JOIN_SAMPLES, join_input, read_audio, write_wav
+from audio import read_audio, write_wav
+from model.engine import JOIN_SAMPLES, join_input
 from server.deps import AuthDep, ReadyDep, Service
 from server.errors import ClientGone, InvalidParameter, Unavailable, error_payload
 from server.params import (

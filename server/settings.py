@@ -96,7 +96,7 @@ def missing_weights(settings: Settings) -> list[str]:
             "and config.json there).\n"
             "    train:  python training/train.py --config training/configs/default.toml "
             "(docs/training.md)\n"
-            f"    export: python training/export.py CKPT {w}   (CKPT: a checkpoint or run dir)"
+            f"    export: python training/dit/export.py CKPT {w}   (CKPT: a checkpoint or run dir)"
         )
     if not settings.codec_is_hub_id() and not Path(settings.codec).is_dir():
         problems.append(

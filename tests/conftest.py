@@ -38,7 +38,7 @@ def debug_codec_dir(tmp_path_factory, debug_codec) -> str:
 def debug_weights_dir(tmp_path_factory) -> str:
     """A saved debug-preset DiT (random init, seeded): what the server and engine tests load."""
     from model.dit import DiT, DiTConfig
-    from model.engine import save_pretrained
+    from model.weights import save_pretrained
 
     torch.manual_seed(0)
     dit = DiT(DiTConfig.from_name("debug"))

@@ -1,4 +1,4 @@
-"""`python -m training.adapt` through its entry point: synthetic songs, the debug codec and a
+"""`python -m training.dit.adapt` through its entry point: synthetic songs, the debug codec and a
 debug base model (seconds). Resume, every bad-input case, and the numbers it reports."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import soundfile as sf
 import torch
 
 from model.dit import DiT, DiTConfig
-from model.engine import load_dit, save_pretrained
-from training.adapt import hold_out, main
+from model.weights import load_dit, save_pretrained
+from training.dit.adapt import hold_out, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_adapt_tokenises_holds_out_fine_tunes_exports_and_resumes(
 
 
 def test_hold_out_is_stable_and_respects_the_count(tmp_path):
-    from training import shards
+    from training.tokens import shards
 
     files = {f"s{i}.wav": [np.zeros(64 * 3 * 8 // s, dtype=np.uint16) for s in (8, 4, 2, 1)]
              for i in range(9)}
@@ -115,6 +115,6 @@ def test_bad_input_is_a_clear_message_and_exit_code(tmp_path, base, debug_codec_
 
 
 def test_module_entry_point_help():
-    r = subprocess.run([sys.executable, "-m", "training.adapt", "--help"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "training.dit.adapt", "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--out" in r.stdout and "--val-songs" in r.stdout

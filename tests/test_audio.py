@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from server.audio import (
+from audio import (
     EmptyAudioError,
     NonFiniteAudioError,
     UndecodableAudioError,

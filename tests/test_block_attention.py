@@ -1,4 +1,4 @@
-"""Block-structured attention kernel vs the SDPA reference.
+"""Block-structured attention kernel vs the SDPA reference (`model.attention_rule.attention_ref`).
 
 On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, which must be set before
 the kernel module is imported), in fp32 and fp16 only: the interpreter computes bf16 wrongly.
@@ -19,7 +19,9 @@ import torch
 if not torch.cuda.is_available():  # before triton is imported, see the module docstring
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
+import model.attention as attn  # noqa: E402
 import model.kernels.block_attention as ba  # noqa: E402
+from model.attention_rule import attention_ref, dense_mask  # noqa: E402
 from model.layout import build_layout, collate  # noqa: E402
 
 if not torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") == "1":
@@ -40,7 +42,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 def brute_force_classes(seg_q, seg_k, allowed, bm, bn):
     """(B, Tq, Tk) classes from the dense mask, tile by tile (positions past N are padding)."""
-    mask = ba.dense_mask(seg_q, seg_k, allowed)
+    mask = dense_mask(seg_q, seg_k, allowed)
     B, Nq, Nk = mask.shape
     Tq, Tk = -(-Nq // bm), -(-Nk // bn)
     padded = torch.zeros(B, Tq * bm, Tk * bn, dtype=torch.bool)
@@ -78,8 +80,8 @@ def check_against_reference(q, k, v, seg_q, seg_k, allowed, **kw):
         grads = torch.autograd.grad(out, xs, do.to(out.dtype))
         return [out.detach(), *grads]
 
-    exact = run(ba.block_attention_ref, *(x.double() for x in (q, k, v)))
-    torch_same = run(ba.block_attention_ref, q, k, v)
+    exact = run(attention_ref, *(x.double() for x in (q, k, v)))
+    torch_same = run(attention_ref, q, k, v)
     kernel = run(lambda *a: ba.block_attention(*a, **kw), q, k, v)
     for name, got, base, ref in zip(("out", "dq", "dk", "dv"), kernel, torch_same, exact,
                                     strict=True):
@@ -148,7 +150,7 @@ def test_tile_lists_and_mask_bits():
                 assert (c[b, t, row[n_p + n_f:]] == ba.EMPTY).all()
     # the bit test reproduces the dense mask exactly
     bits = (plan.q_bits[:, :, None] & plan.k_bits[:, None, :]) != 0
-    assert torch.equal(bits, ba.dense_mask(seg_q, seg_k, allowed))
+    assert torch.equal(bits, dense_mask(seg_q, seg_k, allowed))
 
 
 def test_mask_bits_use_all_64_segments():
@@ -159,7 +161,7 @@ def test_mask_bits_use_all_64_segments():
     allowed[:, 63] = allowed[63, :] = True
     plan = ba.plan_block_attention(seg, seg, allowed, 16, 16)
     bits = (plan.q_bits[:, :, None] & plan.k_bits[:, None, :]) != 0
-    assert torch.equal(bits, ba.dense_mask(seg, seg, allowed))
+    assert torch.equal(bits, dense_mask(seg, seg, allowed))
     with pytest.raises(ValueError, match="at most 64 segments"):
         ba.plan_block_attention(seg, seg, torch.ones(65, 65, dtype=torch.bool), 16, 16)
 
@@ -220,7 +222,7 @@ def test_random_segments_padding_empty_rows(dtype):
     seg_q, seg_k, allowed = random_problem(2, 40, 72, S=6, seed=0)
     q, k, v = qkv(2, 2, 40, 72, 16, dtype)
     out = check_against_reference(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16)[0].cpu()
-    dead = ~ba.dense_mask(seg_q, seg_k, allowed).any(-1)  # (B, Nq) rows that see nothing
+    dead = ~dense_mask(seg_q, seg_k, allowed).any(-1)  # (B, Nq) rows that see nothing
     assert dead.any() and (out.transpose(1, 2)[dead] == 0).all()
 
 
@@ -294,7 +296,7 @@ def test_every_output_element_written():
         grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     finally:
         mp.undo()
-    ref = ba.block_attention_ref(q, k, v, seg_q, seg_k, allowed)
+    ref = attention_ref(q, k, v, seg_q, seg_k, allowed)
     ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
     for got, want in zip((out, *grads), (ref, *ref_grads), strict=True):
         assert not got.isnan().any()
@@ -307,7 +309,7 @@ def test_expanded_gradient_and_single_head():
     q, k, v = (x.requires_grad_() for x in qkv(1, 1, 16, 16, 16, torch.float32))
     ba.block_attention(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16).sum().backward()
     xs = [x.detach().requires_grad_() for x in (q, k, v)]
-    ba.block_attention_ref(*xs, seg_q, seg_k, allowed).sum().backward()
+    attention_ref(*xs, seg_q, seg_k, allowed).sum().backward()
     for got, want in zip((q, k, v), xs, strict=True):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
 
@@ -318,7 +320,7 @@ def test_explicit_plan_and_empty_sequences():
     q, k, v = qkv(1, 1, 16, 16, 16, torch.float32)
     plan = ba.plan_block_attention(seg_q, seg_k, allowed, 16, 16)
     out = ba.block_attention(q, k, v, seg_q, seg_k, allowed, plan=plan)
-    torch.testing.assert_close(out, ba.block_attention_ref(q, k, v, seg_q, seg_k, allowed))
+    torch.testing.assert_close(out, attention_ref(q, k, v, seg_q, seg_k, allowed))
     with pytest.raises(ValueError, match="other segment shapes"):
         ba.block_attention(q[:, :, :8], k, v, seg_q[:, :8], seg_k, allowed, plan=plan)
     empty = ba.block_attention(q[:, :, :0], k, v, seg_q[:, :0], seg_k, allowed)
@@ -354,7 +356,6 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_attention_dispatch_uses_kernel():
     # model.attention's "triton" backend reaches this kernel with the same signature.
-    attn = pytest.importorskip("model.attention")
     seg_q, seg_k, allowed = (x.to(DEV) for x in random_problem(1, 16, 16, S=3, seed=10))
     q, k, v = qkv(1, 1, 16, 16, 16, torch.float32)
     calls = []
@@ -371,13 +372,12 @@ def test_attention_dispatch_uses_kernel():
     finally:
         mp.undo()
     assert calls, "the triton backend did not call the kernel"
-    torch.testing.assert_close(out, attn.attention_ref(q, k, v, seg_q, seg_k, allowed))
+    torch.testing.assert_close(out, attention_ref(q, k, v, seg_q, seg_k, allowed))
 
 
 def test_training_step_same_loss_and_gradients():
     # The DiT's diffusion loss with the kernel behind model.attention equals the SDPA backend's:
     # loss and every parameter gradient within 2x the fp32 SDPA error vs an fp64 SDPA run.
-    attn = pytest.importorskip("model.attention")
     dit = pytest.importorskip("model.dit")
     diffusion = pytest.importorskip("model.diffusion")
     V = 32
@@ -438,7 +438,7 @@ def test_bench_cpu_parts():
                       "--cases", "train", "infer_D"])
     shapes = {s["case"]: s for s in res["shapes"]}
     seg_q, seg_k, allowed = bench.training_case([2, 2], (64, 128, 256, 512))
-    pairs = int(ba.dense_mask(seg_q, seg_k, allowed).sum())
+    pairs = int(dense_mask(seg_q, seg_k, allowed).sum())
     assert shapes["train"]["Nq"] == 3328 and shapes["train"]["pairs"] == pairs
     assert shapes["train"]["gflop_fwd"] == pytest.approx(4 * 64 * 10 * pairs / 1e9)
     assert shapes["infer_D"]["Nq"] == 512 and shapes["infer_D"]["Nk"] == 2 * 960 + 448 + 512
@@ -455,7 +455,7 @@ def test_bench_cpu_parts():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
         out = flex_attention(q, k, v, block_mask=bench.flex_block_mask(plan, seg, seg, allowed))
-    torch.testing.assert_close(out, ba.block_attention_ref(q, k, v, seg, seg, allowed))
+    torch.testing.assert_close(out, attention_ref(q, k, v, seg, seg, allowed))
     mask = bench.sdpa_mask(seg, seg, allowed)
     assert mask.shape == (2, 1, seg.shape[1], seg.shape[1]) and mask.all(-1)[1, 0, -1]
 

@@ -2,7 +2,8 @@ import pytest
 import snac
 import torch
 
-from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_CONFIG, Codec, CodecLoadError
+from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_CONFIG, Codec
+from model.weights import CodecLoadError
 
 
 def test_real_32khz_geometry_is_derived_from_config():

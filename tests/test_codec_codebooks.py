@@ -14,11 +14,11 @@ import torch
 from snac import SNAC
 
 from model.codec import DEBUG_CODEC_CONFIG, Codec
-from training.codec_checkpoint import latest_checkpoint
-from training.codec_eval import collapsed_levels
-from training.codec_model import codec_forward, fold_input_means, load_snac, quantize
-from training.codec_vq import CodebookKeeper
-from training.train_codec import main
+from training.codec.cli import main
+from training.codec.eval import collapsed_levels
+from training.codec.model import codec_forward, fold_input_means, load_for_training, quantize
+from training.codec.vq import CodebookKeeper
+from training.run.checkpoint import latest_checkpoint
 
 SR = 32000
 
@@ -183,7 +183,7 @@ def test_checkpoint_export_and_resume_agree_on_the_folded_codec(tmp_path, songs)
     assert main(RUN + ["--train", str(train), "--val", str(val), "--steps", "12",
                        "--val_every", "0", "--out_dir", str(run), "--ckpt_every", "12"]) == 0
     ckpt = latest_checkpoint(run / "checkpoints")
-    from_ckpt, _ = load_snac(str(ckpt))
+    from_ckpt, _ = load_for_training(str(ckpt))
     exported = Codec.load(str(run / "export"))
     x = torch.from_numpy(synthetic_song(7, 1.152))[None]
     a = Codec(from_ckpt, exported.config).encode(x)
@@ -193,8 +193,8 @@ def test_checkpoint_export_and_resume_agree_on_the_folded_codec(tmp_path, songs)
 
 
 def test_encoder_learns_at_its_own_rate():
-    from training.codec_config import load_config
-    from training.codec_trainer import CodecTrainer
+    from training.codec.config import load_config
+    from training.codec.trainer import CodecTrainer
 
     cfg = load_config(None, ["--preset", "debug", "--gan", "false", "--lr", "6e-4",
                              "--encoder_lr_scale", "0.25"])
@@ -210,8 +210,8 @@ def test_encoder_learns_at_its_own_rate():
 def test_a_resumed_run_uses_the_rates_its_config_asks_for_now():
     """Optimizer.load_state_dict restores the saved learning rates; the trainer puts the
     config's back (decayed to the step), so `--encoder_lr_scale` on a resume takes effect."""
-    from training.codec_config import load_config
-    from training.codec_trainer import CodecTrainer
+    from training.codec.config import load_config
+    from training.codec.trainer import CodecTrainer
 
     base = ["--preset", "debug", "--gan", "false", "--lr", "6e-4", "--lr_decay", "0.99"]
     first = CodecTrainer(load_config(None, base + ["--encoder_lr_scale", "0.25"]))
@@ -234,7 +234,7 @@ def test_a_resumed_run_uses_the_rates_its_config_asks_for_now():
     (["--centre_calibration_batches", "-1"], "centre_calibration_batches"),
 ])
 def test_codebook_config_errors(bad, match):
-    from training.codec_config import load_config
+    from training.codec.config import load_config
 
     with pytest.raises(ValueError, match=match):
         load_config(None, bad)
@@ -265,7 +265,7 @@ def test_eval_and_model_card_of_a_snapshot(tmp_path, songs):
     it: the fingerprint, the targets and the held-out tracks with their licences."""
     import importlib.util
 
-    from training.codec_card import main as card_main
+    from training.codec.card import main as card_main
 
     train, _ = songs
     corpus = tmp_path / "corpus"
@@ -311,8 +311,8 @@ def test_warm_start_from_a_folded_export_keeps_its_codes(tmp_path, songs):
     """`--init EXPORT` (what a fresh machine does with weights/demo/codec): the export is folded,
     so before batch centring trains it the trainer moves the mean input back out of in_proj.
     On the calibration batch the centred training forward then picks the export's own codes."""
-    from training.codec_config import load_config
-    from training.codec_trainer import CodecTrainer
+    from training.codec.config import load_config
+    from training.codec.trainer import CodecTrainer
 
     train, val = songs
     run = tmp_path / "run"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,17 +26,16 @@ import torch.nn.functional as F
 from snac import SNAC
 
 from model.codec import DEBUG_CODEC_CONFIG
-from training.codec_checkpoint import list_checkpoints, load_checkpoint
-from training.codec_config import (
+from training.codec.cli import main
+from training.codec.config import (
     MODEL_PRESETS,
     CodecTrainConfig,
-    config_from_dict,
     load_config,
-    parse_overrides,
     segment_samples,
 )
-from training.codec_eval import codebook_stats
-from training.codec_losses import (
+from training.codec.discriminators import CodecDiscriminator
+from training.codec.eval import codebook_stats
+from training.codec.losses import (
     MelLoss,
     MultiResolutionSTFTLoss,
     ReconstructionLosses,
@@ -45,9 +45,9 @@ from training.codec_losses import (
     mel_filterbank,
     si_sdr,
 )
-from training.codec_model import codec_forward, count_params, quantize
-from training.discriminators import CodecDiscriminator
-from training.train_codec import main
+from training.codec.model import codec_forward, count_params, quantize
+from training.run import config as run_config
+from training.run.checkpoint import list_checkpoints, load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SR = 32000
@@ -240,19 +240,19 @@ def test_config_toml_and_overrides(tmp_path):
     assert cfg.loss_weights["mel"] == 3.0 and cfg.loss_weights["adv"] == 0
     assert cfg.loss_weights["commitment"] == 0.25 and cfg.loss_weights["codebook"] == 1.0
     assert cfg.model_config()["noise"] is False and cfg.model_config()["encoder_dim"] == 8
-    assert parse_overrides(["--model.decoder_dim", "256"]) == {"model": {"decoder_dim": 256}}
+    assert load_config(None, ["--model.decoder_dim", "256"]).model == {"decoder_dim": 256}
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(stepz=3), "unknown config keys"),
-    (dict(gan="yes"), "true or false"),
+    (dict(stepz=3), "unknown key"),
+    (dict(gan="yes"), "true/false"),
     (dict(preset="huge"), "unknown preset"),
     (dict(loss_weights=dict(mell=1.0)), "unknown loss terms"),
     (dict(curriculum=[[5, 1.0, 2]]), "start at step 0"),
 ])
 def test_config_errors(bad, match):
     with pytest.raises(ValueError, match=match):
-        config_from_dict(bad)
+        run_config.load(CodecTrainConfig, base=bad)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "training" / "configs").glob("codec_*.toml")),
@@ -311,19 +311,61 @@ def test_exact_resume_with_gan(tmp_path, audio_dir):
 
     a = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1][1])
     b = load_checkpoint(list_checkpoints(split / "checkpoints")[-1][1])
-    assert a["step"] == b["step"] == 4
+    assert a["trainer"]["step"] == b["trainer"]["step"] == 4
     for key in ("model", "disc"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
+        assert a["weights"][key].keys() == b["weights"][key].keys()
+        for name in a["weights"][key]:
+            assert torch.equal(a["weights"][key][name], b["weights"][key][name]), (key, name)
     for key in ("opt_g", "opt_d"):
-        for pid, st in a[key]["state"].items():
-            assert torch.equal(st["exp_avg_sq"], b[key]["state"][pid]["exp_avg_sq"])
-    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+        for pid, st in a["trainer"][key]["state"].items():
+            assert torch.equal(st["exp_avg_sq"], b["trainer"][key]["state"][pid]["exp_avg_sq"])
+    assert torch.equal(a["trainer"]["rng"]["torch"], b["trainer"]["rng"]["torch"])
     losses = [r["loss/total"] for r in read_log(straight) if "loss/total" in r]
     losses_split = [r["loss/total"] for r in read_log(split) if "loss/total" in r]
     assert losses == losses_split and all(math.isfinite(v) for v in losses)
     assert all("loss/adv" in r and "loss/disc" in r for r in read_log(split) if "loss/total" in r)
+
+
+def _as_legacy_pickle(folder: Path) -> Path:
+    """Rewrite a checkpoint folder as the single pickle codec runs wrote before the shared
+    format (training/run/checkpoint.py reads both), with its RNG state in the old types."""
+    ck = load_checkpoint(folder)
+    step, rng = ck["trainer"]["step"], ck["trainer"]["rng"]
+    name, keys, *rest = rng["numpy"]
+    old = {k: v for k, v in ck["trainer"].items() if k != "rng"}
+    old.update(ck["weights"], model_config=ck["config"]["model"], config=ck["config"]["train"],
+               step=step, rng={"python": rng["python"], "torch": rng["torch"],
+                               "numpy": (name, keys.numpy().astype(np.uint32), *rest)})
+    path = folder.parent / f"ckpt_{step:09d}.pt"
+    torch.save(old, path)
+    shutil.rmtree(folder)
+    return path
+
+
+def test_a_run_with_old_pickle_checkpoints_resumes_exactly(tmp_path, audio_dir):
+    """A codec run from before the shared checkpoint format goes on, bit for bit, from its
+    newest `ckpt_*.pt`; the next save is a folder, and keep_last also retires the pickles."""
+    common = FAST + ["--train", str(audio_dir), "--steps", "4", "--log_every", "1",
+                     "--val_every", "0", "--ckpt_every", "1", "--gan", "false",
+                     "--keep_last", "2"]
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    assert main(common + ["--out_dir", str(straight)]) == 0
+    assert main(common + ["--out_dir", str(old), "--steps", "2"]) == 0
+    for _, folder in list_checkpoints(old / "checkpoints"):
+        _as_legacy_pickle(folder)
+    assert [p.name for _, p in list_checkpoints(old / "checkpoints")] == [
+        "ckpt_000000001.pt", "ckpt_000000002.pt"]
+    resume = [a for a in common if a not in ("--resume", "never")]
+    assert main(resume + ["--out_dir", str(old)]) == 0
+
+    assert [p.name for _, p in list_checkpoints(old / "checkpoints")] == [
+        "ckpt-000003", "ckpt-000004"]
+    a = load_checkpoint(straight / "checkpoints")
+    b = load_checkpoint(old / "checkpoints")
+    for name, value in a["weights"]["model"].items():
+        assert torch.equal(value, b["weights"]["model"][name]), name
+    losses = [r["loss/total"] for r in read_log(straight) if "loss/total" in r]
+    assert losses == [r["loss/total"] for r in read_log(old) if "loss/total" in r]
 
 
 def test_entry_point_sigterm_resume_export(tmp_path, audio_dir):

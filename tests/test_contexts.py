@@ -15,9 +15,9 @@ import soundfile as sf
 import torch
 
 from model.codec import Codec
-from training import shards
-from training.data import CONTEXT_KINDS, TokenWindows
-from training.tokenize import main, tile_plan
+from training.tokens import shards
+from training.tokens.tokenizer import main, tile_plan
+from training.tokens.windows import CONTEXT_KINDS, TokenWindows
 
 
 def music(seconds: float, seed: int) -> np.ndarray:

@@ -6,19 +6,19 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from torch.utils.data import DataLoader
 
 from model.layout import collate as layout_collate
 from model.layout import fill_tokens
 from tests.conftest import tone
-from training import shards
-from training.data import (
+from training.tokens import shards
+from training.tokens.tokenizer import main as tokenize_main
+from training.tokens.windows import (
     TokenWindows,
     WindowBatchSampler,
     collate_windows,
-    make_loader,
     permute,
 )
-from training.tokenize import main as tokenize_main
 
 STRIDES = (8, 4, 2, 1)
 FPC = (64, 128, 256, 512)
@@ -173,6 +173,16 @@ def test_sampler_weights_and_ranks(token_dir):
         assert [k.index for k in a + b] == [k.index for k in w]
     with pytest.raises(ValueError, match="windows"):
         WindowBatchSampler(ds, batch_size=len(ds) + 1)
+
+
+def make_loader(dataset, batch_size, seed, num_workers, state=None):
+    """A DataLoader over `dataset` resumed at `state` (a saved batch["data_state"])."""
+    sampler = WindowBatchSampler(dataset, batch_size, seed=seed)
+    if state is not None:
+        sampler.load_state_dict(state)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_windows,
+                        num_workers=num_workers, persistent_workers=num_workers > 0)
+    return loader, sampler
 
 
 def test_loader_with_workers_resumes_mid_epoch(token_dir):

@@ -62,9 +62,9 @@ def test_include_input_join_has_no_spectral_jump(tmp_path, monkeypatch):
 
     import model.engine as engine_module
     from model.dit import DiT, DiTConfig
-    from model.engine import ContinuationEngine, save_pretrained
+    from model.engine import JOIN_SAMPLES, ContinuationEngine
+    from model.weights import save_pretrained
     from server.app import create_app
-    from server.audio import JOIN_SAMPLES
     from server.settings import Settings
     from tests.test_contexts import music
 

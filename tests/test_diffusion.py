@@ -3,12 +3,16 @@ import math
 import pytest
 import torch
 
-from model.diffusion import DiffusionConfig, MaskedDiffusion, diffusion_loss, mask_fraction
+from model.diffusion import DiffusionConfig, MaskedDiffusion, mask_fraction
 from model.dit import DiT, DiTConfig
 from model.layout import CLEAN, CONTEXT, NOISED, fill_tokens
 
 FPC = (4, 8, 16, 32)
 V = 32
+
+
+def diffusion_loss(model, windows, config=None, n_ctx=None, generator=None):
+    return MaskedDiffusion(config).loss(model, windows, n_ctx=n_ctx, generator=generator)
 
 
 def model_and_windows(B=6, W=2, seed=0):

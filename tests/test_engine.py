@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from model.dit import DiT, DiTConfig
-from model.engine import ContinuationEngine, load_config, load_dit, save_pretrained
+from model.engine import ContinuationEngine
 from model.sampler import SamplingParams
+from model.weights import load_dit, read_dit_config, save_pretrained
 
 CHUNK = 196_608
 FAST = SamplingParams(steps=(2, 1, 1, 1), seed=123)
@@ -36,7 +37,7 @@ def test_save_load_roundtrip(tmp_path):
     )
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert cfg["dit"]["codebook_size"] == 64 and cfg["step"] == 7
-    assert load_config(tmp_path / "ckpt")["diffusion"] == {"context_dropout": 0.2}
+    assert read_dit_config(tmp_path / "ckpt")["diffusion"] == {"context_dropout": 0.2}
     back = load_dit(tmp_path / "ckpt")
     assert back.config == dit.config
     sd, sd2 = dit.state_dict(), back.state_dict()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model import attention as attn
+from model import attention_rule as rule
 from model.layout import (
     CLEAN,
     CONTEXT,
@@ -99,7 +100,7 @@ def test_collate_pads_and_fill_tokens_keeps_recent_context():
 
 
 def _naive(q, k, v, seg_q, seg_k, allowed):
-    mask = attn.dense_mask(seg_q, seg_k, allowed)[:, None]
+    mask = rule.dense_mask(seg_q, seg_k, allowed)[:, None]
     s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
@@ -134,7 +135,7 @@ def test_backend_switch():
     allowed = torch.ones(1, 1, dtype=torch.bool)
     # "auto" on CPU is the reference
     assert torch.equal(
-        attn.attention(q, q, q, seg, seg, allowed), attn.attention_ref(q, q, q, seg, seg, allowed)
+        attn.attention(q, q, q, seg, seg, allowed), rule.attention_ref(q, q, q, seg, seg, allowed)
     )
     with pytest.raises(ValueError):
         attn.attention(q, q, q, seg[:, :3], seg, allowed)

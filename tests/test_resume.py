@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import checkpoint as ckpt_io
-from training.config import load_config
-from training.shards import split_of, write_token_dir
-from training.trainer import Trainer
+from training.dit.config import load_config
+from training.dit.trainer import Trainer
+from training.run import checkpoint as ckpt_io
+from training.tokens.shards import split_of, write_token_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK_FRAMES, V = 4, 32  # A-frames per chunk, codebook size
@@ -73,7 +73,13 @@ def test_resume_is_bitwise_exact(tmp_path):
 
     first = Trainer(debug_config(tokens, tmp_path, "split", stop_at=3))  # mid-stage
     assert first.fit() == 0 and first.step == 3
-    assert ckpt_io.latest_checkpoint(tmp_path / "split").name == "ckpt-000003"
+    saved = ckpt_io.latest_checkpoint(tmp_path / "split")
+    assert saved.name == "ckpt-000003"
+    # As DiT checkpoints were written before the format was shared with the codec trainer:
+    # no list of weights files in config.json (model + ema implied). They resume the same.
+    record = json.loads((saved / "config.json").read_text())
+    assert record.pop("weights") == ["model", "ema"]
+    (saved / "config.json").write_text(json.dumps(record))
     second = Trainer(debug_config(tokens, tmp_path, "split"))
     second.load(tmp_path / "split")
     assert second.step == 3
@@ -107,7 +113,7 @@ def test_checkpoint_keeps_last_k_and_latest(tmp_path):
     ck = ckpt_io.load_checkpoint(tmp_path / "k")
     assert ck["path"].name == "ckpt-000006" and ck["trainer"]["step"] == 6
     assert ck["config"]["model"]["codebook_size"] == V
-    assert set(ck["ema"]) == set(ck["model"])
+    assert set(ck["weights"]["ema"]) == set(ck["weights"]["model"])
     assert not list((tmp_path / "k").glob(".tmp-*"))
 
 
@@ -163,12 +169,13 @@ def test_sigkill_loses_only_steps_since_last_checkpoint_then_sigterm_saves(tmp_p
     assert ck["path"].name == ckpt_io.ckpt_name(step)
     assert reached - 3 < step <= reached and step % 3 == 0
 
-    # `--resume` continues from exactly that step; SIGTERM then saves and exits 0.
+    # `--resume` continues from exactly that step; SIGTERM then saves and exits 143 (128 + 15,
+    # like the codec trainer: run/signals.py).
     proc = _run(_cli(tokens, tmp_path, "killed", **long) + ["--resume"])
     _wait_for(lambda: max(_steps_logged(run)) >= reached + 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 128 + signal.SIGTERM, out
     assert f"resumed from {ck['path']} at step {step}" in out
     assert "SIGTERM: stopped after step" in out
     last = ckpt_io.load_checkpoint(run)["trainer"]["step"]

@@ -102,7 +102,7 @@ def test_form_field_params_and_include_input(client, clip):
     assert info.frames == n_in + CHUNK
     assert r.headers["x-input-samples"] == str(n_in)
     # The input comes back first (16-bit), up to the crossfade into the continuation.
-    from server.audio import JOIN_SAMPLES
+    from model.engine import JOIN_SAMPLES
 
     assert np.abs(x[: n_in - JOIN_SAMPLES] - tone(2.0)[: n_in - JOIN_SAMPLES]).max() < 1e-3
     # The same name in both the query and the form is ambiguous.
@@ -128,9 +128,9 @@ def test_extend_is_seam_exact_over_http_streamed_or_not(client, engine, clip):
 
     import torch
 
+    from audio import read_audio
     from model.sampler import derive_seed
     from model.sampler import extend as extend_tokens
-    from server.audio import read_audio
 
     query = "chunks=3&steps=2,1,1,1&seed=5"
     whole = post(client, "/extend", clip, query)
@@ -400,7 +400,7 @@ def test_include_input_crossfades_into_the_continuation_without_a_click(client, 
     seamlessly). No sample-to-sample step at the join larger than the signals' own."""
     import base64
 
-    from server.audio import JOIN_SAMPLES, join_input
+    from model.engine import JOIN_SAMPLES, join_input
 
     x_in = tone(3.0)
     clip = wav_bytes(x_in)
@@ -434,7 +434,7 @@ def test_include_input_crossfades_into_the_continuation_without_a_click(client, 
 
 
 def test_join_input_is_the_identity_when_the_codec_is_perfect():
-    from server.audio import JOIN_SAMPLES, join_input
+    from model.engine import JOIN_SAMPLES, join_input
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(10_000).astype(np.float32) * 0.1

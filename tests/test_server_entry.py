@@ -38,7 +38,7 @@ def test_refuses_to_start_without_weights_and_says_how_to_get_them(tmp_path):
         "weights/demo/dit",
         "weights/demo/codec",
         "python training/train.py",
-        "python training/export.py CKPT weights/demo/dit",
+        "python training/dit/export.py CKPT weights/demo/dit",
         "hubertsiuzdak/snac_32khz",
         "python training/train_codec.py",
         "SNAC_DIT_WEIGHTS",

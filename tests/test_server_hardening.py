@@ -150,7 +150,7 @@ def test_exported_weights_are_readable_by_other_users(tmp_path, debug_weights_di
     import stat
 
     from model.codec import DEBUG_CODEC_CONFIG, Codec
-    from model.engine import load_dit, save_pretrained
+    from model.weights import load_dit, save_pretrained
 
     codec_dir = Codec.load(DEBUG_CODEC_CONFIG).save(tmp_path / "codec")
     dit_dir = save_pretrained(load_dit(debug_weights_dir), tmp_path / "dit")

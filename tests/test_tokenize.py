@@ -14,11 +14,11 @@ import pytest
 import soundfile as sf
 import torch
 
+from audio import read_audio
 from model.codec import DEBUG_CODEC_CONFIG, Codec
-from server.audio import read_audio
 from tests.conftest import tone
-from training import shards
-from training.tokenize import KILL_HOOK_ENV, encode_files, main
+from training.tokens import shards
+from training.tokens.tokenizer import KILL_HOOK_ENV, encode_files, main
 
 ROOT = Path(__file__).resolve().parents[1]
 PIECE = "1.152"  # 3 grid units (36,864 samples): a 2.5 s file spans 3 pieces
@@ -179,7 +179,7 @@ def run_cli(audio: Path, out: Path, codec_dir: str, **env) -> subprocess.Complet
     cmd = [
         sys.executable,
         "-m",
-        "training.tokenize",
+        "training.tokens",
         "--audio",
         str(audio),
         "--out",

@@ -1,6 +1,7 @@
 """Block-structured attention: a Triton flash-attention kernel that skips what the layout masks.
 
-What it computes (same contract as `model.attention.attention`):
+What it computes (same contract as `model.attention.attention`, whose `attention_ref` is
+the reference):
     q (B, H, Nq, D), k/v (B, H, Nk, D); seg_q (B, Nq), seg_k (B, Nk) integer segment ids,
     negative = padding; allowed (B, S, S) or (S, S) bool.
     Query i may see key j iff allowed[b, seg_q[b, i], seg_k[b, j]]; padding sees nothing and is
@@ -58,32 +59,15 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from model.attention_rule import check_inputs
+
 EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes
 MAX_SEGMENTS = 64  # q_bits is one int64 per query
 
 # ----------------------------------------------------------------------------- reference
-
-
-def dense_mask(seg_q: torch.Tensor, seg_k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """(B, Nq, Nk) bool: may query i see key j."""
-    B = seg_q.shape[0]
-    if allowed.dim() == 2:
-        allowed = allowed.expand(B, *allowed.shape)
-    sq, sk = seg_q.long(), seg_k.long()
-    b = torch.arange(B, device=seg_q.device)[:, None, None]
-    m = allowed[b, sq.clamp(min=0)[:, :, None], sk.clamp(min=0)[:, None, :]]  # (B, Nq, Nk)
-    return m & (sq >= 0)[:, :, None] & (sk >= 0)[:, None, :]
-
-
-def block_attention_ref(q, k, v, seg_q, seg_k, allowed, scale=None):
-    """Pure PyTorch: SDPA with the dense boolean mask; rows that see nothing output 0."""
-    mask = dense_mask(seg_q, seg_k, allowed)  # (B, Nq, Nk)
-    seen = mask.any(-1, keepdim=True)  # (B, Nq, 1)
-    # SDPA returns NaN for an all-False row: open such rows up, then zero their output (which
-    # also zeroes every gradient flowing through them).
-    mask = (mask | ~seen)[:, None]  # (B, 1, Nq, Nk)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out * seen[:, None].to(out.dtype)
+# The pure-PyTorch reference is `model.attention_rule.attention_ref` (SDPA with the dense mask of
+# `model.attention_rule.dense_mask`), the model's own "sdpa" backend: the rule is stated once, there,
+# and the tests compare this kernel against it.
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -497,26 +481,18 @@ class _BlockAttention(torch.autograd.Function):
 
 
 def _check_inputs(q, k, v, seg_q, seg_k, allowed):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (B, H, N, D); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, Nq, D = q.shape
-    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
-        raise ValueError(f"k and v must be (B={B}, H={H}, Nk, D={D}); got {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+    """The shared contract (`model.attention_rule.check_inputs`) plus this kernel's limits."""
+    check_inputs(q, k, v, seg_q, seg_k, allowed)
+    B, D = q.shape[0], q.shape[3]
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16,
                                                                torch.float32):
         raise ValueError(f"q, k, v must share one dtype of fp16/bf16/fp32; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
     if D < 16 or D > 256 or D & (D - 1):
         raise ValueError(f"head dim must be a power of two in [16, 256], got {D}")
-    if seg_q.shape != (B, Nq) or seg_k.shape != (B, k.shape[2]):
-        raise ValueError(f"seg_q must be (B, Nq)={(B, Nq)} and seg_k (B, Nk)={(B, k.shape[2])}; "
-                         f"got {tuple(seg_q.shape)}, {tuple(seg_k.shape)}")
     if seg_q.dtype.is_floating_point or seg_k.dtype.is_floating_point or seg_q.dtype == torch.bool:
         raise ValueError(f"segment ids must be integers, got {seg_q.dtype}, {seg_k.dtype}")
-    if allowed.dtype != torch.bool or allowed.dim() not in (2, 3) or \
-            allowed.shape[-1] != allowed.shape[-2] or (allowed.dim() == 3 and allowed.shape[0] != B):
+    if allowed.shape[-1] != allowed.shape[-2] or (allowed.dim() == 3 and allowed.shape[0] != B):
         raise ValueError(f"allowed must be bool (S, S) or (B={B}, S, S); got {allowed.dtype} "
                          f"{tuple(allowed.shape)}")
     devices = {t.device for t in (q, k, v, seg_q, seg_k, allowed)}

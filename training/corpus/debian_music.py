@@ -42,10 +42,10 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
+from audio import is_audio_name
 from training.corpus.licences import dep5_licence, detect_licences, parse_dep5
 
 SAMPLE_RATE = 32000
-AUDIO_EXTENSIONS = {".ogg", ".oga", ".opus", ".flac", ".wav", ".mp3"}
 ARCHIVE_EXTENSIONS = {".pk3", ".zip"}
 LOCAL_LICENCE_RE = re.compile(r"^(licen[cs]e|copying|copyright)(\.txt|\.md)?$", re.I)
 FORMATS = {  # name -> (extension, libsndfile format, subtype, file sample rate)
@@ -114,12 +114,12 @@ def find_tracks(root: Path, package: str, files: list[Path]) -> list[Track]:
     tracks = []
     for f in files:
         suffix = f.suffix.lower()
-        if suffix in AUDIO_EXTENSIONS:
+        if is_audio_name(f):
             tracks.append(Track(package, installed_path(f, proot), str(f)))
         elif suffix in ARCHIVE_EXTENSIONS:
             with zipfile.ZipFile(f) as z:
                 for m in sorted(z.namelist()):
-                    if Path(m).suffix.lower() in AUDIO_EXTENSIONS:
+                    if is_audio_name(m):
                         tracks.append(Track(package, f"{installed_path(f, proot)}!/{m}", str(f), m))
     return tracks
 

@@ -1,7 +1,7 @@
 """MODEL_CARD.md for a shipped codec snapshot, from what was measured: the run's config and log,
 the corpus manifest (data + licences) and `bench/eval_codec.py`'s result.
 
-    python -m training.codec_card --run runs/codec_demo --codec weights/demo/codec \
+    python -m training.codec.card --run runs/codec_demo --codec weights/demo/codec \
         --eval bench/results/codec_demo_eval.json --corpus data/corpus
 
 Training time is summed from the log's per-window speeds. A window slower than a third of the
@@ -16,6 +16,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+from training.run import checkpoint as ckpt_io
 
 TARGET_PERPLEXITY = 64
 TARGET_MEL_RATIO = 0.75
@@ -51,9 +53,9 @@ def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = ""
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     # The snapshot is the newest checkpoint (what `train_codec.py export RUN` takes); log rows
     # after it (an interrupted stretch) are not part of it.
-    ckpts = sorted((run / "checkpoints").glob("ckpt_*.pt"))
+    ckpts = ckpt_io.list_checkpoints(run / "checkpoints")
     if ckpts:
-        last = int(ckpts[-1].stem.split("_")[1])
+        last = ckpts[-1][0]
         rows = [r for r in rows if r.get("step", 0) <= last]
     train_rows = [r for r in rows if "loss/mel" in r]
     val_rows = [r for r in rows if "val/mel" in r]
@@ -119,7 +121,7 @@ Recipe changes made during the run and why: docs/codec-training.md §4 and §6.
 
 - Steps: {step}. Training time: {hours:.2f} h on a 2-core AMD EPYC VM (no GPU), fp32,
   {train['threads']} torch threads; the figure counts the steps at their quiet-machine speed
-  (`training/codec_card.py` says how).
+  (`training/codec/card.py` says how).
 
 ## Metrics (held-out tracks)
 

@@ -1,4 +1,4 @@
-"""The on-disk token format shared by the tokeniser (writer) and `training/data.py` (reader).
+"""The on-disk token format shared by the tokeniser (writer) and `training/tokens/windows.py` (reader).
 
 A token directory holds
 
@@ -33,7 +33,7 @@ the model) differs from the whole-file tokens near both ends of the context, wit
 encoder's reach. Each file is therefore also encoded in tiles of `tiles.units` padding units
 (a divisor of a chunk, at least twice `border_units`, which cover the reach): a tile's first
 `border_units` are what an encode starting at the tile's start gives there, its last
-`border_units` what an encode ending at the tile's end gives. `training/data.py` splices them
+`border_units` what an encode ending at the tile's end gives. `training/tokens/windows.py` splices them
 into the whole-file tokens to build the context an encode of that stretch alone gives.
 """
 
@@ -178,7 +178,7 @@ def read_manifest(token_dir: str | os.PathLike, expected_fingerprint: str | None
     path = Path(token_dir) / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{token_dir}: no {MANIFEST}; tokenise a folder first "
-                            "(python -m training.tokenize --audio DIR --out DIR)")
+                            "(python -m training.tokens --audio DIR --out DIR)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from model.diffusion import LEVEL_NAMES, corrupt, mask_fraction, target_logits
 from model.dit import DiT
 from model.layout import collate, fill_tokens
-from training.config import TrainConfig
-from training.data import TokenWindows
+from training.dit.config import TrainConfig
+from training.tokens.windows import TokenWindows
 
 
 @functools.lru_cache(maxsize=256)
@@ -157,8 +157,8 @@ class Evaluator:
     @torch.no_grad()
     def _write_sample(self, step: int, run_dir):
         """Continue the first val window's context; write context + continuation as a WAV."""
+        from audio import write_wav
         from model.sampler import SamplingParams, generate
-        from server.audio import write_wav
 
         codec = self.codec()
         if codec is None:

@@ -1,6 +1,7 @@
 """Training configuration: nested dataclasses, filled from TOML and `--key value` overrides.
 
-Precedence: dataclass defaults < `--config FILE.toml` < command-line `--section.key value`.
+Precedence: dataclass defaults < `--config FILE.toml` < command-line `--section.key value`
+(the loader, shared with the codec trainer, is training/run/config.py).
 The dataclass defaults *are* the default run (`training/configs/default.toml` spells them out
 and a test keeps the two equal). No exec()/import-based configurators: a config is data.
 
@@ -13,15 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser as a package (pyproject: tomli)
-    import tomli as tomllib
+from training.run import config as run_config
+from training.run.config import ConfigError
 
 N_CTX_MAX = 2  # DESIGN §2: up to two context chunks
 
@@ -64,10 +61,10 @@ class CurriculumConfig:
 
 @dataclass
 class DataConfig:
-    tokens: str = "data/tokens"  # output dir of `python -m training.tokenize`
+    tokens: str = "data/tokens"  # output dir of `python -m training.tokens`
     batch_size: int = 32  # rows per micro-batch per rank
     num_workers: int = 2  # DataLoader workers (0 = load in the training process)
-    # Weights of the context kinds a window with context draws (training/data.py): encoded =
+    # Weights of the context kinds a window with context draws (training/tokens/windows.py): encoded =
     # as `/continue` encodes it, mixed = the second /extend chunk's, generated = whole-file
     # tokens (later /extend chunks). A directory tokenised without tiles trains on generated.
     contexts: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.25])
@@ -123,7 +120,9 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: str = "bf16"  # CUDA compute: bf16 autocast (fp32 master weights) or fp32; CPU is fp32
     compile: bool = False  # torch.compile the model
-    resume: str = ""  # "" = fresh run, "latest" = newest checkpoint of this run, or a ckpt dir
+    # auto (or latest) = this run's newest checkpoint if it has one, never = start over, or a
+    # checkpoint directory. Re-running a command continues it (both trainers, run/checkpoint).
+    resume: str = "auto"
     # Stop (saving a checkpoint) at this step although the curriculum goes on: for jobs with a
     # time limit. The schedule still spans the whole curriculum. 0 = run to the end.
     stop_at: int = 0
@@ -153,135 +152,8 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-
-class ConfigError(ValueError):
-    pass
-
-
-# ----------------------------------------------------------------------------- coercion
-def _coerce(value, tp, where: str):
-    """Check/convert a TOML or command-line value to the annotated type `tp`."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return _from_dict(tp, value, where)
-    if tp is typing.Any:
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)[:1] or (typing.Any,)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return dict(value)
-    if origin in (typing.Union, types.UnionType):
-        for t in typing.get_args(tp):
-            try:
-                return _coerce(value, t, where)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)  # 1e4 on the command line means 10000
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-def _from_dict(cls, data: dict, where: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {sorted(unknown)} in [{where or 'top level'}]; known: {sorted(names)}"
-        )
-    base = cls()
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{where}.{f.name}".lstrip("."))
-        else:
-            kwargs[f.name] = getattr(base, f.name)
-    return cls(**kwargs)
-
-
-# ----------------------------------------------------------------------------- overrides
-def _parse_value(text: str):
-    """A command-line value: a TOML literal when it parses as one (1e-4, true, [0, 1]), else a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _set_path(data: dict, key: str, value) -> None:
-    """data[a][b][c] = value for key "a.b.c"; integer parts index lists (curriculum.stages.0.steps)."""
-    parts = key.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
-        if isinstance(node, list):
-            idx = int(part)
-            if not -len(node) <= idx < len(node):
-                raise ConfigError(f"--{key}: index {idx} out of range (have {len(node)})")
-            node = node[idx]
-        else:
-            node = node.setdefault(part, [] if nxt.isdigit() else {})
-    last = parts[-1]
-    if isinstance(node, list):
-        idx = int(last)
-        if not -len(node) <= idx < len(node):
-            raise ConfigError(f"--{key}: index {idx} out of range (have {len(node)})")
-        node[idx] = value
-    else:
-        node[last] = value
-
-
-def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, object]]]:
-    """Split argv into (--config path, [(dotted key, value)]). `--resume` alone means "latest"."""
-    config_path, pairs, i = None, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key value")
-        key, eq, val = arg[2:].partition("=")
-        if not eq:
-            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            if has_value:
-                val, i = argv[i + 1], i + 1
-            elif key == "resume":
-                val = "latest"
-            elif key in _BOOL_KEYS:
-                val = "true"  # --compile alone switches it on
-            else:
-                raise ConfigError(f"--{key} needs a value")
-        if key == "config":
-            config_path = val
-        else:
-            pairs.append((key.replace("-", "_"), _parse_value(val)))
-        i += 1
-    return config_path, pairs
-
-
-_BOOL_KEYS = {"compile", "log.tensorboard", "log.progress", "eval.audio", "eval.use_ema"}
+    def validate(self) -> None:
+        validate(self)
 
 
 def usage() -> str:
@@ -295,41 +167,14 @@ def usage() -> str:
 
 
 def load_config(path: str | Path | None = None, overrides=(), base: dict | None = None) -> TrainConfig:
-    """Defaults (or `base`, e.g. a checkpoint's saved config) <- TOML file <- overrides, validated.
-
-    overrides: [(dotted key, value)] as `parse_overrides` returns them.
-    """
-    data = TrainConfig().to_dict()
-    if base is not None:
-        _merge(data, base)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            file_data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from e
-        _merge(data, file_data)
-    for key, value in overrides:
-        top = key.split(".")[0]
-        if top not in data:
-            raise ConfigError(f"unknown option --{key}; sections: {sorted(data)}")
-        _set_path(data, key, value)
-    cfg = _from_dict(TrainConfig, data)
-    validate(cfg)
-    return cfg
+    """Defaults (or `base`, e.g. a checkpoint's saved config) <- TOML file <- overrides, validated
+    (training/run/config.py). overrides: [(dotted key, value)] as `parse_overrides` returns them."""
+    return run_config.load(TrainConfig, path, overrides, base)
 
 
-def _merge(base: dict, new: dict) -> None:
-    """Recursive table merge; lists (e.g. curriculum.stages) are replaced, not merged."""
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("model", "diffusion"):
-            _merge(base[k], v)
-        elif isinstance(v, dict) and isinstance(base.get(k), dict):
-            base[k] = {**base[k], **v}
-        else:
-            base[k] = v
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, object]]]:
+    """Split argv into (--config path, [(dotted key, value)]). `--resume` alone means "latest"."""
+    return run_config.parse_overrides(argv, TrainConfig)
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -1,4 +1,4 @@
-"""Optimizer pieces: AdamW param groups, warmup + cosine LR, weight EMA, RNG state capture.
+"""Optimizer pieces of the DiT: AdamW param groups, warmup + cosine LR, weight EMA.
 
 Everything here is plain state that round-trips through a checkpoint exactly (the resume test
 compares parameters bit for bit).
@@ -7,13 +7,11 @@ compares parameters bit for bit).
 from __future__ import annotations
 
 import math
-import random
 
-import numpy as np
 import torch
 from torch import nn
 
-from training.config import OptimConfig
+from training.dit.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -89,38 +87,3 @@ class EMA:
         for k, v in state.items():
             self.shadow[k].copy_(v)
         self.num_updates = num_updates
-
-    def copy_to(self, model: nn.Module) -> None:
-        model.load_state_dict({k: v.to(p.dtype) for (k, v), p in
-                               zip(self.shadow.items(), model.state_dict().values(), strict=True)})
-
-
-# ----------------------------------------------------------------------------- RNG states
-def capture_rng() -> dict:
-    """All RNG states a training step may touch, as weights_only-loadable types."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    # torch.load gives lists where random.getstate() had tuples.
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds CUDA too

@@ -1,27 +1,23 @@
-"""Codec training config: one dataclass, TOML files, `--key value` overrides, architecture presets.
+"""Codec training config: one typed dataclass and the architecture presets; TOML files and
+`--key value` overrides go through the loader both trainers share (training/run/config.py).
 
     python training/train_codec.py --config training/configs/codec_small.toml --steps 1000 \
         --loss_weights.mel 10 --model.decoder_dim 256
 
 Values on the command line are parsed as TOML literals (`--gan false`, `--betas [0.8, 0.99]`);
 anything that is not a TOML literal is taken as a string (`--train data/corpus`). Dotted keys
-reach into the dict fields (`model`, `loss_weights`). Unknown keys are errors, not silently
-ignored, so a typo cannot train the wrong model for a week.
+reach into the dict fields (`model`, `loss_weights`). Unknown keys and wrong types are errors,
+not silently ignored, so a typo cannot train the wrong model for a week.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser as a package
-    import tomli as tomllib
+from dataclasses import dataclass, field
 
 from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_CONFIG
+from training.run import config as run_config
+from training.run.config import ConfigError
 
 # SNAC constructor kwargs. All three share the 32 kHz rates and strides, so tokens from any of
 # them have the project's chunk geometry (DESIGN §1); only the widths differ.
@@ -47,18 +43,18 @@ class CodecTrainConfig:
     freeze_encoder: bool = False      # decoder-only fine-tune: encoder + quantiser frozen, so the
     #                                   codes (and any tokenised dataset) stay valid
     # ---- data
-    train: list = field(default_factory=lambda: ["data/corpus"])  # dirs, files or manifest.jsonl
-    val: list = field(default_factory=list)  # held-out dirs/files; empty = hold out from train
+    train: list[str] = field(default_factory=lambda: ["data/corpus"])  # dirs, files, manifest.jsonl
+    val: list[str] = field(default_factory=list)  # held-out dirs/files; empty = hold out from train
     val_files: int = 8                # files held out of `train` when `val` is empty
     val_seconds: float = 6.144        # one segment per val file, from its middle (one chunk)
     # Segment-length curriculum, as [from_step, seconds, batch_size] rows (the fine-tuning
     # recipe's 1 s -> 4 s, batch shrinking to keep memory flat). Seconds are rounded up to the
     # codec's padding grid (0.384 s at 32 kHz) so no step trains on zero padding.
-    curriculum: list = field(default_factory=lambda: [
+    curriculum: list[list[int | float]] = field(default_factory=lambda: [
         [0, 1.0, 32], [100_000, 2.0, 16], [200_000, 3.0, 12], [300_000, 4.0, 8]])
     min_rms: float = 1e-3             # re-draw near-silent segments (up to 8 times)
     num_workers: int = 2
-    # ---- keeping the codebooks alive (training/codec_vq.py). Without these the recipe
+    # ---- keeping the codebooks alive (training/codec/vq.py). Without these the recipe
     #      collapses to one code per level on real music from random init (measured).
     centre_vq_input: bool = True      # subtract each level's batch mean from its quantiser input;
     #                                   validation and export fold in a calibrated mean instead
@@ -78,24 +74,26 @@ class CodecTrainConfig:
     lr: float = 6e-4
     lr_decay: float = 0.999994
     encoder_lr_scale: float = 1.0     # encoder + quantiser learn at lr x this (decoder at lr)
-    betas: list = field(default_factory=lambda: [0.8, 0.99])  # DAC's; GAN training likes a low beta1
+    betas: list[float] = field(default_factory=lambda: [0.8, 0.99])  # DAC's; GAN training likes a low beta1
     weight_decay: float = 0.01
     grad_clip: float = 1000.0         # DAC's value: only catches blow-ups, not a regulariser
     # ---- losses: named terms and weights (DAC's where it has them)
-    loss_weights: dict = field(default_factory=lambda: dict(
+    loss_weights: dict[str, float] = field(default_factory=lambda: dict(
         mel=15.0, stft=1.0, l1=1.0, commitment=0.25, codebook=1.0, adv=1.0, feat=2.0))
-    mel_windows: list = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048])
-    mel_bins: list = field(default_factory=lambda: [5, 10, 20, 40, 80, 160, 320])
-    stft_ffts: list = field(default_factory=lambda: [1024, 2048, 4096])
+    mel_windows: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048])
+    mel_bins: list[int] = field(default_factory=lambda: [5, 10, 20, 40, 80, 160, 320])
+    stft_ffts: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
     # ---- GAN
     gan: bool = True
     gan_start_step: int = 0           # e.g. warm up on reconstruction losses when fine-tuning
-    mpd_periods: list = field(default_factory=lambda: [2, 3, 5, 7, 11])
+    mpd_periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
     mpd_channels: int = 32            # HiFi-GAN widths are 32/128/512/1024/1024
-    msd_ffts: list = field(default_factory=lambda: [2048, 1024, 512])
+    msd_ffts: list[int] = field(default_factory=lambda: [2048, 1024, 512])
     msd_channels: int = 32
     # ---- run
     out_dir: str = "runs/codec"
+    resume: str = "auto"               # auto: the newest checkpoint in out_dir/checkpoints if any;
+    #                                   never: start over; or a checkpoint path (run/checkpoint)
     seed: int = 0
     device: str = "auto"              # auto = cuda if available
     amp: str = "auto"                 # auto = bf16 autocast on cuda, fp32 on cpu; or bf16 / fp32
@@ -113,6 +111,12 @@ class CodecTrainConfig:
         return {**MODEL_PRESETS[self.preset], **self.model}
 
     def validate(self) -> CodecTrainConfig:
+        try:
+            return self._validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    def _validate(self) -> CodecTrainConfig:
         if not self.curriculum or any(len(row) != 3 for row in self.curriculum):
             raise ValueError("curriculum must be a non-empty list of [from_step, seconds, batch]")
         if self.curriculum[0][0] != 0:
@@ -159,87 +163,21 @@ def segment_samples(seconds: float, sample_rate: int, pad_samples: int) -> int:
     return max(1, math.ceil(seconds * sample_rate / pad_samples)) * pad_samples
 
 
-# ---------------------------------------------------------------- parsing
-
-
-def _parse_value(text: str):
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def parse_overrides(args: list[str]) -> dict:
-    """['--lr', '1e-4', '--model.decoder_dim=256'] -> {'lr': 1e-4, 'model': {'decoder_dim': 256}}."""
-    out: dict = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"expected --key value, got {arg!r}")
-        if "=" in arg:
-            key, text = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ValueError(f"{arg} needs a value")
-            key, text = arg[2:], args[i + 1]
-            i += 2
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = _parse_value(text)
-    return out
-
-
-def merge(base: dict, update: dict) -> dict:
-    """Recursive dict update: `--model.decoder_dim 256` keeps the other `model` keys."""
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def config_from_dict(d: dict) -> CodecTrainConfig:
-    fields = {f.name: f for f in dataclasses.fields(CodecTrainConfig)}
-    unknown = set(d) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(fields)}")
-    default = CodecTrainConfig()
-    clean = {}
-    for k, v in d.items():
-        ref = getattr(default, k)
-        if isinstance(ref, bool) and not isinstance(v, bool):
-            raise ValueError(f"{k} must be true or false, got {v!r}")
-        if isinstance(ref, float) and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if isinstance(ref, list) and isinstance(v, str):
-            v = [v]  # `--train data/x` is the common one-directory case
-        if type(ref) is not type(v) and not (isinstance(ref, dict) and isinstance(v, dict)):
-            raise ValueError(f"{k} must be {type(ref).__name__}, got {v!r}")
-        clean[k] = v
-    return CodecTrainConfig(**clean).validate()
+# ---------------------------------------------------------------- loading
 
 
 def load_config(config_file: str | None, overrides: list[str], base: dict | None = None
                 ) -> CodecTrainConfig:
-    """base (e.g. a checkpoint's config) <- TOML file <- command-line overrides."""
-    # Start from the full defaults so a partial `[loss_weights]` table updates, not replaces.
-    d = merge(asdict(CodecTrainConfig()), base or {})
-    if config_file:
-        with open(config_file, "rb") as f:
-            d = merge(d, tomllib.load(f))
-    d = merge(d, parse_overrides(overrides))
-    return config_from_dict(d)
+    """Defaults <- base (e.g. a checkpoint's config) <- TOML file <- command-line overrides
+    (`["--lr", "1e-4", "--model.decoder_dim=256"]`), by the loader both trainers share."""
+    path, pairs = run_config.parse_overrides(list(overrides), CodecTrainConfig)
+    if path is not None and config_file is not None:
+        raise ConfigError("--config given twice")
+    return run_config.load(CodecTrainConfig, config_file or path, pairs, base)
 
 
 def to_dict(cfg: CodecTrainConfig) -> dict:
-    return asdict(cfg)
-
-
-def default_config_path(name: str) -> Path:
-    return Path(__file__).parent / "configs" / f"codec_{name}.toml"
+    return run_config.to_dict(cfg)
 
 
 def curriculum_stage(rows: list, sample_rate: int, pad: int, step: int) -> tuple[int, int]:

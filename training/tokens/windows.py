@@ -1,4 +1,4 @@
-"""Windows of SNAC tokens for training, read from a token directory (training/shards.py).
+"""Windows of SNAC tokens for training, read from a token directory (training/tokens/shards.py).
 
 A window is n_ctx context chunks + 1 target chunk (+ n_after after-context chunks, for editing)
 of one file, every level: level l holds (n_ctx + 1 + n_after) * F_l tokens (F = 64/128/256/512 per chunk for SNAC 32 kHz). Window starts lie on
@@ -17,7 +17,7 @@ tokens, which it learned to produce as whole-file tokens. Each window with conte
 draws a kind (`contexts` weights, a pure function of index and epoch):
 
     encoded    the context as an encode of its audio alone: the whole-file tokens with both
-               border stretches replaced by tile encodes (training/shards.py "Tiles")
+               border stretches replaced by tile encodes (training/tokens/shards.py "Tiles")
     mixed      the second /extend chunk: the older chunk encoded (its end bordered), the newer
                one generated; with one context chunk this is `generated`
     generated  the whole-file tokens
@@ -40,9 +40,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
-from training.shards import read_manifest
+from training.tokens.shards import read_manifest
 
 CONTEXT_KINDS = ("encoded", "mixed", "generated")
 DEFAULT_CONTEXTS = (0.5, 0.25, 0.25)  # /continue and the first /extend chunk, the second, later
@@ -123,7 +123,7 @@ class TokenWindows(Dataset):
         if self.tiles is None and w[:2].sum() > 0:
             raise ValueError(
                 f"{token_dir} was tokenised without context tiles, so it cannot give encoded or "
-                "mixed contexts; re-tokenise it (python -m training.tokenize) or use contexts "
+                "mixed contexts; re-tokenise it (python -m training.tokens) or use contexts "
                 "= [0, 0, 1]")
         self.contexts = tuple(float(x) for x in w / w.sum())
         self._context_cum = np.cumsum(self.contexts).tolist()
@@ -460,15 +460,3 @@ class WindowBatchSampler(Sampler):
                 self.state = SamplerState(epoch, position + 1)
                 yield [WindowKey(i, epoch, position + 1) for i in row]
         self.state = SamplerState(epoch + 1, 0)
-
-
-def make_loader(dataset: TokenWindows, batch_size: int, seed: int = 0, num_workers: int = 2,
-                state: dict | None = None, pin_memory: bool = False, **sampler_kwargs):
-    """(DataLoader, sampler) over `dataset`, resumed at `state` (a saved batch["data_state"])."""
-    sampler = WindowBatchSampler(dataset, batch_size, seed=seed, **sampler_kwargs)
-    if state is not None:
-        sampler.load_state_dict(state)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_windows,
-                        num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=num_workers > 0)
-    return loader, sampler

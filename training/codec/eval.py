@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from training.codec_losses import ReconstructionLosses, si_sdr
-from training.codec_model import codec_forward
+from training.codec.losses import ReconstructionLosses, si_sdr
+from training.codec.model import codec_forward
 
 
 def codebook_stats(codes: list[list[torch.Tensor]], codebook_size: int) -> dict[str, float]:

@@ -5,7 +5,7 @@ to its duration, offset uniform. So the "data position" of an exact resume is ju
 number, and DataLoader workers (any number, any prefetch) cannot change what a step sees.
 
 Training crops are read with soundfile at an offset (no full-file decode per crop) and resampled
-with soxr; whole-file reads (validation) go through `server.audio.read_audio`.
+with soxr; whole-file reads (validation) go through `audio.read_audio`.
 """
 
 from __future__ import annotations
@@ -13,30 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
-import soxr
 import torch
 from torch.utils.data import Dataset
 
-from server.audio import read_audio
-
-AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif"}
-
-
-@dataclass(frozen=True)
-class AudioFile:
-    path: str
-    frames: int          # at the file's own rate
-    sample_rate: int
-
-    @property
-    def seconds(self) -> float:
-        return self.frames / self.sample_rate
+from audio import AudioFile, is_audio_name, read_audio, read_segment
 
 
 def _manifest_files(manifest: Path) -> list[Path]:
@@ -57,7 +40,7 @@ def find_audio_files(sources: list[str]) -> list[Path]:
     for src in sources:
         p = Path(src)
         if p.is_dir():
-            found.update(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_EXTENSIONS)
+            found.update(f for f in p.rglob("*") if is_audio_name(f))
         elif p.is_file() and p.suffix == ".jsonl":
             found.update(_manifest_files(p))
         elif p.is_file():
@@ -65,20 +48,6 @@ def find_audio_files(sources: list[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"training data source {src!r} does not exist")
     return sorted(found)
-
-
-def probe(paths: list[Path]) -> list[AudioFile]:
-    """Header-only length/rate of every file; unreadable or empty files are skipped loudly."""
-    out = []
-    for p in paths:
-        try:
-            info = sf.info(str(p))
-        except (sf.LibsndfileError, RuntimeError) as e:
-            print(f"warning: skipping unreadable audio {p}: {e}", file=sys.stderr)
-            continue
-        if info.frames > 0:
-            out.append(AudioFile(str(p), int(info.frames), int(info.samplerate)))
-    return out
 
 
 def split_train_val(files: list[AudioFile], n_val: int) -> tuple[list[AudioFile], list[AudioFile]]:
@@ -90,18 +59,6 @@ def split_train_val(files: list[AudioFile], n_val: int) -> tuple[list[AudioFile]
     ranked = sorted(files, key=lambda f: hashlib.sha256(f.path.encode()).hexdigest())
     val = set(f.path for f in ranked[:n_val])
     return [f for f in files if f.path not in val], [f for f in files if f.path in val]
-
-
-def read_segment(f: AudioFile, start: int, n_samples: int, sample_rate: int) -> np.ndarray:
-    """n_samples at `sample_rate` from native frame `start`; zero-padded past the end. (T,) f32."""
-    n_native = math.ceil(n_samples * f.sample_rate / sample_rate)
-    data, _ = sf.read(f.path, start=start, frames=n_native, dtype="float32", always_2d=True)
-    mono = data.mean(axis=1, dtype=np.float32)                  # (T_native,)
-    if f.sample_rate != sample_rate and len(mono):
-        mono = soxr.resample(mono, f.sample_rate, sample_rate, quality="HQ")
-    out = np.zeros(n_samples, dtype=np.float32)
-    out[: min(n_samples, len(mono))] = mono[:n_samples]
-    return out
 
 
 class SegmentBatches(Dataset):

@@ -1,8 +1,8 @@
-"""Adapt the demo model to your own music: `python -m training.adapt ~/my-songs --out weights/mine`.
+"""Adapt the demo model to your own music: `python -m training.dit.adapt ~/my-songs --out weights/mine`.
 
 One command, four phases, each resumable (re-run the same command after Ctrl-C):
 
-1. tokenise the folder with the codec the base model was trained on (`training.tokenize`);
+1. tokenise the folder with the codec the base model was trained on (`training.tokens`);
 2. hold out a few songs (chosen by a hash of their paths, so every re-run holds out the same);
 3. fine-tune the base DiT on the rest (`training/train.py` with `init`, one curriculum stage
    mixing 0, 1 and 2 context chunks, and after-context if the base model has it);
@@ -33,7 +33,7 @@ class AdaptError(RuntimeError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.adapt",
+    p = argparse.ArgumentParser(prog="python -m training.dit.adapt",
                                 description="Fine-tune the demo model on a folder of your songs.")
     p.add_argument("songs", type=Path, help="folder of audio (searched recursively; any format "
                                             "the server reads)")
@@ -58,7 +58,7 @@ def _hash(path: str) -> str:
 
 def hold_out(token_dir: Path, k: int | None) -> tuple[list[str], list[str]]:
     """Mark k songs of the token directory 'val' (the smallest path hashes), the rest 'train'."""
-    from training import shards
+    from training.tokens import shards
 
     manifest = shards.read_manifest(token_dir)
     names = sorted((f["path"] for f in manifest["files"]), key=_hash)
@@ -78,7 +78,7 @@ def hold_out(token_dir: Path, k: int | None) -> tuple[list[str], list[str]]:
 def training_toml(a, work: Path, editing: bool, has_val: bool) -> str:
     """The fine-tuning config: one stage over the context mix, a gentle learning rate."""
     every = max(10, a.steps // 10)
-    return f"""# written by `python -m training.adapt`; re-running that command resumes this run
+    return f"""# written by `python -m training.dit.adapt`; re-running that command resumes this run
 name = "run"
 out_dir = {json.dumps(str(work))}
 init = {json.dumps(str(a.base))}
@@ -124,9 +124,9 @@ def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int =
     import torch
 
     from model.diffusion import LEVEL_NAMES, DiffusionConfig
-    from model.engine import load_config, load_dit
-    from training.data import TokenWindows
-    from training.evaluate import masked_token_metrics
+    from model.weights import load_dit, read_dit_config
+    from training.dit.evaluate import masked_token_metrics
+    from training.tokens.windows import TokenWindows
 
     for n_ctx in (2, 1, 0):
         val = TokenWindows(token_dir, "val", n_ctx=n_ctx, contexts=(1.0, 0.0, 0.0))
@@ -140,7 +140,7 @@ def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int =
     out = {"windows": len(picks), "n_ctx": n_ctx}
     for name, path in model_dirs.items():
         model = load_dit(path)
-        schedules = DiffusionConfig.from_dict(load_config(path).get("diffusion", {})).schedules
+        schedules = DiffusionConfig.from_dict(read_dit_config(path).get("diffusion", {})).schedules
         sums = {}
         with torch.no_grad():
             for lo in range(0, len(picks), 4):
@@ -157,8 +157,8 @@ def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int =
 
 def run(a) -> int:
     from training import train
-    from training.export import export
-    from training.tokenize import TokenizeConfig, TokenizeError, tokenize
+    from training.dit.export import export
+    from training.tokens.tokenizer import TokenizeConfig, TokenizeError, tokenize
 
     if not a.songs.is_dir():
         raise AdaptError(f"{a.songs}: not a folder of audio")
@@ -168,9 +168,9 @@ def run(a) -> int:
     if not (base / "config.json").is_file():
         raise AdaptError(f"base model {a.base}: not found (a directory with config.json and "
                          "model.safetensors, e.g. weights/demo/dit)")
-    from model.engine import load_config
+    from model.weights import read_dit_config
 
-    editing = load_config(base)["dit"].get("max_after_chunks", 0) >= 1
+    editing = read_dit_config(base)["dit"].get("max_after_chunks", 0) >= 1
     work = a.work or Path("runs/adapt") / a.out.name
     work.mkdir(parents=True, exist_ok=True)
 
@@ -188,7 +188,7 @@ def run(a) -> int:
     train_songs, val_songs = hold_out(work / "tokens", a.val_songs)
     print(f"2/4 {len(train_songs)} songs to learn from, {len(val_songs)} held out: "
           f"{', '.join(val_songs) or '-'}", file=sys.stderr)
-    from training.data import TokenWindows
+    from training.tokens.windows import TokenWindows
 
     if len(TokenWindows(work / "tokens", "train", n_ctx=1)) == 0:
         raise AdaptError(

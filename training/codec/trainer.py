@@ -16,29 +16,24 @@ from contextlib import nullcontext
 import torch
 from torch.nn.utils import clip_grad_norm_
 
-from training.codec_config import CodecTrainConfig
-from training.codec_losses import (
+from training.codec.config import CodecTrainConfig
+from training.codec.discriminators import CodecDiscriminator
+from training.codec.losses import (
     ReconstructionLosses,
     discriminator_loss,
     feature_matching_loss,
     generator_adv_loss,
     weighted_total,
 )
-from training.codec_model import (
+from training.codec.model import (
     codec_forward,
     fold_input_means,
     freeze_encoder_and_quantizer,
-    load_snac,
+    load_for_training,
     quantize,
 )
-from training.codec_vq import CodebookKeeper
-from training.discriminators import CodecDiscriminator
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from training.codec.vq import CodebookKeeper
+from training.run.distributed import pick_device
 
 
 class CodecTrainer:
@@ -46,13 +41,13 @@ class CodecTrainer:
         """model_source: a config dict / path / hub id; default: cfg.init, else cfg's preset.
         A resumed run passes the checkpoint's model config and then loads its weights."""
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = pick_device(cfg.device)
         use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
 
         torch.manual_seed(cfg.seed)  # weight init of model and discriminator
         source = model_source if model_source is not None else (cfg.init or cfg.model_config())
-        self.model, self.model_config = load_snac(source)
+        self.model, self.model_config = load_for_training(source)
         if cfg.init and cfg.model and model_source is None:
             print("warning: `model` overrides are ignored when fine-tuning from `init`",
                   file=sys.stderr)
@@ -226,7 +221,7 @@ class CodecTrainer:
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
         sd = {
-            "model": self.model.state_dict(), "model_config": self.model_config,
+            "step": self.step, "model": self.model.state_dict(), "model_config": self.model_config,
             "opt_g": self.opt_g.state_dict(), "sched_g": self.sched_g.state_dict(),
         }
         if self.keeper is not None:

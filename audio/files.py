@@ -1,20 +1,32 @@
-"""Audio in and out: any format libsndfile reads -> float32 mono at the codec rate; 16-bit WAV out.
+"""Audio files: whole files in and out, which names to try, lengths, crops at an offset.
 
-Shared by the server (uploads) and the tokeniser (folders of files). `model/` does no I/O, so it
-only ever sees the arrays this module returns.
+`read_audio` turns any format libsndfile reads into float32 mono at a given rate; the server's
+uploads, the tokeniser's folders and the evaluations all read through it, so they hear the same
+downmix and resampling. `write_wav` writes 16-bit WAV. AUDIO_EXTENSIONS is the one list of
+names every reader of folders tries (the tokeniser, the codec trainer, the corpus builder).
+Crops are read with soundfile at an offset (no full-file decode per crop) and resampled with
+soxr, downmixed like `read_audio`.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import soxr
-import torch
 
-from model.engine import JOIN_SAMPLES, crossfade
+# Extensions worth trying. m4a/aac/wma are listed although libsndfile cannot read them, so they
+# are reported as failed instead of vanishing silently. Everything else (cover art, .cue, .txt)
+# is ignored.
+AUDIO_EXTENSIONS = frozenset(
+    ".wav .wave .flac .ogg .oga .opus .mp3 .aif .aiff .aifc .au .snd .caf .w64 .rf64 .mat "
+    ".m4a .aac .wma".split()
+)
 
 
 class AudioError(ValueError):
@@ -90,21 +102,42 @@ def write_wav(audio: np.ndarray, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
-# The join between a user's audio and its continuation (include_input): the continuation was
-# decoded from the codec's tokens, so its first sample need not meet the input's last one (a
-# click) nor its level (a jump). The output crossfades, over JOIN_SAMPLES (64 ms), from the
-# input into the codec's own decoding of the input's end, which the continuation follows
-# seamlessly (same decode). JOIN_SAMPLES and the crossfade are the engine's, which splices
-# its edits the same way.
+def is_audio_name(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in AUDIO_EXTENSIONS
 
 
-def join_input(audio: np.ndarray, lead: np.ndarray) -> np.ndarray:
-    """input (T,) + [decoded input end (F,) + continuation] -> one signal: the input unchanged
-    up to its last F samples, a raised-cosine crossfade from it into the decoded end there,
-    then the continuation. F = min(JOIN_SAMPLES, T)."""
-    audio = np.asarray(audio, dtype=np.float32)
-    lead = np.asarray(lead, dtype=np.float32)
-    f = min(JOIN_SAMPLES, len(audio))
-    decoded_end, continuation = lead[JOIN_SAMPLES - f: JOIN_SAMPLES], lead[JOIN_SAMPLES:]
-    fade = crossfade(torch.from_numpy(audio[len(audio) - f:]), torch.from_numpy(decoded_end))
-    return np.concatenate([audio[: len(audio) - f], fade.numpy(), continuation])
+@dataclass(frozen=True)
+class AudioFile:
+    path: str
+    frames: int          # at the file's own rate
+    sample_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def probe(paths: list[Path]) -> list[AudioFile]:
+    """Header-only length/rate of every file; unreadable or empty files are skipped loudly."""
+    out = []
+    for p in paths:
+        try:
+            info = sf.info(str(p))
+        except (sf.LibsndfileError, RuntimeError) as e:
+            print(f"warning: skipping unreadable audio {p}: {e}", file=sys.stderr)
+            continue
+        if info.frames > 0:
+            out.append(AudioFile(str(p), int(info.frames), int(info.samplerate)))
+    return out
+
+
+def read_segment(f: AudioFile, start: int, n_samples: int, sample_rate: int) -> np.ndarray:
+    """n_samples at `sample_rate` from native frame `start`; zero-padded past the end. (T,) f32."""
+    n_native = math.ceil(n_samples * f.sample_rate / sample_rate)
+    data, _ = sf.read(f.path, start=start, frames=n_native, dtype="float32", always_2d=True)
+    mono = data.mean(axis=1, dtype=np.float32)                  # (T_native,)
+    if f.sample_rate != sample_rate and len(mono):
+        mono = soxr.resample(mono, f.sample_rate, sample_rate, quality="HQ")
+    out = np.zeros(n_samples, dtype=np.float32)
+    out[: min(n_samples, len(mono))] = mono[:n_samples]
+    return out

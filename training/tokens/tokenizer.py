@@ -1,9 +1,9 @@
-"""Tokenise a folder of audio into SNAC token shards: `python -m training.tokenize --audio DIR --out DIR`.
+"""Tokenise a folder of audio into SNAC token shards: `python -m training.tokens --audio DIR --out DIR`.
 
 Pipeline: walk DIR recursively (sorted, so runs are deterministic) -> decode + downmix + resample
-each file in a small thread pool (`server.audio.read_audio`) -> cut it into pieces -> encode the
+each file in a small thread pool (`audio.read_audio`) -> cut it into pieces -> encode the
 pieces in batches -> every `--shard-seconds` of audio, write one shard (a uint16 .npy per level)
-and rewrite the manifest atomically. The format is described in `training/shards.py`.
+and rewrite the manifest atomically. The format is described in `training/tokens/shards.py`.
 
 Pieces. Long files are encoded in pieces of `--piece-seconds` (default 10 chunks = 61.44 s),
 rounded to the codec's padding grid (12,288 samples = 4 coarse frames) so each piece's tokens
@@ -15,7 +15,7 @@ fits in one piece gets exactly `Codec.encode(file)`.
 
 Tiles. Every file is also encoded in short tiles (`tile_plan`: 1.536 s for SNAC 32 kHz), so
 the data loader can rebuild the tokens an encode of a context *alone* gives (what `/continue`
-feeds the model) instead of whole-file tokens that peek at the target (training/shards.py,
+feeds the model) instead of whole-file tokens that peek at the target (training/tokens/shards.py,
 docs/data.md). Short tiles encode fast: measured on 2 CPU cores with the demo codec, 29x
 realtime against 5.9x for 61.44 s pieces, so they add about a fifth to a run's time.
 
@@ -49,17 +49,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_HUB_ID, Codec, CodecLoadError
-from server.audio import AudioError, read_audio
-from training import shards
+from audio import AUDIO_EXTENSIONS, AudioError, is_audio_name, read_audio
+from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_HUB_ID, Codec
+from model.weights import CodecLoadError
+from training.tokens import shards
 
-# Extensions worth trying. m4a/aac/wma are listed although libsndfile cannot read them, so they
-# are reported as failed instead of vanishing silently. Everything else (cover art, .cue, .txt)
-# is ignored and only counted.
-AUDIO_EXTENSIONS = frozenset(
-    ".wav .wave .flac .ogg .oga .opus .mp3 .aif .aiff .aifc .au .snd .caf .w64 .rf64 .mat "
-    ".m4a .aac .wma".split()
-)
 DEFAULT_VAL_FRACTION = 0.02
 DEFAULT_PIECE_CHUNKS = 10  # 61.44 s: long enough that border effects touch ~2% of tokens
 KILL_HOOK_ENV = "SNAC_DIT_TOKENIZE_KILL_AFTER_SHARDS"  # tests: SIGKILL after writing N shards
@@ -114,7 +108,7 @@ def scan(audio_dir: Path, skip: Path | None = None) -> tuple[list[_Item], int]:
             path = Path(root) / name
             if name.startswith("."):  # .DS_Store, AppleDouble ._x.wav, our own temp files
                 continue
-            if path.suffix.lower() not in AUDIO_EXTENSIONS:
+            if not is_audio_name(path):
                 ignored += 1
                 continue
             try:
@@ -449,7 +443,7 @@ def _duration(seconds: float) -> str:
 
 def parse_args(argv=None) -> TokenizeConfig:
     p = argparse.ArgumentParser(
-        prog="python -m training.tokenize",
+        prog="python -m training.tokens",
         description="Tokenise a folder of audio (recursively) into SNAC token shards + manifest. "
                     "Re-running resumes: finished files are skipped.",
     )

@@ -26,24 +26,18 @@ from torch.utils.data import DataLoader
 
 from model.diffusion import DiffusionConfig, MaskedDiffusion
 from model.dit import DiT, DiTConfig
-from model.engine import WEIGHTS_FILE
-from model.engine import load_config as load_model_config
-from training import checkpoint as ckpt_io
-from training import distributed as D
-from training.config import ConfigError, TrainConfig
-from training.curriculum import dataset_values, stage_at, stage_sampler, trains_after_context
-from training.data import TokenWindows, collate_windows
-from training.evaluate import Evaluator
-from training.observe import MetricsLog, Throughput, flops_per_token, peak_flops
-from training.optim import (
-    EMA,
-    build_optimizer,
-    build_scheduler,
-    capture_rng,
-    restore_rng,
-    seed_everything,
-)
-from training.shards import ManifestError, read_manifest
+from model.weights import WEIGHTS_FILE, read_dit_config
+from training.dit.config import ConfigError, TrainConfig
+from training.dit.curriculum import dataset_values, stage_at, stage_sampler, trains_after_context
+from training.dit.evaluate import Evaluator
+from training.dit.optim import EMA, build_optimizer, build_scheduler
+from training.run import checkpoint as ckpt_io
+from training.run import distributed as D
+from training.run.observe import MetricsLog, Throughput, flops_per_token, peak_flops
+from training.run.rng import capture_rng, restore_rng, seed_everything
+from training.run.signals import StopFlag, ignore_stop_signals
+from training.tokens.shards import ManifestError, read_manifest
+from training.tokens.windows import TokenWindows, collate_windows
 
 
 class DataMissingError(RuntimeError):
@@ -52,14 +46,6 @@ class DataMissingError(RuntimeError):
 
 def _step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
-def ignore_stop_signals(_worker_id=None):
-    # Ctrl-C reaches the whole process group, and torchrun signals its workers' groups: data
-    # workers must not die before the trainer has finished its step and saved. They exit with
-    # the trainer (DataLoader shuts them down; a watchdog ends them if the trainer is killed).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class LossModule(nn.Module):
@@ -87,7 +73,6 @@ class Trainer:
         self.env = env or D.DistEnv()
         self.device = self.env.device
         self.run_dir = cfg.run_dir
-        self.stop_signal: int | None = None
 
         try:
             self.manifest = read_manifest(cfg.data.tokens)
@@ -121,7 +106,7 @@ class Trainer:
         if cfg.init:
             # Fine-tune: the exported model's own architecture, on these tokens.
             try:
-                base = DiTConfig.from_dict(load_model_config(cfg.init)["dit"])
+                base = DiTConfig.from_dict(read_dit_config(cfg.init)["dit"])
             except (OSError, ValueError, TypeError) as e:
                 raise ConfigError(f"init {cfg.init!r}: {e}") from e
             for k, v in from_tokens.items():
@@ -231,20 +216,19 @@ class Trainer:
                 ema_updates=self.ema.num_updates, rng=rngs, world_size=self.env.world_size,
                 data=dict(stage=self.data_stage, state=self.data_state),
             )
-            path = ckpt_io.save_checkpoint(
-                self.run_dir, self.step, self.dit.state_dict(), self.ema.state_dict(),
-                self.config_record(), state, self.cfg.ckpt.keep,
-            )
+            weights = {"model": self.dit.state_dict(), "ema": self.ema.state_dict()}
+            path = ckpt_io.save_checkpoint(self.run_dir, self.step, weights, self.config_record(),
+                                           state, self.cfg.ckpt.keep)
             self._print(f"saved {path}")
         D.barrier(self.env)
 
     def load(self, path) -> None:
         ck = ckpt_io.load_checkpoint(path, map_location="cpu")
         try:
-            self.dit.load_state_dict(ck["model"])
+            self.dit.load_state_dict(ck["weights"]["model"])
         except RuntimeError as e:
             raise ConfigError(f"{ck['path']} does not fit this model config: {e}") from e
-        self.ema.load_state_dict(ck["ema"], ck["trainer"]["ema_updates"])
+        self.ema.load_state_dict(ck["weights"]["ema"], ck["trainer"]["ema_updates"])
         tr = ck["trainer"]
         self.opt.load_state_dict(tr["optimizer"])
         self.sched.load_state_dict(tr["scheduler"])
@@ -262,11 +246,6 @@ class Trainer:
     def _print(self, msg: str) -> None:
         if self.env.is_main:
             print(msg, file=sys.stderr, flush=True)
-
-    def _on_signal(self, signum, _frame) -> None:
-        if self.stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, no checkpoint
-        self.stop_signal = signum
 
     def train_step(self) -> dict:
         """One optimizer step; returns its named terms as detached tensors (no host sync)."""
@@ -315,7 +294,6 @@ class Trainer:
             self._print(f"already at step {self.step} of {end}: nothing to train (lengthen a "
                         "curriculum stage or raise stop_at to go on)")
             return 0
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(self.cfg.to_json())
@@ -331,34 +309,33 @@ class Trainer:
         window: dict[str, torch.Tensor] = {}
         n_window = 0
         self.meter.reset()
-        try:
-            while self.step < end:
-                terms = self.train_step()
-                for k, v in terms.items():
-                    window[k] = window.get(k, 0.0) + v
-                n_window += 1
-                done = self.step >= end
-                if self.step % cfg.log.every == 0 or done:
-                    self._log_train(window, n_window, bar)
-                    window, n_window = {}, 0
-                if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == total):
-                    self.evaluate()
-                stop = D.any_flag(self.env, self.stop_signal is not None)
-                if stop or done or self.step % cfg.ckpt.every == 0:
-                    self.save()
-                if stop:
-                    name = signal.Signals(self.stop_signal or signal.SIGTERM).name
-                    self._print(f"{name}: stopped after step {self.step}, checkpoint saved; "
-                                "continue with --resume")
-                    return 130 if self.stop_signal == signal.SIGINT else 0
-            return 0
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
-            if bar is not None:
-                bar.close()
-            if self.log is not None:
-                self.log.close()
+        with StopFlag() as stop_flag:  # SIGINT/SIGTERM: finish the step, save, stop
+            try:
+                while self.step < end:
+                    terms = self.train_step()
+                    for k, v in terms.items():
+                        window[k] = window.get(k, 0.0) + v
+                    n_window += 1
+                    done = self.step >= end
+                    if self.step % cfg.log.every == 0 or done:
+                        self._log_train(window, n_window, bar)
+                        window, n_window = {}, 0
+                    if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == total):
+                        self.evaluate()
+                    stop = D.any_flag(self.env, stop_flag.stopped)
+                    if stop or done or self.step % cfg.ckpt.every == 0:
+                        self.save()
+                    if stop:
+                        signum = stop_flag.signum or signal.SIGTERM  # another rank's signal
+                        self._print(f"{signal.Signals(signum).name}: stopped after step {self.step}, "
+                                    "checkpoint saved; the same command continues the run")
+                        return 128 + int(signum)
+                return 0
+            finally:
+                if bar is not None:
+                    bar.close()
+                if self.log is not None:
+                    self.log.close()
 
     def _log_train(self, window: dict, n: int, bar) -> None:
         names = sorted(window)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from snac import SNAC
 from snac.vq import ResidualVectorQuantize
 
-from model import codec
+from model import weights
 
 
 @dataclass
@@ -108,20 +108,25 @@ def codec_forward(model: SNAC, audio: torch.Tensor, freeze_encoder: bool = False
     return CodecOutput(audio_hat, codes, commitment, codebook, latents, means)
 
 
-def load_snac(source: str | dict) -> tuple[SNAC, dict]:
-    """A trainable SNAC and its constructor config from a training checkpoint (*.pt), or anything
-    `model.codec.load_snac` takes: a config dict (random init), an export directory, a hub id."""
+def load_for_training(source: str | dict) -> tuple[SNAC, dict]:
+    """A trainable SNAC and its constructor config from a training checkpoint (either format of
+    training/run/checkpoint.py), or anything `model.weights.load_snac` takes: a config dict
+    (random init), an export directory, a hub id."""
+    from training.run import checkpoint as ckpt_io
+
     path = Path(source) if not isinstance(source, dict) else None
-    if path is not None and path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if "model_config" not in ckpt or "model" not in ckpt:
-            raise ValueError(f"{path} is not a codec training checkpoint (no model/model_config)")
-        model = SNAC(**ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
-        if ckpt.get("vq_input_means") is not None:  # trained with centring: fold it in
-            fold_input_means(model, ckpt["vq_input_means"])
-        return model, dict(ckpt["model_config"])
-    model, config = codec.load_snac(source)
+    if path is not None and ckpt_io.is_complete(path):
+        ck = ckpt_io.load_checkpoint(path)
+        if "model" not in ck["weights"] or not isinstance(ck["config"].get("model"), dict):
+            raise ValueError(f"{path} is not a codec training checkpoint (no codec weights)")
+        config = dict(ck["config"]["model"])
+        model = SNAC(**config)
+        model.load_state_dict(ck["weights"]["model"])
+        means = ck["trainer"].get("vq_input_means")
+        if means is not None:  # trained with centring: fold it in
+            fold_input_means(model, means)
+        return model, config
+    model, config = weights.load_snac(source)
     return model.train(), config
 
 

@@ -1,35 +1,29 @@
 """Turn a training checkpoint into the directory the server loads.
 
-    python training/export.py runs/NAME OUT_DIR              # newest checkpoint, EMA weights
-    python training/export.py runs/NAME/ckpt-050000 OUT_DIR --raw
+    snac-dit-export runs/NAME OUT_DIR                  # newest checkpoint, EMA weights
+    snac-dit-export runs/NAME/ckpt-050000 OUT_DIR --raw
+    python -m training.dit.export runs/NAME OUT_DIR    # the same
 
-OUT_DIR gets `model.safetensors` + `config.json` via `model.engine.save_pretrained` (the DiT
+OUT_DIR gets `model.safetensors` + `config.json` via `model.weights.save_pretrained` (the DiT
 config, the diffusion schedules the sampler must use, the codec the tokens came from, and where
 the weights came from). Serve it with `ContinuationEngine.load(OUT_DIR, codec)`. EMA weights are
 the default: they sample better than the raw weights of any single step.
 """
 
-import os
+import argparse
 import sys
-
-# Same sys.path repair as train.py: training/tokenize.py must not shadow the stdlib module.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
-    sys.path[0] = os.path.dirname(_HERE)
-
-import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
 
 def export(ckpt: str | Path, out_dir: str | Path, raw: bool = False) -> Path:
     from model.dit import DiT, DiTConfig
-    from model.engine import load_dit, save_pretrained
-    from training import checkpoint as ckpt_io
+    from model.weights import load_dit, save_pretrained
+    from training.run import checkpoint as ckpt_io
 
     ck = ckpt_io.load_checkpoint(ckpt)
     config = ck["config"]
     dit = DiT(DiTConfig.from_dict(config["model"]))
-    dit.load_state_dict(ck["model"] if raw else ck["ema"])
+    dit.load_state_dict(ck["weights"]["model" if raw else "ema"])
     codec = config.get("codec", {})
     extra = dict(
         diffusion=config["diffusion"],
@@ -48,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir", help="serving directory to write (model.safetensors + config.json)")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     args = p.parse_args(argv)
-    from training.checkpoint import CheckpointError
+    from training.run.checkpoint import CheckpointError
 
     try:
         out = export(args.ckpt, args.out_dir, args.raw)

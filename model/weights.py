@@ -1,0 +1,168 @@
+"""Weight files, in one place: the DiT's serving directory and the SNAC codec's sources.
+
+    DiT    save_pretrained(dit, DIR, extra) -> DIR/model.safetensors + DIR/config.json
+           read_dit_config(DIR), load_dit(DIR)
+    codec  load_snac(config dict | local dir | hub id), save_snac(snac, config, DIR)
+           (DIR/config.json + model.safetensors + pytorch_model.bin: snac.SNAC.from_pretrained
+           reads it too)
+
+`dit.py`, `codec.py` and `engine.py` build and run models; they never open a file themselves.
+Training checkpoints (optimiser state, resumable runs) are training/run/checkpoint.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from snac import SNAC
+
+from model.dit import DiT, DiTConfig
+
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+class CodecLoadError(RuntimeError):
+    """A codec source that cannot be loaded: a bad path, a hub id offline, mismatched weights."""
+
+
+# ----------------------------------------------------------------------------- codec
+def load_snac(source: str | dict | os.PathLike, seed: int = 0) -> tuple[SNAC, dict]:
+    """A `snac.SNAC` and its constructor config from a config dict (random init, seeded), a local
+    directory (config.json + model.safetensors or pytorch_model.bin) or a hub id (downloads).
+    Returned as built: `Codec` puts it in eval mode, the codec trainer trains it."""
+    if isinstance(source, dict):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return SNAC(**source), dict(source)
+    path = Path(source)
+    if path.is_dir():
+        return _snac_from_dir(path)
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise CodecLoadError(
+            f"codec {str(source)!r} is neither a local directory nor a hub id of the form 'owner/name'"
+        )
+    return _snac_from_hub(str(source))
+
+
+def _snac_from_dir(path: Path) -> tuple[SNAC, dict]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CodecLoadError(f"codec directory {path} has no config.json")
+    config = json.loads(config_file.read_text())
+    snac = SNAC(**config)
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(path / "model.safetensors")
+    elif (path / "pytorch_model.bin").is_file():
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise CodecLoadError(
+            f"codec directory {path} has neither model.safetensors nor pytorch_model.bin"
+        )
+    try:
+        snac.load_state_dict(state)
+    except RuntimeError as e:
+        raise CodecLoadError(f"codec weights in {path} do not match its config.json: {e}") from e
+    return snac, config
+
+
+def _snac_from_hub(repo_id: str) -> tuple[SNAC, dict]:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config_file = hf_hub_download(repo_id=repo_id, filename="config.json")
+        weights_file = hf_hub_download(repo_id=repo_id, filename="pytorch_model.bin")
+    except Exception as e:  # network, auth, missing repo: all mean "cannot load this id"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CodecLoadError(
+            f"could not fetch the codec {repo_id!r} from the Hugging Face hub "
+            f"({type(e).__name__}: {reason}). If this machine is offline: run once where the hub "
+            "is reachable (the files are cached; HF_HUB_OFFLINE=1 then uses the cache), or "
+            "point at a local codec directory with config.json + pytorch_model.bin (or "
+            "model.safetensors), e.g. the shipped weights/demo/codec; a DiT must be served "
+            "with the codec whose tokens it was trained on."
+        ) from e
+    config = json.loads(Path(config_file).read_text())
+    snac = SNAC(**config)
+    snac.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+    return snac, config
+
+
+def save_readable_safetensors(state: dict, path: str | os.PathLike, **kwargs) -> None:
+    """safetensors' `save_file`, then mode 0644: it creates files 0600, which a container's
+    non-root user cannot read from a read-only weights mount."""
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), **kwargs)
+    os.chmod(path, 0o644)
+
+
+def save_snac(snac: SNAC, config: dict, out_dir: str | os.PathLike,
+              dtype: torch.dtype | None = None) -> Path:
+    """Write a directory that both `Codec.load` and `snac.SNAC.from_pretrained` accept:
+    config.json + pytorch_model.bin + model.safetensors. Each file goes to a temp name and is
+    renamed, so a crash never leaves a half-written export that later loads as garbage.
+    dtype=torch.float16 halves the files (a shipped snapshot); loading casts back to fp32."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous()
+             for k, v in snac.state_dict().items()}
+    tmp = out / ".tmp-export"
+    tmp.with_suffix(".json").write_text(json.dumps(config, indent=2))
+    os.replace(tmp.with_suffix(".json"), out / "config.json")
+    torch.save(state, tmp.with_suffix(".bin"))
+    os.replace(tmp.with_suffix(".bin"), out / "pytorch_model.bin")
+    save_readable_safetensors(state, tmp.with_suffix(".safetensors"))
+    os.replace(tmp.with_suffix(".safetensors"), out / "model.safetensors")
+    return out
+
+
+# ----------------------------------------------------------------------------- DiT
+def save_pretrained(dit: DiT, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write `model.safetensors` + `config.json` ({"dit": asdict(config), **extra})."""
+    extra = dict(extra or {})
+    if "dit" in extra:
+        raise ValueError("extra must not contain 'dit': that key holds the model config")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in dit.state_dict().items()}
+    save_readable_safetensors(state, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    config = {"dit": asdict(dit.config), **extra}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return out
+
+
+def read_dit_config(path: str | os.PathLike) -> dict:
+    """The checkpoint's config.json as a dict (FileNotFoundError / ValueError with the path)."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a DiT checkpoint: no {CONFIG_FILE}")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("dit"), dict):
+        raise ValueError(f"{file} has no 'dit' model config")
+    return config
+
+
+def load_dit(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None) -> DiT:
+    """Rebuild a DiT from a `save_pretrained` directory."""
+    from safetensors.torch import load_file
+
+    config = DiTConfig.from_dict(read_dit_config(path)["dit"])
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path} has a config but no {WEIGHTS_FILE}")
+    with torch.device("meta"):  # skip the random init: every tensor comes from the file
+        dit = DiT(config)
+    try:
+        dit.load_state_dict(load_file(str(weights)), strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"weights in {path} do not match its config: {e}") from e
+    return dit.to(device=device, dtype=dtype).eval()

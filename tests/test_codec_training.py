@@ -418,9 +418,9 @@ def test_entry_point_sigterm_resume_export(tmp_path, audio_dir):
         for a, b in zip(codec.encode(x[:, 0]), codes, strict=True):
             assert torch.equal(a.cpu(), b)
 
-    from training import tokenize
+    from training.tokens import tokenizer
     tokens = tmp_path / "tokens"
-    rc = tokenize.main(["--audio", str(audio_dir), "--out", str(tokens), "--codec", str(export),
+    rc = tokenizer.main(["--audio", str(audio_dir), "--out", str(tokens), "--codec", str(export),
                         "--device", "cpu", "--workers", "1", "--no-progress"])
     assert rc == 0 and any(tokens.iterdir())
 

@@ -34,6 +34,7 @@ RUN pip install --upgrade pip \
 
 WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
+COPY audio audio
 COPY model model
 COPY training training
 COPY server server

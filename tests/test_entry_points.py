@@ -44,3 +44,15 @@ def test_command_answers_help(name):
                        timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "usage" in (r.stdout + r.stderr).lower()
+
+
+def test_the_image_copies_every_package():
+    """The Dockerfile copies the source tree package by package; a new top-level package (as
+    audio/ was) must be among them or the image cannot import it."""
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in include}
+    copied = {line.split()[1] for line in (ROOT / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY ") and len(line.split()) == 3}
+    assert packages <= copied, sorted(packages - copied)
+    assert all((ROOT / p / "__init__.py").is_file() for p in packages)

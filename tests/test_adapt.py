@@ -118,3 +118,67 @@ def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "training.dit.adapt", "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--out" in r.stdout and "--val-songs" in r.stdout
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+def saved_dataset(path: Path, songs: Path, **columns) -> Path:
+    """A `save_to_disk` dataset of the song files (their bytes embedded, as on the hub)."""
+    datasets = pytest.importorskip("datasets")
+    files = sorted(str(p) for p in songs.glob("*.wav"))
+    data = {"audio": files, "title": [Path(f).stem for f in files], **columns}
+    ds = datasets.Dataset.from_dict(data).cast_column("audio", datasets.Audio())
+    ds.save_to_disk(str(path))
+    return path
+
+
+def test_adapt_from_a_saved_hugging_face_dataset(tmp_path, songs, base, debug_codec_dir, capsys):
+    ds = saved_dataset(tmp_path / "ds", songs)
+    work, out = tmp_path / "work", tmp_path / "mine"
+    assert main(args(ds, base, debug_codec_dir, work, out, 2)) == 0
+    err = capsys.readouterr().err
+    assert "writing the songs of dataset" in err and "3 songs to learn from, 1 held out" in err
+    written = sorted(p.name for p in (work / "songs").iterdir())
+    assert written == [f"{i:06d}-song{i}.wav" for i in range(4)]
+    assert load_dit(out).config.max_after_chunks == 1
+    # Again: nothing is fetched or tokenised twice.
+    def stamps():
+        files = sorted((work / "songs").iterdir()) + sorted((work / "tokens").rglob("*.*"))
+        return {str(p): p.stat().st_mtime_ns for p in files}
+    before = stamps()
+    assert main(args(ds, base, debug_codec_dir, work, out, 2)) == 0
+    assert "resumed from" in capsys.readouterr().err
+    assert stamps() == before
+
+
+@pytest.mark.parametrize("case,code,says", [
+    ("no_audio_column", 2, "no audio column"),
+    ("wrong_split", 2, "not 'train'"),
+    ("rows_without_audio", 1, "no row has audio"),
+    ("offline_hub_id", 2, "could not open the dataset"),
+])
+def test_bad_datasets_are_a_clear_message_and_exit_code(tmp_path, songs, base, debug_codec_dir,
+                                                       capsys, monkeypatch, case, code, says):
+    datasets = pytest.importorskip("datasets")
+    source = tmp_path / "ds"
+    if case == "no_audio_column":
+        datasets.Dataset.from_dict({"title": ["a", "b"]}).save_to_disk(str(source))
+    elif case == "wrong_split":
+        one = datasets.Dataset.from_dict({"title": ["a"]})
+        datasets.DatasetDict({"test": one}).save_to_disk(str(source))
+    elif case == "rows_without_audio":
+        features = datasets.Features({"audio": datasets.Audio(), "title": datasets.Value("string")})
+        datasets.Dataset.from_dict({"audio": [None, None], "title": ["a", "b"]},
+                                   features=features).save_to_disk(str(source))
+    else:
+        # Never the network in a test. The libraries read HF_HUB_OFFLINE when first imported,
+        # which an earlier test may have done: set their flags too.
+        import huggingface_hub.constants
+
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+        source = "nobody-here/no-such-dataset"
+    rc = main(args(source, base, debug_codec_dir, tmp_path / "w", tmp_path / "o", 2))
+    err = capsys.readouterr().err
+    assert rc == code and says in err and "Traceback" not in err, err

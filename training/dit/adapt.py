@@ -1,8 +1,11 @@
-"""Adapt the demo model to your own music: `python -m training.dit.adapt ~/my-songs --out weights/mine`.
+"""Adapt the demo model to your own music: `python -m training.dit.adapt ~/my-songs --out weights/mine`
+(also `snac-dit-adapt`).
 
 One command, four phases, each resumable (re-run the same command after Ctrl-C):
 
-1. tokenise the folder with the codec the base model was trained on (`training.tokens`);
+1. tokenise the folder with the codec the base model was trained on (`training.tokens`); a
+   Hugging Face dataset (a `save_to_disk` directory, or a hub id, streamed) is first written
+   to `--work`/songs as audio files (`training/tokens/hf_dataset.py`);
 2. hold out a few songs (chosen by a hash of their paths, so every re-run holds out the same);
 3. fine-tune the base DiT on the rest (`training/train.py` with `init`, one curriculum stage
    mixing 0, 1 and 2 context chunks, and after-context if the base model has it);
@@ -12,7 +15,8 @@ One command, four phases, each resumable (re-run the same command after Ctrl-C):
 Everything but the export lives in `--work` (default `runs/adapt/<out name>`): the tokens, the
 run (checkpoints, metrics.jsonl), `adapt.toml` (the training config, for inspection) and
 `adapt_eval.json`. Exit status: 0 done; 1 nothing to learn from (no audio, nothing decodable,
-songs too short); 2 refused (bad arguments, base model or codec missing); 130 interrupted.
+songs too short); 2 refused (bad arguments, base model, codec or dataset missing); 130 / 143
+interrupted by Ctrl-C / SIGTERM (what is done is kept).
 """
 
 from __future__ import annotations
@@ -34,9 +38,14 @@ class AdaptError(RuntimeError):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.dit.adapt",
-                                description="Fine-tune the demo model on a folder of your songs.")
-    p.add_argument("songs", type=Path, help="folder of audio (searched recursively; any format "
-                                            "the server reads)")
+                                description="Fine-tune the demo model on a folder of your songs "
+                                            "or a Hugging Face dataset of them.")
+    p.add_argument("songs", help="a folder of audio (searched recursively; any format the server "
+                                 "reads), a Hugging Face dataset saved with save_to_disk, or a "
+                                 "hub id (owner/name, streamed)")
+    p.add_argument("--split", default="train", help="dataset split to read (default train)")
+    p.add_argument("--audio-column", default=None,
+                   help="dataset column holding the audio (default: the first Audio column)")
     p.add_argument("--out", type=Path, required=True, help="where to write the adapted model")
     p.add_argument("--base", default=DEFAULT_BASE, help=f"model to start from ({DEFAULT_BASE})")
     p.add_argument("--codec", default=DEFAULT_CODEC,
@@ -156,12 +165,15 @@ def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int =
 
 
 def run(a) -> int:
-    from training import train
+    from training.dit import cli as train_cli
     from training.dit.export import export
+    from training.tokens import hf_dataset
     from training.tokens.tokenizer import TokenizeConfig, TokenizeError, tokenize
 
-    if not a.songs.is_dir():
-        raise AdaptError(f"{a.songs}: not a folder of audio")
+    dataset = hf_dataset.is_saved_dataset(a.songs) or hf_dataset.looks_like_hub_id(a.songs)
+    if not dataset and not Path(a.songs).is_dir():
+        raise AdaptError(f"{a.songs}: not a folder of audio, a saved Hugging Face dataset or a "
+                         "hub id (owner/name)")
     if a.steps < 1 or a.batch_size < 1 or a.lr <= 0 or (a.val_songs is not None and a.val_songs < 0):
         raise AdaptError("--steps and --batch-size must be >= 1, --lr > 0, --val-songs >= 0")
     base = Path(a.base)
@@ -174,9 +186,23 @@ def run(a) -> int:
     work = a.work or Path("runs/adapt") / a.out.name
     work.mkdir(parents=True, exist_ok=True)
 
-    print(f"1/4 tokenising {a.songs} with {a.codec}", file=sys.stderr)
+    songs = Path(a.songs)
+    if dataset:
+        songs = work / "songs"
+        print(f"1/4 writing the songs of dataset {a.songs} (split {a.split}) to {songs}",
+              file=sys.stderr)
+        try:
+            got = hf_dataset.materialise(a.songs, songs, a.split, a.audio_column,
+                                         progress=not a.no_progress)
+        except hf_dataset.DatasetSourceError as e:
+            raise AdaptError(str(e)) from e
+        for line in got.failed:
+            print(f"  skipped {line}", file=sys.stderr)
+        if got.written + got.kept == 0:
+            raise AdaptError(f"dataset {a.songs}: no row has audio; nothing to adapt to", code=1)
+    print(f"1/4 tokenising {songs} with {a.codec}", file=sys.stderr)
     try:
-        summary = tokenize(TokenizeConfig(audio_dir=a.songs, out_dir=work / "tokens",
+        summary = tokenize(TokenizeConfig(audio_dir=songs, out_dir=work / "tokens",
                                           codec=a.codec, val_fraction=0.0,
                                           progress=not a.no_progress))
     except TokenizeError as e:
@@ -198,9 +224,9 @@ def run(a) -> int:
     config = work / "adapt.toml"
     config.write_text(training_toml(a, work, editing, bool(val_songs)))
     print(f"3/4 fine-tuning {a.base} for {a.steps} steps (config {config})", file=sys.stderr)
-    rc = train.main(["--config", str(config), "--resume"])
-    if rc == 130:
-        return 130
+    rc = train_cli.main(["--config", str(config), "--resume"])
+    if rc in (130, 143):  # stopped by a signal after saving: the same command goes on
+        return rc
     if rc != 0:
         raise AdaptError(f"training stopped with status {rc} (see above)", code=rc)
 

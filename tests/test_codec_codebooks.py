@@ -338,3 +338,36 @@ def test_warm_start_from_a_folded_export_keeps_its_codes(tmp_path, songs):
     # And through the entry point: a warm start trains and exports.
     assert main(RUN + ["--train", str(train), "--val", str(val), "--steps", "2", "--val_every",
                        "0", "--init", str(export), "--out_dir", str(tmp_path / "warm")]) == 0
+
+
+def test_the_rate_anneals_from_a_step_and_old_schedules_load():
+    """anneal_start/steps/to: linear from the configured rate to anneal_to x, then flat; a
+    schedule saved as ExponentialLR (runs from before the anneal) loads into it."""
+    import torch
+
+    from training.codec.config import load_config
+    from training.codec.trainer import CodecTrainer
+
+    base = ["--preset", "debug", "--gan", "false", "--lr", "1e-3", "--lr_decay", "1.0"]
+    cfg = load_config(None, base + ["--anneal_start", "2", "--anneal_steps", "4",
+                                    "--anneal_to", "0.2"])
+    assert [round(cfg.lr_factor(s), 6) for s in range(8)] == [1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0.2]
+    trainer = CodecTrainer(cfg)
+    rates = []
+    for _ in range(6):
+        trainer.sched_g.step()
+        rates.append(trainer.opt_g.param_groups[-1]["lr"])
+    assert rates == pytest.approx([1e-3, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
+
+    old = torch.optim.lr_scheduler.ExponentialLR(torch.optim.SGD(
+        [torch.zeros(1, requires_grad=True)] * 1, lr=1e-3), 1.0)
+    for _ in range(4):
+        old.step()
+    sd = {**trainer.state_dict(), "step": 4}
+    sd["sched_g"] = {**old.state_dict(), "base_lrs": trainer.sched_g.base_lrs,
+                     "_last_lr": trainer.sched_g.get_last_lr()}
+    resumed = CodecTrainer(cfg)
+    resumed.load_state_dict(sd)
+    assert resumed.opt_g.param_groups[-1]["lr"] == pytest.approx(6e-4)   # step 4 of the anneal
+    with pytest.raises(ValueError, match="anneal"):
+        load_config(None, base + ["--anneal_to", "0"])

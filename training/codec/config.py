@@ -73,6 +73,13 @@ class CodecTrainConfig:
     steps: int = 400_000
     lr: float = 6e-4
     lr_decay: float = 0.999994
+    # Annealing (warmup-stable-decay): from step `anneal_start` the rate falls linearly to
+    # `anneal_to` x over `anneal_steps` steps, then stays there; 0 = never. A run at a steady
+    # rate can branch into a short anneal from any checkpoint to ship a snapshot while the
+    # steady run goes on (docs/codec-training.md, "Snapshots by annealing").
+    anneal_start: int = 0
+    anneal_steps: int = 1000
+    anneal_to: float = 0.1
     encoder_lr_scale: float = 1.0     # encoder + quantiser learn at lr x this (decoder at lr)
     betas: list[float] = field(default_factory=lambda: [0.8, 0.99])  # DAC's; GAN training likes a low beta1
     weight_decay: float = 0.01
@@ -104,6 +111,14 @@ class CodecTrainConfig:
     ckpt_every: int = 5000
     keep_last: int = 3
     progress: bool = True             # tqdm bar
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at `step` as a multiple of the configured one."""
+        factor = self.lr_decay ** step
+        if self.anneal_start and step > self.anneal_start:
+            done = min(1.0, (step - self.anneal_start) / self.anneal_steps)
+            factor *= 1.0 - (1.0 - self.anneal_to) * done
+        return factor
 
     def model_config(self) -> dict:
         if self.preset not in MODEL_PRESETS:
@@ -137,6 +152,9 @@ class CodecTrainConfig:
             raise ValueError("encoder_lr_scale must be > 0")
         if not 0 < self.lr_decay <= 1:
             raise ValueError("lr_decay must be in (0, 1]")
+        if self.anneal_start < 0 or self.anneal_steps < 1 or not 0 < self.anneal_to <= 1:
+            raise ValueError("anneal_start must be >= 0 (0 = off), anneal_steps >= 1 and "
+                             "anneal_to in (0, 1]")
         if self.steps < 0 or self.keep_last < 1 or self.log_every < 1 or self.ckpt_every < 1:
             raise ValueError("steps must be >= 0; keep_last, log_every, ckpt_every >= 1")
         if self.codebook_init not in ("data", "random"):

@@ -36,6 +36,19 @@ from training.codec.vq import CodebookKeeper
 from training.run.distributed import pick_device
 
 
+def schedule(opt: torch.optim.Optimizer, cfg: CodecTrainConfig):
+    """The rate of every group: its configured rate x cfg.lr_factor(step) (decay, anneal)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cfg.lr_factor(step))
+
+
+def load_schedule(sched, state: dict) -> None:
+    """Also the ExponentialLR states runs saved before the anneal existed (its factor is the
+    same function of the step)."""
+    state = {k: v for k, v in state.items() if k != "gamma"}
+    state.setdefault("lr_lambdas", [None] * len(sched.lr_lambdas))
+    sched.load_state_dict(state)
+
+
 class CodecTrainer:
     def __init__(self, cfg: CodecTrainConfig, model_source: str | dict | None = None):
         """model_source: a config dict / path / hub id; default: cfg.init, else cfg's preset.
@@ -72,14 +85,14 @@ class CodecTrainer:
         self.opt_g = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
                                        weight_decay=cfg.weight_decay)
         self.rates_g = [g["lr"] for g in groups]   # the config's, kept across a resume
-        self.sched_g = torch.optim.lr_scheduler.ExponentialLR(self.opt_g, cfg.lr_decay)
+        self.sched_g = schedule(self.opt_g, cfg)
         self.disc = self.opt_d = self.sched_d = None
         if cfg.gan:
             self.disc = CodecDiscriminator(cfg.mpd_periods, cfg.mpd_channels, cfg.msd_ffts,
                                            cfg.msd_channels).to(self.device).train()
             self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr,
                                            betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-            self.sched_d = torch.optim.lr_scheduler.ExponentialLR(self.opt_d, cfg.lr_decay)
+            self.sched_d = schedule(self.opt_d, cfg)
         # Codes must not move under freeze_encoder (a tokenised dataset depends on them), and a
         # fine-tune keeps its pretrained codebooks: data init is for from-scratch runs only.
         self.keeper = None
@@ -237,7 +250,7 @@ class CodecTrainer:
     def load_state_dict(self, sd: dict) -> None:
         self.model.load_state_dict(sd["model"])
         self.opt_g.load_state_dict(sd["opt_g"])
-        self.sched_g.load_state_dict(sd["sched_g"])
+        load_schedule(self.sched_g, sd["sched_g"])
         if self.keeper is not None and "keeper" in sd:
             self.keeper.load_state_dict(sd["keeper"])
         self.needs_data_init = False  # a resumed model's codebooks are already trained
@@ -245,7 +258,7 @@ class CodecTrainer:
         if self.disc is not None and "disc" in sd:
             self.disc.load_state_dict(sd["disc"])
             self.opt_d.load_state_dict(sd["opt_d"])
-            self.sched_d.load_state_dict(sd["sched_d"])
+            load_schedule(self.sched_d, sd["sched_d"])
         elif self.disc is not None:
             print("warning: checkpoint has no discriminator; starting a fresh one", file=sys.stderr)
         self.step = int(sd["step"])
@@ -260,11 +273,12 @@ class CodecTrainer:
             pairs.append((self.opt_d, self.sched_d, [cfg.lr]))
         for opt, sched, bases in pairs:
             old = list(sched.base_lrs)
-            decay = cfg.lr_decay ** sched.last_epoch
+            factor = cfg.lr_factor(sched.last_epoch)
             for group, base in zip(opt.param_groups, bases, strict=True):
                 group["initial_lr"] = base
-                group["lr"] = base * decay
+                group["lr"] = base * factor
             sched.base_lrs = list(bases)
+            sched._last_lr = [group["lr"] for group in opt.param_groups]
             if any(abs(a - b) > 1e-12 for a, b in zip(old, bases, strict=True)):
                 print(f"note: learning rates {old} from the checkpoint replaced by the config's "
                       f"{bases}", file=sys.stderr)

@@ -306,6 +306,20 @@ def test_eval_and_model_card_of_a_snapshot(tmp_path, songs):
     assert "not final" in text and "≤ 0.75 × Opus" in text and "synthetic-music" in text
     assert "CC0-1.0" in text and "Steps: 4" in text
 
+    # An annealing branch from step 4 (the steady run goes on elsewhere): the card covers the
+    # parent's steps to the branch point, then the branch's, and says how it was annealed.
+    branch = tmp_path / "branch"
+    assert main(RUN + ["--train", str(corpus / "manifest.jsonl"), "--val_files", "2",
+                       "--steps", "6", "--val_every", "0", "--out_dir", str(branch),
+                       "--resume", str(latest_checkpoint(run / "checkpoints")),
+                       "--anneal_start", "4", "--anneal_steps", "2", "--anneal_to", "0.5"]) == 0
+    assert main(["export", str(branch), str(shipped), "--fp16"]) == 0
+    assert card_main(["--run", str(branch), "--parent", str(run), "--codec", str(shipped),
+                      "--eval", str(out), "--corpus", str(corpus)]) == 0
+    text = (shipped / "MODEL_CARD.md").read_text()
+    assert "Steps: 6" in text and "--anneal_start 4 --anneal_steps 2 --anneal_to 0.5" in text
+    assert f"a branch of `{run}`" in text
+
 
 def test_warm_start_from_a_folded_export_keeps_its_codes(tmp_path, songs):
     """`--init EXPORT` (what a fresh machine does with weights/demo/codec): the export is folded,

@@ -47,10 +47,30 @@ def corpus_table(corpus: Path) -> tuple[list[str], dict[str, dict]]:
     return lines, by_file
 
 
-def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = "") -> str:
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def anneal_text(train: dict, parent: Path | None) -> str:
+    if not train.get("anneal_start"):
+        return ""
+    start, steps, to = train["anneal_start"], train["anneal_steps"], train["anneal_to"]
+    where = f" (a branch of `{parent}`, which goes on at the steady rate)" if parent else ""
+    return (f"\n\nAnnealed{where}: from step {start} the learning rates fall linearly to "
+            f"{to:g} x over {steps} steps (`--anneal_start {start} --anneal_steps {steps} "
+            f"--anneal_to {to:g}`; docs/codec-training.md, \"Snapshots by annealing\").")
+
+
+def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = "",
+         parent: Path | None = None) -> str:
+    """`parent`: the steady run that `run`, an annealing branch, was started from; the card
+    covers the parent's steps up to the branch point, then the branch's."""
     cfg = json.loads((run / "config.json").read_text())
     train, model = cfg["train"], cfg["model"]
-    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    rows = read_log(run)
+    branch_from = min((r["step"] for r in rows if "step" in r), default=1) - train["log_every"]
+    if parent is not None:
+        rows = [r for r in read_log(parent) if r.get("step", 0) <= branch_from] + rows
     # The snapshot is the newest checkpoint (what `train_codec.py export RUN` takes); log rows
     # after it (an interrupted stretch) are not part of it.
     ckpts = ckpt_io.list_checkpoints(run / "checkpoints")
@@ -117,7 +137,7 @@ if v and k not in ('adv', 'feat'))}; GAN {'on' if train['gan'] else 'off'}. Code
 (docs/codec-training.md §4): batch-centred quantiser input folded into `in_proj` for export,
 data-initialised codebooks, codes unused for {train.get('dead_code_window', 10)} steps restarted
 (checked every {train['dead_code_every']} steps), VQ gradients `{train.get('vq_gradients', 'raw')}`.
-Recipe changes made during the run and why: docs/codec-training.md §4 and §6.
+Recipe changes made during the run and why: docs/codec-training.md §4 and §6.{anneal_text(train, parent)}
 
 - Steps: {step}. Training time: {hours:.2f} h on a 2-core AMD EPYC VM (no GPU), fp32,
   {train['threads']} torch threads; the figure counts the steps at their quiet-machine speed
@@ -160,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", required=True, type=Path, help="bench/eval_codec.py --out JSON")
     ap.add_argument("--corpus", default=Path("data/corpus"), type=Path)
     ap.add_argument("--notes", type=Path, help="Markdown: what listening and the spectrograms show")
+    ap.add_argument("--parent", type=Path,
+                    help="when --run is an annealing branch: the steady run it started from")
     a = ap.parse_args(argv)
     result = json.loads(a.eval.read_text())
-    text = card(a.run, a.codec, result, a.corpus, a.notes.read_text() if a.notes else "")
+    text = card(a.run, a.codec, result, a.corpus, a.notes.read_text() if a.notes else "",
+                a.parent)
     (a.codec / "MODEL_CARD.md").write_text(text)
     print(f"wrote {a.codec / 'MODEL_CARD.md'}", file=sys.stderr)
     return 0

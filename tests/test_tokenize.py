@@ -248,3 +248,37 @@ def test_killed_run_resumes_to_the_clean_result(tmp_path, debug_codec_dir):
 
     assert strip(m_resumed) == strip(m_clean)
     assert not list((tmp_path / "resumed").rglob(".*.tmp-*"))
+
+
+def test_hold_out_list_keeps_named_files_in_val(tmp_path, debug_codec_dir, capsys):
+    """--hold-out: the tracks a codec was validated on stay 'val' for the DiT too (by file name
+    or relative path, from a text list or eval_codec's JSON); the list is kept for re-runs and
+    re-splits without re-encoding when it changes."""
+    audio = make_folder(tmp_path)
+    out = tmp_path / "tokens"
+    base = ["--audio", str(audio), "--out", str(out), "--codec", debug_codec_dir, "--no-progress",
+            "--workers", "1", "--piece-seconds", PIECE, "--val-fraction", "0"]
+    listed = tmp_path / "held.txt"
+    listed.write_text("# the codec's held-out tracks\nb.flac\n")
+    assert main([*base, "--hold-out", str(listed)]) == 0
+    m = shards.read_manifest(out)
+    assert {f["path"]: f["split"] for f in m["files"]} == {
+        "a.wav": "train", "sub/b.flac": "val", "sub/deeper/c.wav": "train"}
+    assert m["hold_out"] == ["b.flac"]
+
+    before = mtimes(out)
+    assert main(base) == 0                        # no --hold-out: the directory's list stays
+    assert mtimes(out) == before
+    evaluated = tmp_path / "eval.json"
+    evaluated.write_text(json.dumps({"held_out_tracks": ["sub/deeper/c.wav"]}))
+    assert main([*base, "--hold-out", str(evaluated)]) == 0
+    m2 = shards.read_manifest(out)
+    assert [f["split"] for f in m2["files"]] == ["train", "train", "val"]
+    assert m2["shards"] == m["shards"]            # re-split, not re-encoded
+
+    capsys.readouterr()
+    assert main([*base, "--hold-out", str(tmp_path / "missing.txt")]) == 2
+    assert "--hold-out" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert main([*base, "--hold-out", str(tmp_path / "bad.json")]) == 2
+    assert "held_out_tracks" in capsys.readouterr().err

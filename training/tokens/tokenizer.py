@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import itertools
+import json
 import math
 import os
 import signal
@@ -71,6 +72,10 @@ class TokenizeConfig:
     device: str = "auto"  # "auto": cuda when available
     batch_size: int | None = None  # pieces per encode call; None: 8 on GPU, 1 on CPU (no gain there)
     val_fraction: float | None = None  # None: keep the out dir's, else DEFAULT_VAL_FRACTION
+    # Files that are always 'val' (names or relative paths), e.g. the tracks a codec was
+    # validated on, so a DiT is measured on music neither model trained on. None: keep the out
+    # dir's list; [] clears it.
+    hold_out: list[str] | None = None
     piece_seconds: float | None = None  # None: keep the out dir's, else DEFAULT_PIECE_CHUNKS chunks
     shard_seconds: float = 3600.0  # audio per shard: ~1.1 MB of tokens, the most a kill can lose
     workers: int = min(4, os.cpu_count() or 1)  # decode/resample threads, overlapping encoding
@@ -267,6 +272,8 @@ def _settle(manifest: dict | None, cfg: TokenizeConfig, codec: Codec, source: st
     if manifest is None:
         val = DEFAULT_VAL_FRACTION if cfg.val_fraction is None else cfg.val_fraction
         manifest = shards.new_manifest(_codec_info(codec, source), piece, val)
+        if cfg.hold_out:
+            manifest["hold_out"] = sorted(cfg.hold_out)
         plan = tile_plan(codec)
         if plan is not None:
             manifest["tiles"] = plan
@@ -292,11 +299,41 @@ def _settle(manifest: dict | None, cfg: TokenizeConfig, codec: Codec, source: st
             "into a new --out directory"
         )
     resplit = cfg.val_fraction is not None and cfg.val_fraction != manifest["val_fraction"]
-    if resplit:  # the split is a pure function of the path: re-deciding it costs nothing
+    if resplit:
         manifest["val_fraction"] = cfg.val_fraction
+    if cfg.hold_out is not None and sorted(cfg.hold_out) != manifest.get("hold_out", []):
+        resplit = True
+        manifest["hold_out"] = sorted(cfg.hold_out)
+    if resplit:  # the split is a pure function of the path: re-deciding it costs nothing
         for f in manifest["files"]:
-            f["split"] = shards.split_of(f["path"], cfg.val_fraction)
+            f["split"] = split_of(f["path"], manifest)
     return manifest, resplit
+
+
+def split_of(rel_path: str, manifest: dict) -> str:
+    """'val' for the held-out list (by relative path or file name), else the hash split."""
+    hold = set(manifest.get("hold_out", ()))
+    if rel_path in hold or rel_path.rsplit("/", 1)[-1] in hold:
+        return "val"
+    return shards.split_of(rel_path, manifest["val_fraction"])
+
+
+def read_hold_out(path: Path) -> list[str]:
+    """A held-out list: a text file (one name or relative path per line, # comments), or a
+    JSON file with a `held_out_tracks` list (what bench/eval_codec.py writes)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise TokenizeError(f"--hold-out {path}: {e.strerror or e}") from e
+    if str(path).endswith(".json"):
+        try:
+            names = json.loads(text)["held_out_tracks"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise TokenizeError(f"--hold-out {path}: not a JSON file with a held_out_tracks "
+                                "list") from e
+    else:
+        names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return [str(n) for n in names if str(n).strip()]
 
 
 def tokenize(cfg: TokenizeConfig) -> Summary:
@@ -390,7 +427,7 @@ def _encode_all(cfg, codec, manifest, todo, batch_size, out_dir, summary) -> Non
                 path=it.rel, size=it.size, mtime_ns=it.mtime_ns, shard=next_shard,
                 offsets=list(offsets), n_frames=int(levels[0].shape[0]), samples=int(audio.shape[0]),
                 duration=round(audio.shape[0] / sr, 6),
-                split=shards.split_of(it.rel, manifest["val_fraction"]),
+                split=split_of(it.rel, manifest),
             ))
             offsets = [o + int(t.shape[0]) for o, t in zip(offsets, levels, strict=True)]
         per_level = [np.concatenate([t[lvl] for t in tokens]) for lvl in range(codec.n_levels)]
@@ -455,6 +492,9 @@ def parse_args(argv=None) -> TokenizeConfig:
     p.add_argument("--batch-size", type=int, default=None, help="pieces per encode call (default 8 on GPU, 1 on CPU)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help=f"share of files held out as 'val' (default {DEFAULT_VAL_FRACTION}, or the directory's)")
+    p.add_argument("--hold-out", type=Path, default=None,
+                   help="files that are always 'val': a text file of names (one per line) or "
+                        "bench/eval_codec.py's JSON (its held_out_tracks); kept for re-runs")
     p.add_argument("--piece-seconds", type=float, default=None,
                    help="encode long files in pieces this long, rounded to the 0.384 s grid (default 61.44)")
     p.add_argument("--shard-seconds", type=float, default=3600.0,
@@ -467,13 +507,14 @@ def parse_args(argv=None) -> TokenizeConfig:
     return TokenizeConfig(
         audio_dir=a.audio, out_dir=a.out, codec=a.codec, device=a.device, batch_size=a.batch_size,
         val_fraction=a.val_fraction, piece_seconds=a.piece_seconds, shard_seconds=a.shard_seconds,
+        hold_out=None if a.hold_out is None else read_hold_out(a.hold_out),
         workers=a.workers, retry_failed=a.retry_failed, progress=not a.no_progress,
     )
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
     try:
+        cfg = parse_args(argv)
         s = tokenize(cfg)
     except TokenizeError as e:
         print(f"error: {e}", file=sys.stderr)

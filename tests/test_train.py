@@ -179,3 +179,11 @@ def test_fine_tune_starts_from_an_exported_model(tmp_path):
     other = make_tokens(tmp_path / "other", n_train=2, chunks=3, codebook_size=64)
     with pytest.raises(ConfigError, match="codebook_size"):
         Trainer(debug_config(other, tmp_path, "bad", init=str(tmp_path / "served")))
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "training/configs").glob("*.toml")
+                                        if not p.name.startswith("codec_")),
+                         ids=lambda p: p.name)
+def test_shipped_dit_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.total_steps > 0 and cfg.model["preset"] in ("debug", "small", "base")

@@ -8,11 +8,8 @@ import sys
 
 try:
     from training.codec.cli import main
-except ModuleNotFoundError as e:  # run from a checkout that was never installed
-    if e.name not in ("training", "model", "audio"):
-        raise
-    sys.exit("error: the snac-dit package is not installed in this Python; run `make install` "
-             "(or `pip install -e .`) in the repository, then use that environment's python")
+except ModuleNotFoundError as e:  # a checkout that was never installed, or a missing dependency
+    sys.exit(f"error: {e}; install the package first: make install (or pip install -e .)")
 
 if __name__ == "__main__":
     sys.exit(main())

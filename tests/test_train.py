@@ -76,6 +76,8 @@ def test_smoke_entry_point_curriculum_eval_export_engine(tmp_path, real_tokens, 
             for lvl in "ABCD":
                 assert 0 <= ev[f"acc_{lvl}/n{n}/m{m}"] <= 1
                 assert math.isfinite(ev[f"ce_{lvl}/n{n}/m{m}"])
+    for lvl in "ABCD":  # the token-frequency baseline on the same targets, logged alongside
+        assert math.isfinite(ev[f"unigram_ce_{lvl}"]) and 0 <= ev[f"unigram_acc_{lvl}"] <= 1
     # The fixed val window was continued and written next to the logs: 2 context chunks + 1 new.
     audio, sr = sf.read(ev["sample"])
     assert sr == SR and audio.shape == (3 * 196608,) and np.abs(audio).max() > 0
@@ -187,3 +189,26 @@ def test_fine_tune_starts_from_an_exported_model(tmp_path):
 def test_shipped_dit_configs_load(path):
     cfg = load_config(path)
     assert cfg.total_steps > 0 and cfg.model["preset"] in ("debug", "small", "base")
+
+
+def test_unigram_baseline_is_the_cross_entropy_of_token_frequencies(tmp_path):
+    """Train tokens drawn from a known skewed distribution: the baseline's CE on val targets is
+    that distribution's cross-entropy, its accuracy the share of the most frequent token."""
+    import torch
+
+    from training.dit.evaluate import unigram_baseline
+    from training.tokens import shards
+
+    rng = np.random.default_rng(0)
+    p = np.array([0.7, 0.2, 0.1])
+    files = {f"s{i}.wav": [rng.choice(3, size=64 * 40 * 8 // st, p=p).astype(np.uint16)
+                           for st in (8, 4, 2, 1)] for i in range(4)}
+    manifest = shards.write_token_dir(tmp_path, files, codebook_size=8)
+    target = [torch.zeros(2, 2 * f, dtype=torch.int64) for f in (64, 128, 256, 512)]
+    for w in target:
+        w[:, -w.shape[1] // 2:] = torch.tensor([0, 1] * (w.shape[1] // 4))  # half 0, half 1
+    base = unigram_baseline(tmp_path, manifest, target)
+    want = -(0.5 * np.log(0.7) + 0.5 * np.log(0.2))
+    for lvl in "ABCD":
+        assert base[lvl]["ce"] == pytest.approx(want, abs=0.02)
+        assert base[lvl]["acc"] == pytest.approx(0.5)

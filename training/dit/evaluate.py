@@ -78,6 +78,28 @@ def masked_token_metrics(model: DiT, windows: list[torch.Tensor], n_ctx: int, ra
     return out
 
 
+def unigram_baseline(token_dir, manifest: dict, windows: list[torch.Tensor]) -> dict:
+    """Per level {"ce", "acc"} of guessing every target token of the val windows from the train
+    split's token frequencies alone (add-one smoothed): what a model that ignores context and
+    position scores. A trained DiT's masked CE must come in well under it."""
+    from training.tokens.shards import file_tokens
+
+    V = int(manifest["codec"]["geometry"]["codebook_size"])
+    counts = [np.ones(V, dtype=np.float64) for _ in windows]
+    for entry in manifest["files"]:
+        if entry["split"] == "train":
+            for lvl, tokens in enumerate(file_tokens(token_dir, manifest, entry)):
+                counts[lvl] += np.bincount(np.asarray(tokens, dtype=np.int64), minlength=V)[:V]
+    out = {}
+    fpc = manifest["codec"]["geometry"]["frames_per_chunk"]
+    for name, c, w, f in zip(LEVEL_NAMES, counts, windows, fpc, strict=False):
+        logp = np.log(c / c.sum())
+        target = w[:, -f:].numpy().astype(np.int64)   # the chunk the model predicts
+        out[name] = {"ce": float(-logp[target].mean()),
+                     "acc": float((target == int(c.argmax())).mean())}
+    return out
+
+
 class Evaluator:
     """Holds the fixed val windows, a spare model for the evaluated weights, and the codec."""
 
@@ -89,6 +111,8 @@ class Evaluator:
         self.model.requires_grad_(False)
         self._codec, self._codec_error = None, None
         self.windows = self._val_windows() if self.ecfg.every else None
+        self.baseline = (unigram_baseline(cfg.data.tokens, manifest, self.windows)
+                         if self.windows is not None else {})
         if self.windows is None and self.ecfg.every:
             print(f"eval: {cfg.data.tokens} has no val windows of {max(self.ecfg.n_ctx) + 1} "
                   "chunks; evaluation is skipped (tokenise more audio or raise --val-fraction)")
@@ -128,6 +152,8 @@ class Evaluator:
                     out[f"acc_{name}/n{n}/m{r:g}"] = hit / cnt
                     ce_all.append(ce / cnt)
         out["ce_mean"] = float(np.mean(ce_all))  # one number to watch: mean over every cell
+        for name, b in self.baseline.items():     # the same targets by token frequency alone
+            out[f"unigram_ce_{name}"], out[f"unigram_acc_{name}"] = b["ce"], b["acc"]
         if e.audio:
             path = self._write_sample(step, run_dir)
             if path is not None:

@@ -53,7 +53,7 @@ def test_include_input_join_has_no_spectral_jump(tmp_path, monkeypatch):
     perfectly (its tokens are the codec's encoding of the real next 6.144 s), so what is judged
     is the join alone: a random DiT's tokens start a burst of noise that any join would show.
     The spectral flux over the 64 ms crossfade stays within the input's own note onsets, and
-    well under a hard splice of the input and the same continuation."""
+    its total over the join well under a hard splice of the input and the same continuation."""
     import io
 
     import numpy as np
@@ -94,4 +94,7 @@ def test_include_input_join_has_no_spectral_jump(tmp_path, monkeypatch):
     lo, hi = (n - JOIN_SAMPLES - 1024) // hop, (n + 1024) // hop   # frames touching the join
     flux, hard = spectral_flux(y), spectral_flux(np.concatenate([x, cont]))
     assert flux[lo:hi].max() <= flux[:lo].max(), (flux[lo:hi].max(), flux[:lo].max())
-    assert flux[lo:hi].max() < 0.85 * hard[lo:hi].max(), (flux[lo:hi].max(), hard[lo:hi].max())
+    # Well under a hard splice: summed over the frames touching the join. (Not their maximum:
+    # the first frames are the input alone in both, and where the codec continues closely the
+    # splice's own peak need not rise above the music's.)
+    assert flux[lo:hi].sum() < 0.85 * hard[lo:hi].sum(), (flux[lo:hi].sum(), hard[lo:hi].sum())

@@ -62,7 +62,7 @@ def anneal_text(train: dict, parent: Path | None) -> str:
 
 
 def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = "",
-         parent: Path | None = None) -> str:
+         parent: Path | None = None, step: int | None = None) -> str:
     """`parent`: the steady run that `run`, an annealing branch, was started from; the card
     covers the parent's steps up to the branch point, then the branch's."""
     cfg = json.loads((run / "config.json").read_text())
@@ -74,6 +74,10 @@ def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = ""
     # The snapshot is the newest checkpoint (what `train_codec.py export RUN` takes); log rows
     # after it (an interrupted stretch) are not part of it.
     ckpts = ckpt_io.list_checkpoints(run / "checkpoints")
+    if step is not None:  # an earlier snapshot of the run (exported before its checkpoint went)
+        if not any(r.get("step") == step for r in rows):
+            raise SystemExit(f"error: {run}/log.jsonl has no row at step {step}")
+        ckpts = [(step, None)]
     if ckpts:
         last = ckpts[-1][0]
         rows = [r for r in rows if r.get("step", 0) <= last]
@@ -180,12 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", required=True, type=Path, help="bench/eval_codec.py --out JSON")
     ap.add_argument("--corpus", default=Path("data/corpus"), type=Path)
     ap.add_argument("--notes", type=Path, help="Markdown: what listening and the spectrograms show")
+    ap.add_argument("--step", type=int,
+                    help="the run's step the snapshot was exported at (default: its newest "
+                         "checkpoint)")
     ap.add_argument("--parent", type=Path,
                     help="when --run is an annealing branch: the steady run it started from")
     a = ap.parse_args(argv)
     result = json.loads(a.eval.read_text())
     text = card(a.run, a.codec, result, a.corpus, a.notes.read_text() if a.notes else "",
-                a.parent)
+                a.parent, a.step)
     (a.codec / "MODEL_CARD.md").write_text(text)
     print(f"wrote {a.codec / 'MODEL_CARD.md'}", file=sys.stderr)
     return 0

@@ -89,7 +89,7 @@ from pathlib import Path
 
 from model.codec import DEBUG_CODEC_CONFIG, Codec
 from model.dit import DiT, DiTConfig
-from model.engine import save_pretrained
+from model.weights import save_pretrained
 
 out = Path(sys.argv[1]) / "demo"
 codec = Codec.load(DEBUG_CODEC_CONFIG, seed=0)

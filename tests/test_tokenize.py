@@ -77,14 +77,14 @@ def test_tokenise_folder_then_noop_rerun(tmp_path, debug_codec, debug_codec_dir,
     assert m["files"][0]["duration"] == pytest.approx(1.0)
     for got, w in zip(tokens["a.wav"], want, strict=True):
         np.testing.assert_array_equal(got, w[0].numpy())
-    # A longer one is encoded piece by piece on the grid; the pieces concatenate.
+    # A longer one is encoded piece by piece, each with the encoder's reach of audio either
+    # side: the tokens are exactly those of one pass over the whole file.
+    assert m["piece_border_samples"] == debug_codec.border_samples > 0
     b = read_audio(audio / "sub" / "b.flac", 32000)
-    pieces = [
-        debug_codec.encode(torch.from_numpy(b[i : i + 36864])[None])
-        for i in range(0, len(b), 36864)
-    ]
-    for level, got in enumerate(tokens["sub/b.flac"]):
-        np.testing.assert_array_equal(got, torch.cat([p[level][0] for p in pieces]).numpy())
+    assert len(b) > 2 * 36864  # three pieces: a middle one has borders on both sides
+    whole = debug_codec.encode(torch.from_numpy(b)[None])
+    for got, w in zip(tokens["sub/b.flac"], whole, strict=True):
+        np.testing.assert_array_equal(got, w[0].numpy())
     assert m["files"][1]["n_frames"] == 28  # 2.5 s -> 80,000 samples -> 7 grid units
 
     # Second run: nothing to do, nothing rewritten.
@@ -173,6 +173,42 @@ def test_out_of_memory_halves_the_batch(debug_codec, monkeypatch):
     assert sizes == [5, 2, 3, 1, 2]
     for g, w in zip(got, want, strict=True):
         assert all(np.array_equal(a, b) for a, b in zip(g, w, strict=True))
+
+
+def test_directory_made_before_borders_keeps_encoding_without_them(
+        tmp_path, debug_codec, debug_codec_dir):
+    """A manifest without `piece_border_samples` (an older directory) encodes new files as its
+    old files were: pieces cut edge to edge, each encoded alone."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "a.wav", tone(2.5, freq=220), 32000, subtype="FLOAT")
+    out = tmp_path / "tokens"
+    base = ["--audio", str(audio), "--out", str(out), "--codec", debug_codec_dir, "--no-progress",
+            "--workers", "1", "--piece-seconds", PIECE]
+    assert main(base) == 0
+    path = out / shards.MANIFEST
+    m = json.loads(path.read_text())
+    del m["piece_border_samples"]
+    path.write_text(json.dumps(m))
+
+    sf.write(audio / "b.wav", tone(2.5, freq=330), 32000, subtype="FLOAT")
+    assert main(base) == 0
+    m = shards.read_manifest(out)
+    assert "piece_border_samples" not in m
+    b = read_audio(audio / "b.wav", 32000)
+    alone = [debug_codec.encode(torch.from_numpy(b[i:i + 36864])[None])
+             for i in range(0, len(b), 36864)]
+    got = all_tokens(out)["b.wav"]
+    for level, g in enumerate(got):
+        np.testing.assert_array_equal(g, torch.cat([p[level][0] for p in alone]).numpy())
+    # and the bordered pieces differ from those near the piece edges (the reason for borders)
+    whole = debug_codec.encode(torch.from_numpy(b)[None])
+    assert any(not np.array_equal(g, w[0].numpy()) for g, w in zip(got, whole, strict=True))
+
+
+def test_encode_files_checks_the_grid(debug_codec):
+    with pytest.raises(ValueError, match="multiples of the codec's grid"):
+        encode_files(debug_codec, [tone(1.0)], piece_samples=36864, batch_size=1, border_samples=100)
 
 
 def run_cli(audio: Path, out: Path, codec_dir: str, **env) -> subprocess.CompletedProcess:

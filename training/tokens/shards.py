@@ -11,7 +11,8 @@ A token directory holds
     format, version               "snac-dit-tokens", 1
     codec                         fingerprint, source, config, geometry (strides, frames_per_chunk,
                                   pad_frames, codebook_size, sample_rate, hop_length, ...)
-    piece_samples                 length of the pieces long files were encoded in (see tokenize.py)
+    piece_samples                 length of the pieces long files were encoded in (see tokenizer.py)
+    piece_border_samples          audio encoded either side of each piece (absent: 0, older dirs)
     val_fraction                  share of files in the "val" split
     tiles                         units, border_units, reach_samples (absent: no tile files;
                                   such a directory trains on whole-file contexts only)

@@ -5,19 +5,22 @@ each file in a small thread pool (`audio.read_audio`) -> cut it into pieces -> e
 pieces in batches -> every `--shard-seconds` of audio, write one shard (a uint16 .npy per level)
 and rewrite the manifest atomically. The format is described in `training/tokens/shards.py`.
 
-Pieces. Long files are encoded in pieces of `--piece-seconds` (default 10 chunks = 61.44 s),
+Pieces. Long files are encoded in pieces of `--piece-seconds` (default one chunk, 6.144 s),
 rounded to the codec's padding grid (12,288 samples = 4 coarse frames) so each piece's tokens
 land exactly on the file's token grid and concatenate. SNAC's encoder is non-causal (convolutions
-plus windowed attention), so codes within about a second of a piece border can differ from a
-single pass over the whole file; everywhere else they are identical. Pieces of equal padded length
-are batched together (zero-padded to the grid, exactly as `Codec.encode` pads), so a file that
-fits in one piece gets exactly `Codec.encode(file)`.
+plus windowed attention), so each piece is encoded with `Codec.border_samples` (the encoder's
+reach, rounded up to the grid) of the file's audio on either side and only its own tokens are
+kept: the result is one pass over the whole file, but short encodes run 5x faster on CPU than a
+minute-long one. Pieces of equal padded length are batched together (zero-padded to the grid,
+exactly as `Codec.encode` pads), so a file that fits in one piece gets exactly
+`Codec.encode(file)`. (Directories made before the borders keep encoding without them, so every
+file in a directory is encoded alike: manifest `piece_border_samples`.)
 
 Tiles. Every file is also encoded in short tiles (`tile_plan`: 1.536 s for SNAC 32 kHz), so
 the data loader can rebuild the tokens an encode of a context *alone* gives (what `/continue`
 feeds the model) instead of whole-file tokens that peek at the target (training/tokens/shards.py,
-docs/data.md). Short tiles encode fast: measured on 2 CPU cores with the demo codec, 29x
-realtime against 5.9x for 61.44 s pieces, so they add about a fifth to a run's time.
+docs/data.md). Short tiles encode fast: measured on 2 CPU cores with the demo codec, 30-40x
+realtime, so they add about two fifths to a run's time.
 
 Resuming. A file is done when the manifest lists it with the same size and mtime; a re-run skips
 it. Shards are written before the manifest that references them, each through a temp file and
@@ -56,7 +59,9 @@ from model.weights import CodecLoadError
 from training.tokens import shards
 
 DEFAULT_VAL_FRACTION = 0.02
-DEFAULT_PIECE_CHUNKS = 10  # 61.44 s: long enough that border effects touch ~2% of tokens
+DEFAULT_PIECE_CHUNKS = 1  # 6.144 s, each encoded with the encoder's reach of audio either side:
+#                           on 2 CPU cores 35x realtime against 6x for one 61.44 s pass
+#                           (docs/data.md), and the tokens are those of one pass over the file
 KILL_HOOK_ENV = "SNAC_DIT_TOKENIZE_KILL_AFTER_SHARDS"  # tests: SIGKILL after writing N shards
 
 
@@ -149,33 +154,46 @@ def _prefetch(pool: ThreadPoolExecutor, items, fn, lookahead: int):
 
 
 def encode_files(codec: Codec, audios: list[np.ndarray], piece_samples: int, batch_size: int,
-                 on_batch=None) -> list[list[np.ndarray]]:
+                 on_batch=None, border_samples: int = 0) -> list[list[np.ndarray]]:
     """Per file, per level uint16 tokens of `audios` (each (T,) float32 at the codec rate).
 
-    Files are cut into pieces of `piece_samples` (a multiple of `codec.pad_samples`); pieces with
-    the same padded length share an encode batch. `on_batch(file_indices, piece_lengths)` is
-    called after each batch (progress).
+    Files are cut into pieces of `piece_samples` (a multiple of `codec.pad_samples`). Each piece
+    is encoded with up to `border_samples` (a multiple of the grid) of the file's own audio on
+    either side, and only its own tokens are kept: with a border of `codec.border_samples` the
+    result is a single pass over the whole file, at the speed of short encodes. Pieces with the
+    same padded length share an encode batch. `on_batch(file_indices, piece_lengths)` is called
+    after each batch (progress).
     """
-    buckets: dict[int, list[tuple[int, int, np.ndarray]]] = collections.defaultdict(list)
+    grid = codec.pad_samples
+    if piece_samples % grid or border_samples % grid or border_samples < 0:
+        raise ValueError(f"piece ({piece_samples}) and border ({border_samples}) samples must be "
+                         f"multiples of the codec's grid ({grid})")
+    # bucket by padded length: (file, piece, audio with borders, left border, piece length)
+    buckets: dict[int, list[tuple[int, int, np.ndarray, int, int]]] = collections.defaultdict(list)
     pieces: list[list] = []
     for i, audio in enumerate(audios):
         n = max(1, math.ceil(audio.shape[0] / piece_samples))
         pieces.append([None] * n)
         for k in range(n):
-            seg = audio[k * piece_samples:(k + 1) * piece_samples]
-            buckets[codec.padded_length(seg.shape[0])].append((i, k, seg))
+            start = k * piece_samples
+            end = min(start + piece_samples, audio.shape[0])
+            lo, hi = max(0, start - border_samples), min(audio.shape[0], end + border_samples)
+            seg = audio[lo:hi]
+            buckets[codec.padded_length(seg.shape[0])].append((i, k, seg, start - lo, end - start))
     for length in sorted(buckets):
         bucket = buckets[length]
         for b in range(0, len(bucket), batch_size):
             batch = bucket[b:b + batch_size]
             x = np.zeros((len(batch), length), dtype=np.float32)  # (B, T): the codec's own zero pad
-            for row, (_, _, seg) in enumerate(batch):
+            for row, (_, _, seg, _, _) in enumerate(batch):
                 x[row, :seg.shape[0]] = seg
             codes = _encode_rows(codec, x)  # per level (B, n_l) uint16
-            for row, (i, k, _) in enumerate(batch):
-                pieces[i][k] = [c[row] for c in codes]
+            for row, (i, k, _, left, n_own) in enumerate(batch):
+                units, own = left // grid, codec.padded_length(n_own) // grid
+                pieces[i][k] = [c[row, units * f:(units + own) * f]
+                                for c, f in zip(codes, codec.pad_frames, strict=True)]
             if on_batch is not None:
-                on_batch([i for i, _, _ in batch], [seg.shape[0] for _, _, seg in batch])
+                on_batch([i for i, *_ in batch], [n_own for *_, n_own in batch])
     return [[np.concatenate([p[lvl] for p in file_pieces]) for lvl in range(codec.n_levels)]
             for file_pieces in pieces]
 
@@ -272,6 +290,7 @@ def _settle(manifest: dict | None, cfg: TokenizeConfig, codec: Codec, source: st
     if manifest is None:
         val = DEFAULT_VAL_FRACTION if cfg.val_fraction is None else cfg.val_fraction
         manifest = shards.new_manifest(_codec_info(codec, source), piece, val)
+        manifest["piece_border_samples"] = codec.border_samples
         if cfg.hold_out:
             manifest["hold_out"] = sorted(cfg.hold_out)
         plan = tile_plan(codec)
@@ -396,6 +415,7 @@ def _run(cfg, codec, manifest, dirty, batch_size, audio_dir, out_dir) -> Summary
 
 def _encode_all(cfg, codec, manifest, todo, batch_size, out_dir, summary) -> None:
     sr, piece = codec.sample_rate, manifest["piece_samples"]
+    border = manifest.get("piece_border_samples", 0)  # 0: made before pieces overlapped
     kill_after = int(os.environ.get(KILL_HOOK_ENV, "0"))
     next_shard = max((s["id"] for s in manifest["shards"]), default=-1) + 1
     bar = tqdm(total=sum(it.size for it in todo), unit="B", unit_scale=True, desc="tokenise",
@@ -415,7 +435,7 @@ def _encode_all(cfg, codec, manifest, todo, batch_size, out_dir, summary) -> Non
     def flush():
         nonlocal next_shard, group, group_samples
         audios = [a for _, a in group]
-        tokens = encode_files(codec, audios, piece, batch_size, on_batch)
+        tokens = encode_files(codec, audios, piece, batch_size, on_batch, border)
         tiles = None
         if plan:
             # Same batch size as the pieces: on CPU, batching tiles is slower (docs/data.md).
@@ -496,7 +516,8 @@ def parse_args(argv=None) -> TokenizeConfig:
                    help="files that are always 'val': a text file of names (one per line) or "
                         "bench/eval_codec.py's JSON (its held_out_tracks); kept for re-runs")
     p.add_argument("--piece-seconds", type=float, default=None,
-                   help="encode long files in pieces this long, rounded to the 0.384 s grid (default 61.44)")
+                   help="encode long files in pieces this long (each with the encoder's reach of audio "
+                        "either side), rounded to the 0.384 s grid (default 6.144)")
     p.add_argument("--shard-seconds", type=float, default=3600.0,
                    help="audio per shard; the most an interruption can lose (default 3600)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),

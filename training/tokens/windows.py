@@ -3,8 +3,7 @@
 A window is n_ctx context chunks + 1 target chunk (+ n_after after-context chunks, for editing)
 of one file, every level: level l holds (n_ctx + 1 + n_after) * F_l tokens (F = 64/128/256/512 per chunk for SNAC 32 kHz). Window starts lie on
 the codec's padding grid (4 coarse frames = 0.384 s), so every level starts on a whole token and
-a window is exactly what `Codec.encode` gives for the same stretch of audio (pieces aside, see
-tokenize.py). Windows never cross files; files shorter than a window give none.
+a window is exactly what an encode of the whole file gives there (tokenizer.py: pieces). Windows never cross files; files shorter than a window give none.
 
 Indexing is flat and deterministic: `dataset.window(i)` says which file/start/n_ctx item i is,
 `dataset[i]` reads it. `WindowBatchSampler` turns (seed, epoch, position) into batches with O(1)

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, caches)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=0.0)
@@ -80,8 +80,8 @@ def main(argv=None) -> int:
             n_ctx_weights=weights, device=str(trainer.device),
             device_name=torch.cuda.get_device_name(trainer.device)
             if trainer.device.type == "cuda" else "cpu",
-            threads=torch.get_num_threads(), dtype=args.dtype if trainer.device.type == "cuda"
-            else "fp32", compile=args.compile, steps=args.steps,
+            threads=torch.get_num_threads(), dtype=trainer.compute, compile=args.compile,
+            steps=args.steps,
             step_s=round(dt / args.steps, 4), tokens_per_s=round(rate["tokens_per_s"], 1),
             rows_per_s=round(args.batch_size * args.steps / dt, 2),
             seq_tokens_at_n_ctx2=sequence_tokens(2, mc.frames_per_chunk),

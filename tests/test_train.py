@@ -109,16 +109,20 @@ def test_missing_tokens_exit_2_with_the_tokenise_command(tmp_path):
         in proc.stderr
 
 
-def test_loss_decreases_on_a_memorisable_token_set(tmp_path):
+@pytest.mark.parametrize("dtype", ["auto", "bf16"])
+def test_loss_decreases_on_a_memorisable_token_set(tmp_path, dtype, capsys):
     # Every train file holds the same 3 chunks, full context only: one window to memorise.
+    # On CPU, auto is fp32 and bf16 is bf16 autocast (the demo DiT's recipe): both must learn.
     tokens = make_tokens(tmp_path / "tokens", n_train=2, chunks=3, same=True)
     cfg = debug_config(tokens, tmp_path, "memo", **{
         "curriculum.stages.0.steps": 0, "curriculum.stages.1.steps": 0,
         "curriculum.stages.2.steps": 40, "curriculum.stages.2.n_ctx": [0.0, 0.0, 1.0],
         "optim.lr": 3e-3, "optim.min_lr": 3e-3, "optim.grad_accum": 1, "data.batch_size": 4,
         "diffusion.context_dropout": 0.0, "eval.every": 0, "ckpt.every": 1000, "log.every": 1,
+        "dtype": dtype,
     })
     assert Trainer(cfg).fit() == 0
+    assert ("(bf16 autocast)" if dtype == "bf16" else "(fp32)") in capsys.readouterr().err
     rows = [json.loads(x) for x in (tmp_path / "memo" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["kind"] == "train"]
     assert losses[0] > 0.9 * math.log(32)  # starts near chance (zero-initialised heads)

@@ -40,6 +40,14 @@ from training.tokens.shards import ManifestError, read_manifest
 from training.tokens.windows import TokenWindows, collate_windows
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively, where bf16 autocast pays (~1.9x on Zen 4)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # private helpers: absent in some torch builds
+        return False
+
+
 class DataMissingError(RuntimeError):
     """The token directory is absent or unreadable; train.py turns this into exit status 2."""
 
@@ -150,10 +158,13 @@ class Trainer:
                          else None) if self.env.enabled else module
         self.opt = build_optimizer(self.dit, cfg.optim, self.device)
         self.sched = build_scheduler(self.opt, cfg.optim, cfg.total_steps)
-        self.autocast = (
-            functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda" and cfg.dtype == "bf16" else contextlib.nullcontext
-        )
+        bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        self.compute = "bf16 autocast" if bf16 else "fp32"
+        self.autocast = (functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
+                         if bf16 else contextlib.nullcontext)
+        if self.device.type == "cpu" and cfg.dtype == "bf16" and not cpu_has_bf16():
+            self._print("warning: dtype bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) "
+                        "is emulated and slower than fp32; set dtype = \"fp32\"")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -298,7 +309,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(self.cfg.to_json())
             self._print(f"run {self.run_dir}: {self.n_params / 1e6:.2f} M params, {total} steps, "
-                        f"{self.env.world_size} rank(s) on {self.device}, train windows "
+                        f"{self.env.world_size} rank(s) on {self.device} ({self.compute}), train windows "
                         f"{self.train_set.describe()['windows_per_n_ctx']}")
         bar = None
         if self.env.is_main and cfg.log.progress:

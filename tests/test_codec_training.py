@@ -270,6 +270,16 @@ def test_bad_data_source_is_a_clear_error(tmp_path):
         main(FAST + ["--train", str(tmp_path / "empty"), "--out_dir", str(tmp_path / "r")])
 
 
+@pytest.mark.parametrize("device, match", [("gpu", "not a device"),
+                                           ("cuda:7", "no CUDA device is available")])
+def test_bad_device_is_a_clear_error(tmp_path, audio_dir, device, match):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match=match):
+        main(FAST + ["--train", str(audio_dir), "--out_dir", str(tmp_path / "r"),
+                     "--device", device])
+
+
 def test_defaults_follow_the_recipe():
     cfg = CodecTrainConfig()
     assert cfg.lr == 6e-4 and cfg.lr_decay == 0.999994

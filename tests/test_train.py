@@ -109,6 +109,19 @@ def test_missing_tokens_exit_2_with_the_tokenise_command(tmp_path):
         in proc.stderr
 
 
+@pytest.mark.parametrize("device, match", [("gpu", "not a device"),
+                                           ("cuda", "no CUDA device is available")])
+def test_bad_device_exit_2_with_a_clear_error(tmp_path, device, match):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    tokens = make_tokens(tmp_path / "tokens", n_train=2, chunks=3)
+    proc = subprocess.run([sys.executable, "training/train.py", "--data.tokens", str(tokens),
+                           "--device", device, "--out_dir", str(tmp_path / "runs")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert match in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("dtype", ["auto", "bf16"])
 def test_loss_decreases_on_a_memorisable_token_set(tmp_path, dtype, capsys):
     # Every train file holds the same 3 chunks, full context only: one window to memorise.

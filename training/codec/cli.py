@@ -105,7 +105,7 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
         torch.set_num_threads(cfg.threads)
     try:
         trainer = CodecTrainer(cfg, ckpt["config"]["model"] if ckpt else None)
-    except (CodecLoadError, ValueError, OSError) as e:  # bad --init: path, hub id, weights
+    except (CodecLoadError, ValueError, OSError) as e:  # bad --init or --device
         raise SystemExit(f"error: {e}") from e
     if ckpt:
         trainer.load_state_dict(trainer_state(ckpt))

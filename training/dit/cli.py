@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     from training.run import checkpoint as ckpt_io
     from training.run import distributed as D
 
-    env = D.init_distributed(cfg.device)
+    try:
+        env = D.init_distributed(cfg.device)
+    except ValueError as e:  # not a device, or CUDA asked for and absent
+        print(f"error: device: {e}", file=sys.stderr)
+        return 2
     try:
         try:
             trainer = Trainer(cfg, env)

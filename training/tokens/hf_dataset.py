@@ -105,7 +105,7 @@ def materialise(source: str, out_dir: str | Path, split: str = "train",
     ds = ds.cast_column(col, datasets.Audio(decode=False))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    done = {p.name.split("-", 1)[0]: p for p in out.iterdir() if not p.name.startswith(".")}
+    done = {p.name.split("-", 1)[0] for p in out.iterdir() if not p.name.startswith(".")}  # row ids
     result = Materialised()
     rows = ds.select_columns([col]) if hasattr(ds, "select_columns") else ds
     for i, row in enumerate(tqdm(rows, total=total, desc="dataset", unit="song",

@@ -56,6 +56,7 @@ from tqdm import tqdm
 from audio import AUDIO_EXTENSIONS, AudioError, is_audio_name, read_audio
 from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_HUB_ID, Codec
 from model.weights import CodecLoadError
+from training.run.distributed import pick_device
 from training.tokens import shards
 
 DEFAULT_VAL_FRACTION = 0.02
@@ -234,18 +235,6 @@ def _codec_info(codec: Codec, source: str) -> dict:
     return dict(fingerprint=codec.fingerprint, source=source, config=codec.config, geometry=geometry)
 
 
-def _resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as e:
-        raise TokenizeError(f"--device {spec!r}: not a device (try auto, cpu, cuda, cuda:1)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TokenizeError(f"--device {spec}: no CUDA device is available here (use auto or cpu)")
-    return device
-
-
 def _load_codec(spec: str, device: torch.device) -> tuple[Codec, str]:
     try:
         if spec == "debug":
@@ -365,7 +354,10 @@ def tokenize(cfg: TokenizeConfig) -> Summary:
         raise TokenizeError("--val-fraction must lie in [0, 1)")
     if cfg.shard_seconds <= 0 or (cfg.piece_seconds is not None and cfg.piece_seconds <= 0):
         raise TokenizeError("--shard-seconds and --piece-seconds must be positive")
-    device = _resolve_device(cfg.device)
+    try:
+        device = pick_device(cfg.device)
+    except (ValueError, RuntimeError) as e:
+        raise TokenizeError(f"--device: {e}") from e
     out_dir.mkdir(parents=True, exist_ok=True)
     with _Lock(out_dir):
         shards.remove_temp_files(out_dir)

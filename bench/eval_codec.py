@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     bits = sum(np.log2(codec.codebook_size) * k for k in codec.frames_per_chunk)
     result = {
         "codec": a.codec, "fingerprint": codec.fingerprint,
+        "codes_fingerprint": codec.codes_fingerprint,
         "params": sum(p.numel() for p in codec.snac.parameters()),
         "held_out_tracks": sorted({r["track"] for r in rows}), "segments": len(rows),
         "codec_mel": mean("codec_mel"), "codec_si_sdr": mean("codec_si_sdr"),

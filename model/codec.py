@@ -109,6 +109,11 @@ def positional_noise(snac: SNAC, seed: int, first_frame: int = 0):
                 block.forward = old
 
 
+# snac config keys that shape only the decoder: changing them (or the decoder's weights) keeps
+# the codes (`Codec.codes_fingerprint`)
+DECODER_ONLY_KEYS = ("decoder_dim", "decoder_rates", "noise")
+
+
 def pad_samples(config: dict) -> int:
     """SNAC's padding grid in samples: hop * lcm(coarsest stride, attention window)."""
     hop = math.prod(config["encoder_rates"])
@@ -140,6 +145,7 @@ class Codec:
         # Coarse frames per padding unit: token lengths must be multiples of this per level.
         self.pad_frames = tuple(self.pad_samples // (self.hop_length * s) for s in self.strides)
         self._fingerprint: str | None = None
+        self._codes_fingerprint: str | None = None
         self._reach: int | None = None  # encoder_reach, measured on first use
 
     # ---------------------------------------------------------------- loading
@@ -157,14 +163,31 @@ class Codec:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of config + weights: tokens made by another codec must be refused, not mixed."""
+        """Hash of config + weights: which codec this is, decoder included."""
         if self._fingerprint is None:
-            h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
-            for name, tensor in sorted(self.snac.state_dict().items()):
-                h.update(name.encode())
-                h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = self._hash(self.config, self.snac.state_dict())
         return self._fingerprint
+
+    @property
+    def codes_fingerprint(self) -> str:
+        """Hash of what decides the codes: the config without its decoder-only keys, and the
+        encoder's and quantiser's weights. Tokens are interchangeable between codecs that share
+        it, so a decoder-only fine-tune (`freeze_encoder`) keeps every tokenised dataset and
+        trained DiT valid while `fingerprint` changes."""
+        if self._codes_fingerprint is None:
+            config = {k: v for k, v in self.config.items() if k not in DECODER_ONLY_KEYS}
+            state = {k: v for k, v in self.snac.state_dict().items()
+                     if k.startswith(("encoder.", "quantizer."))}
+            self._codes_fingerprint = self._hash(config, state)
+        return self._codes_fingerprint
+
+    @staticmethod
+    def _hash(config: dict, state: dict) -> str:
+        h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+        for name, tensor in sorted(state.items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def geometry(self) -> dict:
         return dict(

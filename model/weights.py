@@ -123,14 +123,17 @@ def save_snac(snac: SNAC, config: dict, out_dir: str | os.PathLike,
 
 
 # ----------------------------------------------------------------------------- DiT
-def save_pretrained(dit: DiT, out_dir: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write `model.safetensors` + `config.json` ({"dit": asdict(config), **extra})."""
+def save_pretrained(dit: DiT, out_dir: str | os.PathLike, extra: dict | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write `model.safetensors` + `config.json` ({"dit": asdict(config), **extra}); `dtype`
+    (e.g. torch.float16, half the size) converts the floating-point tensors on the way."""
     extra = dict(extra or {})
     if "dit" in extra:
         raise ValueError("extra must not contain 'dit': that key holds the model config")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in dit.state_dict().items()}
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+             .detach().cpu().contiguous() for k, v in dit.state_dict().items()}
     save_readable_safetensors(state, out / WEIGHTS_FILE, metadata={"format": "pt"})
     config = {"dit": asdict(dit.config), **extra}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))

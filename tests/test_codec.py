@@ -116,6 +116,24 @@ def test_fingerprint_depends_on_weights():
     )
 
 
+def test_codes_fingerprint_ignores_the_decoder_only():
+    """A decoder-only change keeps the codes (and their fingerprint); an encoder or quantiser
+    change does not. The whole-codec fingerprint changes either way."""
+    base = Codec.load(DEBUG_CODEC_CONFIG, seed=0)
+    decoder = Codec.load(DEBUG_CODEC_CONFIG, seed=0)
+    with torch.no_grad():
+        next(decoder.snac.decoder.parameters()).add_(0.01)
+    assert decoder.fingerprint != base.fingerprint
+    assert decoder.codes_fingerprint == base.codes_fingerprint
+    x = 0.1 * torch.randn(1, base.samples_per_chunk, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(base.encode(x), decoder.encode(x), strict=True))
+    for part in ("encoder", "quantizer"):
+        other = Codec.load(DEBUG_CODEC_CONFIG, seed=0)
+        with torch.no_grad():
+            next(getattr(other.snac, part).parameters()).add_(0.01)
+        assert other.codes_fingerprint != base.codes_fingerprint, part
+
+
 def test_load_errors_are_clear(tmp_path):
     with pytest.raises(CodecLoadError, match="no config.json"):
         Codec.load(tmp_path)

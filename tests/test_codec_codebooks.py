@@ -307,8 +307,10 @@ def test_eval_and_model_card_of_a_snapshot(tmp_path, songs):
     assert "CC0-1.0" in text and "Steps: 4" in text
     # An earlier snapshot of the run (its checkpoint since retired) by --step.
     assert card_main(["--run", str(run), "--codec", str(shipped), "--eval", str(out),
-                      "--corpus", str(corpus), "--step", "2"]) == 0
-    assert "Steps: 2" in (shipped / "MODEL_CARD.md").read_text()
+                      "--corpus", str(corpus), "--step", "2", "--frozen"]) == 0
+    text = (shipped / "MODEL_CARD.md").read_text()
+    assert "Steps: 2" in text and "These codes are final" in text and "not final" not in text
+    assert f"codes fingerprint `{Codec.load(str(shipped)).codes_fingerprint}`" in text
 
     # An annealing branch from step 4 (the steady run goes on elsewhere): the card covers the
     # parent's steps to the branch point, then the branch's, and says how it was annealed.

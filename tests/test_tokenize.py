@@ -135,6 +135,34 @@ def test_other_codec_is_refused(tmp_path, debug_codec_dir, capsys):
         )
 
 
+def test_decoder_only_fine_tune_of_the_codec_adds_files_to_the_same_tokens(
+        tmp_path, debug_codec, debug_codec_dir, capsys):
+    """The manifest keys tokens on the codes fingerprint (encoder + quantiser): a codec whose
+    decoder was fine-tuned since makes the same codes, so it may tokenise new files into the
+    directory; the manifest keeps the codec it was made with."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "x.wav", tone(0.5), 32000)
+    out = tmp_path / "tokens"
+    base = ["--audio", str(audio), "--out", str(out), "--no-progress", "--workers", "1"]
+    assert main(base + ["--codec", debug_codec_dir]) == 0
+    tuned = Codec.load(debug_codec_dir)
+    with torch.no_grad():
+        next(tuned.snac.decoder.parameters()).mul_(1.5)
+    tuned_dir = tuned.save(tmp_path / "tuned_codec")
+    assert Codec.load(tuned_dir).fingerprint != debug_codec.fingerprint
+    sf.write(audio / "y.wav", tone(0.7, freq=330), 32000)
+    assert main(base + ["--codec", str(tuned_dir)]) == 0
+    m = shards.read_manifest(out)
+    assert [f["path"] for f in m["files"]] == ["x.wav", "y.wav"]
+    assert m["codec"]["fingerprint"] == debug_codec.fingerprint
+    assert m["codec"]["codes_fingerprint"] == debug_codec.codes_fingerprint
+    y = read_audio(audio / "y.wav", 32000)
+    want = debug_codec.encode(torch.from_numpy(y)[None])
+    for got, w in zip(all_tokens(out)["y.wav"], want, strict=True):
+        np.testing.assert_array_equal(got, w[0].numpy())
+
+
 def test_refusals_and_empty_folder(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

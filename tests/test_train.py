@@ -184,6 +184,13 @@ def test_fine_tune_starts_from_an_exported_model(tmp_path):
     assert Trainer(debug_config(tokens, tmp_path, "base", **memo)).fit() == 0
     assert export([str(tmp_path / "base"), str(tmp_path / "served")]) == 0
     served = load_dit(tmp_path / "served")
+    # --fp16 (how weights/demo ships): half the bytes, the same weights to fp16 precision
+    assert export([str(tmp_path / "base"), str(tmp_path / "half"), "--fp16"]) == 0
+    half = load_dit(tmp_path / "half")
+    assert all(v.dtype == torch.float16 for v in half.state_dict().values())
+    assert all(torch.equal(v.half(), half.state_dict()[k]) for k, v in served.state_dict().items())
+    size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("half") < 0.55 * size("served")
 
     tuned = Trainer(debug_config(tokens, tmp_path, "tuned", init=str(tmp_path / "served"),
                                  **{**memo, "curriculum.stages.2.steps": 3}))

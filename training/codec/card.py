@@ -61,8 +61,22 @@ def anneal_text(train: dict, parent: Path | None) -> str:
             f"--anneal_to {to:g}`; docs/codec-training.md, \"Snapshots by annealing\").")
 
 
+def codes_text(result: dict, frozen: bool) -> str:
+    codes = result.get("codes_fingerprint")
+    which = f", codes fingerprint `{codes}` (`Codec.codes_fingerprint`: encoder + quantiser)" \
+        if codes else ""
+    if frozen:
+        return (f"{which}. **These codes are final**: the encoder and quantiser are frozen at "
+                "this step, and the demo DiT's tokens are made of them. Later decoder-only "
+                "fine-tuning (`freeze_encoder = true`) may improve the sound; it keeps the codes "
+                "fingerprint, so tokens and DiT stay valid.")
+    return (f"{which}. **These codes are not final yet**: the encoder and quantiser are still "
+            "training, so do not tokenise a DiT corpus with this snapshot; the card of the "
+            "frozen codec will say so.")
+
+
 def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = "",
-         parent: Path | None = None, step: int | None = None) -> str:
+         parent: Path | None = None, step: int | None = None, frozen: bool = False) -> str:
     """`parent`: the steady run that `run`, an annealing branch, was started from; the card
     covers the parent's steps up to the branch point, then the branch's."""
     cfg = json.loads((run / "config.json").read_text())
@@ -105,9 +119,7 @@ geometry of the project), trained from scratch on a 2-core CPU so that a fresh c
 serve without downloading anything. **Work in progress**: training continues across working
 periods (issue "Demo codec"); the targets below say what this snapshot does and does not meet.
 
-- Codec fingerprint `{result['fingerprint']}` (`model.codec.Codec.fingerprint`). **These codes
-  are not final yet**: the encoder and quantiser are still training, so do not tokenise a DiT
-  corpus with this snapshot; the card of the frozen codec will say so.
+- Codec fingerprint `{result['fingerprint']}` (`model.codec.Codec.fingerprint`){codes_text(result, frozen)}
 - Files: `config.json`, `pytorch_model.bin` (what `snac.SNAC.from_pretrained(dir)` loads) and
   `model.safetensors` (what `model.codec.Codec.load(dir)` prefers), both fp16; loading casts
   to fp32.
@@ -187,12 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", type=int,
                     help="the run's step the snapshot was exported at (default: its newest "
                          "checkpoint)")
+    ap.add_argument("--frozen", action="store_true",
+                    help="these are the final codes (the encoder and quantiser are frozen)")
     ap.add_argument("--parent", type=Path,
                     help="when --run is an annealing branch: the steady run it started from")
     a = ap.parse_args(argv)
     result = json.loads(a.eval.read_text())
     text = card(a.run, a.codec, result, a.corpus, a.notes.read_text() if a.notes else "",
-                a.parent, a.step)
+                a.parent, a.step, a.frozen)
     (a.codec / "MODEL_CARD.md").write_text(text)
     print(f"wrote {a.codec / 'MODEL_CARD.md'}", file=sys.stderr)
     return 0

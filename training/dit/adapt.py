@@ -148,7 +148,7 @@ def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int =
     windows = [torch.stack([it[lvl] for it in items]) for lvl in range(len(items[0]))]
     out = {"windows": len(picks), "n_ctx": n_ctx}
     for name, path in model_dirs.items():
-        model = load_dit(path)
+        model = load_dit(path, dtype=torch.float32)  # shipped weights may be fp16
         schedules = DiffusionConfig.from_dict(read_dit_config(path).get("diffusion", {})).schedules
         sums = {}
         with torch.no_grad():

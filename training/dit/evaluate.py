@@ -24,6 +24,7 @@ from model.diffusion import LEVEL_NAMES, corrupt, mask_fraction, target_logits
 from model.dit import DiT
 from model.layout import collate, fill_tokens
 from training.dit.config import TrainConfig
+from training.tokens.shards import same_codes
 from training.tokens.windows import TokenWindows
 
 
@@ -171,9 +172,9 @@ class Evaluator:
             try:
                 codec = Codec.load(DEBUG_CODEC_CONFIG if source == "debug" else source,
                                    device=self.device)
-                if codec.fingerprint != info["fingerprint"]:
-                    raise ValueError(f"codec {source!r} has fingerprint {codec.fingerprint}, the "
-                                     f"tokens were made by {info['fingerprint']}")
+                if not same_codes(info, codec.fingerprint, codec.codes_fingerprint):
+                    raise ValueError(f"codec {source!r} makes other codes than the codec the "
+                                     f"tokens were made by ({info['fingerprint']})")
                 self._codec = codec
             except Exception as e:  # offline hub, moved directory, other weights: skip audio
                 self._codec_error = e

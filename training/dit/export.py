@@ -2,6 +2,7 @@
 
     snac-dit-export runs/NAME OUT_DIR                  # newest checkpoint, EMA weights
     snac-dit-export runs/NAME/ckpt-050000 OUT_DIR --raw
+    snac-dit-export runs/dit_demo weights/demo/dit --fp16   # the shipped snapshot: fp16 on disk
     python -m training.dit.export runs/NAME OUT_DIR    # the same
 
 OUT_DIR gets `model.safetensors` + `config.json` via `model.weights.save_pretrained` (the DiT
@@ -15,7 +16,9 @@ import sys
 from pathlib import Path
 
 
-def export(ckpt: str | Path, out_dir: str | Path, raw: bool = False) -> Path:
+def export(ckpt: str | Path, out_dir: str | Path, raw: bool = False, fp16: bool = False) -> Path:
+    import torch
+
     from model.dit import DiT, DiTConfig
     from model.weights import load_dit, save_pretrained
     from training.run import checkpoint as ckpt_io
@@ -27,11 +30,12 @@ def export(ckpt: str | Path, out_dir: str | Path, raw: bool = False) -> Path:
     codec = config.get("codec", {})
     extra = dict(
         diffusion=config["diffusion"],
-        codec=dict(fingerprint=codec.get("fingerprint"), source=codec.get("source")),
+        codec=dict(fingerprint=codec.get("fingerprint"), source=codec.get("source"),
+                   codes_fingerprint=codec.get("codes_fingerprint")),
         training=dict(checkpoint=str(ck["path"].resolve()), step=config["step"],
                       weights="raw" if raw else "ema", run=config["train"]["name"]),
     )
-    out = save_pretrained(dit, out_dir, extra)
+    out = save_pretrained(dit, out_dir, extra, torch.float16 if fp16 else None)
     load_dit(out)  # read it back: an export that the engine cannot load is an error here
     return out
 
@@ -41,15 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("ckpt", help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("out_dir", help="serving directory to write (model.safetensors + config.json)")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--fp16", action="store_true",
+                   help="store the weights in fp16 (half the size; what weights/demo ships). "
+                        "The engine computes in fp32 on CPU and bf16 on CUDA either way")
     args = p.parse_args(argv)
     from training.run.checkpoint import CheckpointError
 
     try:
-        out = export(args.ckpt, args.out_dir, args.raw)
+        out = export(args.ckpt, args.out_dir, args.raw, args.fp16)
     except (CheckpointError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {'raw' if args.raw else 'EMA'} weights of {args.ckpt} to {out}")
+    print(f"exported {'raw' if args.raw else 'EMA'} weights of {args.ckpt} to {out}"
+          f"{' in fp16' if args.fp16 else ''}")
     return 0
 
 

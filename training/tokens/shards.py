@@ -9,7 +9,8 @@ A token directory holds
 `manifest.json`:
 
     format, version               "snac-dit-tokens", 1
-    codec                         fingerprint, source, config, geometry (strides, frames_per_chunk,
+    codec                         fingerprint, codes_fingerprint (encoder + quantiser only; absent
+                                  in older dirs), source, config, geometry (strides, frames_per_chunk,
                                   pad_frames, codebook_size, sample_rate, hop_length, ...)
     piece_samples                 length of the pieces long files were encoded in (see tokenizer.py)
     piece_border_samples          audio encoded either side of each piece (absent: 0, older dirs)
@@ -172,6 +173,15 @@ def dump_manifest(manifest: dict) -> str:
 
 def write_manifest(token_dir: Path, manifest: dict) -> None:
     atomic_write_bytes(Path(token_dir) / MANIFEST, dump_manifest(manifest).encode())
+
+
+def same_codes(info: dict, fingerprint: str, codes_fingerprint: str | None) -> bool:
+    """Whether a codec (its `fingerprint` and `codes_fingerprint`) makes the tokens of a
+    manifest's `codec` entry: by the codes fingerprint where the manifest records one (so a
+    decoder-only fine-tune of the codec still matches), else by the whole codec's."""
+    if info.get("codes_fingerprint") and codes_fingerprint:
+        return info["codes_fingerprint"] == codes_fingerprint
+    return info["fingerprint"] == fingerprint
 
 
 def read_manifest(token_dir: str | os.PathLike, expected_fingerprint: str | None = None) -> dict:

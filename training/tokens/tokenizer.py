@@ -232,7 +232,8 @@ def tile_plan(codec: Codec) -> dict | None:
 def _codec_info(codec: Codec, source: str) -> dict:
     geometry = codec.geometry()
     geometry["pad_frames"] = list(codec.pad_frames)
-    return dict(fingerprint=codec.fingerprint, source=source, config=codec.config, geometry=geometry)
+    return dict(fingerprint=codec.fingerprint, codes_fingerprint=codec.codes_fingerprint,
+                source=source, config=codec.config, geometry=geometry)
 
 
 def _load_codec(spec: str, device: torch.device) -> tuple[Codec, str]:
@@ -287,11 +288,15 @@ def _settle(manifest: dict | None, cfg: TokenizeConfig, codec: Codec, source: st
             manifest["tiles"] = plan
         return manifest, False
 
-    if manifest["codec"]["fingerprint"] != codec.fingerprint:
+    if not shards.same_codes(manifest["codec"], codec.fingerprint, codec.codes_fingerprint):
+        info = manifest["codec"]
+        kind = "codes fingerprint" if info.get("codes_fingerprint") else "fingerprint"
+        theirs = info.get("codes_fingerprint") or info["fingerprint"]
+        ours = codec.codes_fingerprint if info.get("codes_fingerprint") else codec.fingerprint
         raise TokenizeError(
-            f"{cfg.out_dir} holds tokens of codec {manifest['codec']['fingerprint']} "
-            f"({manifest['codec'].get('source')}), but {cfg.codec!r} has fingerprint "
-            f"{codec.fingerprint}; use the same codec or another --out directory"
+            f"{cfg.out_dir} holds tokens of a codec with {kind} {theirs} ({info.get('source')}), "
+            f"but {cfg.codec!r} has {kind} {ours}; use the same codec (a decoder-only "
+            "fine-tune of it is fine) or another --out directory"
         )
     if cfg.piece_seconds is not None and piece != manifest["piece_samples"]:
         raise TokenizeError(

@@ -236,3 +236,37 @@ def test_unigram_baseline_is_the_cross_entropy_of_token_frequencies(tmp_path):
     for lvl in "ABCD":
         assert base[lvl]["ce"] == pytest.approx(want, abs=0.02)
         assert base[lvl]["acc"] == pytest.approx(0.5)
+
+
+def test_model_card_of_an_exported_snapshot(tmp_path):
+    """`python -m training.dit.card`: the card states the exported step, the architecture,
+    the curriculum, the held-out split, and the last evaluation's per-level figures next to
+    the untrained (ln V) and unigram baselines, all read from what the run logged."""
+    from training.dit.card import main as card_main
+    from training.dit.export import main as export
+
+    tokens = make_tokens(tmp_path / "tokens", n_train=2, chunks=4)
+    assert Trainer(debug_config(tokens, tmp_path, "carded")).fit() == 0  # 6 steps, eval at 3, 6
+    weights = tmp_path / "served"
+    assert export([str(tmp_path / "carded"), str(weights), "--fp16"]) == 0
+    result = {"date": "2026-12-01", "windows": 4, "tracks": 2, "steps": [16, 12, 8, 8], "seed": 0,
+              "metrics": {s: {k: 0.5 for k in ("frechet", "harmony", "timbre", "retrieval",
+                                               "seam", "copy")}
+                          for s in ("model", "repeat", "random", "real")}}
+    (tmp_path / "eval.json").write_text(json.dumps(result))
+    assert card_main(["--run", str(tmp_path / "carded"), "--weights", str(weights),
+                      "--eval", str(tmp_path / "eval.json")]) == 0
+    text = (weights / "MODEL_CARD.md").read_text()
+
+    rows = [json.loads(x) for x in (tmp_path / "carded" / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [r for r in rows if r["kind"] == "eval"][-1]
+    assert last_eval["step"] == 6 and "snapshot at step 6" in text and "Steps: 6 of 6" in text
+    a_cells = [v for k, v in last_eval.items() if k.startswith("ce_A/")]
+    assert f"| A | {sum(a_cells) / len(a_cells):.3f} |" in text
+    assert f"{last_eval['unigram_ce_A']:.3f}" in text and f"{math.log(32):.3f}" in text
+    assert "F16" in text and "pretrain" in text and "| model | 0.500 |" in text
+    assert "1 held-out files" in text and "Training time:" in text
+
+    # weights exported from another run are refused, naming both
+    assert Trainer(debug_config(tokens, tmp_path, "other")).fit() == 0
+    assert card_main(["--run", str(tmp_path / "other"), "--weights", str(weights)]) == 2

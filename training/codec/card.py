@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 from training.run import checkpoint as ckpt_io
+from training.run.card import LICENCE_NOTE, corpus_table, quiet_hours
 
 TARGET_PERPLEXITY = 64
 TARGET_MEL_RATIO = 0.75
@@ -25,26 +25,7 @@ TARGET_DECODE_S = 2.0
 
 
 def training_hours(rows: list[dict], log_every: int) -> float:
-    speeds = [r["it_per_s"] for r in rows if r.get("it_per_s")]
-    if not speeds:
-        return 0.0
-    med = statistics.median(speeds)
-    return sum(log_every / (s if s > med / 3 else med) for s in speeds) / 3600
-
-
-def corpus_table(corpus: Path) -> tuple[list[str], dict[str, dict]]:
-    summary = json.loads((corpus / "summary.json").read_text())
-    lines = ["| package | tracks | hours | licences (tracks) |", "|---|---|---|---|"]
-    for name, pkg in sorted(summary["packages"].items()):
-        lic = ", ".join(f"{k} x{v}" for k, v in sorted(pkg["licences"].items()))
-        lines.append(f"| {name} | {pkg['kept']} | {pkg['hours']:.2f} | {lic} |")
-    lines.append(f"| **total** | **{summary['kept']}** | **{summary['total_hours']:.2f}** | |")
-    by_file = {}
-    for line in (corpus / "manifest.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row.get("status") == "kept":
-            by_file[Path(row["output_path"]).name] = row
-    return lines, by_file
+    return quiet_hours([(log_every, log_every / r["it_per_s"]) for r in rows if r.get("it_per_s")])
 
 
 def read_log(run: Path) -> list[dict]:
@@ -131,10 +112,7 @@ periods (issue "Demo codec"); the targets below say what this snapshot does and 
 
 The six Debian music packages, built with `python -m training.corpus.debian_music` (32 kHz
 mono FLAC, deduplicated, tracks under 30 s dropped; per-track licences in the corpus
-`manifest.jsonl`, each package's copyright file copied next to it). The audio is not
-distributed with the weights. These weights were trained on GPL-2+, GPL-3+, CC-BY-3.0,
-CC-BY-SA-3.0 and public-domain music; whether weights are a derivative work of their training
-data is unsettled — if you redistribute them, keep this card with them.
+`manifest.jsonl`, each package's copyright file copied next to it). {LICENCE_NOTE}
 
 {chr(10).join(table)}
 

@@ -67,7 +67,7 @@ class Throughput:
     def read(self) -> dict:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         tps = self.tokens / dt  # this rank's tokens/s
-        out = {"tokens_per_s": tps * self.world}
+        out = {"tokens_per_s": tps * self.world, "seconds": dt}  # seconds: the window's wall time
         # MFU is per device: this rank's FLOP/s over one device's peak.
         out["mfu"] = (self.flops / dt) / self.peak if self.peak else None
         return out

@@ -26,6 +26,11 @@ and every continuation is scored with features that need no downloaded weights: 
     copy         mean over continuation frames of the best cosine to any context frame (MFCC +
                  chroma): 1 = copies the context; "repeat" shows what a copy scores
 
+Sampling ablation: `--variants all` (or a comma list of names from VARIANTS) runs the model
+once per variant of the sampling defaults (per-level step budgets at equal total, confidence
+rule, Gumbel scale, guidance) on the same windows and seeds, and adds a row per variant, with
+its wall seconds, next to the references (which are computed once).
+
 Held-out tracks: `--tokens DIR --split val` takes the files of that token directory's split
 (their paths relative to `--audio`), so the tracks the DiT was trained on stay out; or give the
 files/folders to use with `--audio` alone. Results: stdout (a markdown table) and `--out` JSON.
@@ -50,6 +55,22 @@ from training.codec.data import find_audio_files  # noqa: E402
 from training.codec.losses import mel_filterbank, stft_magnitude  # noqa: E402
 
 SYSTEMS = ("model", "repeat", "random", "real")
+METRICS = ("frechet", "harmony", "timbre", "retrieval", "seam", "copy")
+
+# The sampling ablation (`--variants`): each changes the model's defaults in one respect.
+# Step budgets keep the default total (16 + 12 + 8 + 8 = 44 network calls) and move it
+# between the coarse and the fine levels; half_steps halves it (the latency lever). The
+# model row itself is the defaults.
+VARIANTS = {
+    "a_heavy": dict(steps=(24, 10, 5, 5)),
+    "d_heavy": dict(steps=(8, 8, 12, 16)),
+    "flat": dict(steps=(11, 11, 11, 11)),
+    "half_steps": dict(steps=(8, 6, 4, 4)),
+    "confidence_sampled": dict(confidence="sampled"),
+    "gumbel_0": dict(gumbel=(0.0,) * 4),
+    "gumbel_2": dict(gumbel=(2.0,) * 4),
+    "guidance_2": dict(guidance=(2.0,) * 4),
+}
 N_FFT, HOP, N_MELS, N_MFCC = 2048, 2048, 64, 20   # 64 ms frames at 32 kHz
 
 
@@ -184,6 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/continuation_eval.json"))
     p.add_argument("--samples", type=Path, help="write the first windows' WAVs here")
+    p.add_argument("--variants", default="",
+                   help="sampling ablation: 'all' or a comma list of " + ", ".join(VARIANTS))
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -200,24 +223,42 @@ def main(argv=None) -> int:
     if a.steps:
         steps = tuple(int(s) for s in a.steps.split(","))
         base = replace(base, steps=steps * engine.codec.n_levels if len(steps) == 1 else steps)
+    names = list(VARIANTS) if a.variants == "all" else [v for v in a.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variant(s) {', '.join(unknown)}; choose from "
+              f"{', '.join(VARIANTS)} or all", file=sys.stderr)
+        return 2
     contexts = [c for _, c, _ in wins]
+
+    def continue_all(params_base, label: str) -> tuple[list[np.ndarray], float]:
+        got_all, t0 = [], time.perf_counter()
+        for lo in range(0, len(wins), a.batch):
+            part = wins[lo:lo + a.batch]
+            params = [replace(params_base, seed=a.seed + lo + i) for i in range(len(part))]
+            got = engine.continue_batch([torch.from_numpy(c) for _, c, _ in part], params)
+            got_all += [g.numpy() for g in got]
+            print(f"{label}: {lo + len(part)}/{len(wins)} windows, "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        return got_all, time.perf_counter() - t0
+
     outs: dict[str, list[np.ndarray]] = {s: [] for s in SYSTEMS}
-    t0 = time.perf_counter()
-    for lo in range(0, len(wins), a.batch):
-        part = wins[lo:lo + a.batch]
-        params = [replace(base, seed=a.seed + lo + i) for i in range(len(part))]
-        got = engine.continue_batch([torch.from_numpy(c) for _, c, _ in part], params)
-        outs["model"] += [g.numpy() for g in got]
-        print(f"model: {lo + len(part)}/{len(wins)} windows, "
-              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    outs["model"], model_s = continue_all(base, "model")
     rng = np.random.default_rng(a.seed)
     for t, c, real in wins:
         outs["repeat"].append(c[-chunk:])
         others = [j for j, (u, _, _) in enumerate(wins) if u != t]
         outs["random"].append(wins[others[rng.integers(len(others))]][2])
         outs["real"].append(real)
-    model_s = time.perf_counter() - t0
-    table = score(Features(rate), contexts, outs)
+    features = Features(rate)
+    table = score(features, contexts, outs)
+    variants = {}
+    for name in names:
+        params = replace(base, **VARIANTS[name]).validated(engine.codec.n_levels)
+        got, seconds = continue_all(params, name)
+        row = score(features, contexts, {**outs, "model": got})["model"]
+        variants[name] = dict(params={k: VARIANTS[name][k] for k in VARIANTS[name]},
+                              steps=list(params.steps), seconds=round(seconds, 1), metrics=row)
 
     result = dict(
         date=time.strftime("%Y-%m-%d"), weights=str(a.weights), codec=str(a.codec),
@@ -225,12 +266,18 @@ def main(argv=None) -> int:
         steps=list(base.steps), seed=a.seed, model_seconds=round(model_s, 1),
         platform=platform.platform(), torch=torch.__version__, metrics=table,
     )
+    if variants:
+        result["variants"] = variants
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
-    names = ("frechet", "harmony", "timbre", "retrieval", "seam", "copy")
-    print("| system | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    print("| system | " + " | ".join(METRICS) + " | seconds |\n|---|" + "---|" * (len(METRICS) + 1))
     for system in SYSTEMS:
-        print(f"| {system} | " + " | ".join(f"{table[system][n]:.3f}" for n in names) + " |")
+        secs = f"{model_s:.0f}" if system == "model" else ""
+        print(f"| {system} | " + " | ".join(f"{table[system][n]:.3f}" for n in METRICS)
+              + f" | {secs} |")
+    for name, v in variants.items():
+        print(f"| model, {name} {v['params'] or ''} | "
+              + " | ".join(f"{v['metrics'][n]:.3f}" for n in METRICS) + f" | {v['seconds']:.0f} |")
     if a.samples:
         import soundfile as sf
 

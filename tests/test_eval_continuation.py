@@ -64,3 +64,30 @@ def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
     a = rng.standard_normal((500, 4))
     assert abs(ev.frechet(a, a)) < 1e-9
     assert abs(ev.frechet(a, a + 2.0) - 16.0) < 1e-6       # |mean shift|^2 = 4 dims x 2^2
+
+
+def test_sampling_ablation_adds_a_row_per_variant(tmp_path, debug_weights_dir, debug_codec_dir):
+    audio = tmp_path / "tracks"
+    audio.mkdir()
+    for i, chord in enumerate([(220.0, 277.2), (246.9, 311.1)]):
+        sf.write(audio / f"t{i}.wav", chord_track(chord, 19.0, 3, i), 32000, subtype="PCM_16")
+    out = tmp_path / "eval.json"
+    args = ["--weights", debug_weights_dir, "--codec", debug_codec_dir, "--audio", str(audio),
+            "--per-track", "1", "--steps", "1", "--out", str(out)]
+    assert ev.main([*args, "--variants", "nonsense"]) == 2
+    assert ev.main([*args, "--variants", "gumbel_0,guidance_2"]) == 0
+    result = json.loads(out.read_text())
+    v = result["variants"]
+    assert list(v) == ["gumbel_0", "guidance_2"]
+    assert v["guidance_2"]["params"] == {"guidance": [2.0] * 4} and v["guidance_2"]["steps"] == [1] * 4
+    for row in v.values():
+        assert set(row["metrics"]) == set(ev.METRICS) and row["seconds"] >= 0
+        assert all(np.isfinite(x) for x in row["metrics"].values())
+
+
+def test_step_budget_variants_keep_the_default_total():
+    from model.sampler import SamplingParams
+
+    total = sum(SamplingParams().steps)
+    for name in ("a_heavy", "d_heavy", "flat"):
+        assert sum(ev.VARIANTS[name]["steps"]) == total, name

@@ -98,3 +98,41 @@ def test_include_input_join_has_no_spectral_jump(tmp_path, monkeypatch):
     # the first frames are the input alone in both, and where the codec continues closely the
     # splice's own peak need not rise above the music's.)
     assert flux[lo:hi].sum() < 0.85 * hard[lo:hi].sum(), (flux[lo:hi].sum(), hard[lo:hi].sum())
+
+
+DIT = CODEC.parent / "dit"
+
+
+@pytest.mark.skipif(not (DIT / "config.json").is_file(), reason="no shipped DiT in weights/demo/dit")
+def test_shipped_dit_serves_with_the_shipped_codec_through_http():
+    """What `make serve` does on a fresh clone: the default Settings point at weights/demo/{dit,
+    codec}; a /continue there returns one 6.144 s chunk. The DiT was trained on this codec's
+    codes (its card and config name the codes fingerprint), and its weights are small."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+    from fastapi.testclient import TestClient
+
+    from model.weights import read_dit_config
+    from server.app import create_app
+    from server.settings import Settings
+    from tests.test_contexts import music
+
+    settings = Settings(warmup=False)
+    assert settings.weights == Path("weights/demo/dit") and settings.codec == "weights/demo/codec"
+    codec = Codec.load(str(CODEC))
+    served = read_dit_config(DIT)
+    assert served["codec"]["codes_fingerprint"] == codec.codes_fingerprint
+    assert f"`{codec.codes_fingerprint}`" in (DIT / "MODEL_CARD.md").read_text()
+    assert (DIT / "model.safetensors").stat().st_size < 40e6
+    buf = io.BytesIO()
+    sf.write(buf, music(12.288, 5), 32000, format="WAV", subtype="PCM_16")
+    settings = Settings(warmup=False, weights=DIT, codec=str(CODEC))
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/continue?steps=2,2,1,1&seed=0",
+                        files={"audio": ("song.wav", buf.getvalue(), "audio/wav")})
+    assert r.status_code == 200, r.text
+    x, rate = sf.read(io.BytesIO(r.content), dtype="float32")
+    assert rate == 32000 and x.shape == (codec.samples_per_chunk,)
+    assert np.isfinite(x).all() and 0 < np.abs(x).max() <= 1.0

@@ -84,13 +84,14 @@ def hold_out(token_dir: Path, k: int | None) -> tuple[list[str], list[str]]:
     return sorted(set(names) - val), sorted(val)
 
 
-def training_toml(a, work: Path, editing: bool, has_val: bool) -> str:
+def training_toml(a, work: Path, editing: bool, has_val: bool, dtype: str = "auto") -> str:
     """The fine-tuning config: one stage over the context mix, a gentle learning rate."""
     every = max(10, a.steps // 10)
     return f"""# written by `python -m training.dit.adapt`; re-running that command resumes this run
 name = "run"
 out_dir = {json.dumps(str(work))}
 init = {json.dumps(str(a.base))}
+dtype = "{dtype}"
 
 [data]
 tokens = {json.dumps(str(work / "tokens"))}
@@ -221,8 +222,13 @@ def run(a) -> int:
             "every song to learn from is shorter than 12.288 s (one 6.144 s chunk of context "
             "and one to predict); add longer songs", code=1)
 
+    from training.dit.trainer import cpu_has_bf16
+
+    # bf16 autocast where the CPU computes bf16 natively (1.5-1.9x, docs/benchmarks.md); auto
+    # (fp32 on CPU, bf16 on CUDA) elsewhere. The master weights are fp32 either way.
     config = work / "adapt.toml"
-    config.write_text(training_toml(a, work, editing, bool(val_songs)))
+    config.write_text(training_toml(a, work, editing, bool(val_songs),
+                                    "bf16" if cpu_has_bf16() else "auto"))
     print(f"3/4 fine-tuning {a.base} for {a.steps} steps (config {config})", file=sys.stderr)
     rc = train_cli.main(["--config", str(config), "--resume"])
     if rc in (130, 143):  # stopped by a signal after saving: the same command goes on
@@ -231,7 +237,7 @@ def run(a) -> int:
         raise AdaptError(f"training stopped with status {rc} (see above)", code=rc)
 
     print(f"4/4 exporting to {a.out}", file=sys.stderr)
-    export(work / "run", a.out)
+    export(work / "run", a.out, fp16=True)  # half the size; the engine computes in fp32/bf16
     report = held_out_ce({"base": base, "adapted": a.out}, work / "tokens") if val_songs else {}
     (work / "adapt_eval.json").write_text(json.dumps(report, indent=1) + "\n")
     if report:

@@ -18,12 +18,13 @@ import contextlib
 
 from torch import Tensor
 
-from model.attention_rule import attention_ref, check_inputs
+from model.attention_rule import LastInputsCache, attention_ref, check_inputs, sdpa_mask
 
 BACKENDS = ("auto", "sdpa", "triton")
 _backend = "auto"
 _triton_fn = None  # cached kernel entry point once imported
 _triton_error: Exception | None = None  # why it could not be imported, for "triton" errors
+_mask_cache = LastInputsCache()  # the dense mask, built once per forward instead of per layer
 
 
 def set_backend(name: str) -> None:
@@ -70,4 +71,6 @@ def attention(q, k, v, seg_q, seg_k, allowed, scale: float | None = None) -> Ten
         if fn is None:
             raise RuntimeError(f"triton attention backend unavailable: {_triton_error!r}")
         return fn(q, k, v, seg_q, seg_k, allowed, scale=scale)
-    return attention_ref(q, k, v, seg_q, seg_k, allowed, scale=scale)
+    mask = _mask_cache.get((seg_q, seg_k, allowed), (q.dtype,),
+                           lambda: sdpa_mask(seg_q, seg_k, allowed, q.dtype))
+    return attention_ref(q, k, v, seg_q, seg_k, allowed, scale=scale, mask=mask)

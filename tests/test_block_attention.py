@@ -188,31 +188,6 @@ def test_real_layout_batch_plan_full_size():
     assert 0.6 < full < 0.7  # n_ctx=2: ~65% of the tile pairs are computed (DESIGN's estimate)
 
 
-def test_plan_cache_reuses_and_invalidates():
-    seg, _, allowed = random_problem(1, 32, 32, S=4, seed=1)
-    cache = ba._PlanCache()
-    p1 = cache.get(seg, seg, allowed, 16, 16)
-    assert cache.get(seg, seg, allowed, 16, 16) is p1  # every layer of a forward
-    assert cache.get(seg, seg, allowed, 8, 16) is not p1  # other tiles
-    p2 = cache.get(seg, seg, allowed, 16, 16)
-    allowed[0, 0] = ~allowed[0, 0]  # in-place edit bumps the version
-    assert cache.get(seg, seg, allowed, 16, 16) is not p2
-    assert cache.get(seg.clone(), seg, allowed, 16, 16) is not p2  # same values, other tensor
-    # KV-cache style: every layer slices the same preallocated tensor afresh
-    kv_seg = torch.full((1, 64), -1)
-    kv_seg[:, :32] = seg
-    p3 = cache.get(seg, kv_seg[:, :48], allowed, 16, 16)
-    assert cache.get(seg, kv_seg[:, :48], allowed, 16, 16) is p3
-    assert cache.get(seg, kv_seg[:, :40], allowed, 16, 16) is not p3  # other length
-    p4 = cache.get(seg, kv_seg[:, :48], allowed, 16, 16)
-    kv_seg[:, 40:48] = 2  # the cache grows: a write through the base invalidates its views
-    assert cache.get(seg, kv_seg[:, :48], allowed, 16, 16) is not p4
-    with torch.inference_mode():  # no version counters: never cached, still correct
-        s_inf = seg.clone()
-        assert cache.get(s_inf, s_inf, allowed, 16, 16) is not cache.get(s_inf, s_inf, allowed,
-                                                                       16, 16)
-
-
 # ----------------------------------------------------------------------------- numerics (CPU)
 
 

@@ -185,3 +185,66 @@ def test_fill_tokens_places_the_after_chunk_and_rows_may_lack_it():
     assert valid.sum(1).tolist() == [3 * 60, 60, 60]
     with pytest.raises(ValueError, match="after-context"):
         fill_tokens(batch, [w[:, : 3 * f] for w, f in zip(windows, fpc, strict=True)])
+
+
+def test_last_inputs_cache_reuses_and_invalidates():
+    """The cache behind per-forward (not per-layer) mask and plan building."""
+    from model.attention_rule import LastInputsCache
+
+    g = torch.Generator().manual_seed(1)
+    seg = torch.randint(0, 4, (1, 32), generator=g)
+    allowed = torch.rand(4, 4, generator=g) < 0.5
+    cache, built = LastInputsCache(), []
+
+    def get(*tensors, extra=(16,)):
+        return cache.get(tensors, extra, lambda: built.append(1) or object())
+
+    p1 = get(seg, seg, allowed)
+    assert get(seg, seg, allowed) is p1  # every layer of a forward
+    assert get(seg, seg, allowed, extra=(8,)) is not p1  # other parameters
+    p2 = get(seg, seg, allowed)
+    allowed[0, 0] = ~allowed[0, 0]  # in-place edit bumps the version
+    assert get(seg, seg, allowed) is not p2
+    assert get(seg.clone(), seg, allowed) is not p2  # same values, other tensor
+    # KV-cache style: every layer slices the same preallocated tensor afresh
+    kv_seg = torch.full((1, 64), -1)
+    kv_seg[:, :32] = seg
+    p3 = get(seg, kv_seg[:, :48], allowed)
+    assert get(seg, kv_seg[:, :48], allowed) is p3
+    assert get(seg, kv_seg[:, :40], allowed) is not p3  # other length
+    p4 = get(seg, kv_seg[:, :48], allowed)
+    kv_seg[:, 40:48] = 2  # the cache grows: a write through the base invalidates its views
+    assert get(seg, kv_seg[:, :48], allowed) is not p4
+    with torch.inference_mode():  # no version counters: never cached, still correct
+        s_inf = seg.clone()
+        assert get(s_inf, s_inf, allowed) is not get(s_inf, s_inf, allowed)
+
+
+def test_sdpa_backend_builds_the_mask_once_per_forward(monkeypatch):
+    """A DiT forward with the SDPA backend builds the dense mask once, not once per layer,
+    and its output is unchanged."""
+    import model.attention as attn
+    from model.diffusion import DiffusionConfig, MaskedDiffusion
+    from model.dit import DiT, DiTConfig
+
+    cfg = DiTConfig.from_name("debug", codebook_size=32, n_layers=3)
+    torch.manual_seed(0)
+    dit = DiT(cfg)
+    windows = [torch.randint(0, 32, (2, 3 * f)) for f in cfg.frames_per_chunk]
+    diffusion = MaskedDiffusion(DiffusionConfig())
+
+    def loss():
+        return diffusion.loss(dit, windows, n_ctx=[2, 1], generator=torch.Generator().manual_seed(0))
+
+    calls = []
+    real = attn.sdpa_mask
+    monkeypatch.setattr(attn, "sdpa_mask", lambda *a: calls.append(1) or real(*a))
+    with attn.attention_backend("sdpa"):
+        cached = loss()["loss"]
+    assert len(calls) == 1
+    monkeypatch.setattr(attn, "_mask_cache", type("NoCache", (), {
+        "get": staticmethod(lambda tensors, extra, build: build())})())
+    with attn.attention_backend("sdpa"):
+        uncached = loss()["loss"]
+    assert len(calls) == 1 + cfg.n_layers
+    assert torch.equal(cached, uncached)

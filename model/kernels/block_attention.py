@@ -18,7 +18,7 @@ Algorithm.
      histogram of segment ids, so classification costs O(T·S²), not O(N²). Each query tile gets
      a list of its key tiles sorted PARTIAL first, then FULL (EMPTY dropped); each key tile the
      transposed list, for the dK/dV pass. The plan depends only on (seg_q, seg_k, allowed), so
-     one plan serves every layer and head of a forward (see `_PlanCache`).
+     one plan serves every layer and head of a forward (see `model.attention_rule.LastInputsCache`).
      The per-element mask is a bit test: q_bits[i] = the allowed row of i's segment packed into
      an int64, k_bits[j] = 1 << seg_k[j]; (i, j) is visible iff q_bits[i] & k_bits[j] != 0.
      Hence at most 64 segments (our layouts have <= 15).
@@ -50,7 +50,6 @@ Constraints and caveats.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +58,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from model.attention_rule import check_inputs
+from model.attention_rule import LastInputsCache, check_inputs
 
 EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes
 MAX_SEGMENTS = 64  # q_bits is one int64 per query
@@ -153,42 +152,7 @@ def plan_block_attention(seg_q, seg_k, allowed, block_m: int = 64, block_n: int 
                      fwd_idx, fwd_cnt, bwd_idx, bwd_cnt)
 
 
-class _PlanCache:
-    """Remembers the last plan, keyed by the identity and version of its three input tensors.
-
-    The model passes the same seg/allowed tensors to every layer, so this turns per-layer
-    planning into per-forward planning without changing `attention()`'s signature. A tensor is
-    identified by its base tensor (held by weakref, so a freed one can never match) plus its
-    view geometry and version counter, which views share with their base: fresh slices of one
-    KV-cache tensor hit, and any in-place write through any view invalidates. Inference-mode
-    tensors have no version counter, so they are never cached (correct, just slower)."""
-
-    def __init__(self):
-        self._bases: tuple = ()
-        self._key: tuple | None = None
-        self._plan: BlockPlan | None = None
-
-    @staticmethod
-    def _identify(tensors, block_m, block_n):
-        try:
-            key = tuple((t.storage_offset(), tuple(t.shape), t.stride(), t._version)
-                        for t in tensors) + (block_m, block_n)
-        except RuntimeError:  # inference tensor
-            return None, None
-        return tuple(t if t._base is None else t._base for t in tensors), key
-
-    def get(self, seg_q, seg_k, allowed, block_m, block_n) -> BlockPlan:
-        bases, key = self._identify((seg_q, seg_k, allowed), block_m, block_n)
-        if (key is not None and key == self._key
-                and all(r() is b for r, b in zip(self._bases, bases, strict=True))):
-            return self._plan
-        plan = plan_block_attention(seg_q, seg_k, allowed, block_m, block_n)
-        if key is not None:
-            self._bases, self._key, self._plan = tuple(weakref.ref(b) for b in bases), key, plan
-        return plan
-
-
-_plan_cache = _PlanCache()
+_plan_cache = LastInputsCache()  # per-layer planning becomes per-forward
 
 # ----------------------------------------------------------------------------- kernels
 # q/k/v/o/do/dq/dk/dv are read and written through 4-D tensor descriptors (B, H, N, D) with
@@ -511,7 +475,8 @@ def block_attention(q, k, v, seg_q, seg_k, allowed, scale=None, *, plan: BlockPl
     _check_inputs(q, k, v, seg_q, seg_k, allowed)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if plan is None:
-        plan = _plan_cache.get(seg_q, seg_k, allowed, block_m, block_n)
+        plan = _plan_cache.get((seg_q, seg_k, allowed), (block_m, block_n),
+                               lambda: plan_block_attention(seg_q, seg_k, allowed, block_m, block_n))
     elif plan.q_bits.shape != seg_q.shape or plan.k_bits.shape != seg_k.shape:
         raise ValueError("plan was built for other segment shapes")
     if plan.q_bits.device != q.device:

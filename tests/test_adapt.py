@@ -69,6 +69,20 @@ def test_adapt_tokenises_holds_out_fine_tunes_exports_and_resumes(
     assert set(report["base"]) == set(report["adapted"]) == set("ABCD")
     assert "level A: base" in err
 
+    # Low-rank adapters instead of every weight: the export is a plain DiT again.
+    lora_out = tmp_path / "mine_lora"
+    assert main([*args(songs, base, debug_codec_dir, tmp_path / "work_lora", lora_out, 4),
+                 "--lora-rank", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "rank-4 adapters of" in err and "lora: rank 4 adapters" in err
+    lora = load_dit(lora_out)
+    assert lora.state_dict().keys() == load_dit(base).state_dict().keys()
+    assert not all(torch.equal(a, b) for a, b in zip(lora.state_dict().values(),
+                                                     load_dit(base).state_dict().values(),
+                                                     strict=True))
+    assert main([*args(songs, base, debug_codec_dir, tmp_path / "w", tmp_path / "o", 4),
+                 "--lora-rank", "-1"]) == 2
+
     # The same command with more steps goes on from the saved run (tokens are not redone).
     assert main(args(songs, base, debug_codec_dir, work, out, 16)) == 0
     err = capsys.readouterr().err

@@ -270,3 +270,69 @@ def test_model_card_of_an_exported_snapshot(tmp_path):
     # weights exported from another run are refused, naming both
     assert Trainer(debug_config(tokens, tmp_path, "other")).fit() == 0
     assert card_main(["--run", str(tmp_path / "other"), "--weights", str(weights)]) == 2
+
+
+def test_lora_fine_tune_trains_only_adapters_and_exports_a_plain_dit(tmp_path):
+    """`[lora] rank = r`: from an exported model, only the adapters train; the run starts from
+    the base model exactly (first loss equal to a full fine-tune's), learns, and the export
+    is a plain DiT whose forward is the adapted model's."""
+    from model.weights import load_dit
+    from training.dit.export import main as export
+    from training.dit.lora import LoRALinear, adapter_state, merge_state
+    from training.run import checkpoint as ckpt_io
+
+    # The base model memorises one window; the adapters must move it to another.
+    other = make_tokens(tmp_path / "other", n_train=2, chunks=3, same=True, seed=1)
+    tokens = make_tokens(tmp_path / "tokens", n_train=2, chunks=3, same=True)
+    memo = {"curriculum.stages.0.steps": 0, "curriculum.stages.1.steps": 0,
+            "curriculum.stages.2.steps": 30, "curriculum.stages.2.n_ctx": [0.0, 0.0, 1.0],
+            "optim.lr": 1e-2, "optim.min_lr": 1e-2, "data.batch_size": 4,
+            "diffusion.context_dropout": 0.0, "eval.every": 0, "ckpt.every": 1000,
+            "log.every": 1}
+    assert Trainer(debug_config(other, tmp_path, "base", **{
+        **memo, "curriculum.stages.2.steps": 40, "optim.lr": 3e-3, "optim.min_lr": 3e-3})).fit() == 0
+    assert export([str(tmp_path / "base"), str(tmp_path / "served")]) == 0
+    init = str(tmp_path / "served")
+
+    with pytest.raises(ConfigError, match="set init"):
+        debug_config(tokens, tmp_path, "bad", **{"lora.rank": 4})
+    full = Trainer(debug_config(tokens, tmp_path, "full", init=init, **{**memo, "curriculum.stages.2.steps": 1}))
+    assert full.fit() == 0
+    lora = Trainer(debug_config(tokens, tmp_path, "lora", init=init, **{**memo, "lora.rank": 4}))
+    assert any(isinstance(m, LoRALinear) for m in lora.dit.modules())
+    base_state = {k: v.clone() for k, v in lora.dit.state_dict().items()}
+    trainable = [n for n, p in lora.dit.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert lora.fit() == 0
+
+    losses = lambda run: [json.loads(x)["loss"] for x in  # noqa: E731
+                          (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                          if json.loads(x)["kind"] == "train"]
+    assert losses("lora")[0] == pytest.approx(losses("full")[0], rel=1e-6)  # B = 0 at the start
+    assert np.mean(losses("lora")[-5:]) < 0.5 * losses("lora")[0]
+    after = lora.dit.state_dict()
+    for k, v in base_state.items():
+        if ".lora_" not in k:
+            assert torch.equal(after[k], v), k  # the base stays as it was
+    assert any(after[k].abs().sum() > 0 for k in adapter_state(after) if k.endswith("lora_b"))
+
+    assert export([str(tmp_path / "lora"), str(tmp_path / "adapted")]) == 0
+    plain = load_dit(tmp_path / "adapted")
+    assert not any(isinstance(m, LoRALinear) for m in plain.modules())
+    ema = ckpt_io.load_checkpoint(tmp_path / "lora")["weights"]["ema"]
+    merged = merge_state(ema, 16.0 / 4)
+    assert all(torch.allclose(plain.state_dict()[k], v) for k, v in merged.items())
+    lora.dit.load_state_dict(ema)  # the adapted model (EMA weights) against its export
+    from model.diffusion import DiffusionConfig
+    from training.dit.evaluate import masked_token_metrics
+    from training.tokens.windows import TokenWindows
+
+    val = TokenWindows(tokens, "val", n_ctx=2)
+    items = [val[i]["tokens"] for i in range(min(2, len(val)))]
+    batch = [torch.stack([it[lvl] for it in items]) for lvl in range(4)]
+    sched = DiffusionConfig().schedules
+    a = masked_token_metrics(lora.dit.eval(), batch, 2, 0.5, sched, seed=0)
+    b = masked_token_metrics(plain, batch, 2, 0.5, sched, seed=0)
+    assert a.keys() == b.keys() and len(a) == 4
+    for lvl in a:
+        assert a[lvl][0] == pytest.approx(b[lvl][0], rel=1e-4)

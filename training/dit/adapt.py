@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=600, help="fine-tuning steps (default 600)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train rank-r low-rank adapters instead of every weight (0, the "
+                        "default: full fine-tune); the export merges them into a plain model")
     p.add_argument("--val-songs", type=int, default=None,
                    help="songs held out to measure the adaptation (default: 1 per 8, at least "
                         "1 when there are 3 or more)")
@@ -104,6 +107,9 @@ min_lr = {a.lr / 10}
 warmup_steps = {min(50, max(1, a.steps // 10))}
 grad_accum = 1
 ema_decay = 0.999
+
+[lora]
+rank = {a.lora_rank}
 
 [[curriculum.stages]]
 name = "adapt"
@@ -175,8 +181,10 @@ def run(a) -> int:
     if not dataset and not Path(a.songs).is_dir():
         raise AdaptError(f"{a.songs}: not a folder of audio, a saved Hugging Face dataset or a "
                          "hub id (owner/name)")
-    if a.steps < 1 or a.batch_size < 1 or a.lr <= 0 or (a.val_songs is not None and a.val_songs < 0):
-        raise AdaptError("--steps and --batch-size must be >= 1, --lr > 0, --val-songs >= 0")
+    if (a.steps < 1 or a.batch_size < 1 or a.lr <= 0 or a.lora_rank < 0
+            or (a.val_songs is not None and a.val_songs < 0)):
+        raise AdaptError("--steps and --batch-size must be >= 1, --lr > 0, --val-songs and "
+                         "--lora-rank >= 0")
     base = Path(a.base)
     if not (base / "config.json").is_file():
         raise AdaptError(f"base model {a.base}: not found (a directory with config.json and "
@@ -229,7 +237,8 @@ def run(a) -> int:
     config = work / "adapt.toml"
     config.write_text(training_toml(a, work, editing, bool(val_songs),
                                     "bf16" if cpu_has_bf16() else "auto"))
-    print(f"3/4 fine-tuning {a.base} for {a.steps} steps (config {config})", file=sys.stderr)
+    how = f"rank-{a.lora_rank} adapters of" if a.lora_rank else "every weight of"
+    print(f"3/4 fine-tuning {how} {a.base} for {a.steps} steps (config {config})", file=sys.stderr)
     rc = train_cli.main(["--config", str(config), "--resume"])
     if rc in (130, 143):  # stopped by a signal after saving: the same command goes on
         return rc

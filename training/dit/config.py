@@ -113,6 +113,15 @@ class LogConfig:
 
 
 @dataclass
+class LoraConfig:
+    # Low-rank adapters (training/dit/lora.py) for fine-tuning from `init`: 0 = full fine-tune
+    # (every weight trains); r >= 1 trains only rank-r adapters on `targets`, merged on export.
+    rank: int = 0
+    alpha: float = 16.0  # the adapters' scale is alpha / rank
+    targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.0", "mlp.2", "adaLN"])
+
+
+@dataclass
 class TrainConfig:
     name: str = "default"  # run directory: {out_dir}/{name}
     out_dir: str = "runs"
@@ -139,6 +148,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -219,4 +229,8 @@ def validate(cfg: TrainConfig) -> None:
     need(bool(cfg.eval.mask_ratios), "eval.mask_ratios must be non-empty")
     need(all(s >= 1 for s in cfg.eval.sample_steps), "eval.sample_steps must be >= 1")
     need("preset" in cfg.model, "model.preset is required (a name from model.dit.PRESETS)")
+    need(cfg.lora.rank >= 0 and cfg.lora.alpha > 0 and bool(cfg.lora.targets),
+         "lora.rank must be >= 0 (0 = full fine-tune), lora.alpha > 0, lora.targets non-empty")
+    need(cfg.lora.rank == 0 or bool(cfg.init),
+         "lora.rank >= 1 fine-tunes an exported model: set init (e.g. weights/demo/dit)")
     need(bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty directory name")

@@ -26,7 +26,13 @@ def export(ckpt: str | Path, out_dir: str | Path, raw: bool = False, fp16: bool 
     ck = ckpt_io.load_checkpoint(ckpt)
     config = ck["config"]
     dit = DiT(DiTConfig.from_dict(config["model"]))
-    dit.load_state_dict(ck["weights"]["model" if raw else "ema"])
+    state = ck["weights"]["model" if raw else "ema"]
+    lora = config["train"].get("lora") or {}
+    if lora.get("rank"):  # adapters: fold them in, the export is a plain DiT
+        from training.dit.lora import merge_state
+
+        state = merge_state(state, lora["alpha"] / lora["rank"])
+    dit.load_state_dict(state)
     codec = config.get("codec", {})
     extra = dict(
         diffusion=config["diffusion"],

@@ -30,6 +30,7 @@ from model.weights import WEIGHTS_FILE, read_dit_config
 from training.dit.config import ConfigError, TrainConfig
 from training.dit.curriculum import dataset_values, stage_at, stage_sampler, trains_after_context
 from training.dit.evaluate import Evaluator
+from training.dit.lora import add_lora, merge_state
 from training.dit.optim import EMA, build_optimizer, build_scheduler
 from training.run import checkpoint as ckpt_io
 from training.run import distributed as D
@@ -150,6 +151,12 @@ class Trainer:
             state = load_file(str(self.init_weights), device=str(self.device))
             self.dit.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         self.n_params = self.dit.num_params()
+        self.lora_scale = None
+        if cfg.lora.rank:
+            trainable = add_lora(self.dit, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+            self.lora_scale = cfg.lora.alpha / cfg.lora.rank
+            self._print(f"lora: rank {cfg.lora.rank} adapters on {', '.join(cfg.lora.targets)}: "
+                        f"{trainable / 1e6:.3f} M trainable of {self.n_params / 1e6:.2f} M")
         self.ema = EMA(self.dit, cfg.optim.ema_decay, cfg.optim.ema_warmup)
         module = LossModule(self.dit, MaskedDiffusion(self.diff_cfg))
         if cfg.compile:
@@ -377,6 +384,8 @@ class Trainer:
         if self.evaluator is not None:
             t0 = time.perf_counter()
             weights = self.ema.state_dict() if self.cfg.eval.use_ema else self.dit.state_dict()
+            if self.lora_scale is not None:  # the evaluator's model is a plain DiT
+                weights = merge_state(weights, self.lora_scale)
             result = self.evaluator.run(weights, self.step, self.run_dir)
             if result:
                 result["eval_seconds"] = round(time.perf_counter() - t0, 3)

@@ -122,18 +122,22 @@ def test_bad_device_exit_2_with_a_clear_error(tmp_path, device, match):
     assert match in proc.stderr and "Traceback" not in proc.stderr
 
 
+def memorise(steps: int, lr: float, **extra) -> dict:
+    """Overrides for a run that only memorises: one stage, full context, constant lr."""
+    return {"curriculum.stages.0.steps": 0, "curriculum.stages.1.steps": 0,
+            "curriculum.stages.2.steps": steps, "curriculum.stages.2.n_ctx": [0.0, 0.0, 1.0],
+            "optim.lr": lr, "optim.min_lr": lr, "data.batch_size": 4,
+            "diffusion.context_dropout": 0.0, "eval.every": 0, "ckpt.every": 1000,
+            "log.every": 1, **extra}
+
+
 @pytest.mark.parametrize("dtype", ["auto", "bf16"])
 def test_loss_decreases_on_a_memorisable_token_set(tmp_path, dtype, capsys):
     # Every train file holds the same 3 chunks, full context only: one window to memorise.
     # On CPU, auto is fp32 and bf16 is bf16 autocast (the demo DiT's recipe): both must learn.
     tokens = make_tokens(tmp_path / "tokens", n_train=2, chunks=3, same=True)
-    cfg = debug_config(tokens, tmp_path, "memo", **{
-        "curriculum.stages.0.steps": 0, "curriculum.stages.1.steps": 0,
-        "curriculum.stages.2.steps": 40, "curriculum.stages.2.n_ctx": [0.0, 0.0, 1.0],
-        "optim.lr": 3e-3, "optim.min_lr": 3e-3, "optim.grad_accum": 1, "data.batch_size": 4,
-        "diffusion.context_dropout": 0.0, "eval.every": 0, "ckpt.every": 1000, "log.every": 1,
-        "dtype": dtype,
-    })
+    cfg = debug_config(tokens, tmp_path, "memo",
+                       **memorise(40, 3e-3, **{"optim.grad_accum": 1, "dtype": dtype}))
     assert Trainer(cfg).fit() == 0
     assert ("(bf16 autocast)" if dtype == "bf16" else "(fp32)") in capsys.readouterr().err
     rows = [json.loads(x) for x in (tmp_path / "memo" / "metrics.jsonl").read_text().splitlines()]
@@ -176,11 +180,7 @@ def test_fine_tune_starts_from_an_exported_model(tmp_path):
     from training.dit.export import main as export
 
     tokens = make_tokens(tmp_path / "tokens", n_train=2, chunks=3, same=True)
-    memo = {"curriculum.stages.0.steps": 0, "curriculum.stages.1.steps": 0,
-            "curriculum.stages.2.steps": 30, "curriculum.stages.2.n_ctx": [0.0, 0.0, 1.0],
-            "optim.lr": 3e-3, "optim.min_lr": 3e-3, "data.batch_size": 4,
-            "diffusion.context_dropout": 0.0, "eval.every": 0, "ckpt.every": 1000,
-            "log.every": 1}
+    memo = memorise(30, 3e-3)
     assert Trainer(debug_config(tokens, tmp_path, "base", **memo)).fit() == 0
     assert export([str(tmp_path / "base"), str(tmp_path / "served")]) == 0
     served = load_dit(tmp_path / "served")
@@ -284,13 +284,8 @@ def test_lora_fine_tune_trains_only_adapters_and_exports_a_plain_dit(tmp_path):
     # The base model memorises one window; the adapters must move it to another.
     other = make_tokens(tmp_path / "other", n_train=2, chunks=3, same=True, seed=1)
     tokens = make_tokens(tmp_path / "tokens", n_train=2, chunks=3, same=True)
-    memo = {"curriculum.stages.0.steps": 0, "curriculum.stages.1.steps": 0,
-            "curriculum.stages.2.steps": 30, "curriculum.stages.2.n_ctx": [0.0, 0.0, 1.0],
-            "optim.lr": 1e-2, "optim.min_lr": 1e-2, "data.batch_size": 4,
-            "diffusion.context_dropout": 0.0, "eval.every": 0, "ckpt.every": 1000,
-            "log.every": 1}
-    assert Trainer(debug_config(other, tmp_path, "base", **{
-        **memo, "curriculum.stages.2.steps": 40, "optim.lr": 3e-3, "optim.min_lr": 3e-3})).fit() == 0
+    memo = memorise(30, 1e-2)
+    assert Trainer(debug_config(other, tmp_path, "base", **memorise(40, 3e-3))).fit() == 0
     assert export([str(tmp_path / "base"), str(tmp_path / "served")]) == 0
     init = str(tmp_path / "served")
 

@@ -93,12 +93,16 @@ def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = ""
         + " / ".join(str(r.get(f"val/unique_{lv}", "?")) for lv in range(4)) + " | "
         + " / ".join(f"{r[f'val/perplexity_{lv}']:.0f}" for lv in range(4)) + " |"
         for r in val_rows)
+    status = ("Its codes are final (below); the decoder may still be fine-tuned, which keeps "
+              "them. The targets below say what this snapshot does and does not meet."
+              if frozen else
+              "**Work in progress**: training continues across working periods (issue \"Demo "
+              "codec\"); the targets below say what this snapshot does and does not meet.")
     return f"""# Demo codec (snac-dit) — snapshot at step {step}
 
 A small SNAC-architecture codec (32 kHz, hop 384, `vq_strides` [8, 4, 2, 1], the 6.144 s chunk
 geometry of the project), trained from scratch on a 2-core CPU so that a fresh checkout can
-serve without downloading anything. **Work in progress**: training continues across working
-periods (issue "Demo codec"); the targets below say what this snapshot does and does not meet.
+serve without downloading anything. {status}
 
 - Codec fingerprint `{result['fingerprint']}` (`model.codec.Codec.fingerprint`){codes_text(result, frozen)}
 - Files: `config.json`, `pytorch_model.bin` (what `snac.SNAC.from_pretrained(dir)` loads) and

@@ -196,3 +196,29 @@ def test_bad_datasets_are_a_clear_message_and_exit_code(tmp_path, songs, base, d
     rc = main(args(source, base, debug_codec_dir, tmp_path / "w", tmp_path / "o", 2))
     err = capsys.readouterr().err
     assert rc == code and says in err and "Traceback" not in err, err
+
+
+def test_adapt_compare_bench_runs_full_and_lora_on_the_same_tokens(
+        tmp_path, songs, base, debug_codec_dir):
+    """bench/adapt_compare.py: one tokenisation, one adapt run per rank, and the sizes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("adapt_compare",
+                                                  ROOT / "bench" / "adapt_compare.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "compare.json"
+    assert bench.main([str(songs), "--base", str(base), "--codec", debug_codec_dir, "--ranks",
+                       "0,4", "--steps", "3", "--batch-size", "2", "--lr", "3e-3",
+                       "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    shared = sorted((tmp_path / "work" / "tokens" / "shards").iterdir())
+    for rank in (0, 4):  # each run trained on the shared tokens, not a tokenisation of its own
+        own = sorted((tmp_path / "work" / f"rank{rank}" / "tokens" / "shards").iterdir())
+        assert [f.stat().st_ino for f in own] == [f.stat().st_ino for f in shared]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["rank"] for r in runs] == [0, 4]
+    full, lora = runs
+    assert full["written_bytes"] == full["model_bytes"] > 4 * lora["written_bytes"] > 0
+    assert set(full["ce_base"]) == set(lora["ce_adapted"]) == set("ABCD")
+    assert full["ce_base"] == lora["ce_base"]  # the same held-out songs and windows
+    assert bench.main([str(songs), "--ranks", "-1"]) == 2

@@ -94,9 +94,12 @@ def missing_weights(settings: Settings) -> list[str]:
         problems.append(
             f"DiT weights not found at '{w}' (SNAC_DIT_WEIGHTS; expected model.safetensors "
             "and config.json there).\n"
-            "    train:  python training/train.py --config training/configs/default.toml "
-            "(docs/training.md)\n"
-            f"    export: python training/dit/export.py CKPT {w}   (CKPT: a checkpoint or run dir)"
+            "    on a CPU, the demo DiT (docs/training.md, \"The demo DiT\"):\n"
+            "      python -m training.tokens --audio data/corpus --out data/tokens_demo "
+            "--codec weights/demo/codec\n"
+            "      python training/train.py --config training/configs/dit_demo.toml\n"
+            "    on a GPU: python training/train.py (the base preset; docs/training.md)\n"
+            f"    export: python -m training.dit.export RUN_OR_CKPT {w} --fp16"
         )
     if not settings.codec_is_hub_id() and not Path(settings.codec).is_dir():
         problems.append(

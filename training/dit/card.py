@@ -110,10 +110,9 @@ what a copy scores).
 def card(run: Path, weights: Path, corpus: Path | None = None, result: dict | None = None,
          notes: str = "", tokens: Path | None = None) -> str:
     served = read_dit_config(weights)
-    train = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() \
-        else None
-    if train is None:
+    if not (run / "config.json").is_file():
         raise CardError(f"{run} has no config.json: is it a training run directory?")
+    train = json.loads((run / "config.json").read_text())
     step = served.get("training", {}).get("step")
     if step is None:
         raise CardError(f"{weights}/config.json does not say which step it was exported at "

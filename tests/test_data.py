@@ -175,6 +175,27 @@ def test_sampler_weights_and_ranks(token_dir):
         WindowBatchSampler(ds, batch_size=len(ds) + 1)
 
 
+def test_uniform_layout_batches_share_one_layout_in_the_same_shares(token_dir):
+    out, _ = token_dir
+    ds = TokenWindows(out, "all", n_ctx=(0, 1, 2))
+    kw = dict(batch_size=4, seed=3, n_ctx_weights=(1, 1, 2), epoch_length=4000)
+    uniform = list(WindowBatchSampler(ds, uniform_layout=True, **kw))
+    per_batch = [{ds.window(k.index).n_ctx for k in b} for b in uniform]
+    assert all(len(s) == 1 for s in per_batch)  # one layout per batch: nothing padded
+    counts = np.bincount([s.pop() for s in per_batch], minlength=3)
+    assert abs(counts[2] / counts.sum() - 0.5) < 0.08 and counts[0] > 150 and counts[1] > 150
+    mixed = list(WindowBatchSampler(ds, **kw))  # per row: most batches mix layouts
+    assert sum(len({ds.window(k.index).n_ctx for k in b}) > 1 for b in mixed) > len(mixed) / 2
+    for b in uniform[:20]:
+        assert all((t >= 0).all() for t in collate_windows([ds[k] for k in b])["tokens"])
+
+    # Ranks of one global batch draw the same layout (no rank waits on a longer row).
+    r0 = WindowBatchSampler(ds, rank=0, world_size=2, uniform_layout=True, **kw)
+    r1 = WindowBatchSampler(ds, rank=1, world_size=2, uniform_layout=True, **kw)
+    for a, b in zip(r0, r1, strict=True):
+        assert len({ds.window(k.index).n_ctx for k in a + b}) == 1
+
+
 def make_loader(dataset, batch_size, seed, num_workers, state=None):
     """A DataLoader over `dataset` resumed at `state` (a saved batch["data_state"])."""
     sampler = WindowBatchSampler(dataset, batch_size, seed=seed)

@@ -68,6 +68,9 @@ class DataConfig:
     # as `/continue` encodes it, mixed = the second /extend chunk's, generated = whole-file
     # tokens (later /extend chunks). A directory tokenised without tiles trains on generated.
     contexts: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.25])
+    # uniform = every row of a batch draws the same layout (n_ctx, after chunk or not), so no row
+    # is padded to a longer one; mixed = each row draws its own. Same shares over the stage.
+    batch_layout: str = "uniform"
 
 
 @dataclass
@@ -214,6 +217,8 @@ def validate(cfg: TrainConfig) -> None:
          and sum(cfg.data.contexts) > 0,
          f"data.contexts must be 3 non-negative weights (encoded, mixed, generated) with a "
          f"positive sum, got {cfg.data.contexts}")
+    need(cfg.data.batch_layout in ("uniform", "mixed"),
+         f"data.batch_layout must be 'uniform' or 'mixed', got {cfg.data.batch_layout!r}")
     need(cfg.optim.grad_accum >= 1, "optim.grad_accum must be >= 1")
     need(cfg.optim.lr > 0 and 0 <= cfg.optim.min_lr <= cfg.optim.lr, "need 0 <= optim.min_lr <= optim.lr, lr > 0")
     need(len(cfg.optim.betas) == 2, "optim.betas must have two values")

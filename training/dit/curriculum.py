@@ -47,8 +47,9 @@ def stage_at(stages: list[Stage], step: int) -> tuple[int, Stage]:
 
 def stage_sampler(dataset: TokenWindows, stages: list[Stage], index: int, batch_size: int,
                   seed: int, rank: int = 0, world_size: int = 1,
-                  state: dict | None = None) -> WindowBatchSampler:
-    """The batch sampler of stage `index`, at `state` (a saved batch["data_state"]) if given."""
+                  state: dict | None = None, uniform_layout: bool = False) -> WindowBatchSampler:
+    """The batch sampler of stage `index`, at `state` (a saved batch["data_state"]) if given;
+    `uniform_layout`: every row of a batch has the same layout (WindowBatchSampler)."""
     values = dataset_values(stages)
     if dataset.n_ctx_values != values:
         raise ValueError(f"the dataset must hold n_ctx {values}, has {dataset.n_ctx_values}")
@@ -73,7 +74,8 @@ def stage_sampler(dataset: TokenWindows, stages: list[Stage], index: int, batch_
             "stage's weight (or n_after) to 0"
         )
     sampler = WindowBatchSampler(dataset, batch_size, seed=seed + 7919 * index,
-                                 n_ctx_weights=weights, rank=rank, world_size=world_size)
+                                 n_ctx_weights=weights, rank=rank, world_size=world_size,
+                                 uniform_layout=uniform_layout)
     if state is not None:
         sampler.load_state_dict(state)
     return sampler

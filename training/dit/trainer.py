@@ -196,7 +196,8 @@ class Trainer:
         cfg = self.cfg
         sampler = stage_sampler(self.train_set, cfg.curriculum.stages, stage_idx,
                                 cfg.data.batch_size, cfg.seed, self.env.rank,
-                                self.env.world_size, state)
+                                self.env.world_size, state,
+                                uniform_layout=cfg.data.batch_layout == "uniform")
         self._batches = None  # drop the old iterator (and its workers) first
         self.loader = DataLoader(
             self.train_set, batch_sampler=sampler,

@@ -177,8 +177,20 @@ def held_out_files(audio: list[Path], tokens: Path | None, split: str) -> list[P
     return files
 
 
+def sample_licence(path: Path) -> str:
+    """' (package, licence)' of a track of a corpus built by training.corpus.debian_music."""
+    from training.run.card import corpus_table
+
+    for root in (path.parent, path.parent.parent):  # the corpus root, or its audio/ folder
+        if all((root / f).is_file() for f in ("manifest.jsonl", "summary.json")):
+            row = corpus_table(root)[1].get(path.name)
+            return f" ({row.get('package', '?')}, {row.get('licence', '?')})" if row else ""
+    return ""
+
+
 def windows(files: list[Path], rate: int, chunk: int, context: int, per_track: int):
-    """(track index, context (context,), real continuation (chunk,)) evenly spread per track."""
+    """(track index, context (context,), real continuation (chunk,), start sample) evenly
+    spread per track."""
     out = []
     for t, path in enumerate(files):
         x = read_audio(path, rate)
@@ -186,7 +198,7 @@ def windows(files: list[Path], rate: int, chunk: int, context: int, per_track: i
         if len(x) < span:
             continue
         for start in np.linspace(0, len(x) - span, per_track).astype(int):
-            out.append((t, x[start:start + context], x[start + context:start + span]))
+            out.append((t, x[start:start + context], x[start + context:start + span], int(start)))
     return out
 
 
@@ -215,7 +227,7 @@ def main(argv=None) -> int:
     rate, chunk, context = engine.sample_rate, engine.chunk_samples, engine.context_samples
     files = held_out_files(a.audio, a.tokens, a.split)
     wins = windows(files, rate, chunk, context, a.per_track)
-    if len({t for t, _, _ in wins}) < 2:
+    if len({w[0] for w in wins}) < 2:
         print(f"error: need windows of {(context + chunk) / rate:g} s from at least 2 tracks "
               f"(found {len(wins)} windows in {len(files)} files)", file=sys.stderr)
         return 1
@@ -229,14 +241,14 @@ def main(argv=None) -> int:
         print(f"error: unknown variant(s) {', '.join(unknown)}; choose from "
               f"{', '.join(VARIANTS)} or all", file=sys.stderr)
         return 2
-    contexts = [c for _, c, _ in wins]
+    contexts = [w[1] for w in wins]
 
     def continue_all(params_base, label: str) -> tuple[list[np.ndarray], float]:
         got_all, t0 = [], time.perf_counter()
         for lo in range(0, len(wins), a.batch):
             part = wins[lo:lo + a.batch]
             params = [replace(params_base, seed=a.seed + lo + i) for i in range(len(part))]
-            got = engine.continue_batch([torch.from_numpy(c) for _, c, _ in part], params)
+            got = engine.continue_batch([torch.from_numpy(w[1]) for w in part], params)
             got_all += [g.numpy() for g in got]
             print(f"{label}: {lo + len(part)}/{len(wins)} windows, "
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -245,9 +257,9 @@ def main(argv=None) -> int:
     outs: dict[str, list[np.ndarray]] = {s: [] for s in SYSTEMS}
     outs["model"], model_s = continue_all(base, "model")
     rng = np.random.default_rng(a.seed)
-    for t, c, real in wins:
+    for t, c, real, _start in wins:
         outs["repeat"].append(c[-chunk:])
-        others = [j for j, (u, _, _) in enumerate(wins) if u != t]
+        others = [j for j, w in enumerate(wins) if w[0] != t]
         outs["random"].append(wins[others[rng.integers(len(others))]][2])
         outs["real"].append(real)
     features = Features(rate)
@@ -262,7 +274,7 @@ def main(argv=None) -> int:
 
     result = dict(
         date=time.strftime("%Y-%m-%d"), weights=str(a.weights), codec=str(a.codec),
-        tracks=len({t for t, _, _ in wins}), windows=len(wins),
+        tracks=len({w[0] for w in wins}), windows=len(wins),
         steps=list(base.steps), seed=a.seed, model_seconds=round(model_s, 1),
         platform=platform.platform(), torch=torch.__version__, metrics=table,
     )
@@ -282,11 +294,22 @@ def main(argv=None) -> int:
         import soundfile as sf
 
         a.samples.mkdir(parents=True, exist_ok=True)
-        for i in range(min(3, len(wins))):
+        firsts = [i for i, w in enumerate(wins) if i == 0 or wins[i - 1][0] != w[0]][:3]
+        lines = []
+        for n, i in enumerate(firsts):  # the first window of three different tracks
             for system in ("model", "real"):
-                sf.write(a.samples / f"window{i}_{system}.wav",
+                sf.write(a.samples / f"window{n}_{system}.wav",
                          np.concatenate([contexts[i][-chunk:], outs[system][i]]), rate,
                          subtype="PCM_16")
+            path = files[wins[i][0]]
+            lines.append(f"- `window{n}_model.wav` / `window{n}_real.wav`: {path.name} from "
+                         f"{(wins[i][3] + context - chunk) / rate:.1f} s{sample_licence(path)}")
+        (a.samples / "README.md").write_text(
+            f"Continuations of held-out tracks by `{a.weights}` (codec `{a.codec}`, steps "
+            f"{','.join(map(str, base.steps))}, seed {a.seed}), written by `bench/eval_continuation.py`. Each file "
+            "is the context's last 6.144 s, then 6.144 s of continuation: the model's, or the "
+            "real one. Excerpts of the corpus tracks named, under those tracks' licences.\n\n"
+            + "\n".join(lines) + "\n")
     print(f"wrote {a.out}", file=sys.stderr)
     return 0
 

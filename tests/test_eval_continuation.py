@@ -50,6 +50,10 @@ def test_metrics_rank_the_references_as_designed(tmp_path, debug_weights_dir, de
     assert m["real"]["timbre"] > m["random"]["timbre"]
     assert all(np.isfinite(v) for s in m.values() for v in s.values())
     assert len(list((tmp_path / "samples").glob("*.wav"))) == 6
+    readme = (tmp_path / "samples" / "README.md").read_text()  # which track each sample is from
+    assert [f"window{n}_model.wav" in readme for n in range(3)] == [True] * 3
+    assert len({line.split(": ")[1].split(" from")[0] for line in readme.splitlines()
+                if line.startswith("- ")}) == 3  # three different tracks
 
 
 def test_too_few_tracks_is_a_clear_error(tmp_path, debug_weights_dir, debug_codec_dir, capsys):

@@ -107,6 +107,18 @@ what a copy scores).
 """
 
 
+def shown_path(source) -> str:
+    """A source path as the card shows it: relative to the working directory when inside it
+    (the card is committed; the machine's absolute paths mean nothing elsewhere)."""
+    if source is None:
+        return "unknown"
+    p = Path(str(source))
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve())) if p.is_absolute() else str(p)
+    except ValueError:
+        return str(p)
+
+
 def card(run: Path, weights: Path, corpus: Path | None = None, result: dict | None = None,
          notes: str = "", tokens: Path | None = None) -> str:
     served = read_dit_config(weights)
@@ -209,7 +221,7 @@ DiT"); the figures below are what this snapshot measures.
 - Files: `config.json` (model, diffusion schedules, codec, provenance) and `model.safetensors`
   ({', '.join(dtypes) if n_params else '?'}; the engine computes in fp32 on CPU, bf16 on CUDA).
 - Codec: the tokens were made by codec fingerprint `{codec['fingerprint']}`{codes} from
-  `{codec.get('source')}`; serve with that codec (a decoder-only fine-tune of it is fine).
+  `{shown_path(codec.get('source'))}`; serve with that codec (a decoder-only fine-tune of it is fine).
 
 ## Data and licences
 

@@ -374,8 +374,8 @@ class WindowBatchSampler(Sampler):
     n_ctx value by weight, then a window of that value (still a pure function of the position).
     With `uniform_layout` the draw is made once per (global) batch instead: every row of a batch
     has the same layout, so `collate_windows` pads nothing. The share of each layout over many
-    batches is the same; a mixed batch costs the compute of its longest row in every row (in
-    the demo recipe's two-chunk stage about 1.3x the tokens it trains on).
+    batches is the same; a mixed batch costs the compute of its longest row in every row (the
+    demo run's one-chunk stage: 6.3 s a step mixed, 4.5 s uniform).
 
     Exact resume: the DataLoader runs ahead of training (prefetch, workers), so the sampler's own
     counter is not where training is. Save `batch["data_state"]` (the position after the batch you

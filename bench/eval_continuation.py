@@ -5,9 +5,12 @@
         [--per-track 4] [--steps 16,12,8,8] [--seed 0] [--samples docs/samples/continuation]
 
 For windows of 18.432 s cut from held-out tracks (12.288 s of context, then the real 6.144 s),
-four systems continue each context by one 6.144 s chunk:
+five systems continue each context by one 6.144 s chunk:
 
     model    the DiT through the engine (`ContinuationEngine.continue_batch`)
+    codec    the true continuation through the codec, encoded with its context and decoded as
+             the model's is (`ContinuationEngine.round_trip`): what perfect tokens would give,
+             so the gap between "codec" and "real" is the codec's, the rest the DiT's
     repeat   the context's last chunk, played again (a loop of the context)
     random   6.144 s of another held-out track (right distribution, no relation to the context)
     real     the true continuation
@@ -54,7 +57,7 @@ from model.engine import ContinuationEngine  # noqa: E402
 from training.codec.data import find_audio_files  # noqa: E402
 from training.codec.losses import mel_filterbank, stft_magnitude  # noqa: E402
 
-SYSTEMS = ("model", "repeat", "random", "real")
+SYSTEMS = ("model", "codec", "repeat", "random", "real")
 METRICS = ("frechet", "harmony", "timbre", "retrieval", "seam", "copy")
 
 # The sampling ablation (`--variants`): each changes the model's defaults in one respect.
@@ -256,6 +259,11 @@ def main(argv=None) -> int:
 
     outs: dict[str, list[np.ndarray]] = {s: [] for s in SYSTEMS}
     outs["model"], model_s = continue_all(base, "model")
+    for lo in range(0, len(wins), a.batch):
+        part = [torch.from_numpy(np.concatenate([w[1], w[2]])) for w in wins[lo:lo + a.batch]]
+        outs["codec"] += [g.numpy() for g in engine.round_trip(part, context, context + chunk,
+                                                                seed=a.seed + lo)]
+        print(f"codec: {len(outs['codec'])}/{len(wins)} windows", file=sys.stderr)
     rng = np.random.default_rng(a.seed)
     for t, c, real, _start in wins:
         outs["repeat"].append(c[-chunk:])
@@ -297,18 +305,20 @@ def main(argv=None) -> int:
         firsts = [i for i, w in enumerate(wins) if i == 0 or wins[i - 1][0] != w[0]][:3]
         lines = []
         for n, i in enumerate(firsts):  # the first window of three different tracks
-            for system in ("model", "real"):
+            for system in ("model", "codec", "real"):
                 sf.write(a.samples / f"window{n}_{system}.wav",
                          np.concatenate([contexts[i][-chunk:], outs[system][i]]), rate,
                          subtype="PCM_16")
             path = files[wins[i][0]]
-            lines.append(f"- `window{n}_model.wav` / `window{n}_real.wav`: {path.name} from "
+            names = ", ".join(f"`window{n}_{s}.wav`" for s in ("model", "codec", "real"))
+            lines.append(f"- {names}: {path.name} from "
                          f"{(wins[i][3] + context - chunk) / rate:.1f} s{sample_licence(path)}")
         (a.samples / "README.md").write_text(
             f"Continuations of held-out tracks by `{a.weights}` (codec `{a.codec}`, steps "
             f"{','.join(map(str, base.steps))}, seed {a.seed}), written by `bench/eval_continuation.py`. Each file "
-            "is the context's last 6.144 s, then 6.144 s of continuation: the model's, or the "
-            "real one. Excerpts of the corpus tracks named, under those tracks' licences.\n\n"
+            "is the context's last 6.144 s, then 6.144 s of continuation: the model's, the real one "
+            "through the codec (what perfect tokens would sound like), or the real one. "
+            "Excerpts of the corpus tracks named, under those tracks' licences.\n\n"
             + "\n".join(lines) + "\n")
     print(f"wrote {a.out}", file=sys.stderr)
     return 0

@@ -265,6 +265,21 @@ class ContinuationEngine:
     def continue_audio(self, audio, params: SamplingParams | None = None) -> Tensor:
         return self.continue_batch([audio], [params])[0]
 
+    def round_trip(self, audios: Sequence, start: int, end: int, seed: int = 0) -> list[Tensor]:
+        """Samples [start, end) of each mono audio (T,) as the codec renders them: all of the
+        audio encoded, that span decoded the way a continuation is (`_decode_samples`). The
+        codec's share of any continuation's error: what perfect tokens would sound like."""
+        if not 0 <= start < end:
+            raise ValueError(f"need 0 <= start < end, got [{start}, {end})")
+        audios = [torch.as_tensor(a).float() for a in audios]
+        if not audios or len({a.shape for a in audios}) != 1 or audios[0].ndim != 1:
+            raise ValueError("round_trip needs one or more mono audios (T,) of the same length")
+        if end > audios[0].shape[0]:
+            raise ValueError(f"end {end} is past the audio's {audios[0].shape[0]} samples")
+        tokens = self.codec.encode(torch.stack(audios))
+        return [self._decode_samples([t[b: b + 1] for t in tokens], start, end, seed)
+                for b in range(len(audios))]
+
     def _check_lead_in(self, lead_in: int) -> None:
         if not 0 <= lead_in <= self.chunk_samples:
             raise ValueError(f"lead_in must lie in [0, {self.chunk_samples}], got {lead_in}")

@@ -221,3 +221,21 @@ def test_decode_noise_is_keyed_to_absolute_positions(debug_codec):
     assert not torch.equal(codec.decode(tok, seed=9), codec.decode(tok, seed=10))
     with pytest.raises(ValueError, match="first_frame"):
         codec.decode(tok, seed=9, first_frame=5)
+
+
+def test_round_trip_is_the_codecs_own_rendering_of_the_span(engine):
+    """round_trip (the codec row of bench/eval_continuation.py) decodes only the tokens around
+    the span, yet equals that span of a decode of all the audio's tokens (same seed)."""
+    from model.sampler import derive_seed
+
+    x = audio(3 * CHUNK / 32000, seed=3)
+    got = engine.round_trip([x, x.flip(0)], 2 * CHUNK, 3 * CHUNK, seed=4)
+    assert [g.shape for g in got] == [(CHUNK,)] * 2
+    codec = engine.codec
+    whole = codec.decode(codec.encode(x[None]), seed=derive_seed(4, 0, "decode") % 2**31)
+    torch.testing.assert_close(got[0], whole[0, 2 * CHUNK:].clamp(-1, 1), atol=1e-5, rtol=0)
+    assert (got[0] - got[1]).abs().max() > 1e-3                    # each row its own audio
+    for bad in (dict(audios=[x], start=CHUNK, end=CHUNK), dict(audios=[x], start=0, end=4 * CHUNK),
+                dict(audios=[x, x[:-1]], start=0, end=CHUNK), dict(audios=[], start=0, end=1)):
+        with pytest.raises(ValueError):
+            engine.round_trip(**bad)

@@ -42,14 +42,14 @@ def test_metrics_rank_the_references_as_designed(tmp_path, debug_weights_dir, de
     assert rc == 0
     result = json.loads(out.read_text())
     m = result["metrics"]
-    assert result["windows"] == 3 and set(m) == {"model", "repeat", "random", "real"}
+    assert result["windows"] == 3 and set(m) == {"model", "codec", "repeat", "random", "real"}
     assert m["real"]["retrieval"] == 1.0 and m["random"]["retrieval"] == 0.0
     assert m["real"]["frechet"] < 1e-6
     assert m["repeat"]["copy"] > 0.99 and m["repeat"]["copy"] > m["random"]["copy"]
     assert m["real"]["harmony"] > m["random"]["harmony"] + 0.1
     assert m["real"]["timbre"] > m["random"]["timbre"]
     assert all(np.isfinite(v) for s in m.values() for v in s.values())
-    assert len(list((tmp_path / "samples").glob("*.wav"))) == 6
+    assert len(list((tmp_path / "samples").glob("*.wav"))) == 9
     readme = (tmp_path / "samples" / "README.md").read_text()  # which track each sample is from
     assert [f"window{n}_model.wav" in readme for n in range(3)] == [True] * 3
     assert len({line.split(": ")[1].split(" from")[0] for line in readme.splitlines()

@@ -252,7 +252,7 @@ def test_model_card_of_an_exported_snapshot(tmp_path):
     result = {"date": "2026-12-01", "windows": 4, "tracks": 2, "steps": [16, 12, 8, 8], "seed": 0,
               "metrics": {s: {k: 0.5 for k in ("frechet", "harmony", "timbre", "retrieval",
                                                "seam", "copy")}
-                          for s in ("model", "repeat", "random", "real")}}
+                          for s in ("model", "codec", "repeat", "random", "real")}}
     (tmp_path / "eval.json").write_text(json.dumps(result))
     assert card_main(["--run", str(tmp_path / "carded"), "--weights", str(weights),
                       "--eval", str(tmp_path / "eval.json")]) == 0
@@ -265,6 +265,7 @@ def test_model_card_of_an_exported_snapshot(tmp_path):
     assert f"| A | {sum(a_cells) / len(a_cells):.3f} |" in text
     assert f"{last_eval['unigram_ce_A']:.3f}" in text and f"{math.log(32):.3f}" in text
     assert "F16" in text and "pretrain" in text and "| model | 0.500 |" in text
+    assert "| codec | 0.500 |" in text and "perfect tokens" in text
     assert "1 held-out files" in text and "Training time:" in text
 
     # weights exported from another run are refused, naming both

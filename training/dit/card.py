@@ -98,8 +98,10 @@ def continuation_text(result: dict) -> str:
 
 `python bench/eval_continuation.py` ({result.get('date')}): {result.get('windows')} windows of
 {result.get('tracks')} held-out tracks, 12.288 s of context each, sampling steps {steps}, seed
-{result.get('seed')}. "repeat" plays the context's last chunk again, "random" is another
-held-out track, "real" the true continuation (the metrics are defined in that script and in
+{result.get('seed')}. "codec" is the true continuation through the codec (what perfect tokens
+would give: the gap from it to "real" is the codec's), "repeat" plays the context's last chunk
+again, "random" is another held-out track, "real" the true continuation (the metrics are
+defined in that script and in
 docs/benchmarks.md; seam: the real continuation's value is the scale, copy: "repeat" shows
 what a copy scores).
 

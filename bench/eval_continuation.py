@@ -73,6 +73,7 @@ VARIANTS = {
     "gumbel_0": dict(gumbel=(0.0,) * 4),
     "gumbel_2": dict(gumbel=(2.0,) * 4),
     "guidance_2": dict(guidance=(2.0,) * 4),
+    "temperature_0.8": dict(temperature=(0.8,) * 4),
 }
 N_FFT, HOP, N_MELS, N_MFCC = 2048, 2048, 64, 20   # 64 ms frames at 32 kHz
 

@@ -206,6 +206,41 @@ def windows(files: list[Path], rate: int, chunk: int, context: int, per_track: i
     return out
 
 
+def spectrogram_png(path: Path, rows: list[tuple[str, dict[str, np.ndarray]]], sr: int,
+                    join_s: float) -> bool:
+    """One row per window, one column per system (context end + continuation, the join
+    marked). False, and nothing written, without matplotlib (`pip install 'snac-dit[bench]'`)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(rows[0][1])
+    fig, axes = plt.subplots(len(rows), len(systems), figsize=(4.3 * len(systems), 2.6 * len(rows)),
+                             squeeze=False)
+    for ax_row, (name, sigs) in zip(axes, rows, strict=True):
+        images, top = [], -np.inf
+        for ax, system in zip(ax_row, systems, strict=True):
+            pxx, *_, image = ax.specgram(sigs[system], NFFT=1024, Fs=sr, noverlap=768,
+                                         cmap="magma")
+            images.append(image)
+            top = max(top, 10 * np.log10(pxx.max() + 1e-30))
+        for ax, system, image in zip(ax_row, systems, images, strict=True):
+            image.set_clim(top - 100, top)  # one colour scale per row: the panels compare
+            ax.axvline(join_s, color="white", lw=0.8, ls="--")
+            ax.set_title(f"{name}: {system}", fontsize=9)
+            ax.set_ylim(0, sr / 2)
+            ax.set_xlabel("s (join dashed)", fontsize=8)
+            ax.set_ylabel("Hz", fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True, help="DiT checkpoint directory")
@@ -304,13 +339,14 @@ def main(argv=None) -> int:
 
         a.samples.mkdir(parents=True, exist_ok=True)
         firsts = [i for i, w in enumerate(wins) if i == 0 or wins[i - 1][0] != w[0]][:3]
-        lines = []
+        lines, spec_rows = [], []
         for n, i in enumerate(firsts):  # the first window of three different tracks
-            for system in ("model", "codec", "real"):
-                sf.write(a.samples / f"window{n}_{system}.wav",
-                         np.concatenate([contexts[i][-chunk:], outs[system][i]]), rate,
-                         subtype="PCM_16")
+            sigs = {system: np.concatenate([contexts[i][-chunk:], outs[system][i]])
+                    for system in ("model", "codec", "real")}
+            for system, sig in sigs.items():
+                sf.write(a.samples / f"window{n}_{system}.wav", sig, rate, subtype="PCM_16")
             path = files[wins[i][0]]
+            spec_rows.append((f"window{n} ({path.name})", sigs))
             names = ", ".join(f"`window{n}_{s}.wav`" for s in ("model", "codec", "real"))
             lines.append(f"- {names}: {path.name} from "
                          f"{(wins[i][3] + context - chunk) / rate:.1f} s{sample_licence(path)}")
@@ -321,6 +357,9 @@ def main(argv=None) -> int:
             "through the codec (what perfect tokens would sound like), or the real one. "
             "Excerpts of the corpus tracks named, under those tracks' licences.\n\n"
             + "\n".join(lines) + "\n")
+        if not spectrogram_png(a.samples / "spectrograms.png", spec_rows, rate, chunk / rate):
+            print("spectrograms.png not drawn: needs matplotlib (pip install "
+                  "'snac-dit[bench]')", file=sys.stderr)
     print(f"wrote {a.out}", file=sys.stderr)
     return 0
 

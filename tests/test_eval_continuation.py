@@ -50,6 +50,11 @@ def test_metrics_rank_the_references_as_designed(tmp_path, debug_weights_dir, de
     assert m["real"]["timbre"] > m["random"]["timbre"]
     assert all(np.isfinite(v) for s in m.values() for v in s.values())
     assert len(list((tmp_path / "samples").glob("*.wav"))) == 9
+    try:
+        import matplotlib  # noqa: F401  (the bench extra) draws the samples' spectrograms
+        assert (tmp_path / "samples" / "spectrograms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    except ImportError:
+        assert not (tmp_path / "samples" / "spectrograms.png").exists()
     readme = (tmp_path / "samples" / "README.md").read_text()  # which track each sample is from
     assert [f"window{n}_model.wav" in readme for n in range(3)] == [True] * 3
     assert len({line.split(": ")[1].split(" from")[0] for line in readme.splitlines()

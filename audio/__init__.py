@@ -3,6 +3,9 @@
 
     read_audio(bytes | path, rate) -> float32 mono      write_wav(audio, rate) -> WAV bytes
     AUDIO_EXTENSIONS, probe(paths), read_segment(file, start, n, rate)
+
+`audio.plots.spectrogram_sheet` draws spectrograms for the benchmarks' samples (matplotlib, the
+`bench` extra; not imported here).
 """
 
 from audio.files import (

@@ -37,6 +37,7 @@ from audio import (
     probe,  # noqa: E402
     read_audio,  # noqa: E402
 )
+from audio.plots import spectrogram_sheet  # noqa: E402
 from model.codec import Codec  # noqa: E402
 from model.engine import LEFT_PADS  # noqa: E402
 from training.codec.data import find_audio_files, split_train_val  # noqa: E402
@@ -107,28 +108,6 @@ def decode_seconds(codec: Codec, repeats: int, context_pads: int | None) -> floa
         codec.decode(target, context=ctx, first_frame=first)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
-
-
-def spectrogram_png(path: Path, pairs: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
-                    sr: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(pairs), 3, figsize=(13, 2.6 * len(pairs)), squeeze=False)
-    for row, (name, x, y, o) in zip(axes, pairs, strict=True):
-        for ax, sig, title in zip(row, (x, y, o), ("original", "codec", "Opus ~7 kbps"),
-                                  strict=True):
-            ax.specgram(sig, NFFT=1024, Fs=sr, noverlap=768, cmap="magma", vmin=-120)
-            ax.set_title(f"{name}: {title}", fontsize=9)
-            ax.set_ylim(0, sr / 2)
-            ax.set_xlabel("s", fontsize=8)
-            ax.set_ylabel("Hz", fontsize=8)
-            ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                                  + licences.get(name.split("@")[0], "")
                                  for i, (name, *_rest) in enumerate(picks)) + "\n")
         if all(o is not None for *_x, o in picks):
-            spectrogram_png(out / "spectrograms.png", picks, sr)
+            spectrogram_sheet(out / "spectrograms.png",
+                              [(name, {"original": x, "codec": y, "Opus ~7 kbps": o})
+                               for name, x, y, o in picks], sr)
     return 0
 
 

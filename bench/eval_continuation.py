@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from audio import read_audio  # noqa: E402
+from audio.plots import spectrogram_sheet  # noqa: E402
 from model.engine import ContinuationEngine  # noqa: E402
 from training.codec.data import find_audio_files  # noqa: E402
 from training.codec.losses import mel_filterbank, stft_magnitude  # noqa: E402
@@ -206,41 +207,6 @@ def windows(files: list[Path], rate: int, chunk: int, context: int, per_track: i
     return out
 
 
-def spectrogram_png(path: Path, rows: list[tuple[str, dict[str, np.ndarray]]], sr: int,
-                    join_s: float) -> bool:
-    """One row per window, one column per system (context end + continuation, the join
-    marked). False, and nothing written, without matplotlib (`pip install 'snac-dit[bench]'`)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    systems = list(rows[0][1])
-    fig, axes = plt.subplots(len(rows), len(systems), figsize=(4.3 * len(systems), 2.6 * len(rows)),
-                             squeeze=False)
-    for ax_row, (name, sigs) in zip(axes, rows, strict=True):
-        images, top = [], -np.inf
-        for ax, system in zip(ax_row, systems, strict=True):
-            pxx, *_, image = ax.specgram(sigs[system], NFFT=1024, Fs=sr, noverlap=768,
-                                         cmap="magma")
-            images.append(image)
-            top = max(top, 10 * np.log10(pxx.max() + 1e-30))
-        for ax, system, image in zip(ax_row, systems, images, strict=True):
-            image.set_clim(top - 100, top)  # one colour scale per row: the panels compare
-            ax.axvline(join_s, color="white", lw=0.8, ls="--")
-            ax.set_title(f"{name}: {system}", fontsize=9)
-            ax.set_ylim(0, sr / 2)
-            ax.set_xlabel("s (join dashed)", fontsize=8)
-            ax.set_ylabel("Hz", fontsize=8)
-            ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return True
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True, help="DiT checkpoint directory")
@@ -357,7 +323,7 @@ def main(argv=None) -> int:
             "through the codec (what perfect tokens would sound like), or the real one. "
             "Excerpts of the corpus tracks named, under those tracks' licences.\n\n"
             + "\n".join(lines) + "\n")
-        if not spectrogram_png(a.samples / "spectrograms.png", spec_rows, rate, chunk / rate):
+        if not spectrogram_sheet(a.samples / "spectrograms.png", spec_rows, rate, chunk / rate):
             print("spectrograms.png not drawn: needs matplotlib (pip install "
                   "'snac-dit[bench]')", file=sys.stderr)
     print(f"wrote {a.out}", file=sys.stderr)

@@ -96,3 +96,21 @@ def test_write_wav_is_16bit_mono_and_clips():
     assert (info.samplerate, info.channels, info.subtype) == (32000, 1, "PCM_16")
     back, _ = sf.read(io.BytesIO(data), dtype="float32")
     np.testing.assert_allclose(back, [0.0, 0.5, 1.0, -1.0], atol=1e-4)
+
+
+def test_spectrogram_sheet_draws_a_png_or_says_it_cannot(tmp_path):
+    """audio.plots.spectrogram_sheet (the benchmarks' samples): rows of named signals to a PNG
+    with matplotlib (the bench extra); without it, False and no file."""
+    from audio.plots import spectrogram_sheet
+
+    t = np.arange(32000) / 32000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    rows = [("a", {"original": tone, "codec": tone[::-1].copy()}), ("b", {"original": tone})]
+    path = tmp_path / "sheet.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert spectrogram_sheet(path, rows, 32000, mark_s=0.5) is False and not path.exists()
+        return
+    assert spectrogram_sheet(path, rows, 32000, mark_s=0.5) is True
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

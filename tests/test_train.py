@@ -207,6 +207,66 @@ def test_fine_tune_starts_from_an_exported_model(tmp_path):
         Trainer(debug_config(other, tmp_path, "bad", init=str(tmp_path / "served")))
 
 
+def test_warm_start_goes_on_from_an_exported_runs_step(tmp_path):
+    """`init_step`: a machine without the run directory continues the shipped snapshot where its
+    run stood: the same curriculum stage and lr schedule, the export's weights, a fresh optimiser
+    whose lr ramps back onto the schedule; the continued run resumes like any other."""
+    from model.weights import load_dit
+    from training.dit.card import main as card_main
+    from training.dit.export import main as export
+    from training.dit.optim import lr_at
+
+    tokens = make_tokens(tmp_path / "tokens", n_train=2, chunks=4)
+    long = {"curriculum.stages.2.steps": 8, "optim.rewarm_steps": 3, "eval.every": 3}
+    assert Trainer(debug_config(tokens, tmp_path, "first", stop_at=3, **long)).fit() == 0
+    assert export([str(tmp_path / "first"), str(tmp_path / "snap"), "--fp16"]) == 0
+    # The export ships the run's log; an older snapshot may carry rows recovered as summaries.
+    shipped = (tmp_path / "snap" / "metrics.jsonl").read_text()
+    assert shipped == (tmp_path / "first" / "metrics.jsonl").read_text()
+    recovered = {"step": 2, "kind": "eval", "ce_mean": 3.25, "ce_A": 3.0, "ce_B": 3.125,
+                 "ce_C": 3.375, "ce_D": 3.5, "recovered": "from an older card"}
+    (tmp_path / "snap" / "metrics.jsonl").write_text(json.dumps(recovered) + "\n" + shipped)
+
+    cfg = debug_config(tokens, tmp_path, "warm", init=str(tmp_path / "snap"), init_step=3,
+                       stop_at=6, **long)
+    warm = Trainer(cfg)
+    assert warm.step == 3 and warm.ema.num_updates == 3
+    snap = load_dit(tmp_path / "snap").state_dict()
+    assert all(torch.equal(warm.dit.state_dict()[k], v.float()) for k, v in snap.items())
+    assert warm.fit() == 0 and warm.step == 6
+    rows = [json.loads(x) for x in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == recovered and [r["step"] for r in rows[1:]] == [1, 2, 3, 3, 4, 5, 6, 6]
+    train = [r for r in rows if r["kind"] == "train" and r["step"] > 3]
+    assert [r["step"] for r in train] == [4, 5, 6]
+    assert [r["stage"] for r in train] == ["one_chunk", "full", "full"]  # stages of 2, 2, 8 steps
+    total = cfg.total_steps
+    # A row logs the lr the next step will use: ramped 2/3, 3/3, then the schedule itself.
+    ramp = [lr_at(4 + i, cfg.optim, total) * min(1, (i + 2) / 3) for i in range(3)]
+    assert [r["lr"] for r in train] == pytest.approx(ramp)
+
+    # Stopped and re-run: it resumes from its own checkpoint, the ramp done, to the end.
+    again = Trainer(debug_config(tokens, tmp_path, "warm", init=str(tmp_path / "snap"),
+                                 init_step=3, **long))
+    again.load(tmp_path / "warm")
+    assert again.step == 6 and again.fit() == 0 and again.step == total
+    rows = [json.loads(x) for x in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["kind"] == "train"][-1]
+    assert last["step"] == total and last["lr"] == pytest.approx(cfg.optim.min_lr)
+    assert len([r for r in rows if r["kind"] == "eval"]) == 1 + 4  # 2 (recovered), 3, 6, 9, 12
+
+    # Its card spans the whole run: the recovered row and the warm start are on it.
+    assert export([str(tmp_path / "warm"), str(tmp_path / "served"), "--fp16"]) == 0
+    assert card_main(["--run", str(tmp_path / "warm"), "--weights", str(tmp_path / "served")]) == 0
+    text = (tmp_path / "served" / "MODEL_CARD.md").read_text()
+    assert "| 2 | 3.250 | 3.000 | 3.125 | 3.375 | 3.500 |" in text
+    assert "Warm-started at step 3" in text and f"Steps: {total} of {total}" in text
+
+    with pytest.raises(ConfigError, match="set init"):
+        debug_config(tokens, tmp_path, "bad", init_step=4)
+    with pytest.raises(ConfigError, match="not inside the curriculum"):
+        debug_config(tokens, tmp_path, "bad", init=str(tmp_path / "snap"), init_step=12, **long)
+
+
 @pytest.mark.parametrize("path", sorted(p for p in (ROOT / "training/configs").glob("*.toml")
                                         if not p.name.startswith("codec_")),
                          ids=lambda p: p.name)

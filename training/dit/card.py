@@ -26,6 +26,7 @@ from pathlib import Path
 from model.diffusion import LEVEL_NAMES
 from model.weights import read_dit_config
 from training.run.card import LICENCE_NOTE, corpus_table, quiet_hours
+from training.run.observe import METRICS_FILE
 from training.tokens.shards import read_manifest
 
 
@@ -34,7 +35,7 @@ class CardError(ValueError):
 
 
 def read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
+    path = run / METRICS_FILE
     if not path.is_file():
         raise CardError(f"{run} has no metrics.jsonl: is it a training run directory?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -46,6 +47,10 @@ def level_summary(row: dict, levels: str) -> dict[str, dict[str, float]]:
     out = {}
     for name in levels:
         cells = {k: v for k, v in row.items() if k.startswith(f"ce_{name}/")}
+        if not cells and f"ce_{name}" in row:  # a row recovered as per-level means only
+            out[name] = dict(ce=row[f"ce_{name}"], acc=math.nan, ce_full=math.nan,
+                             acc_full=math.nan, n_max=-1, unigram_ce=math.nan,
+                             unigram_acc=math.nan)
         if not cells:
             continue
         n_max = max(int(re.search(r"/n(\d+)/", k).group(1)) for k in cells)
@@ -107,6 +112,17 @@ what a copy scores).
 
 {chr(10).join(rows)}
 """
+
+
+def warm_text(train: dict) -> str:
+    """The recipe's line on a warm start (training.init_step), or nothing."""
+    at = train.get("init_step") or 0
+    if not at:
+        return ""
+    return (f"- Warm-started at step {at:,} from `{shown_path(train.get('init'))}` on a machine "
+            "without the run directory: weights and EMA from that snapshot, the optimiser state "
+            f"fresh (its lr ramped back onto the schedule over "
+            f"{train['optim'].get('rewarm_steps', 0)} steps), the log carried over.\n")
 
 
 def shown_path(source) -> str:
@@ -238,7 +254,7 @@ compute `{train['dtype']}`; curriculum (n_ctx drawn per row from the weights):
 
 {chr(10).join(stage_rows(train))}
 
-- Steps: {step:,} of {sum(s['steps'] for s in train['curriculum']['stages']):,} (EMA weights
+{warm_text(train)}- Steps: {step:,} of {sum(s['steps'] for s in train['curriculum']['stages']):,} (EMA weights
   exported); last logged training loss {last_train.get('loss', math.nan):.3f} at
   {last_train.get('tokens_per_s', 0):.0f} tokens/s.
 - Training time: {hours:.2f} h on a 2-core AMD EPYC VM (no GPU), evaluations included, counted

@@ -85,6 +85,9 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     ema_decay: float = 0.9999  # EMA of the weights: what export serves by default
     ema_warmup: bool = True  # decay ramps as (1+n)/(10+n) so early EMA is not stuck at init
+    # After a warm start mid-curriculum (init_step > 0) the fresh optimiser's lr ramps from zero
+    # back onto the schedule over this many steps: Adam's moment estimates start empty.
+    rewarm_steps: int = 50
 
 
 @dataclass
@@ -143,6 +146,11 @@ class TrainConfig:
     # Fine-tune: start from the weights of an exported model (a `save_pretrained` directory,
     # e.g. weights/demo/dit); its architecture replaces [model]. "" = from scratch.
     init: str = ""
+    # With init: continue an exported run from this step of its curriculum and lr schedule (a
+    # fresh machine without the run directory goes on from the shipped snapshot, e.g. the step in
+    # its config.json's training.step). Weights and EMA start from the export; the optimiser
+    # state and data order start fresh. 0 = a new run from step 0.
+    init_step: int = 0
     model: dict = field(default_factory=lambda: {"preset": "base"})  # DiTConfig overrides
     diffusion: dict = field(default_factory=dict)  # DiffusionConfig overrides
     data: DataConfig = field(default_factory=DataConfig)
@@ -238,4 +246,10 @@ def validate(cfg: TrainConfig) -> None:
          "lora.rank must be >= 0 (0 = full fine-tune), lora.alpha > 0, lora.targets non-empty")
     need(cfg.lora.rank == 0 or bool(cfg.init),
          "lora.rank >= 1 fine-tunes an exported model: set init (e.g. weights/demo/dit)")
+    need(cfg.init_step >= 0, "init_step must be >= 0")
+    need(cfg.init_step == 0 or bool(cfg.init),
+         "init_step continues an exported run: set init (e.g. weights/demo/dit) too")
+    need(cfg.init_step < cfg.total_steps,
+         f"init_step {cfg.init_step} is not inside the curriculum ({cfg.total_steps} steps)")
+    need(cfg.optim.rewarm_steps >= 0, "optim.rewarm_steps must be >= 0")
     need(bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty directory name")

@@ -44,10 +44,17 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                    start: int = 0):
+    """The schedule from step `start` on. start > 0 (a warm start mid-run with a fresh optimiser)
+    scales it by a linear ramp over `cfg.rewarm_steps` steps."""
     # LambdaLR multiplies the group's initial lr; the lambda is a pure function of the step, so
-    # the scheduler's state is just its step counter.
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, total_steps) / cfg.lr)
+    # the scheduler's state is just its step counter (counted from `start`).
+    def factor(s: int) -> float:
+        ramp = min(1.0, (s + 1) / cfg.rewarm_steps) if start and cfg.rewarm_steps else 1.0
+        return ramp * lr_at(start + s, cfg, total_steps) / cfg.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 class EMA:

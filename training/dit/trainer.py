@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import signal
 import sys
@@ -34,7 +35,7 @@ from training.dit.lora import add_lora, merge_state
 from training.dit.optim import EMA, build_optimizer, build_scheduler
 from training.run import checkpoint as ckpt_io
 from training.run import distributed as D
-from training.run.observe import MetricsLog, Throughput, flops_per_token, peak_flops
+from training.run.observe import METRICS_FILE, MetricsLog, Throughput, flops_per_token, peak_flops
 from training.run.rng import capture_rng, restore_rng, seed_everything
 from training.run.signals import StopFlag, ignore_stop_signals
 from training.tokens.shards import ManifestError, read_manifest
@@ -164,7 +165,7 @@ class Trainer:
         self.model = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda"
                          else None) if self.env.enabled else module
         self.opt = build_optimizer(self.dit, cfg.optim, self.device)
-        self.sched = build_scheduler(self.opt, cfg.optim, cfg.total_steps)
+        self.sched = build_scheduler(self.opt, cfg.optim, cfg.total_steps, cfg.init_step)
         bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.compute = "bf16 autocast" if bf16 else "fp32"
         self.autocast = (functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
@@ -176,7 +177,10 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.step = 0
+        # A warm start (init_step) goes on where the exported run stood; load() replaces all of
+        # this when the run has a checkpoint of its own.
+        self.step = cfg.init_step
+        self.ema.num_updates = cfg.init_step
         self.data_state: dict | None = None  # sampler position after the last trained batch
         self.data_stage: int | None = None  # curriculum stage the data state belongs to
         self._loader_stage: int | None = None
@@ -185,11 +189,33 @@ class Trainer:
 
         self.evaluator = Evaluator(cfg, self.manifest, self.model_cfg, self.diff_cfg, self.device,
                                    self.autocast) if self.env.is_main else None
+        if self.env.is_main and cfg.init_step:
+            self._carry_history()
         self.log = MetricsLog(self.run_dir, cfg.log.tensorboard) if self.env.is_main else None
         peak = peak_flops(self.device, cfg.log.peak_tflops)
         fpt = functools.partial(flops_per_token, self.n_params, self.model_cfg.n_layers,
                                 self.model_cfg.d_model)
         self.meter = Throughput(lambda seq: fpt(seq_len=seq), peak, self.env.world_size)
+
+    def _carry_history(self) -> None:
+        """A warm start's metrics.jsonl begins with the exported run's own rows up to init_step
+        (export ships them next to the weights), so curves, hours and the card span the whole run
+        across machines. Only when the run has no log of its own yet."""
+        mine = self.run_dir / METRICS_FILE
+        theirs = Path(self.cfg.init) / METRICS_FILE
+        if mine.exists():
+            return
+        if not theirs.is_file():
+            self._print(f"note: {self.cfg.init} has no {METRICS_FILE}: this run's log starts at "
+                        f"step {self.cfg.init_step}")
+            return
+        rows = [line for line in theirs.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.cfg.init_step]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        mine.write_text("".join(line + "\n" for line in rows))
+        self._print(f"warm start at step {self.cfg.init_step} from {self.cfg.init}: fresh optimiser "
+                    f"(lr ramps over {self.cfg.optim.rewarm_steps} steps), {len(rows)} earlier "
+                    "log rows carried over")
 
     # ------------------------------------------------------------------ data
     def _open_loader(self, stage_idx: int, state: dict | None) -> None:

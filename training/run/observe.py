@@ -73,12 +73,15 @@ class Throughput:
         return out
 
 
+METRICS_FILE = "metrics.jsonl"  # in a run directory; export also ships it with the weights
+
+
 class MetricsLog:
     """Appends one JSON object per line to {run_dir}/metrics.jsonl (+ TensorBoard scalars)."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = False):
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self.file = self.path.open("a", buffering=1)  # line-buffered: a crash loses no lines
         self.tb = None
         if tensorboard:

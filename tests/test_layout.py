@@ -248,3 +248,44 @@ def test_sdpa_backend_builds_the_mask_once_per_forward(monkeypatch):
         uncached = loss()["loss"]
     assert len(calls) == 1 + cfg.n_layers
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("rows,after,prefix", [  # prefix: tokens split off (a chunk is 60)
+    ([2, 2], None, 120),             # the continuation layout: the two context chunks
+    ([1, 1, 1], None, 60),
+    ([0, 0], None, 4),               # no context: clean A sees only itself
+    ([2, 1], None, 0),               # rows differ (padding): the dense path
+    ([1, 1], [1, 1], 120),           # editing: both context chunks lead the sequence
+])
+def test_context_prefix_split_is_the_same_attention(rows, after, prefix):
+    """The SDPA backend runs the leading context block (it sees exactly itself) unmasked and
+    the dense mask only for the rows after it: outputs and gradients equal the reference."""
+    batch = collate(rows, *SMALL, n_after=after)
+    seg = batch.seg_id.clone()
+    assert attn.context_prefix(seg, seg, batch.allowed) == prefix
+    torch.manual_seed(0)
+    B, N = batch.shape
+    q, k, v = (torch.randn(B, 2, N, 16, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    cot = torch.randn(B, 2, N, 16, dtype=torch.float64)
+    with attn.attention_backend("sdpa"):
+        out = attn.attention(q, k, v, seg, seg, batch.allowed)
+    grads = torch.autograd.grad(out, (q, k, v), cot)
+    ref = rule.attention_ref(q, k, v, seg, seg, batch.allowed)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), cot)
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, ref_grads, strict=True))
+    # not self-attention (the sampler's queries against cached keys): no split
+    assert attn.context_prefix(seg[:, -8:], seg, batch.allowed) == 0
+
+
+def test_context_prefix_needs_one_leading_block():
+    table = torch.tensor([[1, 0, 1], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    apart = torch.tensor([[0, 0, 1, 2, 2]])  # segments 0 and 2 see each other, 1 sits between
+    assert attn.context_prefix(apart, apart, table) == 0
+    together = torch.tensor([[0, 2, 2, 1, 1]])
+    assert attn.context_prefix(together, together, table) == 3
+    assert attn.context_prefix(together, together, table[None]) == 3
+    assert attn.context_prefix(together[:, :3], together[:, :3], table) == 0  # nothing after it
+    padded = torch.tensor([[-1, 0, 2, 1, 1]])
+    assert attn.context_prefix(padded, padded, table) == 0

@@ -346,3 +346,42 @@ def test_hold_out_list_keeps_named_files_in_val(tmp_path, debug_codec_dir, capsy
     (tmp_path / "bad.json").write_text("[1, 2]")
     assert main([*base, "--hold-out", str(tmp_path / "bad.json")]) == 2
     assert "held_out_tracks" in capsys.readouterr().err
+
+
+def test_parts_tokenise_a_share_each_and_add_up_to_the_whole(tmp_path, debug_codec_dir, capsys):
+    """--part K/N: one run tokenises its share of the training files plus every val file; the
+    other parts, run into the same directory, add the rest; the union is what one run without
+    --part makes, token for token. A malformed part is refused with exit status 2."""
+    from training.tokens.tokenizer import in_part
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    names = [f"song{i:02d}.wav" for i in range(12)]
+    for i, n in enumerate(names):
+        sf.write(audio / n, tone(0.6, freq=200 + 40 * i), 32000, subtype="PCM_16")
+    common = ["--audio", str(audio), "--codec", debug_codec_dir, "--no-progress",
+              "--workers", "1", "--piece-seconds", PIECE, "--hold-out"]
+    held = tmp_path / "held.txt"
+    held.write_text("song03.wav\n")
+    parts = tmp_path / "parts"
+    assert main(["--out", str(parts), *common, str(held), "--part", "1/2"]) == 0
+    err = capsys.readouterr().err
+    m = shards.read_manifest(parts)
+    first = {f["path"] for f in m["files"]}
+    assert "song03.wav" in first                                    # val: in every part
+    assert first == {n for n in names if in_part(n, m, 1, 2)}
+    assert 0 < len(first) < len(names)
+    assert f"{len(names) - len(first)} training files belong to other parts" in err
+    assert main(["--out", str(parts), *common, str(held), "--part", "2/2"]) == 0
+    assert main(["--out", str(tmp_path / "whole"), *common, str(held)]) == 0
+    whole = all_tokens(tmp_path / "whole")
+    split = all_tokens(parts)
+    assert split.keys() == whole.keys() == set(names)
+    assert all(all(np.array_equal(a, b) for a, b in zip(split[n], whole[n], strict=True))
+               for n in names)
+
+    for bad in ("3/2", "0/2", "half"):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(parts), *common, str(held), "--part", bad])
+        assert e.value.code == 2
+        assert "--part" in capsys.readouterr().err

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import itertools
 import json
 import math
@@ -87,6 +88,10 @@ class TokenizeConfig:
     workers: int = min(4, os.cpu_count() or 1)  # decode/resample threads, overlapping encoding
     retry_failed: bool = False
     progress: bool = True
+    # (k, n): this run tokenises only part k of n of the training files (a stable hash of the
+    # path picks the part) plus every val file; re-runs with the other parts, or without, add
+    # the rest. For machines that must re-tokenise every working period. None: all files.
+    part: tuple[int, int] | None = None
 
 
 @dataclass
@@ -99,6 +104,7 @@ class Summary:
     ignored: int = 0
     found: int = 0  # audio candidates under --audio
     total_files: int = 0  # tokenised files in the manifest after the run
+    other_parts: int = 0  # files left to other --part runs
 
 
 @dataclass
@@ -331,6 +337,25 @@ def split_of(rel_path: str, manifest: dict) -> str:
     return shards.split_of(rel_path, manifest["val_fraction"])
 
 
+def in_part(rel_path: str, manifest: dict, k: int, n: int) -> bool:
+    """Whether `--part k/n` tokenises this file: every val file (so evaluations compare), and
+    the training files whose path hashes to part k (1-based) of n."""
+    if split_of(rel_path, manifest) == "val":
+        return True
+    h = int.from_bytes(hashlib.sha256(f"part:{rel_path}".encode()).digest()[:8], "big")
+    return h % n == k - 1
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part takes K/N, e.g. 1/2; got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--part K/N needs 1 <= K <= N; got {text!r}")
+    return k, n
+
+
 def read_hold_out(path: Path) -> list[str]:
     """A held-out list: a text file (one name or relative path per line, # comments), or a
     JSON file with a `held_out_tracks` list (what bench/eval_codec.py writes)."""
@@ -397,6 +422,9 @@ def _run(cfg, codec, manifest, dirty, batch_size, audio_dir, out_dir) -> Summary
         # stay in their shard, unreferenced).
         done.pop(it.rel, None)
         failed.pop(it.rel, None)
+        if cfg.part is not None and not in_part(it.rel, manifest, *cfg.part):
+            summary.other_parts += 1  # (a changed file's stale record is dropped all the same)
+            continue
         todo.append(it)
     if len(done) + len(failed) != len(manifest["files"]) + len(manifest["failed"]):
         dirty = True
@@ -521,12 +549,17 @@ def parse_args(argv=None) -> TokenizeConfig:
                    help="decode/resample threads (default: up to 4)")
     p.add_argument("--retry-failed", action="store_true", help="try files that failed before again")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--part", type=parse_part, default=None, metavar="K/N",
+                   help="tokenise only part K of N of the training files (a stable hash of each "
+                        "path) plus every val file; other parts, or a run without --part, add "
+                        "the rest to the same directory")
     a = p.parse_args(argv)
     return TokenizeConfig(
         audio_dir=a.audio, out_dir=a.out, codec=a.codec, device=a.device, batch_size=a.batch_size,
         val_fraction=a.val_fraction, piece_seconds=a.piece_seconds, shard_seconds=a.shard_seconds,
         hold_out=None if a.hold_out is None else read_hold_out(a.hold_out),
         workers=a.workers, retry_failed=a.retry_failed, progress=not a.no_progress,
+        part=a.part,
     )
 
 
@@ -547,6 +580,9 @@ def main(argv=None) -> int:
           file=sys.stderr)
     for f in s.failed:
         print(f"  failed: {f['path']} [{f['code']}] {f['error']}", file=sys.stderr)
+    if s.other_parts:
+        print(f"{s.other_parts} training files belong to other parts than --part "
+              f"{cfg.part[0]}/{cfg.part[1]}: not tokenised this run", file=sys.stderr)
     print(f"{s.total_files} files in {Path(cfg.out_dir) / shards.MANIFEST}", file=sys.stderr)
     if s.total_files == 0:
         if s.found == 0:

@@ -255,9 +255,19 @@ def test_warm_start_goes_on_from_an_exported_runs_step(tmp_path):
     assert len([r for r in rows if r["kind"] == "eval"]) == 1 + 4  # 2 (recovered), 3, 6, 9, 12
 
     # Its card spans the whole run: the recovered row and the warm start are on it.
+    # Its tokens (3 files) were a part of a 4-track corpus: the card says so.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    tracks = [{"package": "p", "licence": "CC0-1.0", "status": "kept",
+               "output_path": f"audio/t{i}.flac"} for i in range(4)]
+    (corpus / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tracks))
+    (corpus / "summary.json").write_text(json.dumps({"total_hours": 0.1, "kept": 4, "packages": {
+        "p": {"kept": 4, "hours": 0.1, "licences": {"CC0-1.0": 4}}}}))
     assert export([str(tmp_path / "warm"), str(tmp_path / "served"), "--fp16"]) == 0
-    assert card_main(["--run", str(tmp_path / "warm"), "--weights", str(tmp_path / "served")]) == 0
+    assert card_main(["--run", str(tmp_path / "warm"), "--weights", str(tmp_path / "served"),
+                      "--corpus", str(corpus)]) == 0
     text = (tmp_path / "served" / "MODEL_CARD.md").read_text()
+    assert "They cover 3 of the corpus's 4 tracks" in text
     assert "| 2 | 3.250 | 3.000 | 3.125 | 3.375 | 3.500 |" in text
     assert "Warm-started at step 3" in text and f"Steps: {total} of {total}" in text
 

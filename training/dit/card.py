@@ -213,6 +213,11 @@ def card(run: Path, weights: Path, corpus: Path | None = None, result: dict | No
     held = manifest.get("hold_out") or []
     data.append(f"Tokens: `{token_dir}` ({n_tr} training files, {h_tr:.2f} h; {n_va} held-out "
                 f"files, {h_va:.2f} h, never trained on).")
+    if by_file and n_tr + n_va < len(by_file):
+        data[-1] += (f" They cover {n_tr + n_va} of the corpus's {len(by_file)} tracks: the latest "
+                     "working period tokenised a part of it (`python -m training.tokens --part "
+                     "K/N`, docs/data.md); earlier periods trained on the whole corpus or on "
+                     "other parts.")
     if held:
         data += ["", f"Held out by name ({len(held)}: the codec's own validation tracks, so "
                  "neither model trained on them):", ""]

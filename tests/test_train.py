@@ -228,31 +228,33 @@ def test_warm_start_goes_on_from_an_exported_runs_step(tmp_path):
     (tmp_path / "snap" / "metrics.jsonl").write_text(json.dumps(recovered) + "\n" + shipped)
 
     cfg = debug_config(tokens, tmp_path, "warm", init=str(tmp_path / "snap"), init_step=3,
-                       stop_at=6, **long)
+                       stop_at=5, **long)
     warm = Trainer(cfg)
     assert warm.step == 3 and warm.ema.num_updates == 3
     snap = load_dit(tmp_path / "snap").state_dict()
     assert all(torch.equal(warm.dit.state_dict()[k], v.float()) for k, v in snap.items())
-    assert warm.fit() == 0 and warm.step == 6
+    assert warm.fit() == 0 and warm.step == 5
     rows = [json.loads(x) for x in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0] == recovered and [r["step"] for r in rows[1:]] == [1, 2, 3, 3, 4, 5, 6, 6]
+    # (stop_at evaluates too: the checkpoint a period ends with has its held-out figures)
+    assert rows[0] == recovered and [r["step"] for r in rows[1:]] == [1, 2, 3, 3, 4, 5, 5]
+    assert [r["kind"] for r in rows[-2:]] == ["train", "eval"]
     train = [r for r in rows if r["kind"] == "train" and r["step"] > 3]
-    assert [r["step"] for r in train] == [4, 5, 6]
-    assert [r["stage"] for r in train] == ["one_chunk", "full", "full"]  # stages of 2, 2, 8 steps
+    assert [r["step"] for r in train] == [4, 5]
+    assert [r["stage"] for r in train] == ["one_chunk", "full"]  # stages of 2, 2, 8 steps
     total = cfg.total_steps
     # A row logs the lr the next step will use: ramped 2/3, 3/3, then the schedule itself.
-    ramp = [lr_at(4 + i, cfg.optim, total) * min(1, (i + 2) / 3) for i in range(3)]
+    ramp = [lr_at(4 + i, cfg.optim, total) * min(1, (i + 2) / 3) for i in range(2)]
     assert [r["lr"] for r in train] == pytest.approx(ramp)
 
     # Stopped and re-run: it resumes from its own checkpoint, the ramp done, to the end.
     again = Trainer(debug_config(tokens, tmp_path, "warm", init=str(tmp_path / "snap"),
                                  init_step=3, **long))
     again.load(tmp_path / "warm")
-    assert again.step == 6 and again.fit() == 0 and again.step == total
+    assert again.step == 5 and again.fit() == 0 and again.step == total
     rows = [json.loads(x) for x in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if r["kind"] == "train"][-1]
     assert last["step"] == total and last["lr"] == pytest.approx(cfg.optim.min_lr)
-    assert len([r for r in rows if r["kind"] == "eval"]) == 1 + 4  # 2 (recovered), 3, 6, 9, 12
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [2, 3, 5, 6, 9, 12]  # 2: recovered
 
     # Its card spans the whole run: the recovered row and the warm start are on it.
     # Its tokens (3 files) were a part of a 4-track corpus: the card says so.

@@ -365,7 +365,9 @@ class Trainer:
                     if self.step % cfg.log.every == 0 or done:
                         self._log_train(window, n_window, bar)
                         window, n_window = {}, 0
-                    if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == total):
+                    # Also at stop_at: that checkpoint is the one a working period exports.
+                    if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == total
+                                           or self.step == cfg.stop_at):
                         self.evaluate()
                     stop = D.any_flag(self.env, stop_flag.stopped)
                     if stop or done or self.step % cfg.ckpt.every == 0:

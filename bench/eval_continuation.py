@@ -186,7 +186,7 @@ def sample_licence(path: Path) -> str:
     """' (package, licence)' of a track of a corpus built by training.corpus.debian_music."""
     from training.run.card import corpus_table
 
-    for root in (path.parent, path.parent.parent):  # the corpus root, or its audio/ folder
+    for root in path.parents:  # the corpus root: OUT/audio/PKG/NAME.flac, or nearer
         if all((root / f).is_file() for f in ("manifest.jsonl", "summary.json")):
             row = corpus_table(root)[1].get(path.name)
             return f" ({row.get('package', '?')}, {row.get('licence', '?')})" if row else ""

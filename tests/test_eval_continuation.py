@@ -100,3 +100,19 @@ def test_step_budget_variants_keep_the_default_total():
     total = sum(SamplingParams().steps)
     for name in ("a_heavy", "d_heavy", "flat"):
         assert sum(ev.VARIANTS[name]["steps"]) == total, name
+
+
+def test_sample_licence_finds_the_corpus_root_above_the_package_folder(tmp_path):
+    """Samples name their track's package and licence: the corpus builder writes
+    OUT/audio/PKG/NAME.flac, so the manifest sits three levels above the file."""
+    corpus = tmp_path / "corpus"
+    track = corpus / "audio" / "some-music" / "song-0123.flac"
+    track.parent.mkdir(parents=True)
+    track.write_bytes(b"")
+    row = {"package": "some-music", "licence": "GPL-2+", "status": "kept",
+           "output_path": "audio/some-music/song-0123.flac"}
+    (corpus / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+    (corpus / "summary.json").write_text(json.dumps({"total_hours": 0.1, "kept": 1, "packages": {
+        "some-music": {"kept": 1, "hours": 0.1, "licences": {"GPL-2+": 1}}}}))
+    assert ev.sample_licence(track) == " (some-music, GPL-2+)"
+    assert ev.sample_licence(tmp_path / "elsewhere" / "x.flac") == ""

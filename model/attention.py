@@ -93,9 +93,9 @@ def attention(q, k, v, seg_q, seg_k, allowed, scale: float | None = None) -> Ten
 def context_prefix(seg_q: Tensor, seg_k: Tensor, allowed: Tensor) -> int:
     """Length P of a leading block that sees exactly itself, or 0: for self-attention where
     every row of the batch has the same segments, positions [0, P) hold exactly the segments
-    that see precisely those segments (the before-context of a continuation layout, DESIGN
-    section 2; clean A when there is no context), and some position follows them. Then rows [0, P) attend to keys [0, P) with no
-    mask at all, and `attention` splits the work there."""
+    that see precisely those segments (the context of a training layout, DESIGN section 2;
+    clean A when there is no context), and some position follows them. Then rows [0, P) attend
+    to keys [0, P) with no mask at all, and `attention` splits the work there."""
     if seg_q.shape != seg_k.shape or not torch.equal(seg_q, seg_k):
         return 0
     seg = seg_q[0]

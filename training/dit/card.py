@@ -47,11 +47,11 @@ def level_summary(row: dict, levels: str) -> dict[str, dict[str, float]]:
     out = {}
     for name in levels:
         cells = {k: v for k, v in row.items() if k.startswith(f"ce_{name}/")}
-        if not cells and f"ce_{name}" in row:  # a row recovered as per-level means only
-            out[name] = dict(ce=row[f"ce_{name}"], acc=math.nan, ce_full=math.nan,
-                             acc_full=math.nan, n_max=-1, unigram_ce=math.nan,
-                             unigram_acc=math.nan)
         if not cells:
+            if f"ce_{name}" in row:  # a row recovered as per-level means only
+                out[name] = dict(ce=row[f"ce_{name}"], acc=math.nan, ce_full=math.nan,
+                                 acc_full=math.nan, n_max=-1, unigram_ce=math.nan,
+                                 unigram_acc=math.nan)
             continue
         n_max = max(int(re.search(r"/n(\d+)/", k).group(1)) for k in cells)
         full = [k for k in cells if f"/n{n_max}/" in k]

@@ -8,12 +8,12 @@
 OUT_DIR gets `model.safetensors` + `config.json` via `model.weights.save_pretrained` (the DiT
 config, the diffusion schedules the sampler must use, the codec the tokens came from, and where
 the weights came from), and the run's `metrics.jsonl` up to the exported step (the model card
-reads it; a warm start with `init_step` carries it on). Serve it with `ContinuationEngine.load(OUT_DIR, codec)`. EMA weights are
+reads it; a warm start with `init_step` carries it on). Serve it with
+`ContinuationEngine.load(OUT_DIR, codec)`. EMA weights are
 the default: they sample better than the raw weights of any single step.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +24,7 @@ def export(ckpt: str | Path, out_dir: str | Path, raw: bool = False, fp16: bool 
     from model.dit import DiT, DiTConfig
     from model.weights import load_dit, save_pretrained
     from training.run import checkpoint as ckpt_io
-    from training.run.observe import METRICS_FILE
+    from training.run.observe import METRICS_FILE, copy_metrics
 
     ck = ckpt_io.load_checkpoint(ckpt)
     config = ck["config"]
@@ -46,18 +46,10 @@ def export(ckpt: str | Path, out_dir: str | Path, raw: bool = False, fp16: bool 
     )
     out = save_pretrained(dit, out_dir, extra, torch.float16 if fp16 else None)
     load_dit(out)  # read it back: an export that the engine cannot load is an error here
-    ship_history(Path(ck["path"]).parent / METRICS_FILE, out / METRICS_FILE, config["step"])
+    log = Path(ck["path"]).parent / METRICS_FILE  # the run's log ships with its weights
+    if log.is_file():
+        copy_metrics(log, out / METRICS_FILE, config["step"])
     return out
-
-
-def ship_history(log: Path, out: Path, step: int) -> None:
-    """The run's metrics.jsonl up to the exported step goes with the weights: a warm start
-    (`init_step`) on another machine carries it on, and the model card reads it."""
-    if not log.is_file():
-        return
-    rows = [line for line in log.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    out.write_text("".join(line + "\n" for line in rows))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import signal
 import sys
@@ -35,7 +34,14 @@ from training.dit.lora import add_lora, merge_state
 from training.dit.optim import EMA, build_optimizer, build_scheduler
 from training.run import checkpoint as ckpt_io
 from training.run import distributed as D
-from training.run.observe import METRICS_FILE, MetricsLog, Throughput, flops_per_token, peak_flops
+from training.run.observe import (
+    METRICS_FILE,
+    MetricsLog,
+    Throughput,
+    copy_metrics,
+    flops_per_token,
+    peak_flops,
+)
 from training.run.rng import capture_rng, restore_rng, seed_everything
 from training.run.signals import StopFlag, ignore_stop_signals
 from training.tokens.shards import ManifestError, read_manifest
@@ -209,12 +215,9 @@ class Trainer:
             self._print(f"note: {self.cfg.init} has no {METRICS_FILE}: this run's log starts at "
                         f"step {self.cfg.init_step}")
             return
-        rows = [line for line in theirs.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.cfg.init_step]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        mine.write_text("".join(line + "\n" for line in rows))
+        n = copy_metrics(theirs, mine, self.cfg.init_step)
         self._print(f"warm start at step {self.cfg.init_step} from {self.cfg.init}: fresh optimiser "
-                    f"(lr ramps over {self.cfg.optim.rewarm_steps} steps), {len(rows)} earlier "
+                    f"(lr ramps over {self.cfg.optim.rewarm_steps} steps), {n} earlier "
                     "log rows carried over")
 
     # ------------------------------------------------------------------ data

@@ -76,6 +76,16 @@ class Throughput:
 METRICS_FILE = "metrics.jsonl"  # in a run directory; export also ships it with the weights
 
 
+def copy_metrics(src: Path, dst: Path, up_to_step: int) -> int:
+    """Copy the rows of the metrics log `src` logged at or before `up_to_step` to `dst` (export
+    ships them with the weights, a warm start carries them on); returns how many."""
+    rows = [line for line in src.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= up_to_step]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("".join(line + "\n" for line in rows))
+    return len(rows)
+
+
 class MetricsLog:
     """Appends one JSON object per line to {run_dir}/metrics.jsonl (+ TensorBoard scalars)."""
 

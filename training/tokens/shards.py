@@ -67,8 +67,12 @@ def split_of(rel_path: str, val_fraction: float) -> str:
     """
     if val_fraction <= 0:
         return "train"
-    h = int.from_bytes(hashlib.sha256(rel_path.encode("utf-8")).digest()[:8], "big")
-    return "val" if h / 2**64 < val_fraction else "train"
+    return "val" if path_hash(rel_path) / 2**64 < val_fraction else "train"
+
+
+def path_hash(rel_path: str, salt: str = "") -> int:
+    """A 64-bit hash of a relative path (salted for independent draws), the same everywhere."""
+    return int.from_bytes(hashlib.sha256((salt + rel_path).encode("utf-8")).digest()[:8], "big")
 
 
 def level_lengths(n_frames: int, strides) -> list[int]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import itertools
 import json
 import math
@@ -342,8 +341,7 @@ def in_part(rel_path: str, manifest: dict, k: int, n: int) -> bool:
     the training files whose path hashes to part k (1-based) of n."""
     if split_of(rel_path, manifest) == "val":
         return True
-    h = int.from_bytes(hashlib.sha256(f"part:{rel_path}".encode()).digest()[:8], "big")
-    return h % n == k - 1
+    return shards.path_hash(rel_path, salt="part:") % n == k - 1
 
 
 def parse_part(text: str) -> tuple[int, int]:

@@ -18,6 +18,15 @@ five systems continue each context by one 6.144 s chunk:
 and every continuation is scored with features that need no downloaded weights: 19 MFCCs
 (timbre) and a 12-bin chroma (harmony) per 64 ms frame.
 
+Two tables. The audio table (`metrics`) scores against the original audio: what a listener
+gets, codec included. The codec-domain table (`metrics_codec_domain`) judges the DiT alone:
+every window is encoded and decoded whole (context and true continuation), and all of its
+systems live in that rendering: the contexts are the codec's contexts (what the model's output
+joins), "real" is the true continuation through the codec (perfect tokens), "repeat" the codec
+context's last chunk, "random" another window's true continuation through the codec. So a
+codec that blurs every track alike no longer hides the DiT: there, perfect tokens score as
+"real" does, by construction.
+
     frechet      Fréchet distance between the system's frames and the real continuations' frames
                  (all windows pooled): is it the right kind of music at all? lower is better
     harmony      cosine of the continuation's mean chroma with its context's: same key? higher
@@ -261,45 +270,59 @@ def main(argv=None) -> int:
 
     outs: dict[str, list[np.ndarray]] = {s: [] for s in SYSTEMS}
     outs["model"], model_s = continue_all(base, "model")
+    coded_contexts = []  # each whole window through the codec, cut at the join
     for lo in range(0, len(wins), a.batch):
         part = [torch.from_numpy(np.concatenate([w[1], w[2]])) for w in wins[lo:lo + a.batch]]
-        outs["codec"] += [g.numpy() for g in engine.round_trip(part, context, context + chunk,
-                                                                seed=a.seed + lo)]
+        for g in engine.round_trip(part, 0, context + chunk, seed=a.seed + lo):
+            coded_contexts.append(g[:context].numpy())
+            outs["codec"].append(g[context:].numpy())
         print(f"codec: {len(outs['codec'])}/{len(wins)} windows", file=sys.stderr)
     rng = np.random.default_rng(a.seed)
+    picks = []  # the window each "random" row takes its clip from
     for t, c, real, _start in wins:
         outs["repeat"].append(c[-chunk:])
         others = [j for j, w in enumerate(wins) if w[0] != t]
-        outs["random"].append(wins[others[rng.integers(len(others))]][2])
+        picks.append(others[rng.integers(len(others))])
+        outs["random"].append(wins[picks[-1]][2])
         outs["real"].append(real)
+    coded = {"model": outs["model"], "repeat": [c[-chunk:] for c in coded_contexts],
+             "random": [outs["codec"][j] for j in picks], "real": outs["codec"]}
     features = Features(rate)
     table = score(features, contexts, outs)
+    table_coded = score(features, coded_contexts, coded)
     variants = {}
     for name in names:
         params = replace(base, **VARIANTS[name]).validated(engine.codec.n_levels)
         got, seconds = continue_all(params, name)
-        row = score(features, contexts, {**outs, "model": got})["model"]
-        variants[name] = dict(params={k: VARIANTS[name][k] for k in VARIANTS[name]},
-                              steps=list(params.steps), seconds=round(seconds, 1), metrics=row)
+        variants[name] = dict(
+            params={k: VARIANTS[name][k] for k in VARIANTS[name]}, steps=list(params.steps),
+            seconds=round(seconds, 1),
+            metrics=score(features, contexts, {**outs, "model": got})["model"],
+            metrics_codec_domain=score(features, coded_contexts,
+                                       {**coded, "model": got})["model"])
 
     result = dict(
         date=time.strftime("%Y-%m-%d"), weights=str(a.weights), codec=str(a.codec),
         tracks=len({w[0] for w in wins}), windows=len(wins),
         steps=list(base.steps), seed=a.seed, model_seconds=round(model_s, 1),
         platform=platform.platform(), torch=torch.__version__, metrics=table,
+        metrics_codec_domain=table_coded,
     )
     if variants:
         result["variants"] = variants
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
-    print("| system | " + " | ".join(METRICS) + " | seconds |\n|---|" + "---|" * (len(METRICS) + 1))
-    for system in SYSTEMS:
-        secs = f"{model_s:.0f}" if system == "model" else ""
-        print(f"| {system} | " + " | ".join(f"{table[system][n]:.3f}" for n in METRICS)
-              + f" | {secs} |")
-    for name, v in variants.items():
-        print(f"| model, {name} {v['params'] or ''} | "
-              + " | ".join(f"{v['metrics'][n]:.3f}" for n in METRICS) + f" | {v['seconds']:.0f} |")
+    for title, key, tab in (("against the original audio", "metrics", table),
+                            ("in the codec's domain (the DiT alone)", "metrics_codec_domain",
+                             table_coded)):
+        print(f"\n{title}\n\n| system | " + " | ".join(METRICS) + " | seconds |\n|---|"
+              + "---|" * (len(METRICS) + 1))
+        for system, row in tab.items():
+            secs = f"{model_s:.0f}" if system == "model" else ""
+            print(f"| {system} | " + " | ".join(f"{row[n]:.3f}" for n in METRICS) + f" | {secs} |")
+        for name, v in variants.items():
+            print(f"| model, {name} {v['params'] or ''} | "
+                  + " | ".join(f"{v[key][n]:.3f}" for n in METRICS) + f" | {v['seconds']:.0f} |")
     if a.samples:
         import soundfile as sf
 

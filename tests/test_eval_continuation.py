@@ -49,6 +49,13 @@ def test_metrics_rank_the_references_as_designed(tmp_path, debug_weights_dir, de
     assert m["real"]["harmony"] > m["random"]["harmony"] + 0.1
     assert m["real"]["timbre"] > m["random"]["timbre"]
     assert all(np.isfinite(v) for s in m.values() for v in s.values())
+    # The codec-domain table: perfect tokens are its "real" (Fréchet 0 by construction), and
+    # its contexts are the codec's renderings, so "repeat" (their last chunk) copies them.
+    c = result["metrics_codec_domain"]
+    assert set(c) == {"model", "repeat", "random", "real"}
+    assert c["real"]["frechet"] < 1e-6 < m["codec"]["frechet"]
+    assert c["repeat"]["copy"] > 0.99 and c["repeat"]["copy"] > c["random"]["copy"]
+    assert all(np.isfinite(v) for s in c.values() for v in s.values())
     assert len(list((tmp_path / "samples").glob("*.wav"))) == 9
     try:
         import matplotlib  # noqa: F401  (the bench extra) draws the samples' spectrograms

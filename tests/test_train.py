@@ -314,6 +314,7 @@ def test_model_card_of_an_exported_snapshot(tmp_path):
     """`python -m training.dit.card`: the card states the exported step, the architecture,
     the curriculum, the held-out split, and the last evaluation's per-level figures next to
     the untrained (ln V) and unigram baselines, all read from what the run logged."""
+    from training.dit.card import continuation_text
     from training.dit.card import main as card_main
     from training.dit.export import main as export
 
@@ -325,6 +326,9 @@ def test_model_card_of_an_exported_snapshot(tmp_path):
               "metrics": {s: {k: 0.5 for k in ("frechet", "harmony", "timbre", "retrieval",
                                                "seam", "copy")}
                           for s in ("model", "codec", "repeat", "random", "real")}}
+    assert "codec's domain" not in continuation_text(result)  # results from before that table
+    result["metrics_codec_domain"] = {s: {k: 0.25 for k in result["metrics"]["model"]}
+                                      for s in ("model", "repeat", "random", "real")}
     (tmp_path / "eval.json").write_text(json.dumps(result))
     assert card_main(["--run", str(tmp_path / "carded"), "--weights", str(weights),
                       "--eval", str(tmp_path / "eval.json")]) == 0
@@ -338,6 +342,8 @@ def test_model_card_of_an_exported_snapshot(tmp_path):
     assert f"{last_eval['unigram_ce_A']:.3f}" in text and f"{math.log(32):.3f}" in text
     assert "F16" in text and "pretrain" in text and "| model | 0.500 |" in text
     assert "| codec | 0.500 |" in text and "perfect tokens" in text
+    coded = text[text.index("In the codec's domain"):]
+    assert "| model | 0.250 |" in coded and "| real | 0.250 |" in coded
     assert "1 held-out files" in text and "Training time:" in text
 
     # weights exported from another run are refused, naming both

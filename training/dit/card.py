@@ -89,14 +89,27 @@ CONTINUATION_METRICS = (("frechet", "Fréchet (MFCC + chroma) ↓"), ("harmony",
                         ("seam", "seam"), ("copy", "copy"))
 
 
-def continuation_text(result: dict) -> str:
-    """`bench/eval_continuation.py`'s result as a card section."""
-    table = result["metrics"]
+def _metrics_table(table: dict) -> str:
     head = "| system | " + " | ".join(label for _, label in CONTINUATION_METRICS) + " |"
     rows = [head, "|---|" + "---|" * len(CONTINUATION_METRICS)]
     for system, values in table.items():
         rows.append(f"| {system} | " + " | ".join(f"{values[k]:.3f}" for k, _ in
                                                    CONTINUATION_METRICS) + " |")
+    return "\n".join(rows)
+
+
+def continuation_text(result: dict) -> str:
+    """`bench/eval_continuation.py`'s result as a card section: the table against the original
+    audio, then (results since it has one) the table in the codec's domain."""
+    coded = result.get("metrics_codec_domain")
+    coded_text = "" if coded is None else f"""
+In the codec's domain (the DiT alone): every window encoded and decoded whole, so the contexts
+are the codec's renderings, "real" is the true continuation through the codec (perfect
+tokens), "repeat" the rendered context's last chunk and "random" another window's rendered
+continuation:
+
+{_metrics_table(coded)}
+"""
     steps = ",".join(map(str, result.get("steps", [])))
     return f"""
 ## Continuations (held-out tracks)
@@ -110,8 +123,8 @@ defined in that script and in
 docs/benchmarks.md; seam: the real continuation's value is the scale, copy: "repeat" shows
 what a copy scores).
 
-{chr(10).join(rows)}
-"""
+{_metrics_table(result["metrics"])}
+{coded_text}"""
 
 
 def warm_text(train: dict) -> str:

@@ -246,14 +246,20 @@ def test_warm_start_goes_on_from_an_exported_runs_step(tmp_path):
     ramp = [lr_at(4 + i, cfg.optim, total) * min(1, (i + 2) / 3) for i in range(2)]
     assert [r["lr"] for r in train] == pytest.approx(ramp)
 
-    # Stopped and re-run: it resumes from its own checkpoint, the ramp done, to the end.
+    # Stopped and re-run: it resumes from its own checkpoint, the ramp done, to the end, on
+    # its own schedule even when --init_step names another step (here 5: the step a snapshot
+    # exported from this run would carry, as a working period's notes say to pass).
     again = Trainer(debug_config(tokens, tmp_path, "warm", init=str(tmp_path / "snap"),
-                                 init_step=3, **long))
+                                 init_step=5, **long))
     again.load(tmp_path / "warm")
-    assert again.step == 5 and again.fit() == 0 and again.step == total
+    assert again.step == 5 and again.cfg.init_step == 3
+    assert again.fit() == 0 and again.step == total
+    assert json.loads((tmp_path / "warm" / "config.json").read_text())["init_step"] == 3
     rows = [json.loads(x) for x in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if r["kind"] == "train"][-1]
-    assert last["step"] == total and last["lr"] == pytest.approx(cfg.optim.min_lr)
+    resumed = [r for r in rows if r["kind"] == "train" and r["step"] > 5]
+    assert [r["lr"] for r in resumed] == pytest.approx(
+        [lr_at(r["step"], cfg.optim, total) for r in resumed])
+    assert resumed[-1]["step"] == total and resumed[-1]["lr"] == pytest.approx(cfg.optim.min_lr)
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [2, 3, 5, 6, 9, 12]  # 2: recovered
 
     # Its card spans the whole run: the recovered row and the warm start are on it.

@@ -279,8 +279,23 @@ class Trainer:
         self.ema.load_state_dict(ck["weights"]["ema"], ck["trainer"]["ema_updates"])
         tr = ck["trainer"]
         self.opt.load_state_dict(tr["optimizer"])
-        self.sched.load_state_dict(tr["scheduler"])
         self.step = int(tr["step"])
+        # The scheduler counts steps from the step its run started at (0, or a warm start's
+        # init_step), so a checkpoint knows that start. A re-run whose --init_step names
+        # another step (e.g. the step of a snapshot exported from this very run) must not move
+        # the schedule: the run's own start wins.
+        start = self.step - int(tr["scheduler"]["last_epoch"])
+        if start != self.cfg.init_step:
+            self._print(f"note: {ck['path']} belongs to a run started at step {start}; "
+                        f"init_step {self.cfg.init_step} ignored (it only applies to a run "
+                        "without checkpoints)")
+            self.cfg = dataclasses.replace(self.cfg, init_step=start)
+            self.sched = build_scheduler(self.opt, self.cfg.optim, self.cfg.total_steps, start)
+        self.sched.load_state_dict(tr["scheduler"])
+        # The lr of the next step is the schedule's at the checkpoint's counter.
+        for group, base, fn in zip(self.opt.param_groups, self.sched.base_lrs,
+                                   self.sched.lr_lambdas, strict=True):
+            group["lr"] = base * fn(self.sched.last_epoch)
         self.data_stage, self.data_state = tr["data"]["stage"], tr["data"]["state"]
         if tr["world_size"] != self.env.world_size:
             self._print(f"warning: checkpoint was written by {tr['world_size']} ranks, resuming "

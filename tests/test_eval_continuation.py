@@ -91,10 +91,13 @@ def test_sampling_ablation_adds_a_row_per_variant(tmp_path, debug_weights_dir, d
     args = ["--weights", debug_weights_dir, "--codec", debug_codec_dir, "--audio", str(audio),
             "--per-track", "1", "--steps", "1", "--out", str(out)]
     assert ev.main([*args, "--variants", "nonsense"]) == 2
-    assert ev.main([*args, "--variants", "gumbel_0,guidance_2"]) == 0
+    assert ev.main([*args, "--variants", "gumbel_0,guidance_2,reseed"]) == 0
     result = json.loads(out.read_text())
     v = result["variants"]
-    assert list(v) == ["gumbel_0", "guidance_2"]
+    assert list(v) == ["gumbel_0", "guidance_2", "reseed"]
+    # reseed: the defaults with other seeds, so its output (and scores) differ from the model row
+    assert v["reseed"]["params"] == {"seed_offset": 100_000}
+    assert v["reseed"]["metrics"] != result["metrics"]["model"]
     assert v["guidance_2"]["params"] == {"guidance": [2.0] * 4} and v["guidance_2"]["steps"] == [1] * 4
     for row in v.values():
         assert set(row["metrics"]) == set(ev.METRICS) and row["seconds"] >= 0

@@ -220,6 +220,8 @@ def test_warm_start_goes_on_from_an_exported_runs_step(tmp_path):
     long = {"curriculum.stages.2.steps": 8, "optim.rewarm_steps": 3, "eval.every": 3}
     assert Trainer(debug_config(tokens, tmp_path, "first", stop_at=3, **long)).fit() == 0
     assert export([str(tmp_path / "first"), str(tmp_path / "snap"), "--fp16"]) == 0
+    assert card_main(["--run", str(tmp_path / "first"), "--weights", str(tmp_path / "snap")]) == 0
+    assert "**Work in progress**" in (tmp_path / "snap" / "MODEL_CARD.md").read_text()  # 3 of 12
     # The export ships the run's log; an older snapshot may carry rows recovered as summaries.
     shipped = (tmp_path / "snap" / "metrics.jsonl").read_text()
     assert shipped == (tmp_path / "first" / "metrics.jsonl").read_text()
@@ -351,6 +353,7 @@ def test_model_card_of_an_exported_snapshot(tmp_path):
     coded = text[text.index("In the codec's domain"):]
     assert "| model | 0.250 |" in coded and "| real | 0.250 |" in coded
     assert "1 held-out files" in text and "Training time:" in text
+    assert "curriculum is complete" in text and "Work in progress" not in text  # 6 of 6
 
     # weights exported from another run are refused, naming both
     assert Trainer(debug_config(tokens, tmp_path, "other")).fit() == 0

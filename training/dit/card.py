@@ -244,12 +244,16 @@ def card(run: Path, weights: Path, corpus: Path | None = None, result: dict | No
     command = (f"`python training/train.py --config {shipped}`" if shipped.is_file()
                else "`python training/train.py` with the settings below")
     cont = continuation_text(result) if result else ""
+    total = sum(s["steps"] for s in train["curriculum"]["stages"])
+    status = ("The curriculum is complete: this is its last step, trained across several "
+              "working periods." if step >= total else
+              '**Work in progress**: training continues across working periods (issue "Demo\n'
+              'DiT"); the figures below are what this snapshot measures.')
     return f"""# Demo DiT (snac-dit) — snapshot at step {step:,}
 
 The hierarchical masked-diffusion transformer that continues music in `make serve`, trained
 from scratch on a 2-core CPU on the demo codec's tokens, so that a fresh checkout continues
-music offline. **Work in progress**: training continues across working periods (issue "Demo
-DiT"); the figures below are what this snapshot measures.
+music offline. {status}
 
 - Architecture: preset `{train['model'].get('preset')}`, d_model {dit['d_model']}, {dit['n_layers']}
   layers, {dit['n_heads']} heads, {n_levels} levels of {V:,} codes

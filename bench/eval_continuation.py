@@ -296,9 +296,10 @@ def main(argv=None) -> int:
     table_coded = score(features, coded_contexts, coded)
     variants = {}
     for name in names:
-        change = {k: v for k, v in VARIANTS[name].items() if k != "seed_offset"}
+        change = dict(VARIANTS[name])
+        seed_offset = change.pop("seed_offset", 0)
         params = replace(base, **change).validated(engine.codec.n_levels)
-        got, seconds = continue_all(params, name, VARIANTS[name].get("seed_offset", 0))
+        got, seconds = continue_all(params, name, seed_offset)
         variants[name] = dict(
             params={k: VARIANTS[name][k] for k in VARIANTS[name]}, steps=list(params.steps),
             seconds=round(seconds, 1),

@@ -276,7 +276,7 @@ compute `{train['dtype']}`; curriculum (n_ctx drawn per row from the weights):
 
 {chr(10).join(stage_rows(train))}
 
-{warm_text(train)}- Steps: {step:,} of {sum(s['steps'] for s in train['curriculum']['stages']):,} (EMA weights
+{warm_text(train)}- Steps: {step:,} of {total:,} (EMA weights
   exported); last logged training loss {last_train.get('loss', math.nan):.3f} at
   {last_train.get('tokens_per_s', 0):.0f} tokens/s.
 - Training time: {hours:.2f} h on a 2-core AMD EPYC VM (no GPU), evaluations included, counted

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from training.dit.adapt import FULL_LR, LORA_LR
 from training.dit.adapt import main as adapt
 from training.dit.lora import adapter_state
 from training.run import checkpoint as ckpt_io
@@ -47,12 +48,14 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", default="0,8", help="comma list; 0 = full fine-tune")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", default="1e-4", help="one value, or one per rank (comma list)")
+    p.add_argument("--lr", default="",
+                   help="one value, or one per rank (comma list); default adapt's own per kind "
+                        f"({LORA_LR:g} for adapters, {FULL_LR:g} for every weight)")
     p.add_argument("--work", type=Path, default=Path("runs/adapt_compare"))
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     ranks = [int(r) for r in a.ranks.split(",")]
-    lrs = a.lr.split(",")
+    lrs = a.lr.split(",") if a.lr else [str(LORA_LR if r else FULL_LR) for r in ranks]
     if len(lrs) not in (1, len(ranks)) or any(r < 0 for r in ranks):
         print("error: --ranks must be >= 0 and --lr one value or one per rank", file=sys.stderr)
         return 2

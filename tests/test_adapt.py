@@ -56,9 +56,12 @@ def args(songs, base, codec, work, out, steps):
 def test_adapt_tokenises_holds_out_fine_tunes_exports_and_resumes(
         tmp_path, songs, base, debug_codec_dir, capsys):
     work, out = tmp_path / "work", tmp_path / "mine"
-    assert main(args(songs, base, debug_codec_dir, work, out, 4)) == 0
+    full = ["--lora-rank", "0"]  # every weight (the default is rank-8 adapters, below)
+    assert main([*args(songs, base, debug_codec_dir, work, out, 4), *full]) == 0
     err = capsys.readouterr().err
-    assert "3 songs to learn from, 1 held out" in err
+    assert "3 songs to learn from, 1 held out" in err and "every weight of" in err
+    # The held-out curve: scored before the first step and at the checkpoints.
+    assert "eval at step 0: val CE mean" in err and "eval at step 4: val CE mean" in err
     assert f"SNAC_DIT_CODEC={debug_codec_dir} SNAC_DIT_WEIGHTS={out} make serve" in err
     adapted = load_dit(out)
     assert adapted.config.max_after_chunks == 1           # still an editing model
@@ -69,12 +72,11 @@ def test_adapt_tokenises_holds_out_fine_tunes_exports_and_resumes(
     assert set(report["base"]) == set(report["adapted"]) == set("ABCD")
     assert "level A: base" in err
 
-    # Low-rank adapters instead of every weight: the export is a plain DiT again.
+    # The default: low-rank adapters instead of every weight; the export is a plain DiT again.
     lora_out = tmp_path / "mine_lora"
-    assert main([*args(songs, base, debug_codec_dir, tmp_path / "work_lora", lora_out, 4),
-                 "--lora-rank", "4"]) == 0
+    assert main(args(songs, base, debug_codec_dir, tmp_path / "work_lora", lora_out, 4)) == 0
     err = capsys.readouterr().err
-    assert "rank-4 adapters of" in err and "lora: rank 4 adapters" in err
+    assert "rank-8 adapters of" in err and "lora: rank 8 adapters" in err
     lora = load_dit(lora_out)
     assert lora.state_dict().keys() == load_dit(base).state_dict().keys()
     assert not all(torch.equal(a, b) for a, b in zip(lora.state_dict().values(),
@@ -84,14 +86,16 @@ def test_adapt_tokenises_holds_out_fine_tunes_exports_and_resumes(
                  "--lora-rank", "-1"]) == 2
 
     # The same command with more steps goes on from the saved run (tokens are not redone).
-    assert main(args(songs, base, debug_codec_dir, work, out, 16)) == 0
+    assert main([*args(songs, base, debug_codec_dir, work, out, 16), *full]) == 0
     err = capsys.readouterr().err
-    assert "resumed from" in err and "tokenised 0 files" not in err
+    assert "resumed from" in err and "eval at step 0" not in err  # the start is scored once and "tokenised 0 files" not in err
     report = json.loads((work / "adapt_eval.json").read_text())
     # 16 steps at lr 3e-3 on a riff: the held-out song is predicted better than by the base.
     assert np.mean(list(report["adapted"].values())) < np.mean(list(report["base"].values()))
     metrics = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in metrics if r["kind"] == "train") == 16
+    curve = {r["step"]: r["ce_mean"] for r in metrics if r["kind"] == "eval"}
+    assert {0, 4, 10, 16} <= set(curve) and curve[16] < curve[0]
 
 
 def test_hold_out_is_stable_and_respects_the_count(tmp_path):

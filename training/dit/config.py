@@ -99,6 +99,9 @@ class EvalConfig:
     n_ctx: list[int] = field(default_factory=lambda: [0, 1, 2])
     seed: int = 1234  # fixed: the same val windows and masks at every eval, comparable curves
     use_ema: bool = True
+    # Also evaluate before the first step of a fresh run: the starting point of a fine-tune's
+    # curve (what the init weights score on the same windows and masks).
+    at_start: bool = False
     audio: bool = True  # continue a fixed val window and write a WAV when the codec loads
     codec: str = ""  # codec for the audio sample; "" = the one the tokens were made with
     sample_steps: list[int] = field(default_factory=list)  # per level; [] = sampler defaults

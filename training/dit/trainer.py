@@ -16,6 +16,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,12 @@ from training.run.rng import capture_rng, restore_rng, seed_everything
 from training.run.signals import StopFlag, ignore_stop_signals
 from training.tokens.shards import ManifestError, read_manifest
 from training.tokens.windows import TokenWindows, collate_windows
+
+# CPU bf16 autocast hands the qk RMSNorm bf16 activations and its fp32 weight; torch then skips
+# a fused kernel and says so once. Harmless (the unfused path is what runs), but it reads like
+# an error in every user's training log.
+warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight",
+                        category=UserWarning)
 
 
 def cpu_has_bf16() -> bool:
@@ -87,6 +94,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: D.DistEnv | None = None):
         self.cfg = cfg
         self.env = env or D.DistEnv()
+        self._bar = None  # the progress bar while fit() runs: messages print above it
         self.device = self.env.device
         self.run_dir = cfg.run_dir
 
@@ -308,7 +316,10 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _print(self, msg: str) -> None:
         if self.env.is_main:
-            print(msg, file=sys.stderr, flush=True)
+            if self._bar is not None:  # above the progress bar, which redraws below
+                self._bar.write(msg, file=sys.stderr)
+            else:
+                print(msg, file=sys.stderr, flush=True)
 
     def train_step(self) -> dict:
         """One optimizer step; returns its named terms as detached tensors (no host sync)."""
@@ -369,8 +380,11 @@ class Trainer:
 
             bar = tqdm(total=end, initial=self.step, desc=cfg.name, dynamic_ncols=True,
                        file=sys.stderr)
+        self._bar = bar
         window: dict[str, torch.Tensor] = {}
         n_window = 0
+        if cfg.eval.every and cfg.eval.at_start and self.step == cfg.init_step:
+            self.evaluate()
         self.meter.reset()
         with StopFlag() as stop_flag:  # SIGINT/SIGTERM: finish the step, save, stop
             try:
@@ -397,6 +411,7 @@ class Trainer:
                         return 128 + int(signum)
                 return 0
             finally:
+                self._bar = None
                 if bar is not None:
                     bar.close()
                 if self.log is not None:
@@ -437,6 +452,8 @@ class Trainer:
             if result:
                 result["eval_seconds"] = round(time.perf_counter() - t0, 3)
                 self.log.write(self.step, "eval", result)
+                self._print(f"eval at step {self.step}: val CE mean {result['ce_mean']:.3f} ("
+                            f"{result['eval_seconds']:.0f} s)")
         D.barrier(self.env)
         self.meter.reset()  # evaluation time is not training throughput
         return result

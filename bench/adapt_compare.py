@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", default="",
                    help="one value, or one per rank (comma list); default adapt's own per kind "
                         f"({LORA_LR:g} for adapters, {FULL_LR:g} for every weight)")
+    p.add_argument("--lora-heads", action=argparse.BooleanOptionalAction, default=False,
+                   help="adapters on the output heads too (adapt's --lora-heads)")
     p.add_argument("--work", type=Path, default=Path("runs/adapt_compare"))
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
@@ -69,11 +71,13 @@ def main(argv=None) -> int:
         return 1
     rows = []
     for rank, lr in zip(ranks, lrs, strict=True):
-        work, out = a.work / f"rank{rank}", a.work / f"rank{rank}_model"
+        name = f"rank{rank}" + ("_heads" if a.lora_heads and rank else "")
+        work, out = a.work / name, a.work / f"{name}_model"
         _link_tree(tokens, work / "tokens")
         args = [str(a.songs), "--out", str(out), "--base", a.base, "--codec", a.codec,
                 "--work", str(work), "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-                "--lr", lr, "--lora-rank", str(rank), "--no-progress"]
+                "--lr", lr, "--lora-rank", str(rank), "--no-progress",
+                "--lora-heads" if a.lora_heads else "--no-lora-heads"]
         t0 = time.perf_counter()
         rc = adapt(args)
         seconds = time.perf_counter() - t0
@@ -84,8 +88,10 @@ def main(argv=None) -> int:
         weights = ckpt_io.load_checkpoint(work / "run")["weights"]["model"]
         adapters = sum(v.numel() for v in adapter_state(weights).values()) * 2  # fp16 bytes
         model_bytes = (out / "model.safetensors").stat().st_size
-        rows.append(dict(rank=rank, lr=float(lr), steps=a.steps, seconds=round(seconds, 1),
+        rows.append(dict(rank=rank, lr=float(lr), lora_heads=a.lora_heads and rank > 0,
+                         steps=a.steps, seconds=round(seconds, 1),
                          ce_base=report.get("base", {}), ce_adapted=report.get("adapted", {}),
+                         ce_change=report.get("change_adapted", {}),
                          model_bytes=model_bytes,
                          written_bytes=adapters if rank else model_bytes))
     result = dict(date=time.strftime("%Y-%m-%d"), songs=str(a.songs), base=a.base,
@@ -95,8 +101,11 @@ def main(argv=None) -> int:
     print("| rank | lr | seconds | " + " | ".join(f"CE {lv} base → adapted" for lv in levels)
           + " | written |\n|---|---|---|" + "---|" * len(levels) + "---|")
     for r in rows:
-        cells = " | ".join(f"{r['ce_base'][lv]:.3f} → {r['ce_adapted'][lv]:.3f}" for lv in levels)
-        print(f"| {r['rank'] or 'full'} | {r['lr']:g} | {r['seconds']:.0f} | {cells} | "
+        cells = " | ".join(f"{r['ce_base'][lv]:.3f} → {r['ce_adapted'][lv]:.3f} "
+                           f"({r['ce_change'][lv]['mean']:+.3f} ± {r['ce_change'][lv]['se']:.3f})"
+                           for lv in levels)
+        kind = f"{r['rank'] or 'full'}{' + heads' if r['lora_heads'] else ''}"
+        print(f"| {kind} | {r['lr']:g} | {r['seconds']:.0f} | {cells} | "
               f"{r['written_bytes'] / 1e6:.2f} MB |")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

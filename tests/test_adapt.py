@@ -70,7 +70,11 @@ def test_adapt_tokenises_holds_out_fine_tunes_exports_and_resumes(
                                                      strict=True))
     report = json.loads((work / "adapt_eval.json").read_text())
     assert set(report["base"]) == set(report["adapted"]) == set("ABCD")
-    assert "level A: base" in err
+    assert "level A: base" in err and " ± " in err
+    for lvl, change in report["change_adapted"].items():  # paired over the scored batches
+        assert change["mean"] == pytest.approx(report["adapted"][lvl] - report["base"][lvl],
+                                               abs=2e-3)
+        assert change["se"] >= 0 or np.isnan(change["se"])
 
     # The default: low-rank adapters instead of every weight; the export is a plain DiT again.
     lora_out = tmp_path / "mine_lora"
@@ -82,6 +86,20 @@ def test_adapt_tokenises_holds_out_fine_tunes_exports_and_resumes(
     assert not all(torch.equal(a, b) for a, b in zip(lora.state_dict().values(),
                                                      load_dit(base).state_dict().values(),
                                                      strict=True))
+    def same(a, b, prefix):  # the export is fp16: compare at that precision
+        return all(torch.equal(v.half(), b.state_dict()[k].half())
+                   for k, v in a.state_dict().items() if k.startswith(prefix))
+
+    assert same(lora, load_dit(base), "heads.") and same(lora, load_dit(base), "tok_emb.")
+    # --lora-heads: the per-level output heads get adapters too (and nothing else new).
+    heads_out = tmp_path / "mine_heads"
+    assert main([*args(songs, base, debug_codec_dir, tmp_path / "work_heads", heads_out, 4),
+                 "--lora-heads"]) == 0
+    assert "heads" in capsys.readouterr().err
+    assert 'targets = ["attn.qkv", "attn.proj", "mlp.0", "mlp.2", "adaLN", "heads"]' in (
+        tmp_path / "work_heads" / "adapt.toml").read_text()
+    heads = load_dit(heads_out)
+    assert not same(heads, load_dit(base), "heads.") and same(heads, load_dit(base), "tok_emb.")
     assert main([*args(songs, base, debug_codec_dir, tmp_path / "w", tmp_path / "o", 4),
                  "--lora-rank", "-1"]) == 2
 

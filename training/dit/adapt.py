@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"train rank-r low-rank adapters (default {DEFAULT_RANK}; measured better "
                         "on held-out songs than a full fine-tune, docs/adapt.md); 0 trains every "
                         "weight. The export merges the adapters into a plain model")
+    p.add_argument("--lora-heads", action=argparse.BooleanOptionalAction, default=False,
+                   help="with adapters, adapt the per-level output heads too (default: off)")
     p.add_argument("--val-songs", type=int, default=None,
                    help="songs held out to measure the adaptation (default: 1 per 8, at least "
                         "1 when there are 3 or more)")
@@ -99,6 +101,12 @@ def hold_out(token_dir: Path, k: int | None) -> tuple[list[str], list[str]]:
     return sorted(set(names) - val), sorted(val)
 
 
+def lora_targets(a) -> list[str]:
+    from training.dit.lora import DEFAULT_TARGETS, HEADS
+
+    return [*DEFAULT_TARGETS, *([HEADS] if a.lora_heads else [])]
+
+
 def training_toml(a, work: Path, editing: bool, has_val: bool, dtype: str = "auto") -> str:
     """The fine-tuning config: one stage over the context mix, a gentle learning rate."""
     every = max(10, a.steps // 10)
@@ -122,6 +130,7 @@ ema_decay = 0.999
 
 [lora]
 rank = {a.lora_rank}
+targets = {json.dumps(lora_targets(a))}
 
 [[curriculum.stages]]
 name = "adapt"
@@ -170,10 +179,11 @@ def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int =
     items = [val[int(i)]["tokens"] for i in picks]
     windows = [torch.stack([it[lvl] for it in items]) for lvl in range(len(items[0]))]
     out = {"windows": len(picks), "n_ctx": n_ctx}
+    per_batch = {}  # model -> level -> mean CE of each batch of 4 windows
     for name, path in model_dirs.items():
         model = load_dit(path, dtype=torch.float32)  # shipped weights may be fp16
         schedules = DiffusionConfig.from_dict(read_dit_config(path).get("diffusion", {})).schedules
-        sums = {}
+        sums, batches = {}, per_batch.setdefault(name, {})
         with torch.no_grad():
             for lo in range(0, len(picks), 4):
                 batch = [w[lo:lo + 4] for w in windows]
@@ -182,8 +192,19 @@ def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int =
                     s = sums.setdefault(lvl, [0.0, 0])
                     s[0] += ce
                     s[1] += n
+                    batches.setdefault(lvl, []).append(ce / n)
         out[name] = {lvl: round(sums[lvl][0] / sums[lvl][1], 4)
                      for lvl in LEVEL_NAMES[: len(sums)]}
+    first, *others = model_dirs
+    for name in others:
+        # Paired over the batches (same windows, same masks): the change and its standard
+        # error, so a difference can be told from the noise of which windows were scored.
+        change = {}
+        for lvl, ref in per_batch[first].items():
+            d = np.asarray(per_batch[name][lvl]) - np.asarray(ref)
+            se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+            change[lvl] = {"mean": round(float(d.mean()), 4), "se": round(se, 4)}
+        out[f"change_{name}"] = change
     return out
 
 
@@ -269,8 +290,9 @@ def run(a) -> int:
         print(f"held-out masked-token cross-entropy, {report['windows']} windows "
               f"(lower is better):", file=sys.stderr)
         for lvl, ce in report["base"].items():
-            print(f"  level {lvl}: base {ce:.3f} -> adapted {report['adapted'][lvl]:.3f}",
-                  file=sys.stderr)
+            d = report["change_adapted"][lvl]
+            print(f"  level {lvl}: base {ce:.3f} -> adapted {report['adapted'][lvl]:.3f} "
+                  f"({d['mean']:+.3f} ± {d['se']:.3f})", file=sys.stderr)
     codec = "" if a.codec == DEFAULT_CODEC else f"SNAC_DIT_CODEC={a.codec} "
     print(f"done. Serve it with:\n\n    {codec}SNAC_DIT_WEIGHTS={a.out} make serve\n",
           file=sys.stderr)

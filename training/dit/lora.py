@@ -9,8 +9,9 @@ adapters alone weigh.
 
 Targets are module-name suffixes inside the transformer blocks (`blocks.N.`): by default the
 attention projections, the MLP and the per-segment modulation (adaLN, whose gates decide how
-much each block contributes); the time embedding, the token embeddings and the output heads
-stay as the base model has them.
+much each block contributes). The target `heads` adds the per-level output heads (`heads.N`),
+the only level-specific linears. The time embedding and the token embeddings stay as the base
+model has them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.0", "mlp.2", "adaLN")
+HEADS = "heads"  # the per-level output heads, outside the blocks
 
 
 class LoRALinear(nn.Module):
@@ -42,8 +44,10 @@ def _targets(model: nn.Module, targets) -> list[tuple[nn.Module, str, nn.Linear]
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
-            if (isinstance(child, nn.Linear) and full.startswith("blocks.")
-                    and any(full.endswith(t) for t in targets)):
+            if not isinstance(child, nn.Linear):
+                continue
+            if (full.startswith("blocks.") and any(full.endswith(t) for t in targets)
+                    or HEADS in targets and name == HEADS):
                 found.append((module, child_name, child))
     return found
 

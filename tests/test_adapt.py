@@ -4,6 +4,7 @@ debug base model (seconds). Resume, every bad-input case, and the numbers it rep
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,9 +104,13 @@ def test_adapt_tokenises_holds_out_fine_tunes_exports_and_resumes(
     assert main([*args(songs, base, debug_codec_dir, tmp_path / "w", tmp_path / "o", 4),
                  "--lora-rank", "-1"]) == 2
 
-    # The same command with more steps goes on from the saved run (tokens are not redone).
-    assert main([*args(songs, base, debug_codec_dir, work, out, 16), *full]) == 0
+    # The same command with more steps goes on from the saved run (tokens are not redone);
+    # this time with the progress bars a user sees, scoring included.
+    with_bars = [x for x in args(songs, base, debug_codec_dir, work, out, 16)
+                 if x != "--no-progress"]
+    assert main([*with_bars, *full]) == 0
     err = capsys.readouterr().err
+    assert re.search(r"score held-out: 100%\|.*\| (\d+)/\1 ", err), err  # base + adapted
     assert "resumed from" in err and "eval at step 0" not in err  # the start is scored once and "tokenised 0 files" not in err
     report = json.loads((work / "adapt_eval.json").read_text())
     # 16 steps at lr 3e-3 on a riff: the held-out song is predicted better than by the base.

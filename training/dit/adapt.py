@@ -159,10 +159,12 @@ progress = {"false" if a.no_progress else "true"}
 """
 
 
-def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int = 32) -> dict:
+def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int = 32,
+                progress: bool = False) -> dict:
     """Per-level masked-token CE (half the tokens masked) of each model on the val windows."""
     import numpy as np
     import torch
+    from tqdm import tqdm
 
     from model.diffusion import LEVEL_NAMES, DiffusionConfig
     from model.weights import load_dit, read_dit_config
@@ -180,6 +182,8 @@ def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int =
     windows = [torch.stack([it[lvl] for it in items]) for lvl in range(len(items[0]))]
     out = {"windows": len(picks), "n_ctx": n_ctx}
     per_batch = {}  # model -> level -> mean CE of each batch of 4 windows
+    bar = tqdm(total=len(model_dirs) * len(picks), desc="score held-out", unit="window",
+               disable=not progress, file=sys.stderr)
     for name, path in model_dirs.items():
         model = load_dit(path, dtype=torch.float32)  # shipped weights may be fp16
         schedules = DiffusionConfig.from_dict(read_dit_config(path).get("diffusion", {})).schedules
@@ -193,8 +197,10 @@ def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int =
                     s[0] += ce
                     s[1] += n
                     batches.setdefault(lvl, []).append(ce / n)
+                bar.update(len(batch[0]))
         out[name] = {lvl: round(sums[lvl][0] / sums[lvl][1], 4)
                      for lvl in LEVEL_NAMES[: len(sums)]}
+    bar.close()
     first, *others = model_dirs
     for name in others:
         # Paired over the batches (same windows, same masks): the change and its standard
@@ -284,7 +290,8 @@ def run(a) -> int:
 
     print(f"4/4 exporting to {a.out}", file=sys.stderr)
     export(work / "run", a.out, fp16=True)  # half the size; the engine computes in fp32/bf16
-    report = held_out_ce({"base": base, "adapted": a.out}, work / "tokens") if val_songs else {}
+    report = (held_out_ce({"base": base, "adapted": a.out}, work / "tokens",
+                          progress=not a.no_progress) if val_songs else {})
     (work / "adapt_eval.json").write_text(json.dumps(report, indent=1) + "\n")
     if report:
         print(f"held-out masked-token cross-entropy, {report['windows']} windows "

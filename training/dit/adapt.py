@@ -101,15 +101,12 @@ def hold_out(token_dir: Path, k: int | None) -> tuple[list[str], list[str]]:
     return sorted(set(names) - val), sorted(val)
 
 
-def lora_targets(a) -> list[str]:
-    from training.dit.lora import DEFAULT_TARGETS, HEADS
-
-    return [*DEFAULT_TARGETS, *([HEADS] if a.lora_heads else [])]
-
-
 def training_toml(a, work: Path, editing: bool, has_val: bool, dtype: str = "auto") -> str:
     """The fine-tuning config: one stage over the context mix, a gentle learning rate."""
+    from training.dit.lora import DEFAULT_TARGETS
+
     every = max(10, a.steps // 10)
+    targets = [*DEFAULT_TARGETS, *(["heads"] if a.lora_heads else [])]
     return f"""# written by `python -m training.dit.adapt`; re-running that command resumes this run
 name = "run"
 out_dir = {json.dumps(str(work))}
@@ -130,7 +127,7 @@ ema_decay = 0.999
 
 [lora]
 rank = {a.lora_rank}
-targets = {json.dumps(lora_targets(a))}
+targets = {json.dumps(targets)}
 
 [[curriculum.stages]]
 name = "adapt"
@@ -166,7 +163,7 @@ def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int =
     import torch
     from tqdm import tqdm
 
-    from model.diffusion import LEVEL_NAMES, DiffusionConfig
+    from model.diffusion import DiffusionConfig
     from model.weights import load_dit, read_dit_config
     from training.dit.evaluate import masked_token_metrics
     from training.tokens.windows import TokenWindows
@@ -181,25 +178,22 @@ def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int =
     items = [val[int(i)]["tokens"] for i in picks]
     windows = [torch.stack([it[lvl] for it in items]) for lvl in range(len(items[0]))]
     out = {"windows": len(picks), "n_ctx": n_ctx}
-    per_batch = {}  # model -> level -> mean CE of each batch of 4 windows
+    per_batch = {}  # model -> level -> (CE sum, masked count) of each batch of 4 windows
     bar = tqdm(total=len(model_dirs) * len(picks), desc="score held-out", unit="window",
                disable=not progress, file=sys.stderr)
     for name, path in model_dirs.items():
         model = load_dit(path, dtype=torch.float32)  # shipped weights may be fp16
         schedules = DiffusionConfig.from_dict(read_dit_config(path).get("diffusion", {})).schedules
-        sums, batches = {}, per_batch.setdefault(name, {})
+        batches = per_batch.setdefault(name, {})
         with torch.no_grad():
             for lo in range(0, len(picks), 4):
                 batch = [w[lo:lo + 4] for w in windows]
                 for lvl, (ce, _, n) in masked_token_metrics(model, batch, n_ctx, 0.5, schedules,
                                                             seed=lo).items():
-                    s = sums.setdefault(lvl, [0.0, 0])
-                    s[0] += ce
-                    s[1] += n
-                    batches.setdefault(lvl, []).append(ce / n)
+                    batches.setdefault(lvl, []).append((ce, n))
                 bar.update(len(batch[0]))
-        out[name] = {lvl: round(sums[lvl][0] / sums[lvl][1], 4)
-                     for lvl in LEVEL_NAMES[: len(sums)]}
+        out[name] = {lvl: round(sum(ce for ce, _ in got) / sum(n for _, n in got), 4)
+                     for lvl, got in batches.items()}
     bar.close()
     first, *others = model_dirs
     for name in others:
@@ -207,7 +201,7 @@ def held_out_ce(model_dirs: dict[str, Path], token_dir: Path, max_windows: int =
         # error, so a difference can be told from the noise of which windows were scored.
         change = {}
         for lvl, ref in per_batch[first].items():
-            d = np.asarray(per_batch[name][lvl]) - np.asarray(ref)
+            d = np.array([ce / n for ce, n in per_batch[name][lvl]]) - [ce / n for ce, n in ref]
             se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
             change[lvl] = {"mean": round(float(d.mean()), 4), "se": round(se, 4)}
         out[f"change_{name}"] = change

@@ -9,9 +9,9 @@ adapters alone weigh.
 
 Targets are module-name suffixes inside the transformer blocks (`blocks.N.`): by default the
 attention projections, the MLP and the per-segment modulation (adaLN, whose gates decide how
-much each block contributes). The target `heads` adds the per-level output heads (`heads.N`),
-the only level-specific linears. The time embedding and the token embeddings stay as the base
-model has them.
+much each block contributes). A target that names a top-level module adapts every linear in
+it: `heads` adds the per-level output heads (`heads.N`), the only level-specific linears. The
+token embeddings (not linears) always stay as the base model has them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.0", "mlp.2", "adaLN")
-HEADS = "heads"  # the per-level output heads, outside the blocks
 
 
 class LoRALinear(nn.Module):
@@ -46,8 +45,9 @@ def _targets(model: nn.Module, targets) -> list[tuple[nn.Module, str, nn.Linear]
             full = f"{name}.{child_name}" if name else child_name
             if not isinstance(child, nn.Linear):
                 continue
-            if (full.startswith("blocks.") and any(full.endswith(t) for t in targets)
-                    or HEADS in targets and name == HEADS):
+            in_blocks = full.startswith("blocks.")
+            if (in_blocks and any(full.endswith(t) for t in targets)
+                    or not in_blocks and full.split(".")[0] in targets):
                 found.append((module, child_name, child))
     return found
 

@@ -9,14 +9,24 @@ Backends:
              block sees exactly itself (the context of a training batch) that block runs without
              a mask and only the rows after it use the dense mask (`context_prefix`).
   "triton" — `model.kernels.block_attention.block_attention`, a block-sparse kernel with the same
-             signature (written separately; imported lazily so CPU users never need it).
-  "auto"   — Triton on CUDA tensors when that module imports, SDPA otherwise.
+             signature (written separately; imported lazily so CPU users never need it). Asked
+             for by name it runs or raises; it never falls back.
+  "auto"   — per call: the kernel where it serves (`kernel_unsupported` says why not: CPU
+             tensors, fp32, a head dim that is not a power of two in [16, 256], Triton missing or
+             older than 3.4), SDPA otherwise. Each choice and its reason is logged once; a Triton
+             that fails to import is a warning with the error, never silently skipped.
 Switch with `set_backend(name)` or `with attention_backend(name): ...`.
+
+Dtypes: every backend computes in one dtype, `compute_dtype(q, k, v)`: the autocast dtype inside
+an autocast region, else v's. Under CUDA autocast rms_norm is an fp32 op, so the model's normed
+q/k arrive in fp32 beside a bf16 v; they are cast rather than rejected (the kernel needs one
+dtype) and the SDPA mask is built in the same dtype. The output is in the compute dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +34,15 @@ from torch import Tensor
 
 from model.attention_rule import LastInputsCache, attention_ref, check_inputs, sdpa_mask
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("auto", "sdpa", "triton")
+MIN_TRITON = (3, 4)  # the kernel's tensor descriptors (triton.tools.tensor_descriptor)
 _backend = "auto"
 _triton_fn = None  # cached kernel entry point once imported
 _triton_error: Exception | None = None  # why it could not be imported, for "triton" errors
 _mask_cache = LastInputsCache()  # the dense mask, built once per forward instead of per layer
+_logged: set[tuple[str, str]] = set()  # (backend, reason) choices already logged
 
 
 def set_backend(name: str) -> None:
@@ -52,31 +66,83 @@ def attention_backend(name: str):
         set_backend(previous)
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split("+")[0].split(".")[:2]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def _load_triton():
+    """The kernel's entry point, or None with `_triton_error` saying why (logged once)."""
     global _triton_fn, _triton_error
     if _triton_fn is None and _triton_error is None:
         try:
+            import triton
+
+            if _version(triton.__version__) < MIN_TRITON:
+                raise ImportError(f"Triton {triton.__version__} is installed; the attention "
+                                  f"kernel needs Triton >= {'.'.join(map(str, MIN_TRITON))} "
+                                  "(triton.tools.tensor_descriptor)")
             from model.kernels.block_attention import block_attention
 
             _triton_fn = block_attention
         except Exception as e:  # ImportError, or triton failing to initialise without a GPU
             _triton_error = e
+            log.warning("Triton attention kernel unavailable (%r); attention runs on SDPA", e)
     return _triton_fn
+
+
+def kernel_unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why "auto" sends these (already dtype-normalised) inputs to SDPA, or None for the kernel.
+    Host-side checks of shapes and dtypes only: no sync."""
+    D = q.shape[-1]
+    if D < 16 or D > 256 or D & (D - 1):
+        return f"head dim {D} is not a power of two in [16, 256]"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{q.dtype} inputs (the kernel's fp32 mode is a slow correctness check)"
+    if not q.is_cuda:
+        return f"{q.device.type} tensors"
+    if _load_triton() is None:
+        return f"Triton unavailable: {_triton_error}"
+    return None
+
+
+def choose_backend(q: Tensor, k: Tensor, v: Tensor) -> tuple[str, str]:
+    """(backend, reason) for this call under the selected backend."""
+    if _backend != "auto":
+        return _backend, "selected"
+    why = kernel_unsupported(q, k, v)
+    return ("sdpa", why) if why else ("triton", "CUDA, 16-bit, head dim a power of two")
+
+
+def compute_dtype(q: Tensor, k: Tensor, v: Tensor) -> torch.dtype:
+    """The one dtype attention computes in (module docstring)."""
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return v.dtype
 
 
 def attention(q, k, v, seg_q, seg_k, allowed, scale: float | None = None) -> Tensor:
     """Segment-masked attention through the selected backend (see module docstring)."""
     check_inputs(q, k, v, seg_q, seg_k, allowed)
-    backend = _backend
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and _load_triton() is not None else "sdpa"
+    dtype = compute_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    backend, why = choose_backend(q, k, v)
+    if (backend, why) not in _logged:
+        _logged.add((backend, why))
+        log.info("attention backend %s: %s (%s, head dim %d)", backend, why, dtype,
+                 q.shape[-1])
     if backend == "triton":
         fn = _load_triton()
         if fn is None:
-            raise RuntimeError(f"triton attention backend unavailable: {_triton_error!r}")
+            raise RuntimeError(f"triton attention backend unavailable: {_triton_error!r}"
+                               ) from _triton_error
         return fn(q, k, v, seg_q, seg_k, allowed, scale=scale)
-    mask, split = _mask_cache.get((seg_q, seg_k, allowed), (q.dtype,),
-                                  lambda: (sdpa_mask(seg_q, seg_k, allowed, q.dtype),
+    mask, split = _mask_cache.get((seg_q, seg_k, allowed), (dtype,),
+                                  lambda: (sdpa_mask(seg_q, seg_k, allowed, dtype),
                                            context_prefix(seg_q, seg_k, allowed)))
     if not split:
         return attention_ref(q, k, v, seg_q, seg_k, allowed, scale=scale, mask=mask)

@@ -159,7 +159,10 @@ class Attention(nn.Module):
         B, N, d = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, N, Dh) each
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        # Under CUDA autocast rms_norm runs in fp32, so normed and rotated q/k come back fp32
+        # while v is in the autocast dtype: attention runs in v's dtype.
+        q = apply_rope(self.q_norm(q), *rope).to(v.dtype)
+        k = apply_rope(self.k_norm(k), *rope).to(v.dtype)
         seg_k = seg_q
         if cache is not None:
             end = cache.length + N

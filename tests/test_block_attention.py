@@ -487,3 +487,45 @@ def test_gpu_inference_shape_and_head_dim_32():
     q, k, v = qkv(2, 12, seg_q.shape[1], seg_k.shape[1], 32, torch.bfloat16, seed=12,
                   device="cuda")
     check_against_reference(q, k, v, seg_q, seg_k, lay.allowed.cuda())
+
+
+# ----------------------------------------------------------------------------- mixed dtypes
+# Under CUDA autocast rms_norm is an fp32 op, so the DiT's normed, rotated q/k arrive in fp32
+# while v is bf16: attention() runs in v's dtype whatever the backend (fp16 here: the
+# interpreter computes bf16 wrongly).
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_attention_mixed_dtypes_run_in_v_dtype(backend):
+    seg_q, seg_k, allowed = (x.to(DEV) for x in random_problem(1, 32, 32, S=4, seed=16))
+    q, k, v = qkv(1, 2, 32, 32, 16, torch.float32)
+    with attn.attention_backend(backend):
+        out = attn.attention(q, k, v.half(), seg_q, seg_k, allowed)
+    assert out.dtype == torch.float16
+    want = attention_ref(q.half(), k.half(), v.half(), seg_q, seg_k, allowed)
+    torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
+
+
+def test_dit_with_fp32_norms_runs_on_the_kernel():
+    # The DiT in fp16 with its q/k norms forced to return fp32 (what autocast does on CUDA).
+    dit = pytest.importorskip("model.dit")
+    cfg = dit.DiTConfig.from_name("debug", frames_per_chunk=SMALL_FPC, codebook_size=32,
+                                  n_layers=1)
+    torch.manual_seed(0)
+    net = dit.DiT(cfg).to(DEV)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    batch = collate((1,), frames_per_chunk=SMALL_FPC)
+    tokens = torch.randint(0, 32, batch.shape, generator=torch.Generator().manual_seed(0))
+    seg_t = torch.zeros(batch.seg_role.shape)
+    args = [x.to(DEV) for x in (tokens, seg_t)]
+    want = net(args[0], batch.to(DEV), args[1])
+    net.half()
+    for blk in net.blocks:
+        for norm in (blk.attn.q_norm, blk.attn.k_norm):
+            norm.float().register_forward_pre_hook(lambda m, a: (a[0].float(),))
+    with attn.attention_backend("triton"):
+        got = net(args[0], batch.to(DEV), args[1])
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)

@@ -131,3 +131,22 @@ def test_bad_tokens_rejected():
         model(tokens, batch, seg_t)
     with pytest.raises(ValueError):
         model(tokens[:, :-1], batch, seg_t)
+
+
+def test_bf16_with_fp32_qk_norms_runs_on_sdpa():
+    # CUDA autocast runs rms_norm in fp32: q/k come out fp32, v bf16. The model coerces q/k to
+    # v's dtype and the SDPA backend builds its additive mask in that dtype.
+    from model.attention import attention_backend
+
+    model = tiny()
+    batch, tokens, seg_t = inputs([2, 1])
+    with torch.no_grad():
+        want = model(tokens, batch, seg_t)
+        model.bfloat16()
+        for blk in model.blocks:
+            for norm in (blk.attn.q_norm, blk.attn.k_norm):
+                norm.float().register_forward_pre_hook(lambda m, a: (a[0].float(),))
+        with attention_backend("sdpa"):
+            got = model(tokens, batch, seg_t)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()

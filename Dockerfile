@@ -24,7 +24,11 @@ RUN python3 -m venv /opt/venv
 
 # torch from the CUDA index; a separate layer so code changes do not re-download it. Wheels put
 # in docker/wheels/ (untracked) are offered too: the CPU test image installs torch from there.
-ARG TORCH_SPEC=torch
+# Pinned: the version the test suite runs (the Makefile's TORCH_SPEC). Its CUDA wheels bring
+# Triton 3.9; the attention kernel needs Triton >= 3.4 (checked below and again at run time,
+# where an older one sends attention to SDPA with a warning). An unpinned torch would move
+# under the kernel with every rebuild.
+ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 COPY docker/wheels /tmp/wheels
 RUN pip install --upgrade pip \
@@ -39,7 +43,9 @@ COPY model model
 COPY training training
 COPY server server
 COPY clients clients
-RUN pip install .
+RUN pip install . \
+    && python -c "import triton; from model.attention import MIN_TRITON, _version; \
+assert _version(triton.__version__) >= MIN_TRITON, f'Triton {triton.__version__} < {MIN_TRITON}'"
 # Exists in the image, owned by app, so a named volume mounted here is writable by app.
 RUN mkdir -p /home/app/.cache/huggingface && chown -R app:app /home/app/.cache
 

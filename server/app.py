@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from server.batcher import Batcher
 from server.deps import Service
@@ -71,27 +72,9 @@ def _warmup(engine, defaults) -> None:
     engine.continue_batch([torch.zeros(engine.sample_rate)], [params])
 
 
+# Swagger UI's JS and CSS, served from the fastapi-offline package (Swagger UI 5, which reads
+# the OpenAPI 3.1 document FastAPI emits), so /docs works on a machine without internet.
 DOCS_ASSETS = "/docs-assets"
-
-
-def _offline_docs(app: FastAPI) -> None:
-    """Swagger UI at /docs from the swagger-ui-bundle package's files, so the API docs work on
-    a machine without internet (FastAPI's default page pulls its JS and CSS from a CDN)."""
-    from fastapi.openapi.docs import get_swagger_ui_html
-    from fastapi.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
-
-    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs():
-        return get_swagger_ui_html(
-            openapi_url=app.openapi_url,
-            title=f"{app.title} API",
-            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
-            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
-        )
 
 
 def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
@@ -120,15 +103,16 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
             service.ready = False
             await service.batcher.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="snac-dit",
         version=version(),
         summary="Continue music: 12.288 s of audio in, the next 6.144 s out.",
         lifespan=lifespan,
-        docs_url=None,  # served below from local files: FastAPI's default loads them from a CDN
+        docs_url="/docs",
         redoc_url=None,
+        static_url=DOCS_ASSETS,
+        favicon_url=f"{DOCS_ASSETS}/favicon.png",
     )
-    _offline_docs(app)
     app.state.service = service
     install_error_handlers(app)
     app.include_router(generate_router)

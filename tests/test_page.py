@@ -214,7 +214,7 @@ class WebDriver:
         deadline = time.monotonic() + timeout
         while not (value := self.js(script)):
             if time.monotonic() > deadline:
-                status = self.js("return document.getElementById('status').textContent")
+                status = self.js("return document.getElementById('status')?.textContent")
                 raise TimeoutError(f"{script!r} stayed false; page status: {status!r}")
             time.sleep(0.2)
         return value
@@ -352,3 +352,33 @@ def test_browser_a_musicians_session(app, clip_path, browser, tmp_path):
         browser.click("#continue-btn")
         browser.wait_js("return document.getElementById('status').className === 'error'")
         assert "steps" in browser.js("return document.getElementById('status').textContent")
+
+
+def test_browser_api_docs_render_every_operation(app, browser):
+    """/docs is a Swagger UI that reads the OpenAPI 3.1 document FastAPI emits (the 4.x one
+    said "Unable to render this definition"), lists every operation, and loads nothing from
+    outside this server."""
+    with serve_in_background(app) as url:
+        spec = httpx.get(url + "/openapi.json", timeout=30).json()
+        assert spec["openapi"].startswith("3.1")
+        expected = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
+        assert {("POST", "/continue"), ("POST", "/extend"), ("POST", "/inpaint"),
+                ("POST", "/loop"), ("POST", "/vary"), ("GET", "/info")} <= expected
+        browser.cmd("POST", "/url", {"url": url + "/docs"})
+        # Rendered: its operations are listed, or it says why not (the 4.x "version-pragma").
+        browser.wait_js("return document.querySelector('.opblock-summary, .version-pragma')",
+                        timeout=60)
+        refusal = browser.js("const e = document.querySelector('.version-pragma');"
+                             "return e && e.textContent")
+        assert refusal is None, refusal
+        shown = browser.js(
+            "return [...document.querySelectorAll('.opblock-summary')].map(o => ["
+            " o.querySelector('.opblock-summary-method').textContent.trim(),"
+            " o.querySelector('.opblock-summary-path').dataset.path])"
+        )
+        assert {tuple(op) for op in shown} == expected
+        assert "3.1" in browser.js("return document.querySelector('.info .version-stamp, "
+                                   ".info').textContent")
+        resources = browser.js(
+            "return performance.getEntriesByType('resource').map(r => r.name)")
+        assert resources and all(r.startswith(url) for r in resources), resources

@@ -1,13 +1,16 @@
 """Training throughput (tokens/s, MFU) of a DiT preset through the real training loop.
 
     python bench/train_throughput.py --preset debug --batch-size 4
-    python bench/train_throughput.py --preset base --batch-size 32 --device cuda --compile
+    python bench/train_throughput.py --preset base --device cuda --compile    # batch 32, 20 steps
 
 Builds a synthetic token directory (random ids, the real SNAC 32 kHz geometry) in a temp dir and
 times `Trainer.train_step` (data loading, forward, backward, clipping, AdamW, EMA) after warm-up.
 Tokens are sequence tokens: context + clean target + noised target (3,328 per row at n_ctx = 2).
-MFU = (6 * params + 12 * layers * d_model * seq) * tokens/s / peak (training/run/observe.py); n/a on
-CPU unless --peak-tflops is given. Prints one JSON object (and appends it to --out if given).
+MFU = model FLOP/s / peak, with the FLOPs the DiT really runs (model/flops.py: trunk matmuls per
+token, attention over the layout's visible pairs, conditioning per segment, one head per noised
+token); n/a on CPU unless --peak-tflops is given. Defaults on CUDA are a realistic run (batch 32
+as training/configs/default.toml, 5 warm-up and 20 timed steps); on CPU a short one. Prints one
+JSON object (and appends it to --out if given).
 """
 
 import argparse  # noqa: E402
@@ -37,10 +40,12 @@ def synthetic_tokens(out: Path, n_files: int = 8, chunks: int = 6, seed: int = 0
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="debug")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 on CUDA, 4 on CPU")
     p.add_argument("--n-ctx", default="0,0,1", help="weights of n_ctx 0,1,2 (default: all 2)")
-    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, caches)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed optimizer steps (default: 20 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first: compile, caches, autotuning (default 5 / 2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
     p.add_argument("--compile", action="store_true")
@@ -48,6 +53,10 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=0.0)
     p.add_argument("--out", type=Path, help="append the JSON result to this file")
     args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    args.batch_size = args.batch_size or (32 if cuda else 4)
+    args.steps = args.steps or (20 if cuda else 5)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
 
     with tempfile.TemporaryDirectory() as tmp:
         tokens = synthetic_tokens(Path(tmp) / "tokens")
@@ -74,6 +83,7 @@ def main(argv=None) -> int:
         sync()
         dt = time.perf_counter() - t0
         rate = trainer.meter.read()
+        flops = rate["mfu"] * trainer.meter.peak if rate["mfu"] is not None else None
         mc = trainer.model_cfg
         result = dict(
             preset=args.preset, params=trainer.n_params, batch_size=args.batch_size,
@@ -85,6 +95,7 @@ def main(argv=None) -> int:
             step_s=round(dt / args.steps, 4), tokens_per_s=round(rate["tokens_per_s"], 1),
             rows_per_s=round(args.batch_size * args.steps / dt, 2),
             seq_tokens_at_n_ctx2=sequence_tokens(2, mc.frames_per_chunk),
+            model_tflops_per_s=None if flops is None else round(flops / 1e12, 2),
             mfu=None if rate["mfu"] is None else round(rate["mfu"], 4), loss=round(loss, 4),
             torch=torch.__version__,
         )

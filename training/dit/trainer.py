@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from model.diffusion import DiffusionConfig, MaskedDiffusion
 from model.dit import DiT, DiTConfig
+from model.flops import train_flops
 from model.weights import WEIGHTS_FILE, read_dit_config
 from training.dit.config import ConfigError, TrainConfig
 from training.dit.curriculum import dataset_values, stage_at, stage_sampler, trains_after_context
@@ -40,7 +41,6 @@ from training.run.observe import (
     MetricsLog,
     Throughput,
     copy_metrics,
-    flops_per_token,
     peak_flops,
 )
 from training.run.rng import capture_rng, restore_rng, seed_everything
@@ -207,9 +207,7 @@ class Trainer:
             self._carry_history()
         self.log = MetricsLog(self.run_dir, cfg.log.tensorboard) if self.env.is_main else None
         peak = peak_flops(self.device, cfg.log.peak_tflops)
-        fpt = functools.partial(flops_per_token, self.n_params, self.model_cfg.n_layers,
-                                self.model_cfg.d_model)
-        self.meter = Throughput(lambda seq: fpt(seq_len=seq), peak, self.env.world_size)
+        self.meter = Throughput(peak, self.env.world_size)
 
     def _carry_history(self) -> None:
         """A warm start's metrics.jsonl begins with the exported run's own rows up to init_step
@@ -346,9 +344,8 @@ class Trainer:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
             fpc = self.model_cfg.frames_per_chunk
-            seq = max(sequence_tokens(n, fpc, a) for n, a in zip(n_ctx, n_after, strict=True))
             tokens = sum(sequence_tokens(n, fpc, a) for n, a in zip(n_ctx, n_after, strict=True))
-            self.meter.add(tokens, seq)
+            self.meter.add(tokens, train_flops(self.model_cfg, n_ctx, n_after))
             self.data_state, self.data_stage = batch["data_state"], stage_idx
         clip = cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.dit.parameters(), clip if clip > 0 else math.inf)

@@ -1,13 +1,9 @@
 """Observability for training: JSONL metrics, optional TensorBoard, throughput and MFU.
 
-MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s, with the PaLM-style count
-per trained token (forward + backward = 3x forward):
-
-    6 * N_params  +  12 * n_layers * d_model * N_seq
-
-The attention term assumes every query sees the whole sequence; the segment mask lets a query
-see only part of it, so this overstates the attention work a little (and matches how MFU is
-usually quoted). Peak is the dense bf16 tensor-core figure of the device.
+MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s. The trainer counts each
+batch's model FLOPs itself (for the DiT: `model.flops.train_flops`, the matmuls it really runs,
+attention over the layout's visible pairs) and hands them to `Throughput.add`. Peak is the
+dense bf16 tensor-core figure of the device.
 """
 
 from __future__ import annotations
@@ -45,24 +41,20 @@ def peak_flops(device: torch.device, configured_tflops: float = 0.0) -> float | 
     return None
 
 
-def flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: float) -> float:
-    """Training FLOPs per token (forward + backward); see the module docstring."""
-    return 6.0 * n_params + 12.0 * n_layers * d_model * seq_len
-
-
 class Throughput:
     """Tokens/s and MFU over a window of steps (reset at each log)."""
 
-    def __init__(self, flops_per_token_fn, peak: float | None, world_size: int = 1):
-        self.fpt, self.peak, self.world = flops_per_token_fn, peak, world_size
+    def __init__(self, peak: float | None, world_size: int = 1):
+        self.peak, self.world = peak, world_size
         self.reset()
 
     def reset(self) -> None:
         self.t0, self.tokens, self.flops = time.perf_counter(), 0, 0.0
 
-    def add(self, tokens: int, seq_len: float) -> None:
+    def add(self, tokens: int, flops: float) -> None:
+        """A (micro-)batch of `tokens` sequence tokens costing `flops` model FLOPs."""
         self.tokens += tokens
-        self.flops += tokens * self.fpt(seq_len)
+        self.flops += flops
 
     def read(self) -> dict:
         dt = max(time.perf_counter() - self.t0, 1e-9)

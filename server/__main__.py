@@ -62,11 +62,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from model.weights import CodecLoadError
     from server.app import create_app, load_engine
+    from server.codec_check import CodecMismatch
 
-    # Load before serving, so a codec that cannot be fetched (offline hub) or weights that do
-    # not fit are one clear paragraph and exit status 2, not a startup traceback.
+    # Load before serving, so a codec that cannot be fetched (offline hub), one the DiT was not
+    # trained on, or weights that do not fit are one clear paragraph and exit status 2, not a
+    # startup traceback.
     try:
         engine = load_engine(settings)
+    except CodecMismatch as e:
+        print(e, file=sys.stderr)
+        return 2
     except (CodecLoadError, ValueError, OSError) as e:
         print(f"snac-dit server cannot start: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from server.batcher import Batcher
+from server.codec_check import check_codec, codec_report
 from server.deps import Service
 from server.errors import install_error_handlers
 from server.metrics import Metrics, MetricsMiddleware
@@ -41,7 +42,9 @@ def load_engine(settings: Settings):
         raise WeightsMissing(message)
     import torch
 
+    from model.codec import Codec
     from model.engine import ContinuationEngine
+    from model.weights import read_dit_config
 
     device = settings.device
     if device == "auto":
@@ -49,7 +52,15 @@ def load_engine(settings: Settings):
         if device == "cpu":
             log.warning("no GPU: serving on CPU, continuations will be slow")
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
-    return ContinuationEngine.load(settings.weights, settings.codec, device=device, dtype=dtype)
+    # The codec first: a pair that cannot work is refused before the DiT is read.
+    codec = Codec.load(settings.codec, device=device)
+    report = codec_report(codec, read_dit_config(settings.weights).get("codec"), settings.codec)
+    warning = check_codec(report, str(settings.weights), settings.allow_codec_mismatch)
+    if warning:
+        log.warning(warning)
+    engine = ContinuationEngine.load(settings.weights, codec, device=device, dtype=dtype)
+    engine.codec_report = report  # what /info says about the codec (server.codec_check)
+    return engine
 
 
 def _defaults(engine, settings: Settings):
@@ -87,6 +98,8 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         eng = engine if engine is not None else await asyncio.to_thread(load_engine, settings)
         service.engine = eng
+        # An engine built in code has no DiT directory to compare with: "codes_match" is null.
+        service.codec = getattr(eng, "codec_report", None) or codec_report(eng.codec, None, None)
         service.defaults = _defaults(eng, settings)
         service.batcher = Batcher(
             eng, metrics, settings.max_batch, settings.max_wait_ms, settings.max_queue

@@ -22,6 +22,7 @@ class Service:
     settings: Settings
     metrics: Metrics
     engine: object = None  # ContinuationEngine once loaded
+    codec: dict | None = None  # which codec and decoder serve (server.codec_check.codec_report)
     batcher: Batcher | None = None
     defaults: object = None  # SamplingParams the server applies when a field is not given
     ready: bool = False

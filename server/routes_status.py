@@ -46,6 +46,7 @@ async def info(_: AuthDep, svc: ReadyDep):
     return {
         "version": version(),
         "engine": svc.engine.info(),
+        "codec": svc.codec,
         "defaults": dataclasses.asdict(svc.defaults) | {"seed": None},
         "limits": {
             "max_batch": s.max_batch,

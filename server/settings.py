@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     codec: str = "weights/demo/codec"  # hub id ("owner/name") or a local codec dir
     device: str = "auto"  # "auto" = cuda when available, else cpu (with a warning)
     dtype: str = "auto"  # "auto" lets the engine choose; or float32 / bfloat16 / float16
+    # A codec whose codes fingerprint is not the one the DiT was trained on is refused at
+    # startup (its tokens mean nothing to the DiT); True serves the pair anyway, with a warning.
+    allow_codec_mismatch: bool = False
 
     # Dynamic batching: a batch closes when full or when its oldest request has waited this
     # long. A few ms costs nothing next to a multi-second continuation and lets bursts batch.

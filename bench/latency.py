@@ -1,17 +1,24 @@
-"""Continuation latency: encode, DiT sampling (4 stages), decode, total — per batch size.
+"""Continuation latency: what `POST /continue` runs, per batch size, split by phase.
 
     python bench/latency.py --preset debug --codec debug                 # CPU, seconds
     python bench/latency.py --preset base --codec snac32k --device cuda --batch-sizes 1 8 64
 
+Each run is `engine.continue_batch(audios, params, lead_in=JOIN_SAMPLES)`, the call the
+server's batcher makes for /continue (12.288 s inputs: the two-chunk context), so the total
+includes the join (`heard_context`: a decode and an encode per row) and the lead-in. Phases:
+encode (the context), sample (the DiT, 4 stages), heard_context, decode (the output); `total`
+is the whole call. On CUDA the device is synchronised before and after every timed span, so a
+figure is finished work, not queued kernels. `--warmup` runs first (compile, autotune, caches;
+2 on CUDA). The DiT runs in bf16 on CUDA and fp32 on CPU unless --dtype says otherwise.
 Random-init weights (timing does not depend on them). `--codec snac32k` builds the real 32 kHz
-SNAC architecture (54.5 M params), `debug` the tiny one the tests use. Medians over `--repeats`
-runs after `--warmup`; on CUDA each phase is timed with CUDA events, on CPU with perf_counter.
-Writes one JSON line per batch size to stdout and, with `--out`, appends it to that file.
+SNAC architecture (54.5 M params), `debug` the tiny one the tests use. Medians over
+`--repeats`. Writes one JSON line per batch size to stdout and, with `--out`, appends it there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -20,55 +27,98 @@ from pathlib import Path
 
 import torch
 
-from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_CONFIG, Codec  # noqa: E402
-from model.dit import DiT, DiTConfig  # noqa: E402
-from model.engine import ContinuationEngine  # noqa: E402
-from model.sampler import SamplingParams, generate  # noqa: E402
+import model.engine as engine_module
+from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_CONFIG, Codec
+from model.dit import DiT, DiTConfig
+from model.engine import JOIN_SAMPLES, ContinuationEngine
+from model.sampler import SamplingParams
+
+PHASES = ("encode", "sample", "heard_context", "decode")
 
 
-class Timer:
-    """Elapsed seconds of a block: CUDA events on GPU (no host sync inside), perf_counter on CPU."""
+class PhaseClock:
+    """Wall time per phase of one `continue_batch`, device-synchronised at every boundary.
+    A phase nested in another (the decode inside heard_context) counts toward the outer one."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.depth = 0
 
-    def __enter__(self):
-        if self.cuda:
-            self.start, self.end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
+    def wrap(self, phase: str, fn):
+        def timed(*args, **kwargs):
+            if self.depth:
+                return fn(*args, **kwargs)
+            self.depth += 1
+            self.sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.seconds[phase] += time.perf_counter() - t0
+                self.depth -= 1
+        return timed
 
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.end.record()
-            torch.cuda.synchronize()
-            self.seconds = self.start.elapsed_time(self.end) / 1000
-        else:
-            self.seconds = time.perf_counter() - self.t0
+
+@contextlib.contextmanager
+def instrumented(engine: ContinuationEngine, clock: PhaseClock):
+    """The engine's phases timed through `clock` for the duration of the block."""
+    saved = {name: engine.__dict__.get(name) for name in ("_encode", "heard_context",
+                                                          "_decode_samples")}
+    generate = engine_module.generate
+    engine._encode = clock.wrap("encode", engine._encode)
+    engine.heard_context = clock.wrap("heard_context", engine.heard_context)
+    engine._decode_samples = clock.wrap("decode", engine._decode_samples)
+    engine_module.generate = clock.wrap("sample", generate)
+    try:
+        yield clock
+    finally:
+        engine_module.generate = generate
+        for name, fn in saved.items():
+            if fn is None:
+                engine.__dict__.pop(name, None)
+            else:
+                setattr(engine, name, fn)
 
 
 def run_once(engine: ContinuationEngine, audios, params) -> dict[str, float]:
-    device = engine.device
-    out = {}
-    with Timer(device) as t:
-        ctx = engine._encode(audios)
-    out["encode"] = t.seconds
-    with Timer(device) as t:
-        new = generate(engine.dit, ctx, params, engine.diffusion.schedules)
-    out["sample"] = t.seconds
-    with Timer(device) as t:
-        start = ctx[0].shape[1] // engine.codec.frames_per_chunk[0] * engine.chunk_samples
-        for b, p in enumerate(params):
-            seq = [torch.cat([c[b : b + 1], x[b : b + 1]], dim=1) for c, x in zip(ctx, new, strict=True)]
-            engine._decode_samples(seq, start, start + engine.chunk_samples, p.seed)
-    out["decode"] = t.seconds
-    out["total"] = out["encode"] + out["sample"] + out["decode"]
-    return out
+    """Seconds per phase and in total of one /continue batch."""
+    clock = PhaseClock(engine.device)
+    with instrumented(engine, clock):
+        clock.sync()
+        t0 = time.perf_counter()
+        out = engine.continue_batch(audios, params, lead_in=JOIN_SAMPLES)
+        clock.sync()
+        total = time.perf_counter() - t0
+    assert len(out) == len(audios) and out[0].shape[-1] == JOIN_SAMPLES + engine.chunk_samples
+    return {**clock.seconds, "total": total}
 
 
-def main(argv=None) -> int:
+def build_engine(preset: str, codec: str, device, dtype: torch.dtype,
+                 overrides: dict | None = None) -> ContinuationEngine:
+    """A random-init engine: `codec` is debug, snac32k or a codec directory."""
+    torch.manual_seed(0)
+    named = {"debug": DEBUG_CODEC_CONFIG, "snac32k": SNAC_32KHZ_CONFIG}
+    codec = Codec.load(named.get(codec, codec), device)
+    dit = DiT(DiTConfig.from_name(preset, codebook_size=codec.codebook_size, **(overrides or {})))
+    return ContinuationEngine(codec, dit.to(device, dtype).eval())
+
+
+def measure(engine: ContinuationEngine, batch_size: int, steps, warmup: int,
+            repeats: int) -> dict:
+    """Median seconds per phase over `repeats` /continue batches of 12.288 s inputs."""
+    chunk, n = engine.chunk_samples, engine.codec.n_levels
+    g = torch.Generator().manual_seed(batch_size)
+    audios = [torch.randn(2 * chunk, generator=g) * 0.1 for _ in range(batch_size)]
+    params = [SamplingParams(steps=tuple(steps), seed=i).validated(n) for i in range(batch_size)]
+    for _ in range(warmup):
+        run_once(engine, audios, params)
+    runs = [run_once(engine, audios, params) for _ in range(repeats)]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="debug")
     ap.add_argument("--codec", default="debug",
@@ -77,11 +127,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dit", default="",
                     help="DiTConfig overrides on the preset, e.g. d_model=192,n_layers=4,n_heads=3")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="the DiT's dtype: auto = bfloat16 on CUDA (as the server), else float32")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     ap.add_argument("--steps", default="16,12,8,8", help="per-level sampling steps")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (2 CUDA, 1 CPU)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -89,50 +140,43 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    named = {"debug": DEBUG_CODEC_CONFIG, "snac32k": SNAC_32KHZ_CONFIG}
-    codec = Codec.load(named.get(args.codec, args.codec), device)
-    dtype = getattr(torch, args.dtype)
+    cuda = device.type == "cuda"
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     overrides = {k: int(v) for k, v in (kv.split("=") for kv in args.dit.split(",") if kv)}
-    dit = DiT(DiTConfig.from_name(args.preset, codebook_size=codec.codebook_size,
-                                  **overrides)).to(device, dtype).eval()
-    engine = ContinuationEngine(codec, dit)
+    engine = build_engine(args.preset, args.codec, device, getattr(torch, dtype), overrides)
     steps = tuple(int(s) for s in args.steps.split(","))
-    chunk = codec.samples_per_chunk
-
+    rows = []
     for bs in args.batch_sizes:
-        audios = [torch.randn(2 * chunk) * 0.1 for _ in range(bs)]
-        params = [SamplingParams(steps=steps, seed=i).validated(codec.n_levels) for i in range(bs)]
-        for _ in range(args.warmup):
-            run_once(engine, audios, params)
-        runs = [run_once(engine, audios, params) for _ in range(args.repeats)]
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        audio_s = bs * chunk / codec.sample_rate
+        med = measure(engine, bs, steps, warmup, args.repeats)
+        audio_s = bs * engine.chunk_samples / engine.sample_rate
         row = dict(
             preset=args.preset,
             dit=overrides,
-            params=dit.num_params(),
+            params=engine.dit.num_params(),
             codec=args.codec,
             device=str(device),
-            device_name=torch.cuda.get_device_name(device)
-            if device.type == "cuda"
+            device_name=torch.cuda.get_device_name(device) if cuda
             else platform.processor() or "cpu",
             threads=torch.get_num_threads(),
-            dtype=args.dtype,
+            dtype=dtype,
             batch_size=bs,
             steps=list(steps),
+            warmup=warmup,
             repeats=args.repeats,
             median_s={k: round(v, 4) for k, v in med.items()},
             realtime_factor=round(audio_s / med["total"], 3),
+            requests_per_s=round(bs / med["total"], 3),
             torch=torch.__version__,
         )
+        rows.append(row)
         line = json.dumps(row)
         print(line, flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(line + "\n")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

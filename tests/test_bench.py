@@ -1,0 +1,42 @@
+"""The benchmark scripts time what they say (they run for real on CPU at tiny sizes)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_latency_times_the_continue_path_with_its_join_and_lead_in():
+    latency = load("latency")
+    engine = latency.build_engine("debug", "debug", "cpu", torch.float32)
+    calls = []
+    real = engine.continue_batch
+    engine.continue_batch = lambda *a, **kw: calls.append(kw) or real(*a, **kw)
+    med = latency.measure(engine, batch_size=2, steps=(1, 1, 1, 1), warmup=0, repeats=1)
+    assert calls == [{"lead_in": latency.JOIN_SAMPLES}]  # what the server's batcher passes
+    assert set(med) == {*latency.PHASES, "total"}
+    assert all(med[p] > 0 for p in latency.PHASES), med  # the join (heard_context) included
+    assert sum(med[p] for p in latency.PHASES) <= med["total"] * 1.01
+    # the instrumentation leaves the engine as it was
+    assert "_encode" not in engine.__dict__ and "heard_context" not in engine.__dict__
+    from model.sampler import generate
+
+    assert latency.engine_module.generate is generate
+
+
+def test_latency_defaults_to_bf16_on_cuda_and_warms_up():
+    latency = load("latency")
+    src = (ROOT / "bench" / "latency.py").read_text()
+    assert '"bfloat16" if cuda' in src and "(2 if cuda else 1)" in src
+    with pytest.raises(SystemExit):
+        latency.main(["--dtype", "float16"])  # not a choice: the server runs bf16 or fp32

@@ -22,7 +22,9 @@ INPAINT_PARAMS = (*SAMPLING_FIELDS, "start", "end")
 LOOP_PARAMS = SAMPLING_FIELDS
 VARY_PARAMS = (*SAMPLING_FIELDS, "keep", "start")
 SEED_MAX = 2**63 - 1
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+# The words pydantic accepts for a boolean, so every query, form field and SNAC_DIT_* setting
+# reads the same way (any case).
+_TRUE, _FALSE = ("true", "1", "yes", "on", "t", "y"), ("false", "0", "no", "off", "f", "n")
 
 
 def reject_unknown(given: Mapping[str, str], allowed: tuple[str, ...]) -> None:
@@ -58,7 +60,8 @@ def parse_bool(name: str, raw: str | None, default: bool = False) -> bool:
         return True
     if raw.strip().lower() in _FALSE:
         return False
-    raise InvalidParameter(f"{name}: expected true or false, got {raw!r}")
+    raise InvalidParameter(
+        f"{name}: expected a boolean ({' / '.join(_TRUE)} or {' / '.join(_FALSE)}), got {raw!r}")
 
 
 def parse_int(name: str, raw: str | None, default: int, lo: int, hi: int) -> int:

@@ -51,6 +51,35 @@ def _plan(svc: Service, n: int, start: int, end: int, keep: int, names: str) -> 
         raise InvalidParameter(f"{names}: {e}") from None
 
 
+def _too_short(svc: Service, n: int, what: str) -> None:
+    """audio_too_short, as on every endpoint, when the input is shorter than one chunk."""
+    rate, chunk = svc.engine.sample_rate, svc.engine.chunk_samples
+    if n < chunk:
+        raise InvalidParameter(
+            f"audio: {what} needs at least {chunk / rate:g} s of input (one chunk), got "
+            f"{n / rate:.2f} s", code="audio_too_short")
+
+
+def _span(svc: Service, n: int, given: dict) -> tuple[int, int]:
+    """The span to inpaint in samples, checked in the seconds the user gave."""
+    _too_short(svc, n, "inpainting")
+    rate, chunk = svc.engine.sample_rate, svc.engine.chunk_samples
+    start = parse_seconds("start", given.get("start"))
+    end = parse_seconds("end", given.get("end"))
+    if end <= start:
+        raise InvalidParameter(
+            f"start/end: the span is empty or reversed (start {start:g} s, end {end:g} s); "
+            "end must come after start")
+    if end > n / rate:
+        raise InvalidParameter(
+            f"end: {end:g} s is past the end of the input ({n / rate:.3f} s)")
+    if end - start > chunk / rate:
+        raise InvalidParameter(
+            f"start/end: a span of {end - start:g} s ({start:g} to {end:g} s) is longer than one "
+            f"chunk ({chunk / rate:g} s); inpaint a longer stretch in pieces")
+    return round(start * rate), round(end * rate)
+
+
 async def _run(request: Request, svc: Service, kind: str, payload, params, headers) -> Response:
     job = svc.batcher.submit_edit(kind, payload, params)
     try:
@@ -75,9 +104,7 @@ async def inpaint(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     given, audio = await _read_input(request, svc, INPAINT_PARAMS)
     params = _sampling(given, svc)
     check_budget(params, 1, svc.settings.max_request_passes)
-    rate = svc.engine.sample_rate
-    start = round(parse_seconds("start", given.get("start")) * rate)
-    end = round(parse_seconds("end", given.get("end")) * rate)
+    start, end = _span(svc, len(audio), given)
     _plan(svc, len(audio), start, end, 0, "start/end")
     headers = _wav_headers(svc, params, None, **{
         "X-Edit-Start": max(0, start - JOIN_SAMPLES),
@@ -97,11 +124,7 @@ async def loop(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     params = _sampling(given, svc)
     check_budget(params, 1, svc.settings.max_request_passes)
     chunk = svc.engine.chunk_samples
-    if len(audio) < chunk:
-        raise InvalidParameter(
-            f"audio: a loop needs at least {chunk / svc.engine.sample_rate:g} s (one chunk: its "
-            f"start is what the bridge leads into), got {len(audio) / svc.engine.sample_rate:.2f} s",
-            code="audio_too_short")
+    _too_short(svc, len(audio), "a loop (its first chunk is what the bridge leads into)")
     headers = _wav_headers(svc, params, len(audio), **{"X-Loop-Samples": len(audio) + chunk})
     return await _run(request, svc, "loop", audio, params, headers)
 
@@ -119,10 +142,7 @@ async def vary(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     if raw_keep not in KEEP:
         raise InvalidParameter(f"keep: A or AB, got {given.get('keep')!r}")
     rate, chunk, pad = svc.engine.sample_rate, svc.engine.chunk_samples, svc.engine.codec.pad_samples
-    if len(audio) < chunk:
-        raise InvalidParameter(
-            f"audio: a variation needs at least {chunk / rate:g} s (one chunk), got "
-            f"{len(audio) / rate:.2f} s", code="audio_too_short")
+    _too_short(svc, len(audio), "a variation")
     last = (len(audio) - chunk) // pad * pad
     start = parse_seconds("start", given.get("start"), last / rate)
     start = int(round(start * rate)) // pad * pad

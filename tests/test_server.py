@@ -352,6 +352,50 @@ def test_api_key_guards_generation_not_health(engine, clip):
         assert c.get("/metrics", headers={"X-API-Key": "s3cret"}).status_code == 200
 
 
+def test_docs_list_every_endpoint_that_needs_the_api_key(engine):
+    """docs/server.md's SNAC_DIT_API_KEY row names exactly the routes that answer 401 without
+    the key (every route of the OpenAPI document, plus the page and the docs)."""
+    import re
+    from pathlib import Path
+
+    row = next(line for line in (Path(__file__).parents[1] / "docs" / "server.md")
+               .read_text().splitlines() if line.startswith("| `SNAC_DIT_API_KEY`"))
+    documented = set(re.findall(r"`(/\w*)`", row.split("need")[0]))
+    with TestClient(create_app(Settings(warmup=False, api_key="s3cret"), engine=engine)) as c:
+        routes = {(m, path) for path, ops in c.get("/openapi.json").json()["paths"].items()
+                  for m in ops} | {("get", "/"), ("get", "/docs")}
+        guarded = {path for m, path in routes if c.request(m, path).status_code == 401}
+    assert guarded == documented, (guarded, documented)
+    assert {"/continue", "/extend", "/inpaint", "/loop", "/vary", "/info", "/metrics"} <= guarded
+
+
+@pytest.mark.parametrize("word,value", [
+    ("true", True), ("TRUE", True), ("1", True), ("yes", True), ("on", True), ("t", True),
+    ("Y", True), ("false", False), ("0", False), ("no", False), ("Off", False), ("f", False),
+    ("n", False),
+])
+def test_booleans_read_the_same_words_everywhere(client, clip, monkeypatch, word, value):
+    """include_input (/continue) and stream (/extend) read the words the SNAC_DIT_* settings
+    read, and refuse the same others."""
+    monkeypatch.setenv("SNAC_DIT_WARMUP", word)
+    assert Settings().warmup is value
+    r = post(client, "/continue", clip, f"{FAST}&seed=1&include_input={word}")
+    assert r.status_code == 200 and ("x-input-samples" in r.headers) is value, r.text
+    r = post(client, "/extend", clip, f"{FAST}&seed=1&chunks=1&stream={word}")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/x-ndjson") is value
+
+
+@pytest.mark.parametrize("name", ["include_input", "stream"])
+def test_a_word_that_is_not_a_boolean_is_refused_the_same_way(client, clip, monkeypatch, name):
+    monkeypatch.setenv("SNAC_DIT_WARMUP", "maybe")
+    with pytest.raises(ValueError):
+        Settings()
+    r = post(client, "/extend", clip, f"{FAST}&chunks=1&{name}=maybe")
+    assert_error(r, 422, "invalid_parameter", name)
+    assert "true / 1 / yes / on / t / y or false / 0 / no / off / f / n" in r.json()["detail"]
+
+
 def test_cors_closed_by_default_open_when_configured(engine):
     pre = {"Origin": "https://example.org", "Access-Control-Request-Method": "POST"}
     with TestClient(create_app(Settings(warmup=False), engine=engine)) as c:

@@ -85,9 +85,9 @@ def test_vary_regenerates_a_chunk_above_the_kept_levels(client, plain_client, cl
 @pytest.mark.parametrize("path,query,field", [
     ("/inpaint", "end=3", "start"),
     ("/inpaint", "start=3", "end"),
-    ("/inpaint", "start=5&end=4", "start/end"),
-    ("/inpaint", "start=2&end=9", "start/end"),          # longer than a chunk
-    ("/inpaint", "start=19&end=25", "start/end"),        # past the input's end
+    ("/inpaint", "start=5&end=4", "start/end: the span is empty or reversed (start 5 s, end 4 s)"),
+    ("/inpaint", "start=2&end=9", "a span of 7 s (2 to 9 s) is longer than one chunk (6.144 s)"),
+    ("/inpaint", "start=19&end=25", "end: 25 s is past the end of the input (20.000 s)"),
     ("/inpaint", "start=nan&end=4", "start"),
     ("/inpaint", "start=1&end=2&keep=A", "unknown"),
     ("/vary", "keep=ABC", "keep"),
@@ -99,6 +99,27 @@ def test_bad_edit_parameters_are_422_naming_the_field(client, clip, path, query,
     r = post(client, path, clip[1], f"{FAST}&{query}")
     assert r.status_code == 422, (r.status_code, r.text)
     assert field in r.json()["detail"]
+
+
+def test_errors_speak_seconds_never_samples(client, clip):
+    for query in ("start=5&end=4", "start=2&end=9", "start=19&end=25", "start=19.9&end=20"):
+        r = post(client, "/inpaint", clip[1], f"{FAST}&{query}")
+        assert r.status_code == 422 and " s" in r.json()["detail"], r.text
+        assert "sample" not in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("path", ["/continue", "/extend", "/inpaint", "/loop", "/vary"])
+@pytest.mark.parametrize("seconds", [0.5, 3.0])
+def test_too_short_input_is_audio_too_short_on_every_endpoint(client, path, seconds):
+    """Below the server's minimum (1 s) everywhere; below one 6.144 s chunk where an edit needs a
+    whole chunk (/continue and /extend left-pad such input instead)."""
+    query = {"/extend": "&chunks=1", "/inpaint": "&start=0.1&end=0.4"}.get(path, "")
+    r = post(client, path, wav_bytes(song(seconds)), FAST + query)
+    if seconds == 3.0 and path in ("/continue", "/extend"):
+        assert r.status_code == 200, r.text
+        return
+    assert_error(r, 422, "audio_too_short")
+    assert f"{seconds:.2f} s" in r.json()["detail"], r.text
 
 
 def test_a_model_without_after_context_refuses_inpaint_and_loop(plain_client, clip):

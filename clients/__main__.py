@@ -1,8 +1,11 @@
-"""Command line: `python -m clients continue in.wav -o out.wav [--steps 16,12,8,8] [--seed 7]`,
-`python -m clients extend in.wav --chunks 5 -o out.wav [--stream]`,
-`python -m clients inpaint in.wav --start 9 --end 11 -o out.wav`, `python -m clients loop in.wav
--o out.wav`, `python -m clients vary in.wav --keep A [--start 6.144] -o out.wav`,
-`python -m clients info`.
+"""Command line: `python -m clients continue in.wav [-o out.wav] [--steps 16,12,8,8] [--seed 7]`,
+`python -m clients extend in.wav --chunks 5 [--stream]`,
+`python -m clients inpaint in.wav --start 9 --end 11`, `python -m clients loop in.wav`,
+`python -m clients vary in.wav --keep A [--start 6.144]`, `python -m clients info`.
+
+Without -o the result goes to a name derived from the input, in the current directory
+(in-continued.wav, in-extended.wav, in-inpainted.wav, in-loop.wav, in-varied.wav). An existing
+file is never overwritten unless --force is given.
 
 The server URL comes from --url or $SNAC_DIT_URL (default http://127.0.0.1:8000); an API key
 from --api-key or $SNAC_DIT_API_KEY. Exit status: 0 ok, 1 the server refused or failed, 2 usage.
@@ -30,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = argparse.ArgumentParser(add_help=False)
     gen.add_argument("input", type=Path, help="audio file (any format the server reads)")
-    gen.add_argument("-o", "--output", type=Path, required=True, help="WAV to write")
+    gen.add_argument("-o", "--output", type=Path,
+                     help="WAV to write (default: the input's name + -continued.wav etc., in "
+                          "the current directory)")
+    gen.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     per_level = "one value for all levels, or one per level A,B,C,D"
     gen.add_argument("--steps", help=f"denoising steps: {per_level}, e.g. 16,12,8,8")
     gen.add_argument("--temperature", help=f"sampling temperature (0 = greedy): {per_level}, "
@@ -76,6 +82,27 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+SUFFIX = {"continue": "continued", "extend": "extended", "inpaint": "inpainted", "loop": "loop",
+          "vary": "varied"}
+
+
+def output_path(args) -> Path:
+    """-o, or `<input stem>-<what was done>.wav` here; FileExistsError unless --force."""
+    out = args.output or Path(f"{args.input.stem}-{SUFFIX[args.command]}.wav")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it, or -o another name")
+    return out
+
+
+def _write(path: Path, data: bytes, force: bool) -> None:
+    with open(path, "wb" if force else "xb") as f:  # "xb": never clobber a file made meanwhile
+        f.write(data)
+
+
+def _summary(params: dict, edit: dict | None = None) -> str:
+    return " ".join(f"{k}={v}" for k, v in {**params, **(edit or {})}.items())
+
+
 def _sampling(args) -> dict:
     return dict(
         steps=args.steps,
@@ -99,6 +126,7 @@ def _run(args) -> None:
             return
         if not args.input.is_file():
             raise FileNotFoundError(f"{args.input}: no such file")
+        out = output_path(args)  # before the request: refuse without spending the server's time
         start = time.perf_counter()
         if args.command == "extend" and args.stream:
             chunks = []
@@ -107,8 +135,8 @@ def _run(args) -> None:
                 what = "input" if ch.index < 0 else f"chunk {ch.index + 1}/{args.chunks}"
                 print(f"{what} after {time.perf_counter() - start:.1f} s", file=sys.stderr)
             audio, rate = join_chunks(chunks)
-            args.output.write_bytes(encode_wav(audio, rate))
-            seed, ran = chunks[0].seed, ""
+            _write(out, encode_wav(audio, rate), args.force)
+            seed, ran = chunks[0].seed, _summary(chunks[0].params)
         else:
             if args.command == "continue":
                 r = c.continue_(args.input, **_params(args))
@@ -120,11 +148,11 @@ def _run(args) -> None:
                 r = c.loop(args.input, **_sampling(args))
             else:
                 r = c.vary(args.input, keep=args.keep, start=args.start, **_sampling(args))
-            r.save(args.output)
+            _write(out, r.wav, args.force)
             audio, rate, seed = r.audio, r.sample_rate, r.seed
-            ran = " ".join(f"{k}={v}" for k, v in {**r.params, **r.edit}.items())
+            ran = _summary(r.params, r.edit)
         print(
-            f"wrote {args.output}: {len(audio) / rate:.3f} s at {rate} Hz, seed={seed} {ran}"
+            f"wrote {out}: {len(audio) / rate:.3f} s at {rate} Hz, seed={seed} {ran}"
             f" ({time.perf_counter() - start:.1f} s)",
             file=sys.stderr,
         )
@@ -143,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a bad --url
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SnacDitError as e:

@@ -95,10 +95,10 @@ class Client:
                 if resp.status_code >= 400:
                     resp.read()  # the error is in the body, which a stream reads only on demand
                     endpoints.check(resp)
-                seed = int(resp.headers["x-seed"])
+                seed, params = int(resp.headers["x-seed"]), endpoints.ran(resp.headers)
                 for line in resp.iter_lines():
                     if line.strip():
-                        chunk = endpoints.parse_line(line, seed)
+                        chunk = endpoints.parse_line(line, seed, params)
                         if chunk is None:
                             return
                         yield chunk
@@ -194,10 +194,10 @@ class AsyncClient:
                 if resp.status_code >= 400:
                     await resp.aread()
                     endpoints.check(resp)
-                seed = int(resp.headers["x-seed"])
+                seed, params = int(resp.headers["x-seed"]), endpoints.ran(resp.headers)
                 async for line in resp.aiter_lines():
                     if line.strip():
-                        chunk = endpoints.parse_line(line, seed)
+                        chunk = endpoints.parse_line(line, seed, params)
                         if chunk is None:
                             return
                         yield chunk

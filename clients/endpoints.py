@@ -67,6 +67,7 @@ class Chunk:
     audio: np.ndarray
     sample_rate: int
     seed: int
+    params: dict[str, str] = field(default_factory=dict)  # what ran, as in `Result.params`
 
 
 def join_chunks(chunks: Sequence[Chunk]) -> tuple[np.ndarray, int]:
@@ -146,6 +147,11 @@ _EDIT_HEADERS = {"edit_start": "x-edit-start", "edit_end": "x-edit-end",
                  "loop_samples": "x-loop-samples", "chunk_start": "x-chunk-start", "keep": "x-keep"}
 
 
+def ran(headers) -> dict[str, str]:
+    """The sampling parameters a reply says it ran with (its X-Steps ... headers)."""
+    return {k: headers[name] for k, name in _PARAM_HEADERS.items() if name in headers}
+
+
 def _result(resp: httpx.Response) -> Result:
     check(resp)
     audio, rate = decode_wav(resp.content)
@@ -157,12 +163,12 @@ def _result(resp: httpx.Response) -> Result:
         audio=audio,
         sample_rate=rate,
         seed=int(h["x-seed"]),
-        params={k: h[name] for k, name in _PARAM_HEADERS.items() if name in h},
+        params=ran(h),
         input_samples=int(h["x-input-samples"]) if "x-input-samples" in h else None,
     )
 
 
-def parse_line(line: str, seed: int) -> Chunk | None:
+def parse_line(line: str, seed: int, params: dict[str, str] | None = None) -> Chunk | None:
     """One NDJSON line of an /extend stream -> a Chunk, None for 'done', StreamError for 'error'."""
     msg = json.loads(line)
     event = msg.get("event")
@@ -178,6 +184,7 @@ def parse_line(line: str, seed: int) -> Chunk | None:
         audio=audio,
         sample_rate=rate,
         seed=seed,
+        params=dict(params or {}),
     )
 
 

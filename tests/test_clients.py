@@ -143,11 +143,12 @@ def test_async_client(url, song):
     np.testing.assert_array_equal(chunks[1].audio, result.audio)
 
 
-def _cli(*args, url: str) -> subprocess.CompletedProcess:
+def _cli(*args, url: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "SNAC_DIT_URL": url}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(
         [sys.executable, "-m", "clients", *args],
-        cwd=REPO,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -161,7 +162,7 @@ def test_cli_continue_and_extend(url, song, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "seed=4" in r.stderr and "confidence=top" in r.stderr
     r = _cli("continue", str(song), "-o", str(out), "--steps", "2", "--seed", "4", "--gumbel",
-             "0,0,0.5,0.5", "--confidence", "sampled", url=url)
+             "0,0,0.5,0.5", "--confidence", "sampled", "--force", url=url)
     assert r.returncode == 0, r.stderr
     assert "gumbel=0,0,0.5,0.5" in r.stderr and "confidence=sampled" in r.stderr
     info = sf.info(out)
@@ -174,6 +175,32 @@ def test_cli_continue_and_extend(url, song, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "chunk 1/2" in r.stderr and "chunk 2/2" in r.stderr
     assert sf.info(ext).frames == 2 * CHUNK
+    # The streamed summary states what ran, as the one-shot one does.
+    summary = r.stderr.strip().splitlines()[-1]
+    assert summary.startswith(f"wrote {ext}") and "steps=1,1,1,1" in summary, summary
+    assert "temperature=" in summary and "confidence=top" in summary, summary
+
+
+def test_cli_output_name_is_derived_and_nothing_is_overwritten(url, song, tmp_path):
+    r = _cli("continue", str(song), "--steps", "1", "--seed", "4", url=url, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    derived = tmp_path / "song-continued.wav"
+    assert sf.info(derived).frames == CHUNK and f"wrote {derived.name}" in r.stderr
+    before = derived.read_bytes()
+    # Again: refused before asking the server, the file untouched, the way out named.
+    r = _cli("continue", str(song), "--steps", "1", "--seed", "5", url=url, cwd=tmp_path)
+    assert r.returncode == 2 and "song-continued.wav exists" in r.stderr and "--force" in r.stderr
+    assert derived.read_bytes() == before and "Traceback" not in r.stderr
+    r = _cli("extend", str(song), "--chunks", "1", "-o", "song-continued.wav", "--steps", "1",
+             "--stream", url=url, cwd=tmp_path)
+    assert r.returncode == 2 and derived.read_bytes() == before
+    r = _cli("continue", str(song), "--steps", "1", "--seed", "5", "--force", url=url, cwd=tmp_path)
+    assert r.returncode == 0 and derived.read_bytes() != before, r.stderr
+    for command, extra, name in (("extend", ["--chunks", "1"], "song-extended.wav"),
+                                 ("extend", ["--chunks", "1", "--stream", "--force"],
+                                  "song-extended.wav")):
+        r = _cli(command, str(song), "--steps", "1", *extra, url=url, cwd=tmp_path)
+        assert r.returncode == 0 and (tmp_path / name).is_file(), r.stderr
 
 
 def test_cli_errors_exit_nonzero_with_the_servers_message(url, song, tmp_path):
@@ -262,13 +289,13 @@ def test_client_inpaint_loop_and_vary(edit_url, long_song):
 
 def test_cli_inpaint_loop_vary(edit_url, long_song, tmp_path):
     n = sf.info(long_song).frames
-    for args, frames, says in (
-        (["inpaint", "--start", "7", "--end", "8"], n, "edit_start=221952"),
-        (["loop"], n + CHUNK, f"loop_samples={n + CHUNK}"),
-        (["vary", "--keep", "AB"], n, "keep=AB"),
+    for args, frames, says, name in (
+        (["inpaint", "--start", "7", "--end", "8"], n, "edit_start=221952", "long-inpainted.wav"),
+        (["loop"], n + CHUNK, f"loop_samples={n + CHUNK}", "long-loop.wav"),
+        (["vary", "--keep", "AB"], n, "keep=AB", "long-varied.wav"),
     ):
-        out = tmp_path / f"{args[0]}.wav"
-        r = _cli(args[0], str(long_song), "-o", str(out), "--steps", "1", *args[1:], url=edit_url)
+        out = tmp_path / name  # the name derived from the input
+        r = _cli(args[0], str(long_song), "--steps", "1", *args[1:], url=edit_url, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         assert sf.info(out).frames == frames and says in r.stderr, r.stderr
     r = _cli("inpaint", str(long_song), "-o", str(tmp_path / "x.wav"), "--start", "1", url=edit_url)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from model.attention import attention
 from model.layout import SNAC_FRAMES, SNAC_STRIDES, LayoutBatch, check_geometry
@@ -97,6 +98,72 @@ PRESETS: dict[str, dict] = {
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
+
+
+# adaLN modulation is per segment (B, S+1, d) and broadcast to tokens through seg_idx (B, N).
+# Gathering it to (B, N, 6d) first would keep that tensor alive for the backward in every block
+# (24·d bytes per token per layer in fp32); these functions gather inside and save only the
+# per-segment tables, the index and the one per-token operand the gradient needs. Forward values
+# are bit-identical to gather-then-modulate; the tables' gradients are scatter-adds, as gather's.
+
+
+def _rows(table: Tensor, idx: Tensor) -> Tensor:
+    """table (B, S', C), idx (B, N) -> (B, N, C)."""
+    return table.gather(1, idx[:, :, None].expand(-1, -1, table.shape[-1]))
+
+
+def _segment_sum(values: Tensor, idx: Tensor, n_seg: int) -> Tensor:
+    """values (B, N, C) summed per segment -> (B, n_seg, C)."""
+    out = values.new_zeros(values.shape[0], n_seg, values.shape[-1])
+    return out.scatter_add_(1, idx[:, :, None].expand(-1, -1, values.shape[-1]), values)
+
+
+class _SegmentModulate(torch.autograd.Function):
+    """x * (1 + scale[seg]) + shift[seg]; saves x, the scale table and the index."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, idx):
+        ctx.save_for_backward(x, scale, idx)
+        ctx.shift_dtype = shift.dtype
+        return x * (1 + _rows(scale, idx)) + _rows(shift, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, scale, idx = ctx.saved_tensors
+        S = scale.shape[1]
+        gx = g * (1 + _rows(scale, idx)) if ctx.needs_input_grad[0] else None
+        gshift = _segment_sum(g, idx, S).to(ctx.shift_dtype) if ctx.needs_input_grad[1] else None
+        gscale = _segment_sum(g * x, idx, S).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        return gx.to(x.dtype) if gx is not None else None, gshift, gscale, None
+
+
+class _SegmentGatedAdd(torch.autograd.Function):
+    """x + gate[seg] * y (the gated residual); saves y, the gate table and the index."""
+
+    @staticmethod
+    def forward(ctx, x, y, gate, idx):
+        ctx.save_for_backward(y, gate, idx)
+        ctx.x_dtype = x.dtype
+        return x + _rows(gate, idx) * y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, gate, idx = ctx.saved_tensors
+        gx = g.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gy = (g * _rows(gate, idx)).to(y.dtype) if ctx.needs_input_grad[1] else None
+        ggate = (_segment_sum(g * y, idx, gate.shape[1]).to(gate.dtype)
+                 if ctx.needs_input_grad[2] else None)
+        return gx, gy, ggate, None
+
+
+def segment_modulate(x: Tensor, shift: Tensor, scale: Tensor, idx: Tensor) -> Tensor:
+    """modulate(x, shift[seg], scale[seg]) with shift/scale (B, S', d) per segment, idx (B, N)."""
+    return _SegmentModulate.apply(x, shift, scale, idx)
+
+
+def segment_gated_add(x: Tensor, y: Tensor, gate: Tensor, idx: Tensor) -> Tensor:
+    """x + gate[seg] * y with gate (B, S', d) per segment, idx (B, N)."""
+    return _SegmentGatedAdd.apply(x, y, gate, idx)
 
 
 def rope_tables(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
@@ -175,7 +242,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero; modulation arrives per token (gathered)."""
+    """Pre-norm transformer block with adaLN-Zero; modulation per segment (`segment_modulate`)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -190,16 +257,12 @@ class Block(nn.Module):
         self.adaLN = nn.Linear(d, 6 * d)  # applied to SiLU(cond) per segment, not per token
 
     def forward(self, x, cond, seg_idx, rope, seg_q, allowed, cache=None, layer=0) -> Tensor:
-        mod = gather_segments(self.adaLN(cond), seg_idx)  # (B, S+1, 6d) -> (B, N, 6d)
+        mod = self.adaLN(cond)  # (B, S+1, 6d): per segment, broadcast to tokens by seg_idx
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        h = modulate(self.norm1(x), shift1, scale1)
-        x = x + gate1 * self.attn(h, rope, seg_q, allowed, cache, layer)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
-
-
-def gather_segments(table: Tensor, seg_idx: Tensor) -> Tensor:
-    """table (B, S', C) per segment, seg_idx (B, N) -> (B, N, C) per token."""
-    return table.gather(1, seg_idx[:, :, None].expand(-1, -1, table.shape[-1]))
+        h = segment_modulate(self.norm1(x), shift1, scale1, seg_idx)
+        x = segment_gated_add(x, self.attn(h, rope, seg_q, allowed, cache, layer), gate1, seg_idx)
+        h = segment_modulate(self.norm2(x), shift2, scale2, seg_idx)
+        return segment_gated_add(x, self.mlp(h), gate2, seg_idx)
 
 
 class DiT(nn.Module):
@@ -216,6 +279,10 @@ class DiT(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Linear(d, 2 * d)
         self.heads = nn.ModuleList(nn.Linear(d, V) for _ in range(L))
+        # Per-block activation checkpointing (a run-time switch, not architecture: the trainer
+        # sets it): a training forward keeps only each block's input and recomputes the block in
+        # the backward, ~1/3 more compute for a fraction of the activation memory.
+        self.checkpoint_blocks = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -271,7 +338,7 @@ class DiT(nn.Module):
             )
         valid = layout.seg_id >= 0
         ids = torch.where(valid, tokens, 0)
-        if not ids.is_cuda and ((ids < 0).any() or (ids > cfg.codebook_size).any()):
+        if ids.device.type == "cpu" and ((ids < 0).any() or (ids > cfg.codebook_size).any()):
             # Checked on CPU only: on a GPU it would cost a host sync per forward.
             raise ValueError(f"token ids must lie in [0, {cfg.codebook_size}]")
         x = self.tok_emb(layout.level * (cfg.codebook_size + 1) + ids)  # (B, N, d)
@@ -291,13 +358,18 @@ class DiT(nn.Module):
             if cache.length + N > cache.max_len:
                 raise ValueError(f"KV cache overflow: {cache.length} + {N} > {cache.max_len}")
             cache.seg[:, cache.length : cache.length + N] = layout.seg_id
+        recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cond, seg_idx, rope, layout.seg_id, layout.allowed, cache, i)
+            if recompute:
+                x = checkpoint(blk, x, cond, seg_idx, rope, layout.seg_id, layout.allowed,
+                               use_reentrant=False)
+            else:
+                x = blk(x, cond, seg_idx, rope, layout.seg_id, layout.allowed, cache, i)
         if cache is not None and commit:
             cache.length += N
 
-        shift, scale = gather_segments(self.final_adaLN(cond), seg_idx).chunk(2, dim=-1)
-        return modulate(self.final_norm(x), shift, scale)
+        shift, scale = self.final_adaLN(cond).chunk(2, dim=-1)  # (B, S+1, d) each
+        return segment_modulate(self.final_norm(x), shift, scale, seg_idx)
 
     def logits(self, h: Tensor, level: int) -> Tensor:
         """(…, d) hidden states of level-`level` tokens -> (…, codebook_size) logits."""

@@ -140,6 +140,10 @@ class TrainConfig:
     # bf16 on a CPU with native bf16 (AVX512-BF16 / AMX) trains ~1.9x faster (docs/training.md)
     dtype: str = "auto"
     compile: bool = False  # torch.compile the model
+    # Per-block activation checkpointing: on, off, or auto = on only where the batch would not
+    # fit the GPU without it at the curriculum's longest layout (training/dit/memory.py; off on
+    # CPU). Checked at start-up: a batch that fits neither way stops the run before step 1.
+    activation_checkpointing: str = "auto"
     # auto (or latest) = this run's newest checkpoint if it has one, never = start over, or a
     # checkpoint directory. Re-running a command continues it (both trainers, run/checkpoint).
     resume: str = "auto"
@@ -239,6 +243,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.eval.every >= 0 and cfg.eval.batches >= 1 and cfg.eval.batch_size >= 1,
          "eval.every must be >= 0, eval.batches and eval.batch_size >= 1")
     need(cfg.dtype in ("auto", "bf16", "fp32"), "dtype must be auto, bf16 or fp32")
+    need(cfg.activation_checkpointing in ("auto", "on", "off"),
+         "activation_checkpointing must be auto, on or off")
     need(all(0 < r <= 1 for r in cfg.eval.mask_ratios), "eval.mask_ratios must lie in (0, 1]")
     need(bool(cfg.eval.n_ctx) and all(0 <= n <= N_CTX_MAX for n in cfg.eval.n_ctx),
          f"eval.n_ctx must be non-empty, values in 0..{N_CTX_MAX}")

@@ -34,7 +34,12 @@ def restore_rng(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU the saving process could see; a resume may see fewer (a smaller
+        # node, CUDA_VISIBLE_DEVICES) or more. Restore the devices both have; the rest keep
+        # their seeds (set_rng_state_all would index devices that do not exist here).
+        states = state["cuda"]
+        for i in range(min(len(states), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(states[i], device=i)
 
 
 def seed_everything(seed: int) -> None:

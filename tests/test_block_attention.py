@@ -529,3 +529,28 @@ def test_dit_with_fp32_norms_runs_on_the_kernel():
         got = net(args[0], batch.to(DEV), args[1])
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+
+
+def test_launches_run_under_the_tensors_device_guard():
+    # Triton launches on the *current* CUDA device; inputs on cuda:1 need its guard (forward and
+    # backward). Recorded here on whatever device runs the kernel.
+    entered = []
+    real = ba._device_guard
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ba, "_device_guard", lambda t: entered.append(t.device) or real(t))
+    try:
+        seg_q, seg_k, allowed = (x.to(DEV) for x in random_problem(1, 16, 16, S=3, seed=17))
+        q, k, v = (x.requires_grad_() for x in qkv(1, 1, 16, 16, 16, torch.float32))
+        ba.block_attention(q, k, v, seg_q, seg_k, allowed, block_m=16, block_n=16).sum().backward()
+    finally:
+        mp.undo()
+    assert entered == [q.device, q.device]
+
+
+def test_device_guard_names_the_tensors_device(monkeypatch):
+    class OnSecondGpu:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "device", lambda d: ("guard", d))
+    assert ba._device_guard(OnSecondGpu()) == ("guard", torch.device("cuda", 1))

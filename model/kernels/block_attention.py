@@ -49,6 +49,7 @@ Constraints and caveats.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -376,6 +377,12 @@ def _desc(t: torch.Tensor, block: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), strides, [1, 1, block, t.shape[3]])
 
 
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device, not the tensors': with inputs on cuda:1 and
+    cuda:0 current it would run (and fail) on the wrong GPU. Launch under the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
     """TMA needs a 16-byte aligned base, 16-byte aligned non-zero strides and a unit last
     stride (an expanded gradient, stride 0, is copied)."""
@@ -399,13 +406,14 @@ class _BlockAttention(torch.autograd.Function):
         q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-        _fwd_kernel[(Tq, B * H)](
-            _desc(q, BM), _desc(k, BN), _desc(v, BN), _desc(o, BM), lse,
-            plan.q_bits, plan.k_bits, plan.fwd_idx, plan.fwd_cnt,
-            H, Nq, Nk, Tq, Tk, scale * _LOG2E,
-            HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, DOT_PREC=_dot_precision(q.dtype),
-            **launch_options(D),
-        )
+        with _device_guard(q):
+            _fwd_kernel[(Tq, B * H)](
+                _desc(q, BM), _desc(k, BN), _desc(v, BN), _desc(o, BM), lse,
+                plan.q_bits, plan.k_bits, plan.fwd_idx, plan.fwd_cnt,
+                H, Nq, Nk, Tq, Tk, scale * _LOG2E,
+                HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, DOT_PREC=_dot_precision(q.dtype),
+                **launch_options(D),
+            )
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.plan, ctx.scale = plan, scale
         return o
@@ -413,12 +421,16 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
+        with _device_guard(q):
+            return _BlockAttention._backward(q, k, v, o, lse, ctx.plan, ctx.scale,
+                                             _tma_ready(do))
+
+    @staticmethod
+    def _backward(q, k, v, o, lse, plan, scale, do):
         B, H, Nq, D = q.shape
         Nk = k.shape[2]
         BM, BN = plan.block_m, plan.block_n
         Tq, Tk = triton.cdiv(Nq, BM), triton.cdiv(Nk, BN)
-        do = _tma_ready(do)
         delta = torch.empty_like(lse)  # (B, H, Nq) fp32
         _bwd_delta_kernel[(Tq, B * H)](_desc(o, BM), _desc(do, BM), delta, H, Nq,
                                        HEAD_DIM=D, BLOCK_M=BM)

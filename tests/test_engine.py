@@ -239,3 +239,48 @@ def test_round_trip_is_the_codecs_own_rendering_of_the_span(engine):
                 dict(audios=[x, x[:-1]], start=0, end=CHUNK), dict(audios=[], start=0, end=1)):
         with pytest.raises(ValueError):
             engine.round_trip(**bad)
+
+
+def test_a_device_fault_marks_the_engine_dead_but_oom_and_bad_input_do_not(engine):
+    from model.engine import DeviceFault
+
+    eng = engine
+    audio = torch.zeros(eng.chunk_samples)
+    real = eng.dit.forward
+    try:
+        for error in (torch.cuda.OutOfMemoryError("CUDA out of memory"), ValueError("bad")):
+            eng.dit.forward = lambda *a, error=error, **kw: (_ for _ in ()).throw(error)
+            with pytest.raises(type(error)):
+                eng.continue_batch([audio])
+            assert eng.healthy
+        eng.dit.forward = lambda *a, **kw: (_ for _ in ()).throw(
+            RuntimeError("CUDA error: an illegal memory access was encountered"))
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            eng.continue_batch([audio])
+        assert not eng.healthy
+        eng.dit.forward = real
+        for call in (lambda: eng.continue_batch([audio]), lambda: next(eng.extend(audio, 1)),
+                     lambda: eng.loop_batch([audio])):
+            with pytest.raises(DeviceFault, match="illegal memory access"):
+                call()
+    finally:
+        eng.dit.forward = real
+        eng.fault = None
+
+
+def test_warmup_runs_the_full_context_layout_with_the_lead_in(engine, monkeypatch):
+    import model.engine as engine_module
+
+    seen = []
+    real = engine_module.generate
+    monkeypatch.setattr(engine_module, "generate", lambda dit, ctx, *a, **kw: seen.append(
+        (ctx[0].shape, len(a[0]))) or real(dit, ctx, *a, **kw))
+    leads = []
+    real_batch = type(engine).continue_batch
+    monkeypatch.setattr(type(engine), "continue_batch",
+                        lambda self, *a, **kw: leads.append(kw.get("lead_in")) or
+                        real_batch(self, *a, **kw))
+    engine.warmup(batch_sizes=(1, 2))
+    fpc = engine.codec.frames_per_chunk[0]
+    assert seen == [((1, 2 * fpc), 1), ((2, 2 * fpc), 2), ((1, fpc), 1), ((2, fpc), 2)]
+    assert set(leads) == {engine_module.JOIN_SAMPLES}

@@ -1,0 +1,216 @@
+"""The codec judged by pitch: the metrics on signals with known answers, the inverse-STFT
+decoder (its signal path, its files beside SNAC's, seam-free decoding), its training terms,
+the chroma head, and the codec trainer's entry point with both.
+
+A chord keeps its notes through Griffin-Lim and loses them to envelope-shaped noise; a pulse
+train at the frame rate has a comb, noise has none. The decoder tests use the debug codec's
+geometry (real 32 kHz rates and strides, tiny widths).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from snac import SNAC
+
+from model.codec import DEBUG_CODEC_CONFIG, Codec
+from model.vocoder import ISTFTDecoder, ISTFTDecoderConfig
+from training.codec import pitch
+from training.codec.cli import main
+from training.codec.losses import anti_wrap, spectral_decoder_losses
+from training.run.checkpoint import list_checkpoints, load_checkpoint
+
+SR = 32000
+FRAME_RATE = SR / 384
+ISTFT_DEBUG = dict(DEBUG_CODEC_CONFIG, noise=False, decoder=dict(
+    kind="istft", latent_dim=128, hop=384, n_fft=1536, dim=32, layers=2))
+
+
+def chord_progression(seconds: float = 6.144) -> np.ndarray:
+    """Four triads with decaying envelopes, five harmonics each: clear notes."""
+    t = np.arange(int(seconds * SR)) / SR
+    x = np.zeros_like(t)
+    chords = [(261.6, 329.6, 392.0), (220.0, 261.6, 329.6), (174.6, 220.0, 261.6),
+              (196.0, 246.9, 293.7)]
+    n = len(t) // len(chords)
+    for i, chord in enumerate(chords):
+        s = slice(i * n, (i + 1) * n)
+        tt = t[s] - t[s][0]
+        x[s] = sum(np.sin(2 * np.pi * f * k * t[s]) / k for f in chord for k in range(1, 6)) \
+            * np.exp(-3 * tt)
+    return (0.3 * x / np.abs(x).max()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def chord():
+    x = chord_progression()
+    return x, pitch.transcribe(x, SR)
+
+
+# ---------------------------------------------------------------- metrics
+def test_chroma_tells_the_notes_from_their_envelope(chord):
+    x, _ = chord
+    assert pitch.chroma_correlation(x, x, SR) == pytest.approx(1.0, abs=1e-6)
+    assert pitch.chroma_correlation(x, pitch.griffin_lim(x, SR), SR) > 0.9
+    assert pitch.chroma_correlation(x, pitch.envelope_noise(x, SR), SR) < 0.3
+    # a note that is in none of the chords: no better than noise
+    t = np.arange(len(x)) / SR
+    shifted = (0.3 * np.sin(2 * np.pi * 277.2 * t) * np.exp(-2 * (t % 1.536))).astype(np.float32)
+    assert pitch.chroma_correlation(x, shifted, SR) < 0.5
+    assert math.isnan(pitch.chroma_correlation(np.zeros_like(x), x, SR))
+
+
+def test_transcription_scores_the_chord_and_not_its_noise(chord):
+    x, ref = chord
+    assert len(ref) >= 8                           # the model hears the notes of the triads
+    same = pitch.transcription_scores(ref, ref, len(x) / SR)
+    assert same == {"frame_f1": 1.0, "chroma_f1": 1.0, "onset_f1": 1.0}
+    noise = pitch.pitch_metrics(x, pitch.envelope_noise(x, SR), SR, FRAME_RATE, ref)
+    kept = pitch.pitch_metrics(x, pitch.griffin_lim(x, SR), SR, FRAME_RATE, ref)
+    assert noise["frame_f1"] < 0.2 and noise["onset_f1"] < 0.2
+    assert kept["frame_f1"] > 0.8 and kept["chroma_f1"] > 0.8
+    assert pitch.transcription_scores([], ref, 6.0) is None      # nothing to score against
+
+
+def test_frame_rate_comb_finds_a_buzz():
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(5 * SR).astype(np.float32)
+    pulses = np.zeros(5 * SR, np.float32)
+    pulses[::384] = 1.0
+    buzz = np.convolve(pulses, np.hanning(64), "same") * 0.1 + 0.01 * noise
+    assert pitch.frame_rate_comb(buzz, SR, FRAME_RATE) > 10
+    assert abs(pitch.frame_rate_comb(noise, SR, FRAME_RATE)) < 1.5
+
+
+# ---------------------------------------------------------------- the decoder
+def test_istft_framing_reconstructs_exactly():
+    d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1))
+    x = torch.randn(2, 1, 384 * 40)
+    S = d.analysis(x)
+    assert S.shape == (2, 769, 40)
+    y = d.synthesize(S.abs().clamp(min=1e-12).log(), S.angle())
+    assert y.shape == x.shape
+    assert torch.allclose(y, x, atol=1e-4)
+    assert d(torch.randn(1, 16, 7)).shape == (1, 1, 7 * 384)
+
+
+def test_spectral_terms_vanish_on_the_truth_and_wrap_phase():
+    d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1))
+    x = torch.from_numpy(chord_progression(1.152)).view(1, 1, -1)
+    S = d.analysis(x)
+    terms = spectral_decoder_losses(d, S.abs().clamp(min=1e-5).log(), S.angle(), x)
+    assert terms["amp"] < 1e-8 and terms["phase"] < 1e-3 and terms["consistency"] < 1e-6
+    wrong = spectral_decoder_losses(d, S.abs().clamp(min=1e-5).log(), S.angle() + 1.0, x)
+    assert wrong["phase"] > 0.9                                   # the instantaneous phase
+    assert torch.allclose(anti_wrap(torch.tensor([2 * math.pi + 0.1, -0.1, math.pi - 0.1])),
+                          torch.tensor([0.1, 0.1, math.pi - 0.1]), atol=1e-5)
+
+
+def test_a_codec_with_the_istft_decoder_saves_beside_snac_files(tmp_path):
+    codec = Codec.load(ISTFT_DEBUG, seed=0)
+    assert codec.decoder_name == "istft"
+    out = codec.save(tmp_path / "c")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "pytorch_model.bin", "decoder.json",
+            "decoder.safetensors"} <= names
+    assert "decoder" not in json.loads((out / "config.json").read_text())
+    x = torch.randn(1, 24576) * 0.3
+    again = Codec.load(str(out))
+    assert again.decoder_name == "istft" and again.fingerprint == codec.fingerprint
+    codes = codec.encode(x)
+    # snac itself still loads the directory, for tokenising: the same codes
+    snac_codes = SNAC.from_pretrained(str(out)).eval().encode(x[:, None])
+    assert all(torch.equal(a, b) for a, b in zip(codes, snac_codes, strict=True))
+    assert torch.equal(codec.decode(codes), again.decode(codes))
+    # the codes fingerprint ignores which decoder renders them
+    plain = Codec.load({k: v for k, v in ISTFT_DEBUG.items() if k != "decoder"}, seed=0)
+    assert plain.codes_fingerprint == codec.codes_fingerprint
+    assert plain.fingerprint != codec.fingerprint and plain.decoder_name == "snac"
+    # re-saving a SNAC-decoder codec over it removes the stale decoder files
+    plain.save(out)
+    assert Codec.load(str(out)).decoder_name == "snac"
+
+
+def test_istft_decoding_with_context_is_seam_free():
+    codec = Codec.load(ISTFT_DEBUG, seed=1)
+    g = torch.Generator().manual_seed(0)
+    n = [16, 32, 64, 128]                                      # 4 padding units per level
+    tokens = [torch.randint(0, 4096, (1, 3 * k), generator=g) for k in n]
+    whole = codec.decode(tokens)
+    a = [t[:, :k] for t, k in zip(tokens, n, strict=True)]
+    b = [t[:, k: 2 * k] for t, k in zip(tokens, n, strict=True)]
+    c = [t[:, 2 * k:] for t, k in zip(tokens, n, strict=True)]
+    part = codec.decode(b, context=a, right_context=c, first_frame=n[0] * 8)
+    per = 8 * 384 * n[0]
+    assert torch.allclose(part, whole[:, per: 2 * per], atol=1e-5)
+    assert torch.equal(codec.decode(b, seed=0), codec.decode(b, seed=5))   # no noise
+
+
+def test_chroma_head_target_finds_the_pitch_class():
+    from training.codec.pitch_head import ChromaHead
+
+    head = ChromaHead(latent_dim=16, sample_rate=SR, hop=384, pool=8)
+    t = np.arange(int(1.152 * SR)) / SR
+    a4 = torch.from_numpy((0.3 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32))
+    p, mask = head.target(a4.view(1, 1, -1), frames=12)
+    assert p.shape == (1, 12, 12) and mask.all()
+    assert (p[0].argmax(dim=0) == 9).all()                      # librosa's classes: C = 0, A = 9
+    assert torch.allclose(p.sum(dim=1), torch.ones(1, 12))
+    levels = [torch.randn(1, 16, 96, requires_grad=True) for _ in range(4)]
+    loss = head.loss(levels, a4.view(1, 1, -1))
+    loss.backward()
+    assert loss > 0 and levels[0].grad.abs().sum() > 0 and levels[2].grad is None
+
+
+# ---------------------------------------------------------------- training
+FAST = ["--preset", "debug", "--curriculum", "[[0, 0.384, 2]]", "--val_seconds", "0.384",
+        "--val_files", "1", "--num_workers", "0", "--threads", "1", "--progress", "false",
+        "--gan", "false", "--model.noise", "false",
+        "--decoder", '{kind = "istft", dim = 32, layers = 2}',
+        "--loss_weights.amp", "4", "--loss_weights.phase", "1",
+        "--loss_weights.consistency", "1", "--loss_weights.chroma", "2",
+        "--loss_weights.l1", "0"]
+
+
+@pytest.fixture(scope="module")
+def chord_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("chords")
+    x = chord_progression()
+    for i in range(3):
+        sf.write(d / f"c{i}.wav", np.roll(x, i * 9000)[: int(1.5 * SR)], SR)
+    return d
+
+
+def test_the_istft_codec_trains_resumes_exactly_and_exports(tmp_path, chord_dir):
+    common = FAST + ["--train", str(chord_dir), "--steps", "6", "--log_every", "1",
+                     "--val_every", "6", "--ckpt_every", "100", "--resume", "never"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(common + ["--out_dir", str(straight)]) == 0
+    assert main(common + ["--out_dir", str(split), "--steps", "3"]) == 0
+    assert main([a for a in common if a not in ("--resume", "never")]
+                + ["--out_dir", str(split)]) == 0
+    a = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1][1])
+    b = load_checkpoint(list_checkpoints(split / "checkpoints")[-1][1])
+    for part in ("model", "aux"):                          # the chroma head is checkpointed too
+        assert a["weights"][part].keys() == b["weights"][part].keys()
+        for name, tensor in a["weights"][part].items():
+            assert torch.equal(tensor, b["weights"][part][name]), (part, name)
+
+    rows = [json.loads(r) for r in (straight / "log.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss/total" in r]
+    for term in ("amp", "phase", "consistency", "chroma", "mel"):
+        assert all(math.isfinite(r[f"loss/{term}"]) for r in train), term
+    assert train[-1]["loss/total"] < train[0]["loss/total"]
+    val = [r for r in rows if "val/mel" in r][-1]
+    assert -1 <= val["val/chroma"] <= 1 and math.isfinite(val["val/comb_db"])
+
+    export = Codec.load(str(straight / "export"))
+    assert export.decoder_name == "istft"
+    y = export.decode(export.encode(torch.randn(1, 12288) * 0.1))
+    assert y.shape == (1, 12288) and torch.isfinite(y).all()

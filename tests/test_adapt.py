@@ -71,11 +71,13 @@ def test_adapt_tokenises_holds_out_fine_tunes_exports_and_resumes(
                                                      strict=True))
     report = json.loads((work / "adapt_eval.json").read_text())
     assert set(report["base"]) == set(report["adapted"]) == set("ABCD")
-    assert "level A: base" in err and " ± " in err
+    # The held-out 19 s song gives 3 windows, scored one by one: each change has its error.
+    assert report["windows"] == 3 and "level A: base" in err and "nan" not in err.lower()
     for lvl, change in report["change_adapted"].items():  # paired over the scored batches
         assert change["mean"] == pytest.approx(report["adapted"][lvl] - report["base"][lvl],
                                                abs=2e-3)
-        assert change["se"] >= 0 or np.isnan(change["se"])
+        assert change["se"] >= 0
+        assert f"({change['mean']:+.3f} ± {change['se']:.3f})" in err
 
     # The default: low-rank adapters instead of every weight; the export is a plain DiT again.
     lora_out = tmp_path / "mine_lora"
@@ -121,6 +123,22 @@ def test_adapt_tokenises_holds_out_fine_tunes_exports_and_resumes(
     assert {0, 4, 10, 16} <= set(curve) and curve[16] < curve[0]
 
 
+def test_a_single_held_out_window_says_its_error_is_unknown(
+        tmp_path, base, debug_codec_dir, capsys):
+    root = tmp_path / "songs"
+    root.mkdir()
+    for i, f in enumerate((220.0, 247.0, 262.0, 294.0)):  # 18.3 s: one 18.432 s window each
+        sf.write(root / f"song{i}.wav", song(18.3, f, i), 32000, subtype="PCM_16")
+    work = tmp_path / "work"
+    assert main(args(root, base, debug_codec_dir, work, tmp_path / "mine", 2)) == 0
+    err = capsys.readouterr().err
+    report = json.loads((work / "adapt_eval.json").read_text())
+    assert report["windows"] == 1
+    assert all(change["se"] is None for change in report["change_adapted"].values())
+    assert "nan" not in err.lower() and " ± " not in err
+    assert "the error of these changes is unknown" in err and "--val-songs" in err
+
+
 def test_hold_out_is_stable_and_respects_the_count(tmp_path):
     from training.tokens import shards
 
@@ -159,6 +177,10 @@ def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "training.dit.adapt", "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--out" in r.stdout and "--val-songs" in r.stdout
+    # --help and the README quote the same measured time.
+    quoted = r"about (\d+) minutes for (\d+) songs on 2 CPU cores"
+    readme = re.search(quoted, " ".join((ROOT / "README.md").read_text().split()))
+    assert readme and readme.groups() == re.search(quoted, " ".join(r.stdout.split())).groups()
 
 
 # ---------------------------------------------------------------- Hugging Face datasets

@@ -28,6 +28,42 @@ def tokenize_hint(tokens_dir: str) -> str:
     )
 
 
+# Above this many parameters a model is GPU-sized: the `small` demo DiT (16 M) takes about
+# 8 CPU-hours on 2 cores for its 5,000 steps; the default `base` (109 M) would take weeks.
+GPU_SIZED_PARAMS = 50_000_000
+CPU_CONFIG = "training/configs/dit_demo.toml"
+
+
+def gpu_sized_on_cpu(cfg) -> str | None:
+    """Why not to start, when `device = "auto"` finds no GPU and the model is GPU-sized; None
+    otherwise (a GPU, an explicit `--device cpu`, a fine-tune of an exported model)."""
+    if cfg.device != "auto" or cfg.init:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    from model.dit import DiT, DiTConfig
+
+    model = {k: v for k, v in cfg.model.items() if k != "preset"}
+    try:
+        with torch.device("meta"):  # counts parameters without allocating them
+            n = sum(p.numel() for p in DiT(DiTConfig.from_name(cfg.model["preset"], **model))
+                    .parameters())
+    except (KeyError, TypeError, ValueError):
+        return None  # a bad [model] section: the trainer says what is wrong with it
+    if n < GPU_SIZED_PARAMS:
+        return None
+    return (
+        f"no GPU here, and this config trains a GPU-sized DiT (preset "
+        f"'{cfg.model['preset']}', {n / 1e6:.0f} M parameters): on a CPU that takes weeks. "
+        f"On a CPU, train the demo DiT (preset 'small', about 8 CPU-hours on 2 cores):\n\n"
+        f"    python training/train.py --config {CPU_CONFIG}\n\n"
+        "(docs/training.md, \"The demo DiT\"). To train this config on the CPU anyway, say so "
+        "with --device cpu."
+    )
+
+
 def resolve_config(argv: list[str]):
     """(TrainConfig, checkpoint to resume from or None).
 
@@ -61,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    # Both refusals at once, when both apply: a fresh clone on a laptop meets them together.
+    refusals = [gpu_sized_on_cpu(cfg)]
     if not (Path(cfg.data.tokens) / "manifest.json").is_file():  # before the slow imports
-        print(f"error: {tokenize_hint(cfg.data.tokens)}", file=sys.stderr)
+        refusals.append(tokenize_hint(cfg.data.tokens))
+    refusals = [r for r in refusals if r]
+    if refusals:
+        print("\n\n".join(f"error: {r}" for r in refusals), file=sys.stderr)
         return 2
 
     from training.dit.trainer import DataMissingError, Trainer

@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,eval]"
+	$(PY) -m pip install --quiet --no-deps "basic-pitch==0.4.0"  # see the eval extra
 	touch $@
 
 install: $(VENV)/.installed

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import types
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -61,37 +62,47 @@ DEBUG_CODEC_CONFIG = dict(SNAC_32KHZ_CONFIG, encoder_dim=8, decoder_dim=64)
 NOISE_SPAN_FRAMES = 32
 
 
-def _noise_span(seed: int, row: int, block: int, span: int, length: int) -> torch.Tensor:
+def _noise_span(seed: int, row: int, block: int, span: int, length: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """One span's noise, drawn on `device` (no host-to-device copy per NoiseBlock). CPU and CUDA
+    generators differ, so a seed gives other noise on a GPU than on a CPU, the same on each."""
     key = hashlib.blake2b(f"{seed}/{row}/{block}/{span}".encode(), digest_size=8).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
-    return torch.randn(length, generator=g)
+    g = torch.Generator(device).manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+    return torch.randn(length, generator=g, device=device)
 
 
 @contextmanager
-def positional_noise(snac: SNAC, seed: int, first_frame: int = 0):
+def positional_noise(snac: SNAC, seed: int | Sequence[int], first_frame: int = 0):
     """Inside the block, the decoder's NoiseBlocks draw noise keyed to (seed, batch row, block,
     absolute position) instead of from the global RNG: the decode's first input frame is frame
     `first_frame` of the whole sequence. snac's NoiseBlock draws `randn(B, 1, T)` fresh per call,
     so the same position gets different noise in differently placed windows, and no two windows
-    of a chain could agree where they overlap."""
+    of a chain could agree where they overlap. `seed` may be one seed per batch row: then each
+    row draws the noise it would draw decoded alone (row 0 of its own seed), so independent
+    requests decode together with the same output as one at a time."""
     noise_blocks, upsample = [], 1
     for layer in snac.decoder.model:
         if isinstance(layer, DecoderBlock):
             upsample *= next(m for m in layer.block
                              if isinstance(m, torch.nn.ConvTranspose1d)).stride[0]
             noise_blocks += [(m, upsample) for m in layer.block if isinstance(m, NoiseBlock)]
+    per_row = not isinstance(seed, int)
 
     def forward_for(index: int, factor: int):
         def forward(self, x):
             B, _, T = x.shape
+            if per_row and len(seed) != B:
+                raise ValueError(f"{len(seed)} seeds for a batch of {B}")
             span = NOISE_SPAN_FRAMES * factor
             start = first_frame * factor
             first, last = start // span, (start + T - 1) // span
             rows = []
             for b in range(B):
-                spans = [_noise_span(seed, b, index, s, span) for s in range(first, last + 1)]
+                s_b, r_b = (seed[b], 0) if per_row else (seed, b)
+                spans = [_noise_span(s_b, r_b, index, s, span, x.device)
+                         for s in range(first, last + 1)]
                 rows.append(torch.cat(spans)[start - first * span: start - first * span + T])
-            noise = torch.stack(rows)[:, None].to(device=x.device, dtype=x.dtype)
+            noise = torch.stack(rows)[:, None].to(dtype=x.dtype)
             return x + noise * self.linear(x)
         return forward
 
@@ -109,9 +120,10 @@ def positional_noise(snac: SNAC, seed: int, first_frame: int = 0):
                 block.forward = old
 
 
-# snac config keys that shape only the decoder: changing them (or the decoder's weights) keeps
-# the codes (`Codec.codes_fingerprint`)
-DECODER_ONLY_KEYS = ("decoder_dim", "decoder_rates", "noise")
+# codec config keys that shape only the decoder: changing them (or the decoder's weights) keeps
+# the codes (`Codec.codes_fingerprint`). "decoder" is the spec of a decoder that replaces SNAC's
+# own (model/vocoder.py), stored as decoder.json beside the SNAC files.
+DECODER_ONLY_KEYS = ("decoder_dim", "decoder_rates", "noise", "decoder")
 
 
 def pad_samples(config: dict) -> int:
@@ -188,6 +200,12 @@ class Codec:
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
+
+    @property
+    def decoder_name(self) -> str:
+        """Which decoder turns codes into audio: "snac" (SNAC's own, with its noise injection)
+        or the kind of a replacement decoder ("istft": model/vocoder.py)."""
+        return (self.config.get("decoder") or {}).get("kind", "snac")
 
     def geometry(self) -> dict:
         return dict(
@@ -325,7 +343,9 @@ class Codec:
                              f"{self.pad_frames[0] * self.strides[0]} (the padding grid)")
         codes = [torch.cat([p[level].to(self.device) for p in parts], dim=1)
                  for level in range(self.n_levels)]
-        noise = positional_noise(self.snac, seed, first_frame) if seed is not None else None
+        # Only SNAC's own decoder injects noise; a replacement decoder is deterministic.
+        noise = (positional_noise(self.snac, seed, first_frame)
+                 if seed is not None and self.decoder_name == "snac" else None)
         with noise if noise is not None else nullcontext():
             with torch.autocast(
                 self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"

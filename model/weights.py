@@ -4,7 +4,8 @@
            read_dit_config(DIR), load_dit(DIR)
     codec  load_snac(config dict | local dir | hub id), save_snac(snac, config, DIR)
            (DIR/config.json + model.safetensors + pytorch_model.bin: snac.SNAC.from_pretrained
-           reads it too)
+           reads it too; a decoder that is not SNAC's own (model/vocoder.py) adds
+           DIR/decoder.json + DIR/decoder.safetensors beside them)
 
 `dit.py`, `codec.py` and `engine.py` build and run models; they never open a file themselves.
 Training checkpoints (optimiser state, resumable runs) are training/run/checkpoint.py's.
@@ -23,6 +24,7 @@ from snac import SNAC
 from model.dit import DiT, DiTConfig
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+DECODER_CONFIG_FILE, DECODER_WEIGHTS_FILE = "decoder.json", "decoder.safetensors"
 
 
 class CodecLoadError(RuntimeError):
@@ -30,14 +32,33 @@ class CodecLoadError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- codec
+def snac_kwargs(config: dict) -> dict:
+    """The SNAC constructor's part of a codec config (without its "decoder" spec)."""
+    return {k: v for k, v in config.items() if k != "decoder"}
+
+
+def build_snac(config: dict) -> SNAC:
+    """SNAC(**config), with SNAC's decoder replaced by the one `config["decoder"]` describes (a
+    model/vocoder.py spec), if any. The replaced SNAC decoder is built at the config's
+    decoder_dim, which such configs keep tiny: it only exists so the SNAC files load."""
+    snac = SNAC(**snac_kwargs(config))
+    if config.get("decoder"):
+        from model.vocoder import build_decoder
+
+        snac.decoder = build_decoder(config["decoder"])
+    return snac
+
+
 def load_snac(source: str | dict | os.PathLike, seed: int = 0) -> tuple[SNAC, dict]:
     """A `snac.SNAC` and its constructor config from a config dict (random init, seeded), a local
-    directory (config.json + model.safetensors or pytorch_model.bin) or a hub id (downloads).
+    directory (config.json + model.safetensors or pytorch_model.bin, and decoder.json +
+    decoder.safetensors when its decoder is not SNAC's) or a hub id (downloads).
+    The config carries the decoder's spec under "decoder" when it is not SNAC's own.
     Returned as built: `Codec` puts it in eval mode, the codec trainer trains it."""
     if isinstance(source, dict):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return SNAC(**source), dict(source)
+            return build_snac(source), dict(source)
     path = Path(source)
     if path.is_dir():
         return _snac_from_dir(path)
@@ -68,6 +89,18 @@ def _snac_from_dir(path: Path) -> tuple[SNAC, dict]:
         snac.load_state_dict(state)
     except RuntimeError as e:
         raise CodecLoadError(f"codec weights in {path} do not match its config.json: {e}") from e
+    if (path / DECODER_CONFIG_FILE).is_file():
+        from safetensors.torch import load_file
+
+        from model.vocoder import build_decoder
+
+        config["decoder"] = json.loads((path / DECODER_CONFIG_FILE).read_text())
+        try:
+            snac.decoder = build_decoder(config["decoder"])
+            snac.decoder.load_state_dict(load_file(path / DECODER_WEIGHTS_FILE))
+        except (ValueError, TypeError, RuntimeError, OSError) as e:
+            raise CodecLoadError(f"the decoder in {path} ({DECODER_CONFIG_FILE} + "
+                                 f"{DECODER_WEIGHTS_FILE}) cannot be loaded: {e}") from e
     return snac, config
 
 
@@ -107,13 +140,32 @@ def save_snac(snac: SNAC, config: dict, out_dir: str | os.PathLike,
     """Write a directory that both `Codec.load` and `snac.SNAC.from_pretrained` accept:
     config.json + pytorch_model.bin + model.safetensors. Each file goes to a temp name and is
     renamed, so a crash never leaves a half-written export that later loads as garbage.
-    dtype=torch.float16 halves the files (a shipped snapshot); loading casts back to fp32."""
+    dtype=torch.float16 halves the files (a shipped snapshot); loading casts back to fp32.
+
+    A codec whose decoder is not SNAC's (config["decoder"]) writes it to decoder.json +
+    decoder.safetensors; the SNAC files then hold the encoder and quantiser with a tiny
+    placeholder SNAC decoder (untrained, seeded), so `snac.SNAC.from_pretrained` still loads
+    them for tokenising while `Codec.load` decodes with the real decoder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous()
-             for k, v in snac.state_dict().items()}
+    cast = lambda v: v.detach().cpu().to(dtype or v.dtype).contiguous()  # noqa: E731
+    state = {k: cast(v) for k, v in snac.state_dict().items()}
     tmp = out / ".tmp-export"
-    tmp.with_suffix(".json").write_text(json.dumps(config, indent=2))
+    if config.get("decoder"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            placeholder = SNAC(**snac_kwargs(config)).decoder.state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+        state.update({f"decoder.{k}": cast(v) for k, v in placeholder.items()})
+        save_readable_safetensors({k: cast(v) for k, v in snac.decoder.state_dict().items()},
+                                  tmp.with_suffix(".dec"))
+        os.replace(tmp.with_suffix(".dec"), out / DECODER_WEIGHTS_FILE)
+        tmp.with_suffix(".djson").write_text(json.dumps(config["decoder"], indent=2))
+        os.replace(tmp.with_suffix(".djson"), out / DECODER_CONFIG_FILE)
+    else:
+        for name in (DECODER_CONFIG_FILE, DECODER_WEIGHTS_FILE):  # overwriting a vocoder export
+            (out / name).unlink(missing_ok=True)
+    tmp.with_suffix(".json").write_text(json.dumps(snac_kwargs(config), indent=2))
     os.replace(tmp.with_suffix(".json"), out / "config.json")
     torch.save(state, tmp.with_suffix(".bin"))
     os.replace(tmp.with_suffix(".bin"), out / "pytorch_model.bin")

@@ -80,7 +80,7 @@ def prepare_data(cfg: CodecTrainConfig, sample_rate: int, pad: int):
 
 
 # A checkpoint's weights files; the rest of CodecTrainer.state_dict() is trainer state.
-WEIGHT_PARTS = ("model", "disc")
+WEIGHT_PARTS = ("model", "disc", "aux")
 
 
 def checkpoint_state(trainer: CodecTrainer, cfg: CodecTrainConfig) -> tuple[dict, dict, dict]:
@@ -143,7 +143,7 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
 
     def validate():
         metrics = evaluate(trainer.export_model(), val_segments, trainer.recon, trainer.codebook_size,
-                           trainer.device, seed=cfg.seed)
+                           trainer.device, seed=cfg.seed, sample_rate=trainer.sample_rate)
         if not metrics:
             return
         collapsed = collapsed_levels(metrics, cfg.collapse_perplexity)
@@ -151,8 +151,10 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
         levels = range(len([k for k in metrics if k.startswith("val/perplexity_")]))
         summary = "  ".join(f"L{lv} {metrics[f'val/unique_{lv}']} codes ppl "
                             f"{metrics[f'val/perplexity_{lv}']:.0f}" for lv in levels)
+        pitch = (f"chroma {metrics['val/chroma']:.3f}  comb {metrics['val/comb_db']:+.1f} dB  "
+                 if "val/chroma" in metrics else "")
         tqdm.write(f"val step {trainer.step}: mel {metrics['val/mel']:.3f}  "
-                   f"si_sdr {metrics['val/si_sdr']:.1f} dB  {summary}", file=sys.stderr)
+                   f"si_sdr {metrics['val/si_sdr']:.1f} dB  {pitch}{summary}", file=sys.stderr)
         for lv in collapsed:
             tqdm.write(f"WARNING: codebook level {lv} has COLLAPSED at step {trainer.step}: "
                        f"{metrics[f'val/unique_{lv}']} codes used on validation audio, "

@@ -31,6 +31,11 @@ MODEL_PRESETS: dict[str, dict] = {
     "small": dict(SNAC_32KHZ_CONFIG, encoder_dim=32, decoder_dim=512),
     # Tests: 0.47 M params, a training step on 0.4 s of audio takes well under a second on CPU.
     "debug": dict(DEBUG_CODEC_CONFIG),
+    # The pitch codec (training/configs/codec_pitch.toml): a wider encoder than the demo's, and
+    # SNAC's decoder only as a tiny placeholder (decoder_dim 32, no noise) because `decoder`
+    # replaces it with the inverse-STFT decoder of model/vocoder.py.
+    "pitch": dict(SNAC_32KHZ_CONFIG, encoder_dim=24, decoder_dim=32, noise=False,
+                  codebook_size=1024),
 }
 
 
@@ -42,6 +47,13 @@ class CodecTrainConfig:
     init: str = ""                    # fine-tune from: hub id, export dir or training checkpoint
     freeze_encoder: bool = False      # decoder-only fine-tune: encoder + quantiser frozen, so the
     #                                   codes (and any tokenised dataset) stay valid
+    # A decoder that replaces SNAC's (model/vocoder.py), e.g. {kind = "istft", dim = 384,
+    # layers = 8, n_fft = 1536}; its latent_dim and hop follow from the SNAC config. Empty =
+    # SNAC's own decoder.
+    decoder: dict = field(default_factory=dict)
+    # Pitch distillation (training/codec/pitch_head.py): a head predicts each coarse frame's
+    # chroma from levels < chroma_levels; its weight is loss_weights.chroma (0 = no head).
+    chroma_levels: int = 2
     # ---- data
     train: list[str] = field(default_factory=lambda: ["data/corpus"])  # dirs, files, manifest.jsonl
     val: list[str] = field(default_factory=list)  # held-out dirs/files; empty = hold out from train
@@ -123,7 +135,12 @@ class CodecTrainConfig:
     def model_config(self) -> dict:
         if self.preset not in MODEL_PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(MODEL_PRESETS)}")
-        return {**MODEL_PRESETS[self.preset], **self.model}
+        config = {**MODEL_PRESETS[self.preset], **self.model}
+        if self.decoder:
+            config["decoder"] = {
+                "latent_dim": config["encoder_dim"] * 2 ** len(config["encoder_rates"]),
+                "hop": math.prod(config["encoder_rates"]), **self.decoder}
+        return config
 
     def validate(self) -> CodecTrainConfig:
         try:
@@ -168,12 +185,24 @@ class CodecTrainConfig:
                              "dead_code_noise >= 0")
         if self.val_every < 0:
             raise ValueError("val_every must be >= 0 (0 = only at the end)")
+        if self.decoder and self.init:
+            raise ValueError("`decoder` builds a new decoder for a from-scratch run; a run "
+                             "from `init` keeps the decoder it was saved with")
+        if self.decoder.get("kind", "istft") != "istft":
+            raise ValueError(f"unknown decoder kind {self.decoder['kind']!r}; known: istft")
+        spectral = {"amp", "phase", "consistency"} & {k for k, v in self.loss_weights.items()
+                                                     if v}
+        if spectral and not self.decoder and not self.init:
+            raise ValueError(f"loss terms {sorted(spectral)} need a spectral `decoder`")
+        if self.chroma_levels < 1:
+            raise ValueError("chroma_levels must be >= 1")
         if not self.init:
             self.model_config()  # raises on an unknown preset
         return self
 
 
-LOSS_TERMS = {"mel", "stft", "l1", "commitment", "codebook", "adv", "feat"}
+LOSS_TERMS = {"mel", "stft", "l1", "commitment", "codebook", "adv", "feat",
+              "amp", "phase", "consistency", "chroma"}
 
 
 def segment_samples(seconds: float, sample_rate: int, pad_samples: int) -> int:

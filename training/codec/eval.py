@@ -7,6 +7,9 @@ Metrics (per held-out segment, averaged):
 - val/usage_l  fraction of level l's codebook used over the whole validation set
 - val/unique_l number of distinct level-l codes over the whole validation set
 - val/perplexity_l  exp(entropy) of level l's code histogram: the effective codebook size
+- val/chroma   centred-chroma correlation with the original (training/codec/pitch.py; needs
+               librosa, the eval extra): whether the notes survive, which mel cannot tell
+- val/comb_db  the reconstruction's frame-rate comb (dB; the original's is near 0-2)
 
 Decoding injects noise (SNAC's NoiseBlocks), so validation runs under a forked, fixed-seed RNG:
 the numbers are comparable between evaluations and training's RNG stream is left untouched
@@ -35,12 +38,25 @@ def codebook_stats(codes: list[list[torch.Tensor]], codebook_size: int) -> dict[
     return out
 
 
+def _pitch_metrics():
+    try:
+        import librosa  # noqa: F401
+    except ImportError:
+        return None
+    from training.codec import pitch
+    return pitch
+
+
 @torch.no_grad()
 def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
-             codebook_size: int, device: torch.device, seed: int = 0) -> dict[str, float]:
-    """segments: (1, 1, T) tensors. Returns {'val/mel': ..., 'val/usage_0': ..., ...}."""
+             codebook_size: int, device: torch.device, seed: int = 0,
+             sample_rate: int | None = None) -> dict[str, float]:
+    """segments: (1, 1, T) tensors. Returns {'val/mel': ..., 'val/usage_0': ..., ...}, and
+    'val/chroma', 'val/comb_db' when `sample_rate` is given and librosa is installed."""
     if not segments:
         return {}
+    pitch = _pitch_metrics() if sample_rate else None
+    chroma, comb = [], []
     was_training = model.training
     model.eval()
     sums = {"mel": 0.0, "stft": 0.0, "si_sdr": 0.0}
@@ -56,12 +72,23 @@ def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
             sums["mel"] += float(terms["mel"])
             sums["stft"] += float(terms["stft"])
             sums["si_sdr"] += float(si_sdr(y, x).mean())
+            if pitch is not None:
+                xa, ya = x[0, 0].cpu().numpy(), y[0, 0].cpu().numpy()
+                c = pitch.chroma_correlation(xa, ya, sample_rate)
+                if c == c:                                       # NaN: a silent segment
+                    chroma.append(c)
+                comb.append(pitch.frame_rate_comb(ya, sample_rate,
+                                                  sample_rate / int(model.hop_length)))
             if not codes:
                 codes = [[] for _ in out.codes]
             for level, c in enumerate(out.codes):
                 codes[level].append(c)
     model.train(was_training)
     metrics = {f"val/{k}": v / len(segments) for k, v in sums.items()}
+    if chroma:
+        metrics["val/chroma"] = sum(chroma) / len(chroma)
+    if comb:
+        metrics["val/comb_db"] = sum(comb) / len(comb)
     metrics.update({f"val/{k}": v for k, v in codebook_stats(codes, codebook_size).items()})
     return metrics
 

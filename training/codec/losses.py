@@ -163,3 +163,44 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
         if weights.get(k, 0.0):
             total = total + weights[k] * v
     return total
+
+
+# ---------------------------------------------------------------- spectral decoders
+def anti_wrap(x: torch.Tensor) -> torch.Tensor:
+    """|x| after wrapping into [-pi, pi]: the distance between two phases (APNet)."""
+    return (x - 2 * math.pi * torch.round(x / (2 * math.pi))).abs()
+
+
+def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: torch.Tensor,
+                            audio: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Terms on a spectral decoder's own frames (model/vocoder.py), against the STFT of the
+    real audio in the same framing (APNet's recipe, phase terms weighted by magnitude):
+
+    - amp: MSE of log magnitudes;
+    - phase: anti-wrapped distances of the instantaneous phase, the group delay (phase
+      difference across frequency) and the instantaneous frequency (phase difference across
+      frames), each averaged with the real magnitude as weight: the phase of a partial is
+      learnable (its frequency is the pitch), the phase of a silent bin is noise;
+    - consistency: how far the predicted spectrum is from the STFT of the audio it synthesises
+      (an overlap-add cannot realise every spectrum), relative to the real spectrum's energy.
+    """
+    target = decoder.analysis(audio)                       # (B, F, T) complex
+    frames = min(target.shape[-1], log_mag.shape[-1])
+    target, log_mag, phase = target[..., :frames], log_mag[..., :frames], phase[..., :frames]
+    mag = target.abs()
+    t_phase = target.angle()
+    weight = (mag / mag.sum(dim=(1, 2), keepdim=True).clamp(min=1e-8)).detach()
+
+    def weighted(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (d * w).sum(dim=(1, 2)).div(w.sum(dim=(1, 2)).clamp(min=1e-8)).mean()
+
+    ip = weighted(anti_wrap(phase - t_phase), weight)
+    gd = weighted(anti_wrap(phase.diff(dim=1) - t_phase.diff(dim=1)), weight[:, 1:])
+    iaf = weighted(anti_wrap(phase.diff(dim=2) - t_phase.diff(dim=2)), weight[..., 1:])
+    predicted = torch.polar(log_mag.exp(), phase)
+    resynth = decoder.analysis(decoder.synthesize(log_mag, phase))[..., :frames]
+    consistency = (predicted - resynth).abs().square().mean() / \
+        mag.square().mean().clamp(min=1e-8)
+    return {"amp": F.mse_loss(log_mag, mag.clamp(min=1e-5).log()),
+            "phase": ip + gd + iaf,
+            "consistency": consistency}

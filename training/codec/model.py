@@ -31,17 +31,23 @@ class CodecOutput:
     #                               saw (data init and dead-code restart sample from these)
     input_means: list[torch.Tensor]  # per level (D,): batch mean of the quantiser input before
     #                                  centring (detached)
+    level_z_q: list[torch.Tensor] | None = None  # per level (B, D, T): its share of the decoder
+    #                                  input (straight-through), at the hop rate
+    spectrum: tuple[torch.Tensor, torch.Tensor] | None = None  # a spectral decoder's
+    #                                  (log magnitude, phase), each (B, F, frames)
 
 
 def quantize(rvq: ResidualVectorQuantize, z: torch.Tensor,
-             centre: str | list[torch.Tensor] | None = None, gradients: str = "raw"):
+             centre: str | list[torch.Tensor] | None = None, gradients: str = "raw",
+             level_z_q: list | None = None):
     """snac's residual VQ loop, plus DAC's per-level losses summed over levels.
 
     z: (B, D, T) encoder output. centre="batch" subtracts each level's detached batch mean from
     its quantiser input before the projection (training); a list of (D,) vectors subtracts
     those. `fold_input_means` turns a fixed centre into a plain snac model (codec_vq.py).
     Returns (z_q (B, D, T), codes, commitment, codebook, latents, input_means): input_means
-    are the batch means of each level's input before centring.
+    are the batch means of each level's input before centring. A list passed as `level_z_q`
+    receives each level's own (B, D, T) share of z_q (an auxiliary head reads the coarse ones).
 
     gradients="raw" is DAC's: both VQ losses on the raw vectors, straight-through z_e -> code.
     The lookup only compares directions, so there nothing opposes the radial part of the
@@ -84,6 +90,8 @@ def quantize(rvq: ResidualVectorQuantize, z: torch.Tensor,
         if vq.stride > 1:
             z_q = z_q.repeat_interleave(vq.stride, dim=-1)
         z_q_sum = z_q_sum + z_q
+        if level_z_q is not None:
+            level_z_q.append(z_q)
         residual = residual - z_q
         codes.append(idx)
         latents.append(z_e.detach())
@@ -97,15 +105,23 @@ def codec_forward(model: SNAC, audio: torch.Tensor, freeze_encoder: bool = False
     length = audio.shape[-1]
     x = model.preprocess(audio)                 # right-pad to hop * lcm(stride0, window)
     # Encoder and quantiser are fixed under freeze_encoder: no graph, VQ losses are constants.
+    level_z_q: list[torch.Tensor] = []
     with torch.no_grad() if freeze_encoder else nullcontext():
         z = model.encoder(x)
         # The quantiser runs in fp32 even under bf16 autocast: a nearest-code search in bf16
         # picks different codes than fp32 inference will, and the quantiser is tiny.
         with torch.autocast(x.device.type, enabled=False):
             z_q, codes, commitment, codebook, latents, means = quantize(
-                model.quantizer, z.float(), None if freeze_encoder else centre, gradients)
-    audio_hat = model.decoder(z_q)[..., :length]
-    return CodecOutput(audio_hat, codes, commitment, codebook, latents, means)
+                model.quantizer, z.float(), None if freeze_encoder else centre, gradients,
+                level_z_q)
+    spectrum = None
+    if hasattr(model.decoder, "spectrum"):      # a spectral decoder (model/vocoder.py)
+        spectrum = model.decoder.spectrum(z_q)
+        audio_hat = model.decoder.synthesize(*spectrum)[..., :length]
+    else:
+        audio_hat = model.decoder(z_q)[..., :length]
+    return CodecOutput(audio_hat, codes, commitment, codebook, latents, means, level_z_q,
+                       spectrum)
 
 
 def load_for_training(source: str | dict) -> tuple[SNAC, dict]:
@@ -120,7 +136,7 @@ def load_for_training(source: str | dict) -> tuple[SNAC, dict]:
         if "model" not in ck["weights"] or not isinstance(ck["config"].get("model"), dict):
             raise ValueError(f"{path} is not a codec training checkpoint (no codec weights)")
         config = dict(ck["config"]["model"])
-        model = SNAC(**config)
+        model = weights.build_snac(config)
         model.load_state_dict(ck["weights"]["model"])
         means = ck["trainer"].get("vq_input_means")
         if means is not None:  # trained with centring: fold it in

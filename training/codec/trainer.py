@@ -10,6 +10,7 @@ no host sync.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from contextlib import nullcontext
 
@@ -23,6 +24,7 @@ from training.codec.losses import (
     discriminator_loss,
     feature_matching_loss,
     generator_adv_loss,
+    spectral_decoder_losses,
     weighted_total,
 )
 from training.codec.model import (
@@ -67,9 +69,22 @@ class CodecTrainer:
         self.model.to(self.device).train()
         if cfg.freeze_encoder:
             freeze_encoder_and_quantizer(self.model)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.sample_rate = int(self.model_config["sampling_rate"])
         self.codebook_size = int(self.model_config["codebook_size"])
+        # Pitch distillation into the coarse levels: a training-only head (not exported).
+        self.chroma_head = None
+        if cfg.loss_weights.get("chroma") and not cfg.freeze_encoder:
+            from training.codec.pitch_head import ChromaHead
+
+            rates, strides = self.model_config["encoder_rates"], self.model_config["vq_strides"]
+            self.chroma_head = ChromaHead(
+                self.model_config["encoder_dim"] * 2 ** len(rates), self.sample_rate,
+                math.prod(rates), strides[0], cfg.chroma_levels).to(self.device).train()
+        self.spectral = hasattr(self.model.decoder, "spectrum") and any(
+            cfg.loss_weights.get(k) for k in ("amp", "phase", "consistency"))
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.chroma_head is not None:
+            self.trainable += list(self.chroma_head.parameters())
 
         self.recon = ReconstructionLosses(self.sample_rate, cfg.mel_windows, cfg.mel_bins,
                                           cfg.stft_ffts).to(self.device)
@@ -79,7 +94,7 @@ class CodecTrainer:
         front = [p for m in (self.model.encoder, self.model.quantizer) for p in m.parameters()
                  if p.requires_grad]
         front_ids = {id(p) for p in front}
-        back = [p for p in self.trainable if id(p) not in front_ids]
+        back = [p for p in self.trainable if id(p) not in front_ids]  # decoder (+ chroma head)
         groups = [g for g in ({"params": front, "lr": cfg.lr * cfg.encoder_lr_scale},
                               {"params": back, "lr": cfg.lr}) if g["params"]]
         self.opt_g = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
@@ -189,6 +204,10 @@ class CodecTrainer:
         y = out.audio.float()                                   # (B, 1, T)
         losses = self.recon(y, x)
         losses["commitment"], losses["codebook"] = out.commitment, out.codebook
+        if self.spectral:
+            losses.update(spectral_decoder_losses(self.model.decoder, *out.spectrum, x))
+        if self.chroma_head is not None:
+            losses["chroma"] = self.chroma_head.loss(out.level_z_q, x)
         metrics: dict[str, torch.Tensor] = {}
 
         if self.disc is not None and self.step >= cfg.gan_start_step:
@@ -239,6 +258,8 @@ class CodecTrainer:
         }
         if self.keeper is not None:
             sd["keeper"] = self.keeper.state_dict()
+        if self.chroma_head is not None:
+            sd["aux"] = self.chroma_head.state_dict()
         # The model is stored unfolded (resume continues from it as it is); readers of the
         # checkpoint (export, fine-tuning) fold these calibrated means in.
         sd["vq_input_means"] = self.input_means()
@@ -253,6 +274,8 @@ class CodecTrainer:
         load_schedule(self.sched_g, sd["sched_g"])
         if self.keeper is not None and "keeper" in sd:
             self.keeper.load_state_dict(sd["keeper"])
+        if self.chroma_head is not None and "aux" in sd:
+            self.chroma_head.load_state_dict(sd["aux"])
         self.needs_data_init = False  # a resumed model's codebooks are already trained
         self.needs_unfold = False     # and its weights are stored unfolded
         if self.disc is not None and "disc" in sd:

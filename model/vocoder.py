@@ -1,0 +1,145 @@
+"""A frame-rate decoder for SNAC codes: ConvNeXt blocks at the hop rate, then an inverse-STFT
+head that predicts each frame's log magnitude and phase (the Vocos / APNet design).
+
+SNAC's own decoder upsamples 384x through transposed convolutions and injects noise; trained
+on mel and STFT distances on a CPU budget, the demo's learned to meet them with envelope-shaped
+noise plus a buzz at its 83.3 Hz frame rate, and no notes. Here every partial is a bin of an
+explicit spectrum (n_fft 1536 at 32 kHz: 20.8 Hz bins, 4x overlap), rendered by an overlap-add
+that has no frame-rate periodicity of its own when the phases are consistent, and there is no
+noise injection.
+
+    z (B, D, T) summed quantised latents at the hop rate (what SNAC's decoder takes)
+      -> Conv1d(k7) -> N x ConvNeXt block (depthwise k7, LayerNorm, C -> 3C -> C, layer scale)
+      -> LayerNorm -> Linear(C -> 2 x (n_fft/2 + 1)): log magnitude, phase
+      -> iSTFT ("same" framing: T frames -> exactly T x hop samples)
+
+Framing: frame t's window spans samples [t*hop - pad, t*hop - pad + n_fft), pad = (n_fft -
+hop) / 2, so the output of T frames is exactly T * hop samples, the length SNAC's decoder gives
+for the same latents. `analysis` computes the STFT of a waveform in the same framing, which the
+phase and consistency losses compare against.
+
+Configured by a plain dict (`DECODER_KINDS`), stored as decoder.json beside the SNAC files
+(model/weights.py); `Codec` swaps it in for SNAC's decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ISTFTDecoderConfig:
+    latent_dim: int = 256      # SNAC's latent width: encoder_dim x 2^len(encoder_rates)
+    hop: int = 384             # = prod(encoder_rates): one latent frame per hop
+    n_fft: int = 1536          # 4 x hop: 20.8 Hz bins at 32 kHz resolve partials from ~80 Hz
+    dim: int = 384             # ConvNeXt width
+    layers: int = 8
+    mult: int = 3              # ConvNeXt MLP expansion (Vocos: 3)
+    kernel: int = 7
+    max_log_mag: float = 6.0   # exp() overflow guard; |X| of full-scale audio is ~ n_fft / 4
+
+    @property
+    def kind(self) -> str:
+        return "istft"
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, dim: int, mult: int, kernel: int, layer_scale: float):
+        super().__init__()
+        self.dw = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.up = nn.Linear(dim, mult * dim)
+        self.down = nn.Linear(mult * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:           # (B, C, T)
+        h = self.dw(x).transpose(1, 2)                             # (B, T, C)
+        h = self.down(F.gelu(self.up(self.norm(h))))
+        return x + (self.gamma * h).transpose(1, 2)
+
+
+class ISTFTDecoder(nn.Module):
+    def __init__(self, cfg: ISTFTDecoderConfig):
+        super().__init__()
+        if cfg.n_fft < cfg.hop or (cfg.n_fft - cfg.hop) % 2:
+            raise ValueError("n_fft must be >= hop and n_fft - hop even ('same' framing)")
+        self.cfg = cfg
+        self.embed = nn.Conv1d(cfg.latent_dim, cfg.dim, cfg.kernel, padding=cfg.kernel // 2)
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.blocks = nn.ModuleList(ConvNeXtBlock(cfg.dim, cfg.mult, cfg.kernel,
+                                                  1.0 / cfg.layers) for _ in range(cfg.layers))
+        self.final_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.n_bins = cfg.n_fft // 2 + 1
+        self.head = nn.Linear(cfg.dim, 2 * self.n_bins)
+        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Vocos: truncated normal 0.02 everywhere. The head starts near silence with random
+        # phase structure, so the first steps learn loudness before anything else.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv1d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.head.bias[: self.n_bins].fill_(-4.0)
+
+    @property
+    def receptive_frames(self) -> int:
+        """Latent frames on each side that can change one output frame's spectrum."""
+        return (self.cfg.kernel // 2) * (len(self.blocks) + 1)
+
+    def spectrum(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, D, T) -> log magnitude and phase, each (B, n_fft/2 + 1, T), fp32."""
+        h = self.norm(self.embed(z).transpose(1, 2)).transpose(1, 2)
+        for block in self.blocks:
+            h = block(h)
+        out = self.head(self.final_norm(h.transpose(1, 2))).float()   # (B, T, 2F)
+        log_mag, phase = out.transpose(1, 2).chunk(2, dim=1)
+        return log_mag.clamp(max=self.cfg.max_log_mag), phase
+
+    def synthesize(self, log_mag: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+        """(B, F, T) log magnitude + phase -> (B, 1, T * hop) audio by windowed overlap-add."""
+        cfg = self.cfg
+        spec = torch.polar(log_mag.exp(), phase)                       # (B, F, T) complex64
+        frames = torch.fft.irfft(spec, n=cfg.n_fft, dim=1) * self.window[:, None]  # (B, N, T)
+        T = frames.shape[-1]
+        length = (T - 1) * cfg.hop + cfg.n_fft
+        audio = F.fold(frames, (1, length), (1, cfg.n_fft), stride=(1, cfg.hop))[:, 0, 0]
+        norm = F.fold(self.window.square()[None, :, None].expand(1, -1, T), (1, length),
+                      (1, cfg.n_fft), stride=(1, cfg.hop))[:, 0, 0]
+        pad = (cfg.n_fft - cfg.hop) // 2
+        audio = audio[:, pad: length - pad] / norm[:, pad: length - pad].clamp(min=1e-8)
+        return audio[:, None]                                           # (B, 1, T * hop)
+
+    def analysis(self, audio: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T * hop) -> complex STFT (B, F, T) in the decoder's own framing."""
+        cfg = self.cfg
+        pad = (cfg.n_fft - cfg.hop) // 2
+        x = F.pad(audio.reshape(audio.shape[0], -1).float(), (pad, pad))
+        return torch.stft(x, cfg.n_fft, cfg.hop, window=self.window, center=False,
+                          return_complex=True)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.synthesize(*self.spectrum(z))
+
+
+DECODER_KINDS = {"istft": (ISTFTDecoderConfig, ISTFTDecoder)}
+
+
+def build_decoder(spec: dict) -> nn.Module:
+    """A decoder from its decoder.json dict ({"kind": "istft", ...fields})."""
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind not in DECODER_KINDS:
+        raise ValueError(f"unknown decoder kind {kind!r}; known: {sorted(DECODER_KINDS)}")
+    config_cls, module_cls = DECODER_KINDS[kind]
+    return module_cls(config_cls(**spec))
+
+
+def decoder_spec(decoder: nn.Module) -> dict:
+    return {"kind": decoder.cfg.kind, **asdict(decoder.cfg)}

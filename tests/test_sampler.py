@@ -250,11 +250,23 @@ def test_learns_and_samples_seen_continuations():
         assert torch.equal(o, s[:, 3 * f :])
 
 
+def _agreement(out: list, ref: list, free: list | None = None) -> list[float]:
+    """Per level, the fraction of tokens equal to the reference (only where `free`, if given)."""
+    free = free or [torch.ones_like(r, dtype=torch.bool) for r in ref]
+    return [float((o == r)[m].float().mean()) for o, r, m in zip(out, ref, free, strict=True)]
+
+
 def test_memorised_songs_are_inpainted_looped_and_varied():
     """The editing layouts through the real loss and sampler: a model that memorised three songs
     (one of them periodic: its 4th chunk is its 1st) fills a masked span from what surrounds it,
     closes the loop (after-context = the clip's own first chunk), and regenerates the finer
-    levels under given coarse ones."""
+    levels under given coarse ones.
+
+    What is guaranteed exactly: given tokens stay as given. What is not: that a memorised model
+    reproduces every free token. How sure it is depends on where training stopped, and the CPU's
+    kernels (AVX2 or AVX-512 rounding) move that by a few steps; a sure token can still be drawn
+    wrong at temperature 1. So training goes on to a loss 5x below the bar, and the free tokens
+    must match the song at 90% or more per level (chance: 1 in 32)."""
     torch.manual_seed(0)
     model = DiT(DiTConfig.from_name("debug", frames_per_chunk=FPC, codebook_size=V,
                                     max_after_chunks=1))
@@ -275,9 +287,9 @@ def test_memorised_songs_are_inpainted_looped_and_varied():
         opt.zero_grad()
         terms["loss"].backward()
         opt.step()
-        if step >= 100 and step % 25 == 0 and terms["loss"].item() < 0.01:
+        if step >= 100 and step % 25 == 0 and terms["loss"].item() < 0.002:
             break
-    assert terms["loss"].item() < 0.05, (terms, step)
+    assert terms["loss"].item() < 0.01, (terms, step)
     model.eval()
     params = SamplingParams(steps=(4, 4, 4, 4), seed=0)
     ctx = [torch.cat([chunk(s_, f, 0), chunk(s_, f, 1)], 1) for s_, f in zip(songs, FPC, strict=True)]
@@ -290,16 +302,19 @@ def test_memorised_songs_are_inpainted_looped_and_varied():
         x[:, f // 4: 3 * f // 4] = -1
         given.append(x)
     out = generate(model, ctx, params, after=after, given=given)
-    assert all(torch.equal(o, t) for o, t in zip(out, truth, strict=True))
+    span = [x < 0 for x in given]
+    assert all(torch.equal(o[~m], t[~m]) for o, t, m in zip(out, truth, span, strict=True))
+    assert min(_agreement(out, truth, span)) >= 0.9, _agreement(out, truth, span)
     # loop: song 0's clip c0 c1, after-context = its own first chunk -> the chunk that leads there
     loop = generate(model, [c[:1] for c in ctx], params, after=[c[:1, :f] for c, f in
                                                                 zip(ctx, FPC, strict=True)])
-    assert all(torch.equal(o, t[:1]) for o, t in zip(loop, truth, strict=True))
+    assert min(_agreement(loop, [t[:1] for t in truth])) >= 0.9
     # variation: keep A and B of chunk 3, regenerate C and D (continuation layout, c1 c2 | c3)
     ctx3 = [torch.cat([chunk(s_, f, 1), chunk(s_, f, 2)], 1) for s_, f in zip(songs, FPC, strict=True)]
     vary = generate(model, ctx3, params, given=[after[0], after[1]] +
                     [torch.full_like(t, -1) for t in after[2:]])
-    assert all(torch.equal(o, t) for o, t in zip(vary, after, strict=True))
+    assert torch.equal(vary[0], after[0]) and torch.equal(vary[1], after[1])
+    assert min(_agreement(vary[2:], after[2:])) >= 0.9, _agreement(vary[2:], after[2:])
 
 
 def test_confidence_variants_and_gumbel_scale():

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -35,6 +34,12 @@ from training.dit.evaluate import Evaluator
 from training.dit.lora import add_lora, merge_state
 from training.dit.memory import estimate, plan_memory, worst_layout
 from training.dit.optim import EMA, build_optimizer, build_scheduler
+from training.dit.step import (  # noqa: F401 - cpu_has_bf16, sequence_tokens: callers' names
+    LossModule,
+    cpu_has_bf16,
+    sequence_tokens,
+    step_seed,
+)
 from training.run import checkpoint as ckpt_io
 from training.run import distributed as D
 from training.run.observe import (
@@ -56,39 +61,8 @@ warnings.filterwarnings("ignore", message="Mismatch dtype between input and weig
                         category=UserWarning)
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively, where bf16 autocast pays (~1.9x on Zen 4)."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # private helpers: absent in some torch builds
-        return False
-
-
 class DataMissingError(RuntimeError):
     """The token directory is absent or unreadable; train.py turns this into exit status 2."""
-
-
-def _step_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
-class LossModule(nn.Module):
-    """DiT + diffusion process as one module, so DDP sees every parameter use in its forward."""
-
-    def __init__(self, dit: DiT, diffusion: MaskedDiffusion):
-        super().__init__()
-        self.dit, self.diffusion = dit, diffusion
-
-    def forward(self, windows, n_ctx, generator, n_after=None):
-        return self.diffusion.loss(self.dit, windows, n_ctx=n_ctx, generator=generator,
-                                   n_after=n_after)
-
-
-def sequence_tokens(n_ctx: int, frames_per_chunk, n_after: int = 0) -> int:
-    """Tokens in one row's layout: context chunks (before and after) + clean target (all but
-    finest) + noised target."""
-    per_chunk = sum(frames_per_chunk)
-    return (n_ctx + n_after) * per_chunk + (per_chunk - frames_per_chunk[-1]) + per_chunk
 
 
 class Trainer:
@@ -202,6 +176,8 @@ class Trainer:
         self._loader_stage: int | None = None
         self._batches = None
         self.gen = torch.Generator(self.device)  # reseeded per micro-batch (stateless draws)
+        # On CUDA the context dropout is drawn on the host (training/dit/step.py: no sync).
+        self.host_gen = torch.Generator() if self.device.type == "cuda" else None
 
         self.evaluator = Evaluator(cfg, self.manifest, self.model_cfg, self.diff_cfg, self.device,
                                    self.autocast) if self.env.is_main else None
@@ -350,13 +326,16 @@ class Trainer:
             windows = [t.to(self.device, non_blocking=True) for t in batch["tokens"]]
             n_ctx = batch["n_ctx"].tolist()
             n_after = batch["n_after"].tolist() if self.editing else [0] * len(n_ctx)
-            self.gen.manual_seed(_step_seed(cfg.seed, self.step, micro, self.env.rank))
+            seed = step_seed(cfg.seed, self.step, micro, self.env.rank)
+            self.gen.manual_seed(seed)
+            if self.host_gen is not None:
+                self.host_gen.manual_seed(seed)
             sync = micro == accum - 1 or not self.env.enabled
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self.autocast():
                     # Windows carry an after chunk only when some row of the batch has one.
                     terms = self.model(windows, n_ctx, self.gen,
-                                       n_after if any(n_after) else None)
+                                       n_after if any(n_after) else None, self.host_gen)
                 (terms["loss"] / accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
@@ -415,7 +394,15 @@ class Trainer:
                     if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == total
                                            or self.step == cfg.stop_at):
                         self.evaluate()
-                    stop = D.any_flag(self.env, stop_flag.stopped)
+                    # Ranks agree on stopping through an all-reduce and a host read: every
+                    # step that would be a sync per step, so it happens on logging steps (which
+                    # read the loss anyway) and at the end; alone, the flag is just read.
+                    if not self.env.enabled:
+                        stop = stop_flag.stopped
+                    elif self.step % cfg.log.every == 0 or done:
+                        stop = D.any_flag(self.env, stop_flag.stopped)
+                    else:
+                        stop = False
                     if stop or done or self.step % cfg.ckpt.every == 0:
                         self.save()
                     if stop:

@@ -108,3 +108,28 @@ def test_worst_layout_and_config_switch():
     cfg.activation_checkpointing = "sometimes"
     with pytest.raises(ConfigError, match="activation_checkpointing"):
         validate(cfg)
+
+
+def test_start_up_check_decides_and_refuses_before_step_one(monkeypatch):
+    from types import SimpleNamespace
+
+    from training.dit.memory import checkpoint_blocks
+
+    cfg = TrainConfig()
+    model_cfg = DiTConfig.from_name("base", max_after_chunks=1)
+    with torch.device("meta"):
+        n_params = DiT(model_cfg).num_params()
+    cpu = torch.device("cpu")
+    assert checkpoint_blocks(cfg, model_cfg, n_params, cpu) is False  # auto: off on CPU
+    cfg.activation_checkpointing = "on"
+    assert checkpoint_blocks(cfg, model_cfg, n_params, cpu) is True
+    # On an (imitated) 80 GB GPU the default batch runs checkpointed; a huge one stops here.
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(total_memory=80 * 10**9, name="H100"))
+    said = []
+    cfg.activation_checkpointing = "auto"
+    assert checkpoint_blocks(cfg, model_cfg, n_params, torch.device("cuda"), said.append)
+    assert "activation checkpointing on" in said[0] and "4288 tokens" in said[0]
+    cfg.data.batch_size = 4096
+    with pytest.raises(ConfigError, match="data.batch_size 4096 does not fit on H100"):
+        checkpoint_blocks(cfg, model_cfg, n_params, torch.device("cuda"), said.append)

@@ -150,3 +150,20 @@ def plan_memory(est: MemoryEstimate, batch: int, capacity: int, mode: str,
         + ("" if ck else f"; with activation_checkpointing = \"on\" batch "
            f"{est.max_batch(capacity, True)} does")
         + "; use optim.grad_accum for a larger effective batch.")
+
+
+def checkpoint_blocks(cfg, model_cfg, n_params: int, device: torch.device, say=print) -> bool:
+    """The trainer's start-up check: whether to checkpoint blocks (cfg.activation_checkpointing)
+    and, on CUDA, ConfigError when the batch cannot fit at the curriculum's longest layout."""
+    mode = cfg.activation_checkpointing
+    if device.type != "cuda":
+        return mode == "on"
+    n_ctx, n_after = worst_layout(cfg.curriculum.stages, model_cfg.max_after_chunks)
+    est = estimate(model_cfg, n_params, n_ctx, n_after)
+    props = torch.cuda.get_device_properties(device)
+    batch = cfg.data.batch_size
+    on = plan_memory(est, batch, props.total_memory, mode, f"on {props.name}")
+    say(f"memory: ~{est.total(batch, on) / 1e9:.0f} GB of {props.total_memory / 1e9:.0f} GB at "
+        f"the longest layout ({est.n_tokens} tokens); activation checkpointing "
+        f"{'on' if on else 'off'}")
+    return on

@@ -32,7 +32,7 @@ from training.dit.config import ConfigError, TrainConfig
 from training.dit.curriculum import dataset_values, stage_at, stage_sampler, trains_after_context
 from training.dit.evaluate import Evaluator
 from training.dit.lora import add_lora, merge_state
-from training.dit.memory import estimate, plan_memory, worst_layout
+from training.dit.memory import checkpoint_blocks
 from training.dit.optim import EMA, build_optimizer, build_scheduler
 from training.dit.step import (  # noqa: F401 - cpu_has_bf16, sequence_tokens: callers' names
     LossModule,
@@ -147,7 +147,8 @@ class Trainer:
             self.lora_scale = cfg.lora.alpha / cfg.lora.rank
             self._print(f"lora: rank {cfg.lora.rank} adapters on {', '.join(cfg.lora.targets)}: "
                         f"{trainable / 1e6:.3f} M trainable of {self.n_params / 1e6:.2f} M")
-        self.dit.checkpoint_blocks = self._plan_memory()
+        self.dit.checkpoint_blocks = checkpoint_blocks(cfg, self.model_cfg, self.n_params,
+                                                      self.device, self._print)
         self.ema = EMA(self.dit, cfg.optim.ema_decay, cfg.optim.ema_warmup)
         module = LossModule(self.dit, MaskedDiffusion(self.diff_cfg))
         if cfg.compile:
@@ -186,21 +187,6 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, cfg.log.tensorboard) if self.env.is_main else None
         peak = peak_flops(self.device, cfg.log.peak_tflops)
         self.meter = Throughput(peak, self.env.world_size)
-
-    def _plan_memory(self) -> bool:
-        """Whether blocks are checkpointed; on CUDA, a batch that cannot fit stops here."""
-        mode = self.cfg.activation_checkpointing
-        if self.device.type != "cuda":
-            return mode == "on"
-        n_ctx, n_after = worst_layout(self.cfg.curriculum.stages, self.model_cfg.max_after_chunks)
-        est = estimate(self.model_cfg, self.n_params, n_ctx, n_after)
-        props = torch.cuda.get_device_properties(self.device)
-        on = plan_memory(est, self.cfg.data.batch_size, props.total_memory, mode,
-                         f"on {props.name}")
-        self._print(f"memory: ~{est.total(self.cfg.data.batch_size, on) / 1e9:.0f} GB of "
-                    f"{props.total_memory / 1e9:.0f} GB at the longest layout ({est.n_tokens} "
-                    f"tokens); activation checkpointing {'on' if on else 'off'}")
-        return on
 
     def _carry_history(self) -> None:
         """A warm start's metrics.jsonl begins with the exported run's own rows up to init_step

@@ -65,11 +65,11 @@ class PhaseClock:
 def instrumented(engine: ContinuationEngine, clock: PhaseClock):
     """The engine's phases timed through `clock` for the duration of the block."""
     saved = {name: engine.__dict__.get(name) for name in ("_encode", "heard_context",
-                                                          "_decode_samples")}
+                                                          "_decode_rows")}
     generate = engine_module.generate
     engine._encode = clock.wrap("encode", engine._encode)
     engine.heard_context = clock.wrap("heard_context", engine.heard_context)
-    engine._decode_samples = clock.wrap("decode", engine._decode_samples)
+    engine._decode_rows = clock.wrap("decode", engine._decode_rows)  # every decode goes here
     engine_module.generate = clock.wrap("sample", generate)
     try:
         yield clock

@@ -29,8 +29,16 @@ decoder is given them re-encoded from the real audio followed by a first decodin
 continuation (`heard_context`; the model keeps the tokens it was given). See docs/model.md.
 
 Reproducibility: a request's seed fixes its tokens (per-row generators, see model/sampler.py)
-and its decoder noise (each request is decoded on its own with a seed derived from its seed), so
-the output does not depend on what else is in the batch. seed=None draws a fresh seed.
+and its decoder noise (keyed to a seed derived from its own, per row, as if it were decoded
+alone: `model.codec.positional_noise`), so the output does not depend on what else is in the
+batch, although a batch's join and output decodes run as one codec call each (tested bit for
+bit on CPU). seed=None draws a fresh seed. Decoder noise is drawn on the codec's device, so a
+seed sounds the same on every run of one device type, not across CPU and GPU.
+
+A CUDA error other than out-of-memory leaves the process's CUDA context unusable: the engine
+then reports `healthy = False` and refuses further work with `DeviceFault`, so a server's health
+check can fail and the process be restarted. `warmup()` pays first-call costs on the shapes
+serving runs (the full two-chunk context first).
 
 Checkpoints: a directory with `model.safetensors` and `config.json` = {"dit": DiTConfig fields,
 ...extra}; the engine also reads the optional extras "diffusion" (DiffusionConfig fields: the
@@ -241,9 +249,17 @@ class ContinuationEngine(EditingMixin):
 
     def _decode_samples(self, seq: list[Tensor], start: int, end: int, seed: int) -> Tensor:
         """Samples [start, end) of one request's whole token sequence `seq` ((1, n_l) per level:
-        the context, then every generated chunk), decoded from the tokens around them only:
+        the context, then every generated chunk): `_decode_rows` of one row."""
+        return self._decode_rows(seq, start, end, [seed])[0]
+
+    def _decode_rows(self, seq: list[Tensor], start: int, end: int,
+                     seeds: Sequence[int]) -> Tensor:
+        """(B, end - start): samples [start, end) of B requests' token sequences `seq` ((B, n_l)
+        per level, alike in length), decoded together from the tokens around them only:
         LEFT_PADS padding units before, up to `holdback_samples` after (what exists of them).
-        Both exceed the decoder's reach, so the result equals a decode of all of `seq` there."""
+        Both exceed the decoder's reach, so the result equals a decode of all of `seq` there.
+        Each row's decoder noise is keyed to its own seed as if it were decoded alone
+        (`model.codec.positional_noise`), so batching changes no sample."""
         codec, hop = self.codec, self.codec.hop_length
         total, pad = seq[0].shape[1] * codec.strides[0] * hop, codec.pad_samples
         # The window's ends lie on the codec's padding grid (tokens come in whole pad units).
@@ -251,11 +267,11 @@ class ContinuationEngine(EditingMixin):
         hi = min(total, -(-(end + self.holdback_samples) // pad) * pad)
         window = [t[:, lo // (hop * s): hi // (hop * s)] for t, s in zip(seq, codec.strides,
                                                                           strict=True)]
-        audio = codec.decode(window, seed=derive_seed(seed, 0, "decode") % 2**31,
+        audio = codec.decode(window, seed=[derive_seed(s, 0, "decode") % 2**31 for s in seeds],
                              first_frame=lo // hop)
         if audio.shape[-1] < end - lo:
             raise RuntimeError(f"codec decoded {audio.shape[-1]} samples, expected {hi - lo}")
-        return audio[0, start - lo: end - lo].clamp(-1.0, 1.0).float().cpu()
+        return audio[:, start - lo: end - lo].clamp(-1.0, 1.0).float().cpu()
 
     # ------------------------------------------------------------------ public API
     @_guarded
@@ -285,14 +301,15 @@ class ContinuationEngine(EditingMixin):
             new = generate(self.dit, context, [params[i] for i in rows], self.diffusion.schedules,
                            chunk_index=0)
             start = n * self.chunk_samples
+            # The join and the output decode run for the whole group at once, each row with
+            # its own seed: the same samples as one request at a time, in one codec call each.
+            seeds = [params[i].seed for i in rows]
+            windows = torch.stack([self._window(audios[i]) for i in rows])
+            heard = self.heard_context(context, windows, new, seeds)
+            seq = [torch.cat([c, t], dim=1) for c, t in zip(heard, new, strict=True)]
+            decoded = self._decode_rows(seq, start - lead_in, start + self.chunk_samples, seeds)
             for b, i in enumerate(rows):
-                heard = self.heard_context([c[b : b + 1] for c in context],
-                                           self._window(audios[i]),
-                                           [t[b : b + 1] for t in new], params[i].seed)
-                seq = [torch.cat([c, t[b : b + 1]], dim=1)
-                       for c, t in zip(heard, new, strict=True)]
-                out[i] = self._decode_samples(seq, start - lead_in, start + self.chunk_samples,
-                                              params[i].seed)
+                out[i] = decoded[b]
         return out
 
     def continue_audio(self, audio, params: SamplingParams | None = None) -> Tensor:
@@ -352,9 +369,10 @@ class ContinuationEngine(EditingMixin):
 
     # ------------------------------------------------------------------ the join
     def heard_context(self, context: list[Tensor], window: Tensor, new: list[Tensor],
-                      seed: int) -> list[Tensor]:
-        """The context tokens to *decode* a continuation with (one row; the model itself keeps
-        the tokens it was given). An encode of the context audio alone ends as if silence
+                      seed: int | Sequence[int]) -> list[Tensor]:
+        """The context tokens to *decode* a continuation with (the model itself keeps the tokens
+        it was given): one row with `window` (T,) and a seed, or B rows with windows (B, T) and
+        one seed each. An encode of the context audio alone ends as if silence
         followed, and those last tokens decoded next to the continuation's make the decoder dip
         and burst at the join (measured: RMS 0.03 then 0.3 against the music's 0.1). So the
         context's last `codec.border_samples` are re-encoded from the real audio there followed
@@ -362,23 +380,25 @@ class ContinuationEngine(EditingMixin):
         return self._rehear(context, new, window, context_first=True, seed=seed)
 
     def _rehear(self, encoded: list[Tensor], other: list[Tensor], audio: Tensor,
-                context_first: bool, seed: int) -> list[Tensor]:
+                context_first: bool, seed: int | Sequence[int]) -> list[Tensor]:
         """`encoded` (tokens of `audio` encoded alone) with the border facing `other` (generated
         tokens, after it if context_first else before it) re-encoded from 2 borders of the real
-        audio and 1 border of a first decoding of `other` across the join."""
+        audio and 1 border of a first decoding of `other` across the join. Rows: audio (T,)
+        with one int seed, or (B, T) with B seeds, decoded and re-encoded together."""
         B, hop = self.codec.border_samples, self.codec.hop_length
         if audio.shape[-1] < 2 * B:
             return encoded
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        audio = audio.float().cpu().reshape(len(seeds), -1)            # (rows, T)
         parts = (encoded, other) if context_first else (other, encoded)
         seq = [torch.cat([a, b.to(a.device)], dim=1) for a, b in zip(*parts, strict=True)]
         join = parts[0][0].shape[1] * self.codec.strides[0] * hop      # sample of the join
-        audio = audio.float().cpu()
         if context_first:
-            far = self._decode_samples(seq, join, join + B, seed)
-            heard = self.codec.encode(torch.cat([audio[-2 * B:], far])[None])
+            far = self._decode_rows(seq, join, join + B, seeds)
+            heard = self.codec.encode(torch.cat([audio[:, -2 * B:], far], dim=1))
         else:
-            far = self._decode_samples(seq, join - B, join, seed)
-            heard = self.codec.encode(torch.cat([far, audio[: 2 * B]])[None])
+            far = self._decode_rows(seq, join - B, join, seeds)
+            heard = self.codec.encode(torch.cat([far, audio[:, : 2 * B]], dim=1))
         out = []
         for t, h, s in zip(encoded, heard, self.codec.strides, strict=True):
             b = B // (hop * s)                                         # border tokens, this level

@@ -284,3 +284,33 @@ def test_warmup_runs_the_full_context_layout_with_the_lead_in(engine, monkeypatc
     fpc = engine.codec.frames_per_chunk[0]
     assert seen == [((1, 2 * fpc), 1), ((2, 2 * fpc), 2), ((1, fpc), 1), ((2, fpc), 2)]
     assert set(leads) == {engine_module.JOIN_SAMPLES}
+
+
+def test_a_batch_decodes_and_rehears_together_with_the_same_samples_as_one_at_a_time(engine):
+    # The join (decode + encode) and the output decode run once per batch, each row with its
+    # own seed; every row equals its request served alone, bit for bit.
+    from model.engine import JOIN_SAMPLES
+
+    audios = [audio(12.288, seed=s) for s in (4, 5, 6)]
+    params = [SamplingParams(steps=(1, 1, 1, 1), seed=s) for s in (11, 12, 13)]
+    calls = {"encode": 0, "decode": 0}
+    codec = engine.codec
+    real = {k: getattr(codec, k) for k in calls}
+
+    def counted(name):
+        def call(*a, **kw):
+            calls[name] += 1
+            return real[name](*a, **kw)
+        return call
+
+    try:
+        for name in calls:
+            setattr(codec, name, counted(name))
+        together = engine.continue_batch(audios, params, lead_in=JOIN_SAMPLES)
+    finally:
+        for name in calls:
+            delattr(codec, name)
+    assert calls == {"encode": 2, "decode": 2}  # context + join re-encode; join + output
+    for a, p, got in zip(audios, params, together, strict=True):
+        alone = engine.continue_batch([a], [p], lead_in=JOIN_SAMPLES)[0]
+        assert torch.equal(got, alone)

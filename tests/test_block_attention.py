@@ -554,3 +554,83 @@ def test_device_guard_names_the_tensors_device(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", lambda d: ("guard", d))
     assert ba._device_guard(OnSecondGpu()) == ("guard", torch.device("cuda", 1))
+
+
+@pytest.mark.parametrize("layout", ["random", "shifted_training"])
+def test_partial_tiles_at_the_production_tile_size_fp16(layout):
+    # 64-tiles, as the model launches them, with segment boundaries inside tiles (PARTIAL) and
+    # rows past N: what real layouts hit once a batch pads or a query subset starts mid-tile.
+    if layout == "random":
+        seg_q, seg_k, allowed = random_problem(1, 150, 200, S=5, seed=21)
+    else:  # the n_ctx=1 training layout (SNAC geometry / 4), shifted off the 64-grid by 9
+        batch = collate((1,), frames_per_chunk=(16, 32, 64, 128))
+        seg_q = seg_k = batch.seg_id[:, 9:]
+        allowed = batch.allowed
+    plan = ba.plan_block_attention(seg_q, seg_k, allowed, 64, 64)
+    assert (plan.tile_class == ba.PARTIAL).any()
+    q, k, v = qkv(1, 1, seg_q.shape[1], seg_k.shape[1], 64, torch.float16, seed=22)
+    check_against_reference(q, k, v, seg_q, seg_k, allowed, block_m=64, block_n=64)
+
+
+# ----------------------------------------------------------------------------- tuning hooks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_split_kv_forward_equals_the_reference(dtype, splits):
+    # Short query set, long key list with PARTIAL tiles, padding and a segment that sees nothing:
+    # every split boundary lands somewhere inside the PARTIAL-then-FULL tile list.
+    split_kv = importlib.import_module("model.kernels.split_kv")
+    if not torch.cuda.is_available() and not isinstance(
+            split_kv._fwd_split_kernel, importlib.import_module(
+                "triton.runtime.interpreter").InterpretedFunction):
+        split_kv = importlib.reload(split_kv)
+    seg_q, seg_k, allowed = (x.to(DEV) for x in random_problem(2, 24, 120, S=5, seed=23))
+    q, k, v = qkv(2, 2, 24, 120, 16, dtype, seed=24)
+    plan = ba.plan_block_attention(seg_q, seg_k, allowed, 16, 16)
+    with torch.no_grad():
+        got = split_kv.split_kv_attention(q, k, v, plan, 0.25, splits)
+        via_public = ba.block_attention(q, k, v, seg_q, seg_k, allowed, scale=0.25, plan=plan,
+                                        split_kv=splits)
+        one_pass = ba.block_attention(q, k, v, seg_q, seg_k, allowed, scale=0.25, plan=plan,
+                                      split_kv=1)
+    want = attention_ref(q.double(), k.double(), v.double(), seg_q, seg_k, allowed, scale=0.25)
+    err_one = (one_pass.double() - want).abs().max().item()
+    assert got.dtype == dtype and (got.double() - want).abs().max().item() <= 2 * err_one + \
+        FLOOR[dtype]
+    assert torch.equal(got, via_public)
+    dead = ~dense_mask(seg_q, seg_k, allowed).any(-1)
+    assert dead.any() and (got.transpose(1, 2)[dead.to(got.device)] == 0).all()
+
+
+def test_autotune_hook_times_each_candidate_once_per_shape(monkeypatch):
+    tune = importlib.import_module("model.kernels.autotune")
+    timed = []
+
+    def fake_timer(fn):  # pretends 128-query tiles with 8 warps are fastest
+        fn()
+        c = timed_config[-1]
+        timed.append(c)
+        return 1.0 - 0.5 * (c.block_m == 128) - 0.1 * (c.num_warps == 8)
+
+    timed_config = []
+    real_run = ba._run
+    monkeypatch.setattr(ba, "_run", lambda *a: timed_config.append(a[7]) or real_run(*a))
+    monkeypatch.setattr(ba.torch.Tensor, "is_cuda", property(lambda self: True))  # hook is CUDA-only
+    tune.set_autotune(True, timer=fake_timer)
+    try:
+        seg_q, seg_k, allowed = random_problem(1, 40, 40, S=3, seed=25)
+        q, k, v = qkv(1, 1, 40, 40, 16, torch.float32, device="cpu")
+        monkeypatch.setattr(ba, "_check_inputs", lambda *a: None)
+        monkeypatch.setattr(ba, "_device_guard", lambda t: __import__("contextlib").nullcontext())
+        with torch.no_grad():
+            out = ba.block_attention(q, k, v, seg_q, seg_k, allowed, split_kv=1)
+            again = ba.block_attention(q, k, v, seg_q, seg_k, allowed, split_kv=1)
+        best = tune.tuner().best[tune.shape_key(q, k, False)]
+    finally:
+        tune.set_autotune(False)
+    assert len(timed) == len(tune.candidates(16))  # every candidate once, the second call none
+    assert (best.block_m, best.num_warps) == (128, 8)
+    want = attention_ref(q, k, v, seg_q, seg_k, allowed)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(again, want)

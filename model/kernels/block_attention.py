@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from model.attention_rule import LastInputsCache, check_inputs
+from model.kernels.autotune import LaunchConfig, candidates, default_config, shape_key, tuner
 
 EMPTY, PARTIAL, FULL = 0, 1, 2  # tile classes
 MAX_SEGMENTS = 64  # q_bits is one int64 per query
@@ -362,10 +363,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def launch_options(head_dim: int) -> dict:
-    """num_warps/num_stages of every kernel. Untuned guesses; spill-free on sm_90 for 16-bit
-    dtypes at D <= 128 (`python bench/attention.py --compile-report`)."""
-    return dict(num_warps=8 if head_dim >= 128 else 4, num_stages=2)
+def launch_options(head_dim: int, launch: LaunchConfig | None = None) -> dict:
+    """num_warps/num_stages of every kernel: `launch`'s, else the untuned default
+    (model/kernels/autotune.py)."""
+    launch = launch or default_config(head_dim)
+    return dict(num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
 def _desc(t: torch.Tensor, block: int) -> TensorDescriptor:
@@ -396,7 +398,7 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
 
 class _BlockAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: BlockPlan, scale: float):
+    def forward(ctx, q, k, v, plan: BlockPlan, scale: float, launch: LaunchConfig | None = None):
         B, H, Nq, D = q.shape
         Nk = k.shape[2]
         assert k.shape == v.shape == (B, H, Nk, D) and q.dtype == k.dtype == v.dtype
@@ -412,21 +414,22 @@ class _BlockAttention(torch.autograd.Function):
                 plan.q_bits, plan.k_bits, plan.fwd_idx, plan.fwd_cnt,
                 H, Nq, Nk, Tq, Tk, scale * _LOG2E,
                 HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, DOT_PREC=_dot_precision(q.dtype),
-                **launch_options(D),
+                **launch_options(D, launch),
             )
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.launch = plan, scale, launch
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         with _device_guard(q):
-            return _BlockAttention._backward(q, k, v, o, lse, ctx.plan, ctx.scale,
-                                             _tma_ready(do))
+            grads = _BlockAttention._backward(q, k, v, o, lse, ctx.plan, ctx.scale,
+                                              _tma_ready(do), ctx.launch)
+        return (*grads, None, None, None)
 
     @staticmethod
-    def _backward(q, k, v, o, lse, plan, scale, do):
+    def _backward(q, k, v, o, lse, plan, scale, do, launch):
         B, H, Nq, D = q.shape
         Nk = k.shape[2]
         BM, BN = plan.block_m, plan.block_n
@@ -438,7 +441,7 @@ class _BlockAttention(torch.autograd.Function):
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         common = dict(HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, DOT_PREC=_dot_precision(q.dtype),
-                      **launch_options(D))
+                      **launch_options(D, launch))
         q_d, k_d, v_d, do_d = _desc(q, BM), _desc(k, BN), _desc(v, BN), _desc(do, BM)
         _bwd_dkdv_kernel[(Tk, B * H)](
             q_d, k_d, v_d, do_d, _desc(dk, BN), _desc(dv, BN), lse, delta,
@@ -450,7 +453,7 @@ class _BlockAttention(torch.autograd.Function):
             plan.q_bits, plan.k_bits, plan.fwd_idx, plan.fwd_cnt,
             H, Nq, Nk, Tq, Tk, scale * _LOG2E, scale, **common,
         )
-        return dq, dk, dv, None, None
+        return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- public
@@ -477,28 +480,64 @@ def _check_inputs(q, k, v, seg_q, seg_k, allowed):
 
 
 def block_attention(q, k, v, seg_q, seg_k, allowed, scale=None, *, plan: BlockPlan | None = None,
-                    block_m: int = 64, block_n: int = 64):
+                    block_m: int | None = None, block_n: int = 64,
+                    launch: LaunchConfig | None = None, split_kv: int | None = None):
     """Masked attention over segment-structured sequences; see the module docstring.
 
     q (B, H, Nq, D), k/v (B, H, Nk, D), seg_q (B, Nq), seg_k (B, Nk), allowed (S, S) or (B, S, S)
     -> (B, H, Nq, D) in q's dtype. `plan` (from `plan_block_attention`) may be passed to reuse
     tile lists explicitly; otherwise the last plan is reused while the same unmodified
-    seg/allowed tensors come back (every layer of one forward)."""
+    seg/allowed tensors come back (every layer of one forward). `launch`: the query tile and
+    launch options (model/kernels/autotune.py): given, tuned per shape when tuning is on, else
+    the default; `block_m` alone overrides its query tile (tests). `split_kv`: forward-only
+    split over the key tiles (model/kernels/split_kv.py) into this many parts; None = automatic
+    on CUDA for short query sets without gradients, 1 = never."""
     _check_inputs(q, k, v, seg_q, seg_k, allowed)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if plan is None:
-        plan = _plan_cache.get((seg_q, seg_k, allowed), (block_m, block_n),
-                               lambda: plan_block_attention(seg_q, seg_k, allowed, block_m, block_n))
-    elif plan.q_bits.shape != seg_q.shape or plan.k_bits.shape != seg_k.shape:
+    if plan is not None and (plan.q_bits.shape != seg_q.shape or plan.k_bits.shape != seg_k.shape):
         raise ValueError("plan was built for other segment shapes")
+    if 0 in q.shape[:3] or k.shape[2] == 0:  # nothing to attend: all rows see nothing
+        return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    D = q.shape[-1]
+    if plan is not None:
+        launch = launch or replace(default_config(D), block_m=plan.block_m)
+    elif launch is None and block_m is not None:
+        launch = replace(default_config(D), block_m=block_m)
+    elif launch is None and tuner() is not None and q.is_cuda:
+        launch = tuner().choose(shape_key(q, k, grad), candidates(D), lambda c: _run(
+            q, k, v, seg_q, seg_k, allowed, scale, c, block_n, grad))
+    launch = launch or default_config(D)
+    if plan is None:
+        plan = _plan(seg_q, seg_k, allowed, launch.block_m, block_n)
     if plan.q_bits.device != q.device:
         raise ValueError(f"plan is on {plan.q_bits.device}, q on {q.device}")
     if q.is_cuda and min(plan.block_m, plan.block_n) < 16:
         raise ValueError("tl.dot needs tiles of at least 16 on GPU; got "
                          f"{plan.block_m}x{plan.block_n}")
-    if 0 in q.shape[:3] or k.shape[2] == 0:  # nothing to attend: all rows see nothing
-        return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())
-    return _BlockAttention.apply(q, k, v, plan, scale)
+    if not grad:
+        from model.kernels.split_kv import auto_splits, split_kv_attention
+
+        splits = auto_splits(q, plan) if split_kv is None else split_kv
+        if splits > 1:
+            return split_kv_attention(q, k, v, plan, scale, splits, launch)
+    return _BlockAttention.apply(q, k, v, plan, scale, launch)
+
+
+def _plan(seg_q, seg_k, allowed, block_m: int, block_n: int) -> BlockPlan:
+    return _plan_cache.get((seg_q, seg_k, allowed), (block_m, block_n),
+                           lambda: plan_block_attention(seg_q, seg_k, allowed, block_m, block_n))
+
+
+def _run(q, k, v, seg_q, seg_k, allowed, scale, launch: LaunchConfig, block_n: int, grad: bool):
+    """One call with `launch` (what the tuner times): forward, and backward when training."""
+    plan = plan_block_attention(seg_q, seg_k, allowed, launch.block_m, block_n)
+    with torch.enable_grad() if grad else torch.no_grad():
+        xs = [t.detach().requires_grad_(grad) for t in (q, k, v)]
+        out = _BlockAttention.apply(*xs, plan, scale, launch)
+        if grad:
+            torch.autograd.grad(out, xs, torch.ones_like(out))
+    return out
 
 
 if __name__ == "__main__":

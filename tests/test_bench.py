@@ -40,3 +40,34 @@ def test_latency_defaults_to_bf16_on_cuda_and_warms_up():
     assert '"bfloat16" if cuda' in src and "(2 if cuda else 1)" in src
     with pytest.raises(SystemExit):
         latency.main(["--dtype", "float16"])  # not a choice: the server runs bf16 or fp32
+
+
+def test_gpu_validation_dry_run_runs_every_phase(tmp_path):
+    # The prepared GPU run (bench/gpu_validate.py) rehearsed on the CPU at tiny sizes: every
+    # phase runs and lands in one JSON with the device in it. A subprocess: the kernel needs
+    # TRITON_INTERPRET=1 before triton is first imported.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "validate.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_validate.py"), "--dry-run",
+                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["dry_run"] and report["device"].startswith("cpu")
+    phases = report["phases"]
+    assert list(phases) == ["env", "train_step", "kernel", "attention", "throughput", "latency",
+                            "server"]
+    errors = {k: v["error"] for k, v in phases.items() if "error" in v}
+    assert not errors, errors
+    assert phases["train_step"]["ok"], phases["train_step"]
+    cases = {k: v for k, v in phases["kernel"].items() if k != "seconds"}
+    assert len(cases) == 3 and all(c["ok"] for c in cases.values()), cases
+    assert any(c["tiles"]["partial"] > 0 for c in cases.values())
+    assert phases["env"]["auto_backend"]["base fp32"][0] == "sdpa"
+    assert [row["batch_size"] for row in phases["latency"]["rows"]] == [1, 2]
+    assert phases["server"]["statuses"] == {"200": 4}

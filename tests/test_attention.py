@@ -77,3 +77,15 @@ def test_dockerfile_pins_the_torch_the_suite_runs():
     make = re.search(r"^TORCH_SPEC \?= (\S+)$", (root / "Makefile").read_text(), re.M)
     assert docker and "==" in docker.group(1), "the Dockerfile leaves torch unpinned"
     assert make and docker.group(1) == make.group(1)
+
+
+def test_the_package_requires_the_triton_the_kernel_needs():
+    from pathlib import Path
+
+    from training.run.config import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    triton = next(d for d in deps if d.startswith("triton"))
+    floor = triton.split(">=")[1].split(";")[0].strip()
+    assert attn._version(floor) >= attn.MIN_TRITON, triton

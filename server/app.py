@@ -142,6 +142,11 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
                 "X-Sample-Rate",
                 "X-Input-Samples",
                 "X-Chunks",
+                "X-Edit-Start",
+                "X-Edit-End",
+                "X-Loop-Samples",
+                "X-Chunk-Start",
+                "X-Keep",
                 "Retry-After",
             ],
         )

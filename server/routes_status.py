@@ -14,6 +14,7 @@ from server.deps import AuthDep, ReadyDep, ServiceDep
 
 router = APIRouter(tags=["status"])
 PAGE = Path(__file__).parent / "static" / "index.html"
+FAVICON = Path(__file__).parent / "static" / "favicon.svg"
 
 
 def version() -> str:
@@ -74,3 +75,9 @@ async def metrics(_: AuthDep, svc: ServiceDep):
 @router.get("/", include_in_schema=False)
 async def page():
     return FileResponse(PAGE, media_type="text/html")
+
+
+@router.get("/favicon.svg", include_in_schema=False)
+@router.get("/favicon.ico", include_in_schema=False)  # where browsers look without a <link>
+async def favicon():
+    return FileResponse(FAVICON, media_type="image/svg+xml")

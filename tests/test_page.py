@@ -80,6 +80,9 @@ def _page_contract(html: str) -> dict:
                    for name, body, var in re.findall(r'simple\("(\w+)", (?:(\{[^}]*\})|(extra))',
                                                      html)},
         "headers_read": re.findall(r'"(X-[\w-]+)"', html),
+        # where each one-shot result's generated part lies: the headers MARKS reads per action
+        "marks": {name: set(re.findall(r'"(X-[\w-]+)"', body))
+                  for name, body in re.findall(r"(\w+): \(h[^)]*\) => (\[.*?\]),\n", html)},
         "events": set(re.findall(r'msg\.event === "(\w+)"', html)),
         "fields_read": set(re.findall(r"msg\.(\w+)", html)) - {"event"},
     }
@@ -96,7 +99,9 @@ def test_page_is_served_and_its_requests_are_the_api(app, clip_path):
         assert set(page["params"]) <= set(SAMPLING_FIELDS)  # no input the API would 422
         assert {"steps", "seed", "gumbel", "confidence"} <= set(page["params"])
         assert set(page["extend_extra"]) <= set(EXTEND_PARAMS)
-        assert set(page["headers_read"]) <= set(PARAM_HEADERS)
+        assert set(page["marks"]) == {"continue", "inpaint", "loop", "vary"}
+        assert set(page["headers_read"]) <= (set(PARAM_HEADERS) | {"X-Sample-Rate"}
+                                             | set().union(*page["marks"].values()))
         # Each one-shot action's own parameters belong to its endpoint.
         allowed = {"continue": CONTINUE_PARAMS, "inpaint": INPAINT_PARAMS, "loop": LOOP_PARAMS,
                    "vary": VARY_PARAMS}
@@ -124,7 +129,8 @@ def test_page_is_served_and_its_requests_are_the_api(app, clip_path):
         ):
             r = c.post("/" + page["endpoints"][action], params=form | extra, files=files)
             assert r.status_code == 200 and r.headers["content-type"] == "audio/wav", r.text
-            assert all(h.lower() in r.headers for h in page["headers_read"])
+            wanted = set(PARAM_HEADERS) | {"X-Sample-Rate"} | page["marks"][action]
+            assert all(h.lower() in r.headers for h in wanted), (action, wanted - set(r.headers))
             assert sf.info(io.BytesIO(r.content)).frames == frames
 
         # The request doExtend() makes, and the stream events it handles.
@@ -179,6 +185,7 @@ class WebDriver:
                             "--disable-gpu",
                             "--disable-dev-shm-usage",
                             "--mute-audio",
+                            "--autoplay-policy=no-user-gesture-required",
                         ],
                     },
                 }
@@ -334,11 +341,8 @@ def test_browser_a_musicians_session(app, clip_path, browser, tmp_path):
         assert abs(_duration(browser, "#result-audio") - (seconds + 2 * chunk)) < 0.01
         assert "2 of 2 chunks" in browser.js("return document.getElementById('status').textContent")
 
-        # The page as a musician sees it, kept for the docs when asked.
-        png = base64.b64decode(browser.cmd("GET", "/screenshot"))
-        assert png[:8] == b"\x89PNG\r\n\x1a\n"
-        target = os.environ.get("SNAC_DIT_PAGE_SCREENSHOT")
-        (Path(target) if target else tmp_path / "page.png").write_bytes(png)
+        # (The screenshots for the docs come from test_browser_the_page_as_an_instrument.)
+        _shot(browser, tmp_path, "extended")
 
         # Cancel a long extension: the page says so and is usable again.
         browser.type("#chunks", "4")
@@ -382,3 +386,129 @@ def test_browser_api_docs_render_every_operation(app, browser):
         resources = browser.js(
             "return performance.getEntriesByType('resource').map(r => r.name)")
         assert resources and all(r.startswith(url) for r in resources), resources
+
+
+def _shot(browser, folder: Path, name: str) -> None:
+    png = base64.b64decode(browser.cmd("GET", "/screenshot"))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    (folder / f"page-{name}.png").write_bytes(png)
+
+
+def _in_view(browser, css: str) -> bool:
+    return browser.js(f"const r = document.querySelector('{css}').getBoundingClientRect();"
+                      "return r.height > 0 && r.top >= 0 && r.bottom <= window.innerHeight")
+
+
+def _green_share(browser, x0: float, x1: float) -> float:
+    """The share of the result waveform's columns in [x0, x1) (fractions of its width) that show
+    the 'generated' green behind the wave."""
+    return browser.js(
+        "const c = document.getElementById('result-wave'), g = c.getContext('2d');"
+        f"const a = Math.floor({x0} * c.width), b = Math.floor({x1} * c.width), w = b - a;"
+        "const d = g.getImageData(a, 0, w, c.height).data, hit = new Set();"
+        "for (let i = 0; i < d.length; i += 4)"
+        "  if (d[i] === 0xc8 && d[i + 1] === 0xef && d[i + 2] === 0xc8) hit.add((i / 4) % w);"
+        "return hit.size / w")
+
+
+def test_browser_the_page_as_an_instrument(app, clip_path, browser, tmp_path):
+    """At 1400x1000: status in sight, buttons that cannot work say why, the server's defaults
+    shown, the result drawn with its generated part marked (and as a spectrogram), chained
+    edits with undo, space to play, a favicon. Screenshots of each state go to
+    $SNAC_DIT_PAGE_SCREENSHOTS (docs/images when refreshing the docs), else tmp_path."""
+    shots = Path(os.environ.get("SNAC_DIT_PAGE_SCREENSHOTS") or tmp_path)
+    short = tmp_path / "short.wav"
+    sf.write(short, tone(3.0), 32000, subtype="PCM_16")
+    with serve_in_background(app) as url:
+        browser.cmd("POST", "/window/rect", {"width": 1400, "height": 1000})
+        browser.cmd("POST", "/url", {"url": url + "/"})
+        browser.wait_js("return document.getElementById('max-chunks').textContent.includes('4')")
+        # The server's defaults are what the empty fields show (top_p 0.95, not a guess of 1.0).
+        info = httpx.get(url + "/info", timeout=30).json()["defaults"]
+        for name in ("steps", "top_p", "temperature", "guidance", "gumbel"):
+            v = info[name]
+            want = str(v[0]) if len(set(v)) == 1 else ",".join(map(str, v))
+            got = browser.js(f"return document.querySelector('input[name={name}]').placeholder")
+            assert float(got.split(",")[0]) == float(want.split(",")[0]) and got.count(",") == \
+                want.count(","), (name, got, want)
+        assert "no recognisable notes" in browser.js(
+            "return document.getElementById('model-note').textContent")
+        # Nothing picked: every action is off, and the page says why.
+        assert browser.js("return document.getElementById('continue-btn').disabled") is True
+        assert "pick an audio file first" in browser.js("return document.getElementById('why').textContent")
+        favicon = browser.wait_js("return fetch(document.querySelector('link[rel=icon]').href)"
+                                  ".then(r => r.ok && r.headers.get('content-type'))")
+        assert favicon.startswith("image/svg+xml")
+        _shot(browser, shots, "empty")
+
+        # A 3 s clip: continue works, loop / vary / inpaint need a whole chunk and say so.
+        browser.type("#audio", str(short))
+        browser.wait_js("return document.getElementById('input-audio').readyState >= 1")
+        browser.wait_js("return !document.getElementById('continue-btn').disabled")
+        for button in ("#loop-btn", "#vary-btn", "#inpaint-btn"):
+            assert browser.js(f"return document.querySelector('{button}').disabled") is True
+            assert "6.144 s" in browser.js(f"return document.querySelector('{button}').title")
+        why = browser.js("return document.getElementById('why').textContent")
+        assert "Inpaint, Loop, Vary: needs at least 6.144 s of audio" in why and "3.00 s" in why
+        _shot(browser, shots, "short-clip")
+
+        # A long clip: continue; status in sight while working and when done.
+        browser.type("#audio", str(clip_path))
+        browser.type("input[name=steps]", "1")
+        browser.type("input[name=seed]", "9")
+        browser.wait_js("return !document.getElementById('loop-btn').disabled")
+        assert "select a span" in browser.js("return document.getElementById('inpaint-btn').title")
+        browser.click("#continue-btn")
+        assert _in_view(browser, "#status") and browser.js(
+            "return document.getElementById('status').textContent").startswith("continuing")
+        _shot(browser, shots, "working")
+        browser.wait_js("return document.getElementById('status').textContent.startsWith('done')")
+        assert _in_view(browser, "#status") and _in_view(browser, "#result-wave")
+        # The result is drawn; its last 6.144 s of 20.144 (the continuation) are marked green.
+        total = SECONDS + CHUNK / 32000
+        assert _green_share(browser, SECONDS / total + 0.01, 0.99) > 0.95
+        assert _green_share(browser, 0.01, SECONDS / total - 0.01) == 0
+        _shot(browser, shots, "result")
+        png = base64.b64decode(browser.cmd("GET", "/screenshot"))
+        if os.environ.get("SNAC_DIT_PAGE_SCREENSHOTS"):
+            (shots / "page.png").write_bytes(png)  # what README and docs/server.md show
+        browser.click("#spectrogram")
+        assert browser.js(
+            "const c = document.getElementById('result-wave'), g = c.getContext('2d');"
+            "const d = g.getImageData(0, 60, c.width, 1).data; const s = new Set();"
+            "for (let i = 0; i < d.length; i += 4) s.add(d[i]); return s.size") > 20
+        _shot(browser, shots, "spectrogram")
+        browser.click("#spectrogram")  # back to the waveform
+
+        # Space plays and pauses the result (the user is not typing).
+        browser.js("document.activeElement.blur()")
+        browser.cmd("POST", "/actions", {"actions": [{"type": "key", "id": "kb", "actions": [
+            {"type": "keyDown", "value": " "}, {"type": "keyUp", "value": " "}]}]})
+        browser.wait_js("return !document.getElementById('result-audio').paused")
+        browser.cmd("POST", "/actions", {"actions": [{"type": "key", "id": "kb", "actions": [
+            {"type": "keyDown", "value": " "}, {"type": "keyUp", "value": " "}]}]})
+        browser.wait_js("return document.getElementById('result-audio').paused")
+
+        # Chain: the continuation becomes the input, is inpainted in its new part, then undone.
+        browser.click("#use-btn")
+        browser.wait_js("return document.getElementById('input-info').textContent.includes("
+                        f"'{total:.2f} s')")
+        assert "continued-take1.wav" in browser.js("return document.getElementById('audio').files[0].name")
+        browser.js("const a = document.getElementById('sel-start'), b = document.getElementById('sel-end');"
+                   "a.value = '15'; b.value = '16.5'; b.dispatchEvent(new Event('input'))")
+        browser.wait_js("return !document.getElementById('inpaint-btn').disabled")
+        _run(browser, "#inpaint-btn")
+        assert abs(_duration(browser, "#result-audio") - total) < 0.01
+        assert _green_share(browser, 15.2 / total, 16.3 / total) > 0.95
+        assert _green_share(browser, 0.01, 14.5 / total) == 0
+        browser.click("#undo-btn")
+        browser.wait_js("return document.getElementById('input-info').textContent.includes("
+                        f"'{SECONDS:.2f} s')")
+        assert browser.js("return document.getElementById('undo-btn').disabled") is True
+
+        # An error is in sight, where the user clicked.
+        browser.type("input[name=steps]", "0")
+        browser.click("#continue-btn")
+        browser.wait_js("return document.getElementById('status').className === 'error'")
+        assert _in_view(browser, "#status")
+        _shot(browser, shots, "error")

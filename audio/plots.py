@@ -9,9 +9,11 @@ import numpy as np
 
 
 def spectrogram_sheet(path: str | Path, rows: list[tuple[str, dict[str, np.ndarray]]],
-                      sample_rate: int, mark_s: float | None = None) -> bool:
+                      sample_rate: int, mark_s: float | None = None,
+                      fmax: float | None = None, nfft: int = 1024) -> bool:
     """A PNG with one row per (name, {column title: mono audio}) and one colour scale per row,
     so a row's panels compare; a dashed line at `mark_s` seconds (e.g. a join) if given.
+    `fmax` zooms into 0..fmax Hz (with a longer `nfft`, partials show as lines).
     False, and nothing written, when matplotlib is not installed."""
     try:
         import matplotlib
@@ -26,14 +28,15 @@ def spectrogram_sheet(path: str | Path, rows: list[tuple[str, dict[str, np.ndarr
     for ax_row, (name, cols) in zip(axes, rows, strict=True):
         images, top = [], -np.inf
         for ax, (title, signal) in zip(ax_row, cols.items(), strict=False):
-            pxx, *_, image = ax.specgram(signal, NFFT=1024, Fs=sample_rate, noverlap=768,
-                                         cmap="magma")
+            pxx, *_, image = ax.specgram(signal, NFFT=nfft, Fs=sample_rate,
+                                         noverlap=nfft * 3 // 4, cmap="magma")
             images.append(image)
-            top = max(top, 10 * np.log10(pxx.max() + 1e-30))
+            shown = pxx if fmax is None else pxx[: int(fmax / sample_rate * nfft) + 1]
+            top = max(top, 10 * np.log10(shown.max() + 1e-30))
             if mark_s is not None:
                 ax.axvline(mark_s, color="white", lw=0.8, ls="--")
             ax.set_title(f"{name}: {title}", fontsize=9)
-            ax.set_ylim(0, sample_rate / 2)
+            ax.set_ylim(0, fmax or sample_rate / 2)
             ax.set_xlabel("s" if mark_s is None else "s (dashed: the join)", fontsize=8)
             ax.set_ylabel("Hz", fontsize=8)
             ax.tick_params(labelsize=7)

@@ -1,8 +1,18 @@
-"""Held-out quality of a codec against Opus at its lowest bitrate, plus codebook use and decode
-speed: the numbers of the demo codec's targets (docs/codec-training.md, MODEL_CARD.md).
+"""Held-out quality of a codec, judged by pitch first, beside its floor and ceiling: the
+numbers of the codec's targets (docs/codec-training.md, MODEL_CARD.md).
 
     python bench/eval_codec.py --codec weights/demo/codec --corpus data/corpus/manifest.jsonl \
         --out bench/results/codec_demo_eval.json --samples docs/samples/codec
+    python bench/eval_codec.py --codec DIR --audio INDEPENDENT_DIR --seconds 18.432 --segments 1
+
+Pitch (training/codec/pitch.py; needs the eval extra): centred-chroma correlation, basic-pitch
+multi-pitch frame F1, chroma F1 and note-onset F1 against the original's own transcription,
+and the frame-rate comb (dB at multiples of the codec's frame rate minus between them). Every
+figure is printed for the codec and for the references computed from the same segments:
+envelope-shaped noise (40 mel bands, random phase: what a mel target alone can be met by), Opus
+at its lowest bitrate, Griffin-Lim of the true STFT magnitudes, and the original. The mel
+distance is a guardrail beside them, not the judge. `--audio` evaluates any folder of audio
+instead of the trainer's held-out split (e.g. music no codec here was trained on).
 
 Held-out tracks are the codec trainer's own split (`split_train_val(files, --val-files)`, a hash
 of each path), so a codec trained with `val_files = 8` on the same manifest is evaluated on
@@ -44,6 +54,9 @@ from training.codec.data import find_audio_files, split_train_val  # noqa: E402
 from training.codec.eval import codebook_stats  # noqa: E402
 from training.codec.losses import MelLoss, si_sdr  # noqa: E402
 
+SYSTEMS = ("codec", "envelope_noise", "opus", "griffin_lim", "original")
+PITCH_KEYS = ("chroma", "frame_f1", "chroma_f1", "onset_f1", "comb_db")
+
 
 def opus_roundtrip(x: np.ndarray, sr: int) -> tuple[np.ndarray, float]:
     """(T,) float32 at sr -> (Opus-coded copy at sr, bits per second of the Opus stream)."""
@@ -73,11 +86,12 @@ def track_licences(corpus: list[str]) -> dict[str, str]:
     return out
 
 
-def held_out_segments(corpus: list[str], n_val: int, n_seg: int, n_samples: int, sr: int):
+def held_out_segments(corpus: list[str], n_val: int, n_seg: int, n_samples: int, sr: int,
+                      every_file: bool = False):
     files = probe(find_audio_files(corpus))
-    _, val = split_train_val(files, n_val)
+    val = files if every_file else split_train_val(files, n_val)[1]
     if not val:
-        raise SystemExit("error: no held-out tracks (need at least 2 files)")
+        raise SystemExit("error: no held-out tracks (need at least 2 files, or --audio)")
     segments = []
     for f in val:
         audio = read_audio(f.path, sr)
@@ -110,10 +124,27 @@ def decode_seconds(codec: Codec, repeats: int, context_pads: int | None) -> floa
     return statistics.median(times[1:])
 
 
+def format_table(table: dict) -> str:
+    """The systems as rows, pitch first and mel last (markdown)."""
+    keys = [k for k in (*PITCH_KEYS, "mel", "si_sdr") if any(k in m for m in table.values())]
+    lines = ["| system | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for system, m in table.items():
+        lines.append(f"| {system} | " + " | ".join(
+            f"{m[k]:.3f}" if k in m else "—" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--codec", required=True, help="codec directory (config.json + weights)")
     p.add_argument("--corpus", nargs="+", default=["data/corpus/manifest.jsonl"])
+    p.add_argument("--audio", nargs="+", help="evaluate every file here instead of the "
+                                              "corpus's held-out split")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="segment length (default: one chunk, 6.144 s), rounded to the "
+                        "codec's padding grid")
+    p.add_argument("--no-pitch", action="store_true",
+                   help="skip the pitch metrics and their references (no eval extra needed)")
     p.add_argument("--val-files", type=int, default=8, help="the trainer's val_files")
     p.add_argument("--segments", type=int, default=4, help="segments per held-out track")
     p.add_argument("--threads", type=int, default=2)
@@ -126,32 +157,52 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
 
     codec = Codec.load(a.codec)
-    sr, n = codec.sample_rate, codec.samples_per_chunk
-    segments = held_out_segments(a.corpus, a.val_files, a.segments, n, sr)
+    sr = codec.sample_rate
+    n = codec.samples_per_chunk if a.seconds is None else codec.padded_length(int(a.seconds * sr))
+    segments = held_out_segments(a.audio or a.corpus, a.val_files, a.segments, n, sr,
+                                 every_file=bool(a.audio))
+    pitch = None
+    if not a.no_pitch:
+        from training.codec import pitch
     mel = MelLoss(sr)
+    frame_rate = sr / codec.hop_length
     rows, codes, recon = [], [[] for _ in range(codec.n_levels)], []
-    for name, start, x in segments:
+    for i, (name, start, x) in enumerate(segments):
+        print(f"segment {i + 1}/{len(segments)}: {name} @ {start:.1f} s", file=sys.stderr)
         xt = torch.from_numpy(x)[None]
         tok = codec.encode(xt)
         y = codec.decode(tok, seed=0)[0, :n]
         for level, t in enumerate(tok):
             codes[level].append(t)
-        row = {"track": name, "start_s": round(start, 2),
-               "codec_mel": float(mel(y.view(1, 1, -1), xt.view(1, 1, -1))),
-               "codec_si_sdr": float(si_sdr(y.view(1, -1), xt))}
+        row = {"track": name, "start_s": round(start, 2)}
+        o = None
         if not a.no_opus:
             o, kbps = opus_roundtrip(x, sr)
-            ot = torch.from_numpy(o)
-            row.update(opus_mel=float(mel(ot.view(1, 1, -1), xt.view(1, 1, -1))),
-                       opus_si_sdr=float(si_sdr(ot.view(1, -1), xt)), opus_kbps=kbps)
-        else:
-            o = None
+            row["opus_kbps"] = kbps
+        systems = {"codec": y.numpy(), "opus": o, "original": x}
+        if pitch is not None:
+            systems["envelope_noise"] = pitch.envelope_noise(x, sr, seed=i)
+            systems["griffin_lim"] = pitch.griffin_lim(x, sr)
+            ref_events = pitch.transcribe(x, sr)
+        for system, out in systems.items():
+            if out is None:
+                continue
+            ot = torch.from_numpy(np.asarray(out, np.float32))
+            m = {"mel": float(mel(ot.view(1, 1, -1), xt.view(1, 1, -1))),
+                 "si_sdr": float(si_sdr(ot.view(1, -1), xt))}
+            if pitch is not None:
+                m.update(pitch.pitch_metrics(x, out, sr, frame_rate, ref_events))
+            row.update({f"{system}_{k}": v for k, v in m.items()})
         rows.append(row)
         recon.append((f"{name}@{start:.0f}s", x, y.numpy(), o))
 
     def mean(key):
-        vals = [r[key] for r in rows if key in r]
+        vals = [r[key] for r in rows if key in r and r[key] == r[key]]   # NaN: silent segment
         return float(np.mean(vals)) if vals else None
+
+    table = {system: {k: mean(f"{system}_{k}") for k in ("mel", "si_sdr", *PITCH_KEYS)}
+             for system in SYSTEMS}
+    table = {s_: {k: v for k, v in m.items() if v is not None} for s_, m in table.items()}
 
     stats = codebook_stats(codes, codec.codebook_size)
     bits = sum(np.log2(codec.codebook_size) * k for k in codec.frames_per_chunk)
@@ -160,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         "codes_fingerprint": codec.codes_fingerprint,
         "params": sum(p.numel() for p in codec.snac.parameters()),
         "held_out_tracks": sorted({r["track"] for r in rows}), "segments": len(rows),
+        "segment_seconds": n / sr, "decoder": codec.decoder_name,
+        "table": {k: v for k, v in table.items() if v},
         "codec_mel": mean("codec_mel"), "codec_si_sdr": mean("codec_si_sdr"),
         "codec_kbps": bits / (n / sr) / 1000,
         "opus_mel": mean("opus_mel"), "opus_si_sdr": mean("opus_si_sdr"),
@@ -176,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if result["opus_mel"]:
         result["mel_ratio_to_opus"] = result["codec_mel"] / result["opus_mel"]
-    summary = {k: v for k, v in result.items() if k != "per_segment"}
+    summary = {k: v for k, v in result.items() if k not in ("per_segment", "table")}
     print(json.dumps(summary, indent=2))
+    print(format_table(result["table"]))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -197,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                                  + licences.get(name.split("@")[0], "")
                                  for i, (name, *_rest) in enumerate(picks)) + "\n")
         if all(o is not None for *_x, o in picks):
-            spectrogram_sheet(out / "spectrograms.png",
-                              [(name, {"original": x, "codec": y, "Opus ~7 kbps": o})
-                               for name, x, y, o in picks], sr)
+            sheet = [(name, {"original": x, "codec": y, "Opus ~7 kbps": o})
+                     for name, x, y, o in picks]
+            spectrogram_sheet(out / "spectrograms.png", sheet, sr)
+            # where partials show: 0-2 kHz at 7.8 Hz resolution
+            spectrogram_sheet(out / "spectrograms_0-2kHz.png", sheet, sr, fmax=2000, nfft=4096)
     return 0
 
 

@@ -160,7 +160,10 @@ def save_snac(snac: SNAC, config: dict, out_dir: str | os.PathLike,
         save_readable_safetensors({k: cast(v) for k, v in snac.decoder.state_dict().items()},
                                   tmp.with_suffix(".dec"))
         os.replace(tmp.with_suffix(".dec"), out / DECODER_WEIGHTS_FILE)
-        tmp.with_suffix(".djson").write_text(json.dumps(config["decoder"], indent=2))
+        from model.vocoder import decoder_spec
+
+        # the whole spec, defaults included: the files say what they are without the code
+        tmp.with_suffix(".djson").write_text(json.dumps(decoder_spec(snac.decoder), indent=2))
         os.replace(tmp.with_suffix(".djson"), out / DECODER_CONFIG_FILE)
     else:
         for name in (DECODER_CONFIG_FILE, DECODER_WEIGHTS_FILE):  # overwriting a vocoder export

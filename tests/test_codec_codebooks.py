@@ -298,6 +298,13 @@ def test_eval_and_model_card_of_a_snapshot(tmp_path, songs):
     assert len(result["held_out_tracks"]) == 1 and result["segments"] == 1
     assert result["opus_mel"] > 0 and 5 < result["opus_kbps"] < 12
     assert result["codec_mel"] > 0 and len(result["perplexity"]) == 4
+    # pitch, beside its floor and ceiling computed from the same segment
+    table = result["table"]
+    assert set(table) == {"codec", "envelope_noise", "opus", "griffin_lim", "original"}
+    assert table["original"]["chroma"] == pytest.approx(1.0)
+    assert table["original"].get("frame_f1", 1.0) == 1.0
+    assert all(-1 <= m["chroma"] <= 1 for m in table.values())
+    assert all("comb_db" in m and "mel" in m for m in table.values())
 
     assert card_main(["--run", str(run), "--codec", str(shipped), "--eval", str(out),
                       "--corpus", str(corpus)]) == 0

@@ -214,3 +214,48 @@ def test_the_istft_codec_trains_resumes_exactly_and_exports(tmp_path, chord_dir)
     assert export.decoder_name == "istft"
     y = export.decode(export.encode(torch.randn(1, 12288) * 0.1))
     assert y.shape == (1, 12288) and torch.isfinite(y).all()
+
+
+def test_eval_and_card_of_a_pitch_codec(tmp_path, chord_dir):
+    """bench/eval_codec.py on a folder of audio (--audio) with every reference row, and the
+    card that reads it: the decoder named, the pitch table beside its floor and ceiling."""
+    import importlib.util
+
+    from training.codec.card import main as card_main
+
+    run = tmp_path / "run"
+    assert main(FAST + ["--train", str(chord_dir), "--steps", "2", "--val_every", "2",
+                        "--out_dir", str(run), "--resume", "never"]) == 0
+    spec = importlib.util.spec_from_file_location(
+        "eval_codec", Path(__file__).resolve().parents[1] / "bench" / "eval_codec.py")
+    eval_codec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_codec)
+    out = tmp_path / "eval.json"
+    assert eval_codec.main(["--codec", str(run / "export"), "--audio", str(chord_dir),
+                            "--seconds", "1.152", "--segments", "1", "--repeats", "1",
+                            "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["segments"] == 3 and result["decoder"] == "istft"
+    assert result["segment_seconds"] == pytest.approx(1.152)
+    table = result["table"]
+    assert table["original"]["chroma"] == pytest.approx(1.0)
+    assert table["original"]["frame_f1"] == 1.0
+    # two steps of training keep no notes: the codec sits with the noise floor, far under
+    # Griffin-Lim of the true magnitudes
+    assert table["codec"]["chroma"] < table["griffin_lim"]["chroma"] - 0.3
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "manifest.jsonl").write_text(json.dumps(
+        {"status": "kept", "output_path": "audio/c0.wav", "package": "synthetic",
+         "licence": "CC0-1.0"}) + "\n")
+    (corpus / "summary.json").write_text(json.dumps({"total_hours": 0.01, "kept": 1, "packages": {
+        "synthetic": {"kept": 1, "hours": 0.01, "licences": {"CC0-1.0": 1}}}}))
+    assert card_main(["--run", str(run), "--codec", str(run / "export"), "--eval", str(out),
+                      "--eval-independent", str(out), "--corpus", str(corpus)]) == 0
+    text = (run / "export" / "MODEL_CARD.md").read_text()
+    assert "Decoder: **istft**" in text and "untrained placeholder" in text
+    assert "chroma correlation ≥ 0.75: **not met**" in text
+    assert "envelope-shaped noise (floor)" in text and "Griffin-Lim" in text
+    assert "Pitch on independent music" in text
+    assert "training/configs/codec_pitch.toml" not in text      # a debug run names its config

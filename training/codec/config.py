@@ -137,9 +137,12 @@ class CodecTrainConfig:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(MODEL_PRESETS)}")
         config = {**MODEL_PRESETS[self.preset], **self.model}
         if self.decoder:
-            config["decoder"] = {
+            from model.vocoder import build_decoder, decoder_spec
+
+            # the whole spec, defaults included, as the checkpoints and exports record it
+            config["decoder"] = decoder_spec(build_decoder({
                 "latent_dim": config["encoder_dim"] * 2 ** len(config["encoder_rates"]),
-                "hop": math.prod(config["encoder_rates"]), **self.decoder}
+                "hop": math.prod(config["encoder_rates"]), **self.decoder}))
         return config
 
     def validate(self) -> CodecTrainConfig:

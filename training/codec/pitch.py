@@ -26,6 +26,8 @@ without its dependencies (it asks for TensorFlow, which the ONNX path does not n
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -105,8 +107,8 @@ def transcribe(x: np.ndarray, sr: int) -> list[tuple[float, float, int]]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "clip.wav")
         sf.write(path, np.clip(np.asarray(x, np.float32), -1, 1), sr, subtype="FLOAT")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")                  # and its "Predicting MIDI" line
             _, _, events = inference.predict(path, model)
     return [(float(s), float(e), int(p)) for s, e, p, *_ in events]
 

@@ -50,7 +50,7 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(port: int, weights: Path) -> subprocess.Popen:
+def start_server(port: int, weights: Path, trim: bool = True) -> subprocess.Popen:
     from model.codec import DEBUG_CODEC_CONFIG, Codec
     from model.dit import DiT, DiTConfig
     from model.weights import save_pretrained
@@ -60,7 +60,8 @@ def start_server(port: int, weights: Path) -> subprocess.Popen:
     save_pretrained(DiT(DiTConfig.from_name("debug", codebook_size=codec.codebook_size)),
                     weights / "dit")
     env = dict(os.environ, SNAC_DIT_WEIGHTS=str(weights / "dit"),
-               SNAC_DIT_CODEC=str(weights / "codec"), SNAC_DIT_DEVICE="cpu")
+               SNAC_DIT_CODEC=str(weights / "codec"), SNAC_DIT_DEVICE="cpu",
+               SNAC_DIT_TRIM_MEMORY=str(trim).lower())
     proc = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1", "--port",
                              str(port), "--log-level", "warning"], cwd=ROOT, env=env)
     for _ in range(300):
@@ -99,8 +100,14 @@ def big_uploads(url: str, pid: int) -> dict:
     results = asyncio.run(run())
     stop.set()
     sampler.join()
+    after = rss_mb(pid)
+    # Drained: nothing queued, then a few seconds for the server to hand memory back.
+    while httpx.get(f"{url}/ready", timeout=5).json()["queue_depth"]:
+        time.sleep(0.1)
+    time.sleep(3.0)
     return dict(upload_mb=round(len(body) / 1e6, 1), clients=8, rss_before_mb=round(before),
-                rss_peak_mb=round(max(peak)), rss_after_mb=round(rss_mb(pid)),
+                rss_peak_mb=round(max(peak)), rss_after_mb=round(after),
+                rss_drained_mb=round(rss_mb(pid)),
                 statuses=sorted(s for s, _ in results), seconds=[t for _, t in results])
 
 
@@ -167,7 +174,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--port", type=int, default=18777)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "server_load_cpu.json")
+    p.add_argument("--only-uploads", action="store_true",
+                   help="only the upload burst, with and without returning memory (SNAC_DIT_TRIM_MEMORY)")
     a = p.parse_args()
+    if a.only_uploads:
+        result = dict(date=time.strftime("%Y-%m-%d"), cpu_count=os.cpu_count(),
+                      platform=platform.platform(), model="debug DiT + debug codec (random)")
+        for trim in (False, True):
+            with tempfile.TemporaryDirectory() as tmp:
+                proc = start_server(a.port, Path(tmp), trim)
+                try:
+                    result[f"big_uploads_trim_{str(trim).lower()}"] = r = big_uploads(
+                        f"http://127.0.0.1:{a.port}", proc.pid)
+                finally:
+                    proc.terminate()
+                    proc.wait(30)
+            print(f"trim={trim}: 8 x {r['upload_mb']} MB uploads: RSS {r['rss_before_mb']} -> "
+                  f"peak {r['rss_peak_mb']} MB, {r['rss_after_mb']} when answered, "
+                  f"{r['rss_drained_mb']} drained; statuses {r['statuses']}")
+        out = a.out.with_name(a.out.stem + "_memory.json")
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+        return
     url = f"http://127.0.0.1:{a.port}"
     with tempfile.TemporaryDirectory() as tmp:
         proc = start_server(a.port, Path(tmp))

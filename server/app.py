@@ -19,6 +19,7 @@ from server.batcher import Batcher
 from server.codec_check import check_codec, codec_report
 from server.deps import Service
 from server.errors import install_error_handlers
+from server.memory import MemoryKeeper, TrimWhenIdle
 from server.metrics import Metrics, MetricsMiddleware
 from server.origin import CrossOriginGuard
 from server.params import PARAM_HEADERS, per_level
@@ -92,7 +93,8 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     """Build the app. `engine`: an already loaded engine (tests; several apps can share one)."""
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch)
-    service = Service(settings=settings, metrics=metrics)
+    service = Service(settings=settings, metrics=metrics,
+                      memory=MemoryKeeper(enabled=settings.trim_memory))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -151,5 +153,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
             ],
         )
     app.add_middleware(CrossOriginGuard, allowed_origins=settings.cors_origins)
+    # Big uploads' freed buffers go back to the system once no request is in flight.
+    app.add_middleware(TrimWhenIdle, keeper=service.memory)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from server.batcher import Batcher
 from server.errors import Unauthorized, Unavailable
+from server.memory import MemoryKeeper
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -28,6 +29,7 @@ class Service:
     ready: bool = False
     # Uploads being read and decoded now; bounded by settings.max_concurrent_uploads.
     upload_slots: asyncio.Semaphore | None = field(default=None, repr=False)
+    memory: MemoryKeeper = field(default_factory=MemoryKeeper, repr=False)  # trims when idle
 
 
 def get_service(request: Request) -> Service:

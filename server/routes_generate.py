@@ -136,6 +136,7 @@ async def _receive_and_decode(request: Request, svc: Service, given: dict, allow
         if k in given:
             raise InvalidParameter(f"{k}: given both in the query and in the form")
         given[k] = v
+    svc.memory.note(len(upload.audio))  # the body and its decoded copies: trimmed when idle
     rate = svc.engine.sample_rate
     longest = svc.settings.max_input_seconds
     stated = await run_in_threadpool(declared_seconds, upload.audio)

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # Closed by default: the page is served same-origin and needs no CORS.
     cors_origins: Annotated[list[str], NoDecode] = []
     warmup: bool = True  # one tiny continuation at startup, so the first user is not slow
+    # Hand freed memory back to the system (glibc malloc_trim) once big uploads are served
+    # and the server is idle; off only to measure what it saves (bench/server_load.py).
+    trim_memory: bool = True
 
     @field_validator("api_key", mode="before")
     @classmethod

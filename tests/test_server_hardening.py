@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -254,3 +256,35 @@ def test_api_docs_need_no_internet(engine):
             assert r.status_code == 200 and len(r.content) > 100, u
         assert c.get("/docs-assets/swagger-ui-bundle.js").headers["content-type"].startswith(
             ("application/javascript", "text/javascript"))
+
+
+def test_memory_goes_back_once_big_uploads_are_served(engine):
+    """After uploads adding up to 16 MB, the server trims the heap (malloc_trim) once no
+    request is in flight; small requests never trigger it; SNAC_DIT_TRIM_MEMORY=false turns it
+    off. What it saves is measured by bench/server_load.py --only-uploads (docs/server.md)."""
+    import ctypes.util
+    import io
+
+    import soundfile as sf
+
+    if not ctypes.util.find_library("c"):
+        pytest.skip("no C library to trim")
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((40 * 44100, 2), np.float32), 44100, format="WAV", subtype="PCM_16")
+    big = buf.getvalue()                                         # 7 MB: three pass 16 MiB
+    for trim in (True, False):
+        with app_client(engine, trim_memory=trim) as c:
+            keeper = c.app.state.service.memory
+            for _ in range(4):
+                r = c.post(f"/continue?{FAST}", files={"audio": ("a.wav", wav_bytes(tone(2.0)))})
+                assert r.status_code == 200
+            time.sleep(0.3)
+            assert keeper.trims == 0  # 4 small uploads: far below the threshold
+            for _ in range(3):
+                assert c.post(f"/continue?{FAST}", files={"audio": ("a.wav", big)}).status_code \
+                    == 200
+            deadline = time.monotonic() + 10
+            while trim and keeper.trims == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert keeper.trims == (1 if trim else 0)
+            assert (keeper.pending < keeper.threshold) is trim  # off: nothing is ever trimmed

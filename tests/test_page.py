@@ -308,6 +308,10 @@ def test_browser_a_musicians_session(app, clip_path, browser, tmp_path):
 
         _run(browser, "#inpaint-btn")
         assert abs(_duration(browser, "#result-audio") - seconds) < 0.01
+        # The result's waveform marks what was generated: the span (and its 64 ms crossfades).
+        assert _green_share(browser, (start + 0.1) / seconds, (end - 0.1) / seconds) > 0.95
+        assert _green_share(browser, 0.01, (start - 0.2) / seconds) == 0
+        assert _green_share(browser, (end + 0.2) / seconds, 0.99) == 0
         assert "seed=9" in browser.js("return document.getElementById('ran').textContent")
         assert browser.js("return document.getElementById('download').download") == "inpainted.wav"
         size = browser.wait_js("return fetch(document.getElementById('download').href)"
@@ -319,11 +323,17 @@ def test_browser_a_musicians_session(app, clip_path, browser, tmp_path):
 
         _run(browser, "#loop-btn")
         assert abs(_duration(browser, "#result-audio") - (seconds + chunk)) < 0.01
+        total = seconds + chunk  # the bridge after the input is what was generated
+        assert _green_share(browser, seconds / total + 0.01, 0.99) > 0.95
+        assert _green_share(browser, 0.01, seconds / total - 0.01) == 0
         assert browser.js("return document.getElementById('result-audio').loop") is True
 
         browser.js("document.getElementById('keep').value = 'AB'")
         _run(browser, "#vary-btn")
         assert abs(_duration(browser, "#result-audio") - seconds) < 0.01
+        s0 = int(start * 32000) // 12288 * 12288 / 32000  # the varied chunk, on the 0.384 s grid
+        assert _green_share(browser, (s0 + 0.1) / seconds, (s0 + chunk - 0.1) / seconds) > 0.95
+        assert _green_share(browser, 0.01, (s0 - 0.1) / seconds) == 0
 
         # The streamed extension: a player per chunk as they arrive, then one joined track.
         browser.type("#chunks", "2")
@@ -339,6 +349,9 @@ def test_browser_a_musicians_session(app, clip_path, browser, tmp_path):
         assert abs(durations[0] - (chunk - hold)) < 0.01, durations
         assert abs(durations[1] - (chunk + hold)) < 0.01, durations
         assert abs(_duration(browser, "#result-audio") - (seconds + 2 * chunk)) < 0.01
+        total = seconds + 2 * chunk
+        assert _green_share(browser, seconds / total + 0.01, 0.99) > 0.95
+        assert _green_share(browser, 0.01, seconds / total - 0.01) == 0
         assert "2 of 2 chunks" in browser.js("return document.getElementById('status').textContent")
 
         # (The screenshots for the docs come from test_browser_the_page_as_an_instrument.)

@@ -9,8 +9,8 @@ nothing steps at a boundary even where the codec does not reconstruct the input 
 Inpaint and loop need a model trained with after-context (`can_edit`); else `EditUnsupported`.
 
 `EditingMixin` is mixed into `model.engine.ContinuationEngine` (whose helpers it calls: `_params`,
-`_encode`, `_window`, `_decode_samples`, `heard_context`, `_rehear`); the server imports these
-names from `model.engine`, which re-exports them.
+`_encode`, `_codec_encode`, `_window`, `_decode_samples`, `heard_context`, `_rehear`); the server
+imports these names from `model.engine`, which re-exports them.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class EditingMixin:
         for (n_ctx, n_after), rows in groups.items():
             w0 = [plans[i][1] - n_ctx * chunk for i in rows]
             span = (n_ctx + 1 + n_after) * chunk
-            tokens = self.codec.encode(torch.stack([plans[i][0][a:a + span]
+            tokens = self._codec_encode(torch.stack([plans[i][0][a:a + span]
                                                     for i, a in zip(rows, w0, strict=True)]))
             tokens = [t.to(self.device) for t in tokens]
             ctx = [t[:, :n_ctx * f] for t, f in zip(tokens, fpc, strict=True)]
@@ -204,7 +204,7 @@ class EditingMixin:
         out: list[Tensor | None] = [None] * len(audios)
         for n_ctx, rows in groups.items():
             ctx = self._encode([audios[i] for i in rows])
-            after = [t.to(self.device) for t in self.codec.encode(
+            after = [t.to(self.device) for t in self._codec_encode(
                 torch.stack([audios[i][:chunk] for i in rows]))]
             new = generate(self.dit, ctx, [params[i] for i in rows], self.diffusion.schedules,
                            after=after)

@@ -144,6 +144,11 @@ class ContinuationEngine(EditingMixin):
             raise ValueError("diffusion config and model disagree on the number of levels")
         self.default_params = (default_params or SamplingParams()).validated(cfg.n_levels)
         self.fault: BaseException | None = None  # the device error that ended this engine
+        # Rows per codec call (encode or decode). On a GPU a batch's rows go in one call; on a
+        # CPU one at a time, which measured 2-2.5x faster than 8 together with the demo codec on
+        # one thread (docs/benchmarks.md): the batched activations outgrow the caches. The
+        # samples are the same either way (per-row noise seeds, tested).
+        self.codec_rows: int | None = None if codec.device.type == "cuda" else 1
 
     edit_batch = _guarded(EditingMixin.edit_batch)
     loop_batch = _guarded(EditingMixin.loop_batch)
@@ -241,7 +246,7 @@ class ContinuationEngine(EditingMixin):
         if len({w.shape[0] for w in windows}) != 1:
             raise ValueError("_encode needs inputs with the same number of context chunks")
         n_chunks = windows[0].shape[0] // self.chunk_samples
-        tokens = self.codec.encode(torch.stack(windows))
+        tokens = self._codec_encode(torch.stack(windows))
         for t, f in zip(tokens, self.dit.config.frames_per_chunk, strict=True):
             if t.shape[1] != n_chunks * f:  # the codec's grid divides a chunk
                 raise RuntimeError(f"codec produced {t.shape[1]} frames, expected {n_chunks * f}")
@@ -267,11 +272,20 @@ class ContinuationEngine(EditingMixin):
         hi = min(total, -(-(end + self.holdback_samples) // pad) * pad)
         window = [t[:, lo // (hop * s): hi // (hop * s)] for t, s in zip(seq, codec.strides,
                                                                           strict=True)]
-        audio = codec.decode(window, seed=[derive_seed(s, 0, "decode") % 2**31 for s in seeds],
-                             first_frame=lo // hop)
+        seeds = [derive_seed(s, 0, "decode") % 2**31 for s in seeds]
+        step = self.codec_rows or len(seeds)
+        audio = torch.cat([codec.decode([t[i: i + step] for t in window], seed=seeds[i: i + step],
+                                        first_frame=lo // hop)
+                           for i in range(0, len(seeds), step)])
         if audio.shape[-1] < end - lo:
             raise RuntimeError(f"codec decoded {audio.shape[-1]} samples, expected {hi - lo}")
         return audio[:, start - lo: end - lo].clamp(-1.0, 1.0).float().cpu()
+
+    def _codec_encode(self, audio: Tensor) -> list[Tensor]:
+        """codec.encode of (B, T) audio, `codec_rows` rows per call."""
+        step = self.codec_rows or audio.shape[0]
+        parts = [self.codec.encode(audio[i: i + step]) for i in range(0, audio.shape[0], step)]
+        return [torch.cat(level) for level in zip(*parts, strict=True)]
 
     # ------------------------------------------------------------------ public API
     @_guarded
@@ -327,7 +341,7 @@ class ContinuationEngine(EditingMixin):
             raise ValueError("round_trip needs one or more mono audios (T,) of the same length")
         if end > audios[0].shape[0]:
             raise ValueError(f"end {end} is past the audio's {audios[0].shape[0]} samples")
-        tokens = self.codec.encode(torch.stack(audios))
+        tokens = self._codec_encode(torch.stack(audios))
         return [self._decode_samples([t[b: b + 1] for t in tokens], start, end, seed)
                 for b in range(len(audios))]
 
@@ -395,10 +409,10 @@ class ContinuationEngine(EditingMixin):
         join = parts[0][0].shape[1] * self.codec.strides[0] * hop      # sample of the join
         if context_first:
             far = self._decode_rows(seq, join, join + B, seeds)
-            heard = self.codec.encode(torch.cat([audio[:, -2 * B:], far], dim=1))
+            heard = self._codec_encode(torch.cat([audio[:, -2 * B:], far], dim=1))
         else:
             far = self._decode_rows(seq, join - B, join, seeds)
-            heard = self.codec.encode(torch.cat([far, audio[:, : 2 * B]], dim=1))
+            heard = self._codec_encode(torch.cat([far, audio[:, : 2 * B]], dim=1))
         out = []
         for t, h, s in zip(encoded, heard, self.codec.strides, strict=True):
             b = B // (hop * s)                                         # border tokens, this level

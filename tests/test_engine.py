@@ -303,14 +303,20 @@ def test_a_batch_decodes_and_rehears_together_with_the_same_samples_as_one_at_a_
             return real[name](*a, **kw)
         return call
 
+    rows = engine.codec_rows
     try:
         for name in calls:
             setattr(codec, name, counted(name))
+        engine.codec_rows = None  # as on a GPU: a batch's rows in one codec call
         together = engine.continue_batch(audios, params, lead_in=JOIN_SAMPLES)
+        assert calls == {"encode": 2, "decode": 2}  # context + join re-encode; join + output
+        engine.codec_rows = 1  # as on a CPU (faster there): one row per call, same samples
+        row_by_row = engine.continue_batch(audios, params, lead_in=JOIN_SAMPLES)
+        assert calls == {"encode": 2 + 6, "decode": 2 + 6}
     finally:
+        engine.codec_rows = rows
         for name in calls:
             delattr(codec, name)
-    assert calls == {"encode": 2, "decode": 2}  # context + join re-encode; join + output
-    for a, p, got in zip(audios, params, together, strict=True):
+    for a, p, got, row in zip(audios, params, together, row_by_row, strict=True):
         alone = engine.continue_batch([a], [p], lead_in=JOIN_SAMPLES)[0]
-        assert torch.equal(got, alone)
+        assert torch.equal(got, alone) and torch.equal(row, alone)

@@ -77,6 +77,14 @@ def _span(svc: Service, n: int, given: dict) -> tuple[int, int]:
         raise InvalidParameter(
             f"start/end: a span of {end - start:g} s ({start:g} to {end:g} s) is longer than one "
             f"chunk ({chunk / rate:g} s); inpaint a longer stretch in pieces")
+    # The regenerated chunk lies on the codec's grid inside the input: its last possible end.
+    pad = svc.engine.codec.pad_samples
+    last = ((n - chunk) // pad * pad + chunk) / rate
+    if end > last:
+        raise InvalidParameter(
+            f"end: {end:g} s is too close to the end of the input ({n / rate:.3f} s): a span is "
+            f"regenerated inside a {chunk / rate:g} s chunk on the {pad / rate:g} s grid, so it "
+            f"can end at most at {last:.3f} s here")
     return round(start * rate), round(end * rate)
 
 

@@ -88,6 +88,9 @@ def test_vary_regenerates_a_chunk_above_the_kept_levels(client, plain_client, cl
     ("/inpaint", "start=5&end=4", "start/end: the span is empty or reversed (start 5 s, end 4 s)"),
     ("/inpaint", "start=2&end=9", "a span of 7 s (2 to 9 s) is longer than one chunk (6.144 s)"),
     ("/inpaint", "start=19&end=25", "end: 25 s is past the end of the input (20.000 s)"),
+    ("/inpaint", "start=19.9&end=20", "end: 20 s is too close to the end of the input (20.000 s)"
+                                      ": a span is regenerated inside a 6.144 s chunk on the "
+                                      "0.384 s grid, so it can end at most at 19.968 s here"),
     ("/inpaint", "start=nan&end=4", "start"),
     ("/inpaint", "start=1&end=2&keep=A", "unknown"),
     ("/vary", "keep=ABC", "keep"),

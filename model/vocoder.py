@@ -41,6 +41,11 @@ class ISTFTDecoderConfig:
     mult: int = 3              # ConvNeXt MLP expansion (Vocos: 3)
     kernel: int = 7
     max_log_mag: float = 6.0   # exp() overflow guard; |X| of full-scale audio is ~ n_fft / 4
+    # "learned": the head's phase is rendered. "griffin_lim": only its magnitudes are, with the
+    # phase rebuilt by `gl_iters` Griffin-Lim iterations from the head's (the bake-off's control
+    # for whether learning phase is the bottleneck; decoding windows then differ at their seams)
+    phase: str = "learned"
+    gl_iters: int = 32
 
     @property
     def kind(self) -> str:
@@ -67,6 +72,8 @@ class ISTFTDecoder(nn.Module):
         super().__init__()
         if cfg.n_fft < cfg.hop or (cfg.n_fft - cfg.hop) % 2:
             raise ValueError("n_fft must be >= hop and n_fft - hop even ('same' framing)")
+        if cfg.phase not in ("learned", "griffin_lim"):
+            raise ValueError(f"phase must be 'learned' or 'griffin_lim', not {cfg.phase!r}")
         self.cfg = cfg
         self.embed = nn.Conv1d(cfg.latent_dim, cfg.dim, cfg.kernel, padding=cfg.kernel // 2)
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
@@ -124,8 +131,21 @@ class ISTFTDecoder(nn.Module):
         return torch.stft(x, cfg.n_fft, cfg.hop, window=self.window, center=False,
                           return_complex=True)
 
+    def render(self, log_mag: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+        """The audio of a predicted spectrum: its own phase, or Griffin-Lim's from it."""
+        if self.cfg.phase == "griffin_lim":
+            # fast Griffin-Lim (momentum 0.99, Perraudin et al. 2013), as librosa's
+            with torch.no_grad():
+                previous = None
+                for _ in range(self.cfg.gl_iters):
+                    rebuilt = self.analysis(self.synthesize(log_mag, phase))
+                    step = rebuilt if previous is None else rebuilt - 0.99 / 1.99 * previous
+                    phase, previous = step.angle(), rebuilt
+            phase = phase.detach()
+        return self.synthesize(log_mag, phase)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.synthesize(*self.spectrum(z))
+        return self.render(*self.spectrum(z))
 
 
 DECODER_KINDS = {"istft": (ISTFTDecoderConfig, ISTFTDecoder)}

@@ -117,7 +117,7 @@ def codec_forward(model: SNAC, audio: torch.Tensor, freeze_encoder: bool = False
     spectrum = None
     if hasattr(model.decoder, "spectrum"):      # a spectral decoder (model/vocoder.py)
         spectrum = model.decoder.spectrum(z_q)
-        audio_hat = model.decoder.synthesize(*spectrum)[..., :length]
+        audio_hat = model.decoder.render(*spectrum)[..., :length]
     else:
         audio_hat = model.decoder(z_q)[..., :length]
     return CodecOutput(audio_hat, codes, commitment, codebook, latents, means, level_z_q,

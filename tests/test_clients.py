@@ -89,6 +89,7 @@ def test_extend_whole_and_streamed_agree(url, song, tmp_path):
         chunks = list(c.extend_stream(song, 2, steps=1, seed=8))
     assert whole.audio.shape == (2 * CHUNK,)
     assert [ch.index for ch in chunks] == [0, 1] and all(ch.seed == 8 for ch in chunks)
+    assert all(ch.params == whole.params for ch in chunks) and whole.params["steps"] == "1,1,1,1"
     joined, rate = clients.join_chunks(chunks)
     np.testing.assert_array_equal(joined, whole.audio)
     whole.save(tmp_path / "w.wav")

@@ -86,7 +86,7 @@ def positional_noise(snac: SNAC, seed: int | Sequence[int], first_frame: int = 0
             upsample *= next(m for m in layer.block
                              if isinstance(m, torch.nn.ConvTranspose1d)).stride[0]
             noise_blocks += [(m, upsample) for m in layer.block if isinstance(m, NoiseBlock)]
-    per_row = not isinstance(seed, int)
+    per_row = isinstance(seed, (list, tuple))  # else one seed for the batch (any int type)
 
     def forward_for(index: int, factor: int):
         def forward(self, x):

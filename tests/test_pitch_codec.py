@@ -273,3 +273,24 @@ def test_eval_and_card_of_a_pitch_codec(tmp_path, chord_dir):
     assert "envelope-shaped noise (floor)" in text and "Griffin-Lim" in text
     assert "Pitch on independent music" in text
     assert "training/configs/codec_pitch.toml" not in text      # a debug run names its config
+
+
+def test_a_still_decoder_does_not_buzz_at_the_frame_rate():
+    """Latents that do not change from frame to frame: with each bin's phase advance built in,
+    the output is a steady tone mix; predicting absolute phase, it is a pulse train at the
+    frame rate (the buzz of the first demo decoder)."""
+    torch.manual_seed(0)
+    z = torch.randn(1, 16, 1).expand(1, 16, 250).contiguous()
+    combs = {}
+    for advance in (True, False):
+        torch.manual_seed(0)
+        d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1,
+                                            phase_advance=advance))
+        with torch.no_grad():
+            y = d(z)[0, 0, 384 * 8: -384 * 8].numpy()
+        combs[advance] = pitch.frame_rate_comb(y, SR, FRAME_RATE)
+    assert combs[False] > 20 and abs(combs[True]) < 3
+    # the advance repeats every 4 frames: a window starting on the 32-frame grid sees the
+    # same phases as the whole sequence
+    d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1))
+    assert torch.allclose(d.advance(64)[:, 32:].cos(), d.advance(32).cos(), atol=1e-5)

@@ -294,3 +294,29 @@ def test_a_still_decoder_does_not_buzz_at_the_frame_rate():
     # same phases as the whole sequence
     d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1))
     assert torch.allclose(d.advance(64)[:, 32:].cos(), d.advance(32).cos(), atol=1e-5)
+
+
+def test_the_server_decodes_a_dits_codes_with_the_istft_decoder(tmp_path, debug_codec):
+    """A DiT trained on some codes is served by a codec with the same codes and the inverse-
+    STFT decoder: the codes match, /info names the decoder, /continue answers a chunk."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+    from tests.test_server_entry import _dit_trained_on, _wav
+
+    istft = Codec.load(ISTFT_DEBUG, seed=0)          # same seed: the debug codec's encoder
+    assert istft.codes_fingerprint == debug_codec.codes_fingerprint
+    codec_dir = str(istft.save(tmp_path / "istft"))
+    weights = _dit_trained_on(tmp_path, "dit", {"fingerprint": debug_codec.fingerprint,
+                                                 "codes_fingerprint": debug_codec.codes_fingerprint})
+    with TestClient(create_app(Settings(weights=weights, codec=codec_dir, device="cpu",
+                                        warmup=False))) as c:
+        info = c.get("/info").json()["codec"]
+        assert info["decoder"] == "istft" and info["codes_match"] is True
+        r = c.post("/continue?steps=1", files={"audio": ("a.wav", _wav(7.0), "audio/wav")})
+        assert r.status_code == 200, r.text
+    audio, sr = sf.read(io.BytesIO(r.content))
+    assert sr == SR and len(audio) == 196_608 and np.abs(audio).max() > 0

@@ -149,8 +149,8 @@ def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = ""
     status = ("Its codes are final (below); the decoder may still be fine-tuned, which keeps "
               "them. The targets below say what this snapshot does and does not meet."
               if frozen else
-              "**Work in progress**: training continues across working periods (issue \"Demo "
-              "codec\"); the targets below say what this snapshot does and does not meet.")
+              "**Work in progress**: training continues across working periods; the targets "
+              "below say what this snapshot does and does not meet.")
     files = ("- Files: `config.json`, `pytorch_model.bin` (what `snac.SNAC.from_pretrained(dir)` "
              "loads) and\n  `model.safetensors` (what `model.codec.Codec.load(dir)` prefers), "
              "both fp16; loading casts\n  to fp32.")

@@ -74,16 +74,6 @@ def _defaults(engine, settings: Settings):
     return defaults.validated(engine.codec.n_levels)
 
 
-def _warmup(engine, defaults) -> None:
-    # One tiny continuation: first-call costs (allocator, kernels, compile) are paid here,
-    # not by the first user. Steps=1 keeps it short.
-    import torch
-
-    n = engine.codec.n_levels
-    params = dataclasses.replace(defaults, steps=(1,) * n, seed=0)
-    engine.continue_batch([torch.zeros(engine.sample_rate)], [params])
-
-
 # Swagger UI's JS and CSS, served from the fastapi-offline package (Swagger UI 5, which reads
 # the OpenAPI 3.1 document FastAPI emits), so /docs works on a machine without internet.
 DOCS_ASSETS = "/docs-assets"
@@ -109,7 +99,10 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
         service.batcher.start()
         service.upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
         if settings.warmup:
-            await service.batcher.run_on_engine(_warmup, eng, service.defaults)
+            # First-call costs (allocator, kernel compiles, autotuning) are paid here, not by
+            # the first user, on the shapes serving runs: the full 12.288 s context first,
+            # with the lead-in /continue asks for; one step per level.
+            await service.batcher.run_on_engine(eng.warmup, service.defaults)
         service.ready = True
         log.info("engine ready on %s; accepting requests", getattr(eng, "device", "?"))
         try:

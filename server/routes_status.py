@@ -29,12 +29,17 @@ async def health(svc: ServiceDep):
     # Before the engine is loaded there is no worker yet; that is not a failure of liveness.
     if svc.batcher is not None and not svc.batcher.alive:
         return JSONResponse({"status": "worker_down"}, status_code=503)
+    # A CUDA error other than out-of-memory left the device unusable (model.engine.DeviceFault):
+    # only a new process recovers, so the health check fails and the container is restarted.
+    if not getattr(svc.engine, "healthy", True):
+        return JSONResponse({"status": "device_fault"}, status_code=503)
     return {"status": "ok"}
 
 
 @router.get("/ready", summary="Readiness: weights loaded, warmed up, accepting work")
 async def ready(svc: ServiceDep):
-    ok = svc.ready and svc.batcher is not None and svc.batcher.alive
+    ok = (svc.ready and svc.batcher is not None and svc.batcher.alive
+          and getattr(svc.engine, "healthy", True))
     body = {"ready": ok, "queue_depth": svc.batcher.depth() if svc.batcher else 0}
     return JSONResponse(
         body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "5"}

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None  # when set, /continue /extend /info /metrics need it
     # Closed by default: the page is served same-origin and needs no CORS.
     cors_origins: Annotated[list[str], NoDecode] = []
-    warmup: bool = True  # one tiny continuation at startup, so the first user is not slow
+    warmup: bool = True  # engine.warmup() at startup (full context), so the first user is not slow
     # Hand freed memory back to the system (glibc malloc_trim) once big uploads are served
     # and the server is idle; off only to measure what it saves (bench/server_load.py).
     trim_memory: bool = True

@@ -41,6 +41,9 @@ class EditRequest:
     end: int
     keep: int = 0
     params: SamplingParams | None = None
+    # Sample spans inside [start, end) whose tokens stay as given at every level (the windows
+    # around the beats of a beat-driven variation); only the tokens between them are new.
+    hold: tuple[tuple[int, int], ...] = ()
 
 
 def crossfade(a: Tensor, b: Tensor) -> Tensor:
@@ -105,14 +108,18 @@ class EditingMixin:
         return t0, n_ctx, n_after
 
     def _free_tokens(self, target: list[Tensor], t0: int, start: int, end: int,
-                     keep: int) -> list[Tensor]:
-        """The target tokens with those overlapping [start, end) set to -1 at levels >= keep."""
+                     keep: int, hold: Sequence[tuple[int, int]] = ()) -> list[Tensor]:
+        """The target tokens with those overlapping [start, end) set to -1 at levels >= keep,
+        except those overlapping a `hold` span."""
         given = []
         for lvl, (t, s) in enumerate(zip(target, self.codec.strides, strict=True)):
             g = t.clone()
             if lvl >= keep:
                 span = self.codec.hop_length * s                # samples per token here
                 g[:, (start - t0) // span: -(-(end - t0) // span)] = -1
+                for a, b in hold:
+                    lo, hi = max(0, (a - t0) // span), -(-(b - t0) // span)
+                    g[:, lo:hi] = t[:, lo:hi]
             given.append(g)
         return given
 
@@ -126,7 +133,7 @@ class EditingMixin:
             audio = torch.as_tensor(r.audio)
             if audio.ndim != 1 or not audio.is_floating_point() or not torch.isfinite(audio).all():
                 raise ValueError("audio must be mono (T,) finite float samples")
-            if r.keep == 0 and not self.can_edit:
+            if r.keep == 0 and not r.hold and not self.can_edit:
                 raise EditUnsupported(
                     "this model was trained without after-context (max_after_chunks = 0), so it "
                     "cannot fill in a span between given audio; variations (keep >= 1) work")
@@ -150,7 +157,7 @@ class EditingMixin:
                 if n_after else None
             given = [torch.cat(g) for g in zip(*[
                 self._free_tokens([t[b:b + 1] for t in target], plans[i][1], requests[i].start,
-                                  requests[i].end, requests[i].keep)
+                                  requests[i].end, requests[i].keep, requests[i].hold)
                 for b, i in enumerate(rows)], strict=True)]
             new = generate(self.dit, ctx, [params[i] for i in rows], self.diffusion.schedules,
                            after=after, given=given)

@@ -93,8 +93,10 @@ def analyze(audio: np.ndarray, rate: int) -> Analysis:
     mel = librosa.power_to_db(librosa.feature.melspectrogram(S=short, sr=rate, n_mels=64))
     onset = librosa.onset.onset_strength(S=mel, sr=rate, hop_length=hop, n_fft=1024)  # (T,)
     low = librosa.onset.onset_strength(S=mel[:5], sr=rate, hop_length=hop, n_fft=1024)  # <250 Hz
-    spec = np.abs(librosa.stft(y, n_fft=4096, hop_length=hop)) ** 2
-    chroma = librosa.feature.chroma_stft(S=spec, sr=rate, n_fft=4096)          # (12, T)
+    # Chroma at 4 onset frames a frame: harmony moves slower than attacks, and a 10-minute
+    # upload's long-window spectrogram stays ~120 MB instead of ~500.
+    spec = np.abs(librosa.stft(y, n_fft=4096, hop_length=4 * hop)) ** 2
+    chroma = librosa.feature.chroma_stft(S=spec, sr=rate, n_fft=4096)          # (12, T / 4)
     key, key_strength = _key(chroma)
 
     _, frames = librosa.beat.beat_track(onset_envelope=onset, sr=rate, hop_length=hop,
@@ -114,7 +116,8 @@ def analyze(audio: np.ndarray, rate: int) -> Analysis:
             f"pulse {pulse:.2f}, needs {MIN_PULSE}) or the beats wander ({jitter:.2f} of a beat, "
             f"at most {MAX_JITTER}); edit in seconds instead")
 
-    accent = (_z(_at(onset, frames)) + _z(_at(low, frames)) + _z(_harmony_change(chroma, frames, 4096 // 2 // hop)))
+    change = _harmony_change(chroma, frames // 4, 4096 // 8 // hop)
+    accent = _z(_at(onset, frames)) + _z(_at(low, frames)) + _z(change)
     per_bar, phase = _metre(accent)
     return Analysis(
         duration=duration, tempo=float(60.0 / period), beats=[float(t) for t in beats],
@@ -275,13 +278,24 @@ def grid_position(a: Analysis, t: float) -> dict:
     return {"bar": bar + 1, "beat": round(rel - bar * a.beats_per_bar + 1, 2)}
 
 
-def loop_span(a: Analysis, bars: int, tail: float) -> tuple[float, float]:
+def loop_span(a: Analysis, bars: int, tail: float, least: float = 0.0) -> tuple[float, float]:
     """Seconds [start, end) of the input a loop of `bars` bars keeps: from the first downbeat,
-    `bars` bars less `tail` seconds (the generated bridge that leads back into the start)."""
-    if bars < 1:
-        raise ValueError(f"bars must be at least 1, got {bars}")
+    `bars` bars less `tail` seconds (the generated bridge that leads back into the start), at
+    least `least` seconds of it. ValueError says how many bars fit."""
     start = grid_time(a, a.first_downbeat)
+    bar = a.beats_per_bar * a.period                       # seconds, for the messages
+    fewest = int(np.ceil((tail + least) / bar - 1e-6))
+    most = int(np.floor((a.duration - start + tail) / bar + 1e-6))
+    where = (f"at {a.tempo:.1f} BPM in {a.time_signature} a bar is {bar:.2f} s, and the loop "
+             f"keeps the input from its first downbeat ({start:.2f} s) and adds a "
+             f"{tail:g} s bridge")
+    if bars < fewest:
+        raise ValueError(f"{bars} bars is too short a loop: {where}, keeping at least "
+                         f"{least:g} s; ask for at least {fewest} bars")
     length = grid_time(a, a.first_downbeat + bars * a.beats_per_bar) - start
+    if bars > most or start + length - tail > a.duration:
+        raise ValueError(f"{bars} bars is more than the input holds: {where}; ask for at most "
+                         f"{most} bars")
     return start, start + length - tail
 
 

@@ -1,7 +1,10 @@
 """Command line: `python -m clients continue in.wav [-o out.wav] [--steps 16,12,8,8] [--seed 7]`,
 `python -m clients extend in.wav --chunks 5 [--stream]`,
-`python -m clients inpaint in.wav --start 9 --end 11`, `python -m clients loop in.wav`,
-`python -m clients vary in.wav --keep A [--start 6.144]`, `python -m clients info`.
+`python -m clients inpaint in.wav --start 9 --end 11` (or --start-bar 5 --bars 2, or
+--start-beat 9 --beats 4), `python -m clients loop in.wav [--bars 8]`,
+`python -m clients vary in.wav --keep A|AB|beats [--start 6.144]`,
+`python -m clients analyze in.wav` (tempo, beats, bars and key as JSON on stdout),
+`python -m clients info`.
 
 Without -o the result goes to a name derived from the input, in the current directory
 (in-continued.wav, in-extended.wav, in-inpainted.wav, in-loop.wav, in-varied.wav). An existing
@@ -67,17 +70,30 @@ def _parser() -> argparse.ArgumentParser:
     ext.add_argument("--stream", action="store_true", help="report each chunk as it arrives")
     inp = sub.add_parser("inpaint", parents=[common, gen],
                          help="regenerate a span of the input from what surrounds it")
-    inp.add_argument("--start", type=float, required=True, help="span start, seconds")
-    inp.add_argument("--end", type=float, required=True,
+    inp.add_argument("--start", type=float, help="span start, seconds")
+    inp.add_argument("--end", type=float,
                      help="span end, seconds (at most 6.144 s after --start)")
-    sub.add_parser("loop", parents=[common, gen],
-                   help="append a bridge that leads back into the input's start (play on repeat)")
+    inp.add_argument("--start-bar", type=int,
+                     help="instead of --start/--end: the first bar (bar 1 = the first downbeat)")
+    inp.add_argument("--bars", type=int, help="with --start-bar: how many bars (default 1)")
+    inp.add_argument("--start-beat", type=int,
+                     help="instead of --start/--end: the first beat (beat 1 = the first beat)")
+    inp.add_argument("--beats", type=int, help="with --start-beat: how many beats (default 1)")
+    lp = sub.add_parser("loop", parents=[common, gen],
+                        help="append a bridge that leads back into the input's start (play on "
+                             "repeat)")
+    lp.add_argument("--bars", type=int,
+                    help="make the loop this many whole bars from the first downbeat")
     var = sub.add_parser("vary", parents=[common, gen],
                          help="regenerate a chunk's finer levels under its own coarse ones")
-    var.add_argument("--keep", choices=["A", "AB"], default="A",
-                     help="coarse levels kept: A (melody, rhythm) or AB (default A)")
+    var.add_argument("--keep", choices=["A", "AB", "beats"], default="A",
+                     help="coarse levels kept: A (melody, rhythm) or AB (default A); or beats: "
+                          "every level around each beat, the rest new")
     var.add_argument("--start", type=float,
                      help="where the 6.144 s chunk begins, seconds (default: the last whole one)")
+    ana = sub.add_parser("analyze", parents=[common],
+                         help="print the input's tempo, beats, downbeats, time signature and key")
+    ana.add_argument("input", type=Path, help="audio file (any format the server reads)")
     sub.add_parser("info", parents=[common], help="print the server's /info")
     return ap
 
@@ -126,6 +142,12 @@ def _run(args) -> None:
             return
         if not args.input.is_file():
             raise FileNotFoundError(f"{args.input}: no such file")
+        if args.command == "analyze":
+            a = c.analyze(args.input)
+            print(json.dumps(a, indent=2))
+            print(f"{a['tempo']:.1f} BPM, {a['time_signature']}, {a['key']}, {a['bars']} bars",
+                  file=sys.stderr)
+            return
         out = output_path(args)  # before the request: refuse without spending the server's time
         start = time.perf_counter()
         if args.command == "extend" and args.stream:
@@ -143,9 +165,11 @@ def _run(args) -> None:
             elif args.command == "extend":
                 r = c.extend(args.input, args.chunks, **_params(args))
             elif args.command == "inpaint":
-                r = c.inpaint(args.input, args.start, args.end, **_sampling(args))
+                r = c.inpaint(args.input, args.start, args.end, start_bar=args.start_bar,
+                              bars=args.bars, start_beat=args.start_beat, beats=args.beats,
+                              **_sampling(args))
             elif args.command == "loop":
-                r = c.loop(args.input, **_sampling(args))
+                r = c.loop(args.input, bars=args.bars, **_sampling(args))
             else:
                 r = c.vary(args.input, keep=args.keep, start=args.start, **_sampling(args))
             _write(out, r.wav, args.force)
@@ -159,7 +183,12 @@ def _run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.command == "inpaint" and args.start_bar is None and args.start_beat is None and (
+            args.start is None or args.end is None):
+        ap.error("inpaint needs --start and --end (seconds), or --start-bar [--bars], or "
+                 "--start-beat [--beats]")
     try:
         _run(args)
     except BrokenPipeError:

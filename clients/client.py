@@ -135,21 +135,32 @@ class Client:
         req = endpoints.extend(audio, chunks, sample_rate, include_input, sampling, stream=True)
         yield from self._stream(req)
 
-    def inpaint(self, audio: AudioInput, start: float, end: float, *,
-                sample_rate: int | None = None, **sampling: Unpack[Sampling]) -> Result:
-        """The whole input with [start, end) seconds regenerated from what surrounds it.
-        Sampling keywords as for `continue_` (steps, temperature, ..., seed)."""
-        return self._call(endpoints.inpaint(audio, start, end, sample_rate, sampling))
+    def analyze(self, audio: AudioInput, *, sample_rate: int | None = None) -> dict:
+        """Tempo (BPM), beats and downbeats (seconds), beats_per_bar, time_signature and key of
+        `audio`; `UnprocessableInput` (no_steady_beat) when it has no steady beat."""
+        return self._call(endpoints.analyze(audio, sample_rate))
 
-    def loop(self, audio: AudioInput, *, sample_rate: int | None = None,
+    def inpaint(self, audio: AudioInput, start: float | None = None, end: float | None = None, *,
+                start_bar: int | None = None, bars: int | None = None,
+                start_beat: int | None = None, beats: int | None = None,
+                sample_rate: int | None = None, **sampling: Unpack[Sampling]) -> Result:
+        """The whole input with [start, end) seconds regenerated from what surrounds it; or
+        `bars` bars from bar `start_bar`, or `beats` beats from beat `start_beat` (numbered from
+        1, on the grid `analyze` finds). Sampling keywords as for `continue_` (steps, ..., seed)."""
+        return self._call(endpoints.inpaint(audio, start, end, sample_rate, sampling, start_bar,
+                                            bars, start_beat, beats))
+
+    def loop(self, audio: AudioInput, *, bars: int | None = None, sample_rate: int | None = None,
              **sampling: Unpack[Sampling]) -> Result:
-        """The input plus a 6.144 s bridge back into its start: play the result on repeat."""
-        return self._call(endpoints.loop(audio, sample_rate, sampling))
+        """The input plus a 6.144 s bridge back into its start: play the result on repeat. With
+        `bars`, the loop is that many whole bars from the input's first downbeat."""
+        return self._call(endpoints.loop(audio, sample_rate, sampling, bars))
 
     def vary(self, audio: AudioInput, *, keep: str = "A", start: float | None = None,
              sample_rate: int | None = None, **sampling: Unpack[Sampling]) -> Result:
         """The whole input with the chunk at `start` (default: the last whole one) regenerated
-        above its kept coarse levels (keep "A" or "AB")."""
+        above its kept coarse levels (keep "A" or "AB"), or everything but a window around each
+        beat (keep "beats")."""
         return self._call(endpoints.vary(audio, keep, start, sample_rate, sampling))
 
 
@@ -230,13 +241,19 @@ class AsyncClient:
         async for chunk in self._stream(req):
             yield chunk
 
-    async def inpaint(self, audio: AudioInput, start: float, end: float, *,
-                      sample_rate: int | None = None, **sampling: Unpack[Sampling]) -> Result:
-        return await self._call(endpoints.inpaint(audio, start, end, sample_rate, sampling))
+    async def analyze(self, audio: AudioInput, *, sample_rate: int | None = None) -> dict:
+        return await self._call(endpoints.analyze(audio, sample_rate))
 
-    async def loop(self, audio: AudioInput, *, sample_rate: int | None = None,
-                   **sampling: Unpack[Sampling]) -> Result:
-        return await self._call(endpoints.loop(audio, sample_rate, sampling))
+    async def inpaint(self, audio: AudioInput, start: float | None = None, end: float | None = None, *,
+                      start_bar: int | None = None, bars: int | None = None,
+                      start_beat: int | None = None, beats: int | None = None,
+                      sample_rate: int | None = None, **sampling: Unpack[Sampling]) -> Result:
+        return await self._call(endpoints.inpaint(audio, start, end, sample_rate, sampling,
+                                                  start_bar, bars, start_beat, beats))
+
+    async def loop(self, audio: AudioInput, *, bars: int | None = None,
+                   sample_rate: int | None = None, **sampling: Unpack[Sampling]) -> Result:
+        return await self._call(endpoints.loop(audio, sample_rate, sampling, bars))
 
     async def vary(self, audio: AudioInput, *, keep: str = "A", start: float | None = None,
                    sample_rate: int | None = None, **sampling: Unpack[Sampling]) -> Result:

@@ -51,8 +51,10 @@ class Result:
     #                                                        guidance, gumbel, confidence
     input_samples: int | None = None  # with include_input: where the continuation starts
     #                                   (/loop: where the bridge starts)
-    edit: dict[str, int | str] = field(default_factory=dict)  # /inpaint edit_start, edit_end;
-    #                                   /loop loop_samples; /vary chunk_start, keep
+    edit: dict[str, int | str] = field(default_factory=dict)  # /inpaint edit_start, edit_end,
+    #   span_seconds; /loop loop_samples (and with bars: loop_start, bars, tempo,
+    #   time_signature); /vary chunk_start, keep (held_beats with keep=beats); /extend
+    #   chunk_bars ("bar:beat" where each chunk starts) and tempo when the input has a beat
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_bytes(self.wav)
@@ -68,6 +70,8 @@ class Chunk:
     sample_rate: int
     seed: int
     params: dict[str, str] = field(default_factory=dict)  # what ran, as in `Result.params`
+    bar: int | None = None      # where the chunk starts on the input's bar grid (1-based), when
+    beat: float | None = None   # the input has a steady beat
 
 
 def join_chunks(chunks: Sequence[Chunk]) -> tuple[np.ndarray, int]:
@@ -144,7 +148,14 @@ _PARAM_HEADERS = {
 
 
 _EDIT_HEADERS = {"edit_start": "x-edit-start", "edit_end": "x-edit-end",
-                 "loop_samples": "x-loop-samples", "chunk_start": "x-chunk-start", "keep": "x-keep"}
+                 "loop_samples": "x-loop-samples", "chunk_start": "x-chunk-start", "keep": "x-keep",
+                 "span_seconds": "x-span-seconds", "loop_start": "x-loop-start", "bars": "x-bars",
+                 "tempo": "x-tempo", "time_signature": "x-time-signature",
+                 "held_beats": "x-held-beats", "chunk_bars": "x-chunk-bars"}
+
+
+def _header_value(v: str) -> int | str:
+    return int(v) if v.lstrip("-").isdigit() else v
 
 
 def ran(headers) -> dict[str, str]:
@@ -157,8 +168,7 @@ def _result(resp: httpx.Response) -> Result:
     audio, rate = decode_wav(resp.content)
     h = resp.headers
     return Result(
-        edit={k: (h[name] if k == "keep" else int(h[name]))
-              for k, name in _EDIT_HEADERS.items() if name in h},
+        edit={k: _header_value(h[name]) for k, name in _EDIT_HEADERS.items() if name in h},
         wav=resp.content,
         audio=audio,
         sample_rate=rate,
@@ -185,6 +195,8 @@ def parse_line(line: str, seed: int, params: dict[str, str] | None = None) -> Ch
         sample_rate=rate,
         seed=seed,
         params=dict(params or {}),
+        bar=msg.get("bar"),
+        beat=msg.get("beat"),
     )
 
 
@@ -227,12 +239,18 @@ def extend(audio, chunks, sample_rate, include_input, sampling, stream=False) ->
                    chunks=chunks, stream=stream)
 
 
-def inpaint(audio, start, end, sample_rate, sampling) -> Request:
-    return _upload("/inpaint", audio, sample_rate, sampling, start=start, end=end)
+def analyze(audio, sample_rate) -> Request:
+    return Request("POST", "/analyze", _json, {}, _files(audio, sample_rate))
 
 
-def loop(audio, sample_rate, sampling) -> Request:
-    return _upload("/loop", audio, sample_rate, sampling)
+def inpaint(audio, start, end, sample_rate, sampling, start_bar=None, bars=None,
+            start_beat=None, beats=None) -> Request:
+    return _upload("/inpaint", audio, sample_rate, sampling, start=start, end=end,
+                   start_bar=start_bar, bars=bars, start_beat=start_beat, beats=beats)
+
+
+def loop(audio, sample_rate, sampling, bars=None) -> Request:
+    return _upload("/loop", audio, sample_rate, sampling, bars=bars)
 
 
 def vary(audio, keep, start, sample_rate, sampling) -> Request:

@@ -23,6 +23,7 @@ from server.memory import MemoryKeeper, TrimWhenIdle
 from server.metrics import Metrics, MetricsMiddleware
 from server.origin import CrossOriginGuard
 from server.params import PARAM_HEADERS, per_level
+from server.routes_analyze import router as analyze_router
 from server.routes_edit import router as edit_router
 from server.routes_generate import router as generate_router
 from server.routes_status import router as status_router
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(generate_router)
     app.include_router(edit_router)
+    app.include_router(analyze_router)
     app.include_router(status_router)
     if settings.cors_origins:
         app.add_middleware(

@@ -18,8 +18,8 @@ from server.errors import InvalidParameter
 SAMPLING_FIELDS = ("steps", "temperature", "top_p", "guidance", "gumbel", "confidence", "seed")
 CONTINUE_PARAMS = (*SAMPLING_FIELDS, "include_input")
 EXTEND_PARAMS = (*CONTINUE_PARAMS, "chunks", "stream")
-INPAINT_PARAMS = (*SAMPLING_FIELDS, "start", "end")
-LOOP_PARAMS = SAMPLING_FIELDS
+INPAINT_PARAMS = (*SAMPLING_FIELDS, "start", "end", "start_bar", "bars", "start_beat", "beats")
+LOOP_PARAMS = (*SAMPLING_FIELDS, "bars")
 VARY_PARAMS = (*SAMPLING_FIELDS, "keep", "start")
 SEED_MAX = 2**63 - 1
 # The words pydantic accepts for a boolean, so every query, form field and SNAC_DIT_* setting

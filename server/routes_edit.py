@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from audio import write_wav
+from audio.analysis import bar_span, beat_holds, beat_span, loop_span
 from model.engine import JOIN_SAMPLES, EditRequest
 from server.deps import AuthDep, ReadyDep, Service
 from server.errors import ClientGone, InvalidParameter
@@ -19,8 +20,10 @@ from server.params import (
     LOOP_PARAMS,
     VARY_PARAMS,
     check_budget,
+    parse_int,
     parse_seconds,
 )
+from server.routes_analyze import analysis_of
 from server.routes_generate import (
     _openapi,
     _read_input,
@@ -31,7 +34,7 @@ from server.routes_generate import (
 
 router = APIRouter(tags=["edit"])
 
-KEEP = {"A": 1, "AB": 2}
+KEEP = {"A": 1, "AB": 2, "BEATS": 0}
 
 
 def _need_editing_model(svc: Service, what: str) -> None:
@@ -60,12 +63,38 @@ def _too_short(svc: Service, n: int, what: str) -> None:
             f"{n / rate:.2f} s", code="audio_too_short")
 
 
-def _span(svc: Service, n: int, given: dict) -> tuple[int, int]:
+async def _musical_span(svc: Service, audio, given: dict) -> tuple[float, float, str]:
+    """(start, end) in seconds from start/end, start_bar/bars or start_beat/beats; and, for bars
+    or beats, how the span reads in them (prefixed to any error about it)."""
+    ways = [w for w, names in (("seconds", ("start", "end")), ("bars", ("start_bar", "bars")),
+                               ("beats", ("start_beat", "beats")))
+            if any(given.get(k) is not None for k in names)]
+    if len(ways) > 1:
+        raise InvalidParameter(
+            f"give the span one way: start/end (seconds), start_bar/bars or start_beat/beats; "
+            f"got {' and '.join(ways)}")
+    if not ways or ways[0] == "seconds":
+        return (parse_seconds("start", given.get("start")),
+                parse_seconds("end", given.get("end")), "")
+    first, count = ("start_bar", "bars") if ways[0] == "bars" else ("start_beat", "beats")
+    if given.get(first) is None:
+        raise InvalidParameter(f"{first}: required with {count} (numbered from 1)")
+    i = parse_int(first, given[first], 1, 1, 100_000)
+    k = parse_int(count, given.get(count), 1, 1, 1000)
+    a = await analysis_of(audio, svc.engine.sample_rate, f"{first}/{count}")
+    try:
+        start, end = (bar_span if count == "bars" else beat_span)(a, i, k)
+    except ValueError as e:
+        raise InvalidParameter(f"{first}/{count}: {e}") from None
+    unit = count[:-1] + "s" * (k != 1)
+    return start, end, (f"{first}/{count}: {k} {unit} from {first[6:]} {i} = {start:.3f} to "
+                        f"{end:.3f} s at {a.tempo:.1f} BPM ({a.time_signature}); ")
+
+
+def _span(svc: Service, n: int, start: float, end: float) -> tuple[int, int]:
     """The span to inpaint in samples, checked in the seconds the user gave."""
     _too_short(svc, n, "inpainting")
     rate, chunk = svc.engine.sample_rate, svc.engine.chunk_samples
-    start = parse_seconds("start", given.get("start"))
-    end = parse_seconds("end", given.get("end"))
     if end <= start:
         raise InvalidParameter(
             f"start/end: the span is empty or reversed (start {start:g} s, end {end:g} s); "
@@ -112,11 +141,17 @@ async def inpaint(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     given, audio = await _read_input(request, svc, INPAINT_PARAMS)
     params = _sampling(given, svc)
     check_budget(params, 1, svc.settings.max_request_passes)
-    start, end = _span(svc, len(audio), given)
-    _plan(svc, len(audio), start, end, 0, "start/end")
+    start_s, end_s, said = await _musical_span(svc, audio, given)
+    try:
+        start, end = _span(svc, len(audio), start_s, end_s)
+        _plan(svc, len(audio), start, end, 0, "start/end")
+    except InvalidParameter as e:
+        raise InvalidParameter(said + e.detail, code=e.code) from None
     headers = _wav_headers(svc, params, None, **{
         "X-Edit-Start": max(0, start - JOIN_SAMPLES),
-        "X-Edit-End": min(len(audio), end + JOIN_SAMPLES)})
+        "X-Edit-End": min(len(audio), end + JOIN_SAMPLES),
+        "X-Span-Seconds": f"{start / svc.engine.sample_rate:.4f},"
+                          f"{end / svc.engine.sample_rate:.4f}"})
     return await _run(request, svc, "edit", EditRequest(audio, start, end, 0, params), params,
                       headers)
 
@@ -131,9 +166,22 @@ async def loop(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     given, audio = await _read_input(request, svc, LOOP_PARAMS)
     params = _sampling(given, svc)
     check_budget(params, 1, svc.settings.max_request_passes)
-    chunk = svc.engine.chunk_samples
+    chunk, rate = svc.engine.chunk_samples, svc.engine.sample_rate
+    extra = {}
+    if given.get("bars") is not None:
+        bars = parse_int("bars", given["bars"], 0, 1, 1000)
+        a = await analysis_of(audio, rate, "bars")
+        try:
+            s, e = loop_span(a, bars, chunk / rate, chunk / rate)
+        except ValueError as err:
+            raise InvalidParameter(f"bars: {err}") from None
+        first = round(s * rate)
+        audio = audio[first: first + round((e - s) * rate)]
+        extra = {"X-Loop-Start": first, "X-Bars": bars, "X-Tempo": f"{a.tempo:.2f}",
+                 "X-Time-Signature": a.time_signature}
     _too_short(svc, len(audio), "a loop (its first chunk is what the bridge leads into)")
-    headers = _wav_headers(svc, params, len(audio), **{"X-Loop-Samples": len(audio) + chunk})
+    headers = _wav_headers(svc, params, len(audio), **{"X-Loop-Samples": len(audio) + chunk},
+                           **extra)
     return await _run(request, svc, "loop", audio, params, headers)
 
 
@@ -148,7 +196,7 @@ async def vary(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     check_budget(params, 1, svc.settings.max_request_passes)
     raw_keep = (given.get("keep") or "A").strip().upper()
     if raw_keep not in KEEP:
-        raise InvalidParameter(f"keep: A or AB, got {given.get('keep')!r}")
+        raise InvalidParameter(f"keep: A, AB or beats, got {given.get('keep')!r}")
     rate, chunk, pad = svc.engine.sample_rate, svc.engine.chunk_samples, svc.engine.codec.pad_samples
     _too_short(svc, len(audio), "a variation")
     last = (len(audio) - chunk) // pad * pad
@@ -159,7 +207,16 @@ async def vary(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
             f"start: the chunk must end inside the input; start at most {last / rate:.3f} s, got "
             f"{start / rate:.3f} s")
     _plan(svc, len(audio), start, start + chunk, KEEP[raw_keep], "start")
-    headers = _wav_headers(svc, params, None, **{"X-Chunk-Start": start, "X-Keep": raw_keep})
+    hold: tuple[tuple[int, int], ...] = ()
+    extra = {}
+    if raw_keep == "BEATS":
+        a = await analysis_of(audio, rate, "keep=beats")
+        hold = tuple((round(x * rate), round(y * rate))
+                     for x, y in beat_holds(a, start / rate, (start + chunk) / rate))
+        extra = {"X-Held-Beats": len(hold), "X-Tempo": f"{a.tempo:.2f}"}
+        raw_keep = "beats"
+    headers = _wav_headers(svc, params, None, **{"X-Chunk-Start": start, "X-Keep": raw_keep},
+                           **extra)
     return await _run(request, svc, "edit",
-                      EditRequest(audio, start, start + chunk, KEEP[raw_keep], params), params,
-                      headers)
+                      EditRequest(audio, start, start + chunk, KEEP[raw_keep.upper()], params,
+                                  hold=hold), params, headers)

@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from audio import read_audio, write_wav
+from audio.analysis import NoSteadyBeat, analyze, grid_position
 from model.engine import JOIN_SAMPLES, join_input
 from server.deps import AuthDep, ReadyDep, Service
 from server.errors import ClientGone, InvalidParameter, Unavailable, error_payload
@@ -51,7 +52,15 @@ _PARAM_DOCS = {
                         "begins; /vary rounds it down to the 0.384 s grid"),
     "end": ("number", "seconds into the input where the span to regenerate ends; at most one "
                       "6.144 s chunk after start"),
-    "keep": ("string", "the coarse levels a variation keeps: A (default) or AB"),
+    "keep": ("string", "what a variation keeps: the coarse levels A (default) or AB, or "
+                       "'beats': every level in a window around each beat, all new between"),
+    "start_bar": ("integer", "/inpaint: the first bar to regenerate (bar 1 starts at the first "
+                             "downbeat, as /analyze finds it); instead of start/end"),
+    "bars": ("integer", "/inpaint: how many bars from start_bar (default 1); /loop: the loop's "
+                        "length in whole bars, joined on a downbeat"),
+    "start_beat": ("integer", "/inpaint: the first beat to regenerate (beat 1 is the first "
+                              "beat found); instead of start/end"),
+    "beats": ("integer", "/inpaint: how many beats from start_beat (default 1)"),
 }
 
 
@@ -244,6 +253,9 @@ async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     headers = _wav_headers(svc, params, len(audio) if include_input else None, **{"X-Chunks": n})
 
     job = svc.batcher.submit_extend(audio, params, n)
+    # The chunks' starts on the input's bar grid (its tempo carried on): found while they run.
+    grid = asyncio.ensure_future(run_in_threadpool(_chunk_bars, audio, rate, n,
+                                                   svc.engine.chunk_samples))
 
     async def next_chunk():
         item = await job.chunks.get()
@@ -259,10 +271,16 @@ async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
             ready.append(await _until_done_or_gone(request, next_chunk()))
     except ClientGone:
         svc.batcher.cancel(job)
+        grid.cancel()
         return Response(status_code=499)
     except BaseException:
         svc.batcher.cancel(job)
+        grid.cancel()
         raise
+    tempo, bars = await grid
+    if bars is not None:
+        headers["X-Tempo"] = f"{tempo:.2f}"
+        headers["X-Chunk-Bars"] = ",".join(f"{p['bar']}:{p['beat']:g}" for p in bars)
 
     # The first piece starts with the decoded end of the input (JOIN_SAMPLES, see /continue).
     joined = join_input(audio, ready[0]) if include_input else None
@@ -286,7 +304,7 @@ async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
         try:
             if include_input:  # the input with its crossfaded end; the continuation follows
                 yield audio_line("input", joined[: len(audio)])
-            yield audio_line("chunk", first, index=0)
+            yield audio_line("chunk", first, index=0, **(bars[0] if bars else {}))
             for i in range(1, n):
                 try:
                     chunk = await next_chunk()
@@ -294,9 +312,19 @@ async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
                     _, payload, _ = error_payload(e)
                     yield line({"event": "error", **payload})
                     return
-                yield audio_line("chunk", chunk, index=i)
+                yield audio_line("chunk", chunk, index=i, **(bars[i] if bars else {}))
             yield line({"event": "done", "chunks": n, "seed": params.seed})
         finally:
             svc.batcher.cancel(job)  # no-op once finished; drops the rest if the client left
 
     return StreamingResponse(body(), media_type="application/x-ndjson", headers=headers)
+
+
+def _chunk_bars(audio: np.ndarray, rate: int, n: int, chunk: int):
+    """(tempo, [{"bar", "beat"} where each chunk starts]) on the input's grid, or (None, None)
+    when the input has no steady beat (/extend works in seconds then)."""
+    try:
+        a = analyze(audio, rate)
+    except NoSteadyBeat:
+        return None, None
+    return a.tempo, [grid_position(a, (len(audio) + i * chunk) / rate) for i in range(n)]

@@ -85,8 +85,12 @@ def test_bars_and_beats_map_to_seconds_and_back():
         bar_span(a, 9, 2)
     with pytest.raises(ValueError, match="numbered from 1"):
         bar_span(a, 0, 1)
-    start, end = loop_span(a, 8, 6.144)
+    start, end = loop_span(a, 8, 6.144, 6.144)
     assert abs(start - 0.5) < 0.02 and abs(end - start - (16 - 6.144)) < 0.02
+    with pytest.raises(ValueError, match="at least 7 bars"):
+        loop_span(a, 6, 6.144, 6.144)
+    with pytest.raises(ValueError, match="at most 12 bars"):
+        loop_span(a, 13, 6.144, 6.144)
     holds = beat_holds(a, 4.0, 6.0)
     assert len(holds) == 5 and all(h[0] < h[1] for h in holds)   # 6.0 s: its lead-in
     payload = a.to_json()

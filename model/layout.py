@@ -20,6 +20,11 @@ of 64 tokens, the attention kernel's block size; the code itself is generic over
 
 Batching pads rows to the longest sequence with segment id -1 (padding sees nothing and is seen
 by nothing) and pads each row's segment table / `allowed` table to the largest segment count.
+
+Everything is built on the host and reaches a GPU in one copy per tensor group (`to_device`:
+packed into one pinned buffer, sent non_blocking): `collate(...).to(device)` is one copy,
+carrying each row's target segment starts so `target_index` and `context_index` copy nothing,
+and `fill_tokens` one more (its gather index). A copy per row or per level was a host sync each.
 """
 
 from __future__ import annotations
@@ -167,6 +172,10 @@ class LayoutBatch:
     frames_per_chunk: tuple[int, ...]
     strides: tuple[int, ...]
     n_after: tuple[int, ...] = ()  # per row; () = no row has an after-context chunk
+    # (B, 2, L) int64: sequence position of row b's first token of target segment (role, level)
+    # at [b, role - CLEAN, level]; -1 where absent (CLEAN at the finest level). Built by
+    # collate, so target indices need no host -> device copy; None: derived from n_ctx.
+    target_start: Tensor | None = None
 
     def __post_init__(self):
         if not self.n_after:
@@ -177,12 +186,10 @@ class LayoutBatch:
         return tuple(self.seg_id.shape)
 
     def to(self, device) -> LayoutBatch:
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
-        }
-        return LayoutBatch(**{**self.__dict__, **moved})
+        """The batch on `device`: from the host in one copy (`to_device`)."""
+        names = [f.name for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
+        moved = to_device([getattr(self, n) for n in names], device)
+        return LayoutBatch(**{**self.__dict__, **dict(zip(names, moved, strict=True))})
 
     def segment_index(self, role: int, level: int) -> Tensor:
         """(B,) index of the target segment (role, level) in each row's table; -1 if absent."""
@@ -197,13 +204,19 @@ class LayoutBatch:
         """
         if role == CONTEXT:
             raise ValueError("context segments are not target segments")
-        starts = []
-        for n, a in zip(self.n_ctx, self.n_after, strict=True):
-            lay = _cached_layout(n, self.frames_per_chunk, self.strides, a)
-            starts.append(lay.segments[lay.find(role, level)].start)
+        # Every row has the same target segments: the first row's layout says whether it exists.
+        _cached_layout(self.n_ctx[0], self.frames_per_chunk, self.strides,
+                       self.n_after[0]).find(role, level)
+        starts = self._target_start()[:, role - CLEAN, level]  # (B,)
         F = self.frames_per_chunk[level]
-        starts = torch.tensor(starts, dtype=torch.long, device=self.seg_id.device)
-        return starts[:, None] + torch.arange(F, device=self.seg_id.device)  # (B, F)
+        return starts[:, None] + torch.arange(F, device=starts.device)  # (B, F)
+
+    def _target_start(self) -> Tensor:
+        if self.target_start is None:  # a batch not built by collate: build it on the host
+            self.target_start = to_device([_target_starts(
+                self.n_ctx, self.n_after, self.frames_per_chunk, self.strides)],
+                self.seg_id.device)[0]
+        return self.target_start
 
     def context_index(self) -> tuple[Tensor, Tensor]:
         """(B, C) positions of each row's context tokens (C = longest context) and (B, C) validity.
@@ -216,7 +229,10 @@ class LayoutBatch:
         C = max(chunks) * per_chunk
         dev = self.seg_id.device
         idx = torch.arange(C, device=dev).expand(len(self.n_ctx), C)
-        lens = torch.tensor([n * per_chunk for n in chunks], device=dev)
+        # A row's context ends where its first target segment starts (CLEAN A, or NOISED A
+        # for a one-level codec): the batch already holds that on the device.
+        first = CLEAN if len(self.frames_per_chunk) > 1 else NOISED
+        lens = self._target_start()[:, first - CLEAN, 0]  # (B,)
         return idx, idx < lens[:, None]
 
     def select(self, idx: Tensor, valid: Tensor | None = None) -> LayoutBatch:
@@ -240,7 +256,51 @@ class LayoutBatch:
             frames_per_chunk=self.frames_per_chunk,
             strides=self.strides,
             n_after=self.n_after,
+            target_start=self.target_start,  # positions in the full sequence, as before
         )
+
+
+def _pack(tensors: list[Tensor], pin: bool = False) -> tuple[Tensor, list[tuple]]:
+    """Host tensors as one uint8 buffer (each at an 8-byte-aligned offset, so it can be viewed
+    back as its dtype; pinned if `pin`) and the (offset, bytes, dtype, shape) of each."""
+    spans, total = [], 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        spans.append((total, n, t.dtype, tuple(t.shape)))
+        total += -(-n // 8) * 8
+    buf = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    for t, (o, n, _, _) in zip(tensors, spans, strict=True):
+        buf[o : o + n] = t.contiguous().reshape(-1).view(torch.uint8)
+    return buf, spans
+
+
+def _unpack(buf: Tensor, spans) -> list[Tensor]:
+    return [buf[o : o + n].view(dtype).view(shape) for o, n, dtype, shape in spans]
+
+
+def to_device(tensors: list[Tensor], device) -> list[Tensor]:
+    """Host tensors on `device` in one copy: packed into one buffer, pinned and sent
+    non_blocking on CUDA (a pageable copy blocks the host and stages through a bounce buffer).
+    Tensors already on `device` come back as they are; tensors elsewhere are moved one by one.
+    The results share one device buffer: treat them as read-only."""
+    device = torch.device(device)
+    if all(t.device == device or (t.device.type == device.type == "cpu") for t in tensors):
+        return list(tensors)
+    if any(t.device.type != "cpu" for t in tensors):
+        return [t.to(device) for t in tensors]
+    cuda = device.type == "cuda"
+    buf, spans = _pack(tensors, pin=cuda)
+    return _unpack(buf.to(device, non_blocking=cuda), spans)
+
+
+def _target_starts(n_ctx, n_after, fpc, st) -> Tensor:
+    """(B, 2, L) int64 on the host: LayoutBatch.target_start."""
+    out = torch.full((len(n_ctx), 2, len(fpc)), -1, dtype=torch.long)
+    for b, (n, a) in enumerate(zip(n_ctx, n_after, strict=True)):
+        for s in _cached_layout(n, fpc, st, a).segments:
+            if s.role != CONTEXT:
+                out[b, s.role - CLEAN, s.level] = s.start
+    return out
 
 
 def collate(n_ctx, frames_per_chunk=SNAC_FRAMES, strides=SNAC_STRIDES,
@@ -268,6 +328,7 @@ def collate(n_ctx, frames_per_chunk=SNAC_FRAMES, strides=SNAC_STRIDES,
         frames_per_chunk=fpc,
         strides=st,
         n_after=n_after,
+        target_start=_target_starts(n_ctx, n_after, fpc, st),
     )
     for b, lay in enumerate(lays):
         n, s = lay.n_tokens, len(lay.segments)
@@ -321,8 +382,9 @@ def fill_tokens(batch: LayoutBatch, windows: list[Tensor], after: int = 0) -> Te
     if W < 0 or max(batch.n_ctx) > W:
         raise ValueError(f"windows hold {W} context chunks, batch needs {max(batch.n_ctx)}")
     cat = torch.cat(windows, dim=1)  # (B, (W + 1 + after) * sum F)
-    src = torch.zeros_like(batch.seg_id)
+    src = torch.zeros(batch.seg_id.shape, dtype=torch.long)  # (B, N) on the host, copied once
     for b, (n, a) in enumerate(zip(batch.n_ctx, batch.n_after, strict=True)):
         s = _source_index(n, W, fpc, batch.strides, a, after)
-        src[b, : s.shape[0]] = s.to(src.device)
+        src[b, : s.shape[0]] = s
+    (src,) = to_device([src], cat.device)
     return torch.where(batch.seg_id >= 0, cat.gather(1, src), 0)

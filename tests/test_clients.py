@@ -269,7 +269,8 @@ def test_client_inpaint_loop_and_vary(edit_url, long_song):
     with Client(edit_url) as c:
         r = c.inpaint(long_song, 7.0, 8.0, steps=1, seed=2)
         assert r.audio.shape == (n,) and r.seed == 2
-        assert r.edit == {"edit_start": 7 * 32000 - 2048, "edit_end": 8 * 32000 + 2048}
+        assert r.edit == {"edit_start": 7 * 32000 - 2048, "edit_end": 8 * 32000 + 2048,
+                          "span_seconds": "7.0000,8.0000"}
         lp = c.loop(long_song.read_bytes(), steps=1, seed=2)
         assert lp.audio.shape == (n + CHUNK,) and lp.edit["loop_samples"] == n + CHUNK
         assert lp.input_samples == n

@@ -95,7 +95,7 @@ def test_page_is_served_and_its_requests_are_the_api(app, clip_path):
         page = _page_contract(r.text)
         assert page["endpoints"] == {"continue": "continue", "extend": "extend",
                                      "inpaint": "inpaint", "loop": "loop", "vary": "vary",
-                                     "info": "info"}
+                                     "info": "info", "analyze": "analyze"}
         assert set(page["params"]) <= set(SAMPLING_FIELDS)  # no input the API would 422
         assert {"steps", "seed", "gumbel", "confidence"} <= set(page["params"])
         assert set(page["extend_extra"]) <= set(EXTEND_PARAMS)
@@ -525,3 +525,60 @@ def test_browser_the_page_as_an_instrument(app, clip_path, browser, tmp_path):
         browser.wait_js("return document.getElementById('status').className === 'error'")
         assert _in_view(browser, "#status")
         _shot(browser, shots, "error")
+
+
+def test_browser_beat_grid_tempo_key_and_snapping(app, browser, tmp_path):
+    """A click track at 120 BPM in 4/4 (bars of 2 s from 0.5 s): after upload the page shows
+    tempo, metre and key, draws the beats and bar numbers over the waveform, snaps a dragged
+    selection to the beats (Alt drags freely), and loops by whole bars."""
+    from tests.test_analysis import clicks
+
+    seconds = 20.0
+    path = tmp_path / "beat.wav"
+    sf.write(path, clicks(120, 4, seconds=seconds), 32000, subtype="PCM_16")
+    with serve_in_background(app) as url:
+        browser.cmd("POST", "/window/rect", {"width": 1000, "height": 1400})
+        browser.cmd("POST", "/url", {"url": url + "/"})
+        browser.wait_js("return document.getElementById('max-chunks').textContent.includes('4')")
+        browser.type("#audio", str(path))
+        browser.type("input[name=steps]", "1")
+        shown = browser.wait_js("const t = document.getElementById('musical').textContent;"
+                                "return t.includes('BPM') && t")
+        assert "120.0 BPM" in shown and "4/4" in shown and "bars" in shown, shown
+        browser.wait_js("return document.getElementById('input-audio').readyState >= 1")
+        # A downbeat line at bar 2 (2.5 s) runs the canvas's full height; between beats, none.
+        column = ("const c = document.getElementById('wave'), x = Math.round(T / %s * c.width);"
+                  "const d = c.getContext('2d').getImageData(x, 0, 1, 8).data;"
+                  "let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 0) n++; return n")
+        assert browser.js(column.replace("T", "2.5") % seconds) >= 6
+        assert browser.js(column.replace("T", "2.75") % seconds) == 0
+
+        wave = browser.find("#wave")
+        width = browser.js("return document.getElementById('wave').getBoundingClientRect().width")
+
+        def drag(t0: float, t1: float, alt: bool = False) -> tuple[float, float]:
+            at = lambda t: {"type": "pointerMove", "duration": 50,  # noqa: E731
+                            "origin": {browser.ELEMENT: wave}, "y": 0,
+                            "x": int((t / seconds - 0.5) * width)}
+            keys = [{"type": "keyDown", "value": "\ue00a"}] if alt else [{"type": "pause"}]
+            browser.cmd("POST", "/actions", {"actions": [
+                {"type": "key", "id": "kb", "actions": keys + [{"type": "pause"}] * 3
+                 + [{"type": "keyUp", "value": "\ue00a"} if alt else {"type": "pause"}]},
+                {"type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
+                 "actions": [at(t0), {"type": "pointerDown", "button": 0}, at(t1),
+                             {"type": "pointerUp", "button": 0}]}]})
+            browser.cmd("DELETE", "/actions")
+            return (float(browser.js("return document.getElementById('sel-start').value")),
+                    float(browser.js("return document.getElementById('sel-end').value")))
+
+        assert drag(2.38, 6.62) == (2.5, 6.5)               # snapped to the beats
+        assert "bar 2 beat 1 to bar 4 beat 1" in browser.js(
+            "return document.getElementById('sel-bars').textContent")
+        start, end = drag(2.38, 6.62, alt=True)             # Alt: where the pointer was
+        assert abs(start - 2.38) < 0.05 and abs(end - 6.62) < 0.05, (start, end)
+
+        browser.type("#loop-bars", "8")
+        _run(browser, "#loop-btn")
+        assert abs(_duration(browser, "#result-audio") - 16.0) < 0.05  # 8 bars of 2 s
+        assert "8 bars" in browser.js("return document.getElementById('result-caption').textContent")
+        _shot(browser, tmp_path, "beat-grid")

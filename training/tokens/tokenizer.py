@@ -32,6 +32,9 @@ Exit status: 0 when the run finished and the directory holds at least one tokeni
 files may have failed: they are listed); 1 when it holds none (no audio found, or every file
 failed); 2 when the run is refused (bad arguments, codec will not load, the directory belongs to
 another codec or is locked by another run); 130 when interrupted (re-run to resume).
+
+This file is the run and its command line; encoding in pieces is `training/tokens/encode.py`,
+the out directory's lock, manifest continuation and splits `training/tokens/directory.py`.
 """
 
 from __future__ import annotations
@@ -39,8 +42,6 @@ from __future__ import annotations
 import argparse
 import collections
 import itertools
-import json
-import math
 import os
 import signal
 import sys
@@ -58,16 +59,19 @@ from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_HUB_ID, Codec
 from model.weights import CodecLoadError
 from training.run.distributed import pick_device
 from training.tokens import shards
+from training.tokens.directory import (  # noqa: F401 - tile_plan re-exported
+    DEFAULT_VAL_FRACTION,
+    OutDirLock,
+    TokenizeError,
+    in_part,
+    read_hold_out,
+    settle,
+    split_of,
+    tile_plan,
+)
+from training.tokens.encode import encode_files
 
-DEFAULT_VAL_FRACTION = 0.02
-DEFAULT_PIECE_CHUNKS = 1  # 6.144 s, each encoded with the encoder's reach of audio either side:
-#                           on 2 CPU cores 35x realtime against 6x for one 61.44 s pass
-#                           (docs/data.md), and the tokens are those of one pass over the file
 KILL_HOOK_ENV = "SNAC_DIT_TOKENIZE_KILL_AFTER_SHARDS"  # tests: SIGKILL after writing N shards
-
-
-class TokenizeError(RuntimeError):
-    """The run is refused as configured (exit status 2)."""
 
 
 @dataclass
@@ -159,88 +163,6 @@ def _prefetch(pool: ThreadPoolExecutor, items, fn, lookahead: int):
         yield item, fut.result()
 
 
-def encode_files(codec: Codec, audios: list[np.ndarray], piece_samples: int, batch_size: int,
-                 on_batch=None, border_samples: int = 0) -> list[list[np.ndarray]]:
-    """Per file, per level uint16 tokens of `audios` (each (T,) float32 at the codec rate).
-
-    Files are cut into pieces of `piece_samples` (a multiple of `codec.pad_samples`). Each piece
-    is encoded with up to `border_samples` (a multiple of the grid) of the file's own audio on
-    either side, and only its own tokens are kept: with a border of `codec.border_samples` the
-    result is a single pass over the whole file, at the speed of short encodes. Pieces with the
-    same padded length share an encode batch. `on_batch(file_indices, piece_lengths)` is called
-    after each batch (progress).
-    """
-    grid = codec.pad_samples
-    if piece_samples % grid or border_samples % grid or border_samples < 0:
-        raise ValueError(f"piece ({piece_samples}) and border ({border_samples}) samples must be "
-                         f"multiples of the codec's grid ({grid})")
-    # bucket by padded length: (file, piece, audio with borders, left border, piece length)
-    buckets: dict[int, list[tuple[int, int, np.ndarray, int, int]]] = collections.defaultdict(list)
-    pieces: list[list] = []
-    for i, audio in enumerate(audios):
-        n = max(1, math.ceil(audio.shape[0] / piece_samples))
-        pieces.append([None] * n)
-        for k in range(n):
-            start = k * piece_samples
-            end = min(start + piece_samples, audio.shape[0])
-            lo, hi = max(0, start - border_samples), min(audio.shape[0], end + border_samples)
-            seg = audio[lo:hi]
-            buckets[codec.padded_length(seg.shape[0])].append((i, k, seg, start - lo, end - start))
-    for length in sorted(buckets):
-        bucket = buckets[length]
-        for b in range(0, len(bucket), batch_size):
-            batch = bucket[b:b + batch_size]
-            x = np.zeros((len(batch), length), dtype=np.float32)  # (B, T): the codec's own zero pad
-            for row, (_, _, seg, _, _) in enumerate(batch):
-                x[row, :seg.shape[0]] = seg
-            codes = _encode_rows(codec, x)  # per level (B, n_l) uint16
-            for row, (i, k, _, left, n_own) in enumerate(batch):
-                units, own = left // grid, codec.padded_length(n_own) // grid
-                pieces[i][k] = [c[row, units * f:(units + own) * f]
-                                for c, f in zip(codes, codec.pad_frames, strict=True)]
-            if on_batch is not None:
-                on_batch([i for i, *_ in batch], [n_own for *_, n_own in batch])
-    return [[np.concatenate([p[lvl] for p in file_pieces]) for lvl in range(codec.n_levels)]
-            for file_pieces in pieces]
-
-
-def _encode_rows(codec: Codec, x: np.ndarray) -> list[np.ndarray]:
-    """Encode (B, T); on GPU out-of-memory, retry in halves rather than give up the run."""
-    try:
-        codes = codec.encode(torch.from_numpy(x))
-    except torch.OutOfMemoryError as e:
-        if x.shape[0] == 1:
-            raise TokenizeError(
-                f"out of GPU memory encoding a single piece of {x.shape[1] / codec.sample_rate:g} s; "
-                "use a smaller --piece-seconds"
-            ) from e
-        torch.cuda.empty_cache()
-        half = x.shape[0] // 2
-        parts = _encode_rows(codec, x[:half]), _encode_rows(codec, x[half:])
-        return [np.concatenate(p) for p in zip(*parts, strict=True)]
-    return [c.cpu().numpy().astype(shards.TOKEN_DTYPE) for c in codes]
-
-
-def tile_plan(codec: Codec) -> dict | None:
-    """Tile geometry for `codec`: border_units padding units cover the encoder's reach, a tile
-    is the smallest divisor of a chunk holding two borders (so tiles tile every chunk). None
-    when the reach exceeds half a chunk (then contexts stay whole-file tokens)."""
-    reach = codec.encoder_reach()
-    units_per_chunk = codec.samples_per_chunk // codec.pad_samples
-    border = codec.border_samples // codec.pad_samples
-    for units in range(2 * border, units_per_chunk + 1):
-        if units_per_chunk % units == 0:
-            return dict(units=units, border_units=border, reach_samples=reach)
-    return None
-
-
-def _codec_info(codec: Codec, source: str) -> dict:
-    geometry = codec.geometry()
-    geometry["pad_frames"] = list(codec.pad_frames)
-    return dict(fingerprint=codec.fingerprint, codes_fingerprint=codec.codes_fingerprint,
-                source=source, config=codec.config, geometry=geometry)
-
-
 def _load_codec(spec: str, device: torch.device) -> tuple[Codec, str]:
     try:
         if spec == "debug":
@@ -251,99 +173,6 @@ def _load_codec(spec: str, device: torch.device) -> tuple[Codec, str]:
         raise TokenizeError(f"cannot load codec {spec!r}: {e}") from e
 
 
-class _Lock:
-    """An exclusive lock on the out dir: two runs appending shards at once would corrupt it."""
-
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / ".lock"
-        self.fd = None
-
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock, the user keeps runs apart
-            pass
-        except OSError as e:
-            os.close(self.fd)
-            raise TokenizeError(f"another tokenize run is writing to {self.path.parent}") from e
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)  # closing releases the flock
-
-
-def _settle(manifest: dict | None, cfg: TokenizeConfig, codec: Codec, source: str) -> tuple[dict, bool]:
-    """The manifest to continue (or a new one) and whether its splits changed (needs a write)."""
-    grid = codec.pad_samples
-    if cfg.piece_seconds is not None:
-        piece = max(1, round(cfg.piece_seconds * codec.sample_rate / grid)) * grid
-    else:
-        piece = DEFAULT_PIECE_CHUNKS * codec.samples_per_chunk
-    if manifest is None:
-        val = DEFAULT_VAL_FRACTION if cfg.val_fraction is None else cfg.val_fraction
-        manifest = shards.new_manifest(_codec_info(codec, source), piece, val)
-        manifest["piece_border_samples"] = codec.border_samples
-        if cfg.hold_out:
-            manifest["hold_out"] = sorted(cfg.hold_out)
-        plan = tile_plan(codec)
-        if plan is not None:
-            manifest["tiles"] = plan
-        return manifest, False
-
-    if not shards.same_codes(manifest["codec"], codec.fingerprint, codec.codes_fingerprint):
-        info = manifest["codec"]
-        kind = "codes fingerprint" if info.get("codes_fingerprint") else "fingerprint"
-        theirs = info.get("codes_fingerprint") or info["fingerprint"]
-        ours = codec.codes_fingerprint if info.get("codes_fingerprint") else codec.fingerprint
-        raise TokenizeError(
-            f"{cfg.out_dir} holds tokens of a codec with {kind} {theirs} ({info.get('source')}), "
-            f"but {cfg.codec!r} has {kind} {ours}; use the same codec (a decoder-only "
-            "fine-tune of it is fine) or another --out directory"
-        )
-    if cfg.piece_seconds is not None and piece != manifest["piece_samples"]:
-        raise TokenizeError(
-            f"{cfg.out_dir} was tokenised in pieces of {manifest['piece_samples'] / codec.sample_rate:g} s; "
-            f"--piece-seconds {cfg.piece_seconds:g} would encode new files differently. "
-            "Drop --piece-seconds or use another --out directory"
-        )
-    if "tiles" not in manifest and manifest["files"] and tile_plan(codec) is not None:
-        raise TokenizeError(
-            f"{cfg.out_dir} was tokenised without context tiles (an older version); new files "
-            "would differ from the old ones. It still trains (contexts as whole-file tokens), "
-            "but to add files or to train on contexts as `/continue` encodes them, tokenise "
-            "into a new --out directory"
-        )
-    resplit = cfg.val_fraction is not None and cfg.val_fraction != manifest["val_fraction"]
-    if resplit:
-        manifest["val_fraction"] = cfg.val_fraction
-    if cfg.hold_out is not None and sorted(cfg.hold_out) != manifest.get("hold_out", []):
-        resplit = True
-        manifest["hold_out"] = sorted(cfg.hold_out)
-    if resplit:  # the split is a pure function of the path: re-deciding it costs nothing
-        for f in manifest["files"]:
-            f["split"] = split_of(f["path"], manifest)
-    return manifest, resplit
-
-
-def split_of(rel_path: str, manifest: dict) -> str:
-    """'val' for the held-out list (by relative path or file name), else the hash split."""
-    hold = set(manifest.get("hold_out", ()))
-    if rel_path in hold or rel_path.rsplit("/", 1)[-1] in hold:
-        return "val"
-    return shards.split_of(rel_path, manifest["val_fraction"])
-
-
-def in_part(rel_path: str, manifest: dict, k: int, n: int) -> bool:
-    """Whether `--part k/n` tokenises this file: every val file (so evaluations compare), and
-    the training files whose path hashes to part k (1-based) of n."""
-    if split_of(rel_path, manifest) == "val":
-        return True
-    return shards.path_hash(rel_path, salt="part:") % n == k - 1
-
-
 def parse_part(text: str) -> tuple[int, int]:
     try:
         k, n = (int(x) for x in text.split("/"))
@@ -352,24 +181,6 @@ def parse_part(text: str) -> tuple[int, int]:
     if not 1 <= k <= n:
         raise argparse.ArgumentTypeError(f"--part K/N needs 1 <= K <= N; got {text!r}")
     return k, n
-
-
-def read_hold_out(path: Path) -> list[str]:
-    """A held-out list: a text file (one name or relative path per line, # comments), or a
-    JSON file with a `held_out_tracks` list (what bench/eval_codec.py writes)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise TokenizeError(f"--hold-out {path}: {e.strerror or e}") from e
-    if str(path).endswith(".json"):
-        try:
-            names = json.loads(text)["held_out_tracks"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise TokenizeError(f"--hold-out {path}: not a JSON file with a held_out_tracks "
-                                "list") from e
-    else:
-        names = [line.split("#", 1)[0].strip() for line in text.splitlines()]
-    return [str(n) for n in names if str(n).strip()]
 
 
 def tokenize(cfg: TokenizeConfig) -> Summary:
@@ -387,7 +198,7 @@ def tokenize(cfg: TokenizeConfig) -> Summary:
     except (ValueError, RuntimeError) as e:
         raise TokenizeError(f"--device: {e}") from e
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _Lock(out_dir):
+    with OutDirLock(out_dir):
         shards.remove_temp_files(out_dir)
         old = None
         if (out_dir / shards.MANIFEST).exists():
@@ -398,7 +209,7 @@ def tokenize(cfg: TokenizeConfig) -> Summary:
         codec, source = _load_codec(cfg.codec, device)
         if codec.codebook_size > np.iinfo(shards.TOKEN_DTYPE).max + 1:
             raise TokenizeError(f"codebook of {codec.codebook_size} entries does not fit uint16 shards")
-        manifest, dirty = _settle(old, cfg, codec, source)
+        manifest, dirty = settle(old, cfg, codec, source)
         batch_size = cfg.batch_size or (8 if codec.device.type == "cuda" else 1)
         return _run(cfg, codec, manifest, dirty, batch_size, audio_dir, out_dir)
 

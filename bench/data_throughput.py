@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.tokens.sampling import WindowBatchSampler  # noqa: E402
 from training.tokens.shards import write_token_dir  # noqa: E402
-from training.tokens.windows import TokenWindows, WindowBatchSampler, collate_windows  # noqa: E402
+from training.tokens.windows import TokenWindows, collate_windows  # noqa: E402
 
 STRIDES = (8, 4, 2, 1)
 FRAMES_PER_SECOND = 32000 / 384 / 8  # coarse (A) frames per second

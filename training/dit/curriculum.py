@@ -1,6 +1,6 @@
 """The context curriculum: which stage an optimizer step belongs to, and the stage's n_ctx mix.
 
-A stage's n_ctx weights go to the data sampler (`training.tokens.windows.WindowBatchSampler`), which draws
+A stage's n_ctx weights go to the data sampler (`training.tokens.sampling.WindowBatchSampler`), which draws
 each row's n_ctx as a pure function of (seed, epoch, position): rows of one batch may differ, a
 resumed run draws what the uninterrupted one would have, and short files still give n_ctx = 0
 windows. Each stage has its own sampler seed, so a later stage does not replay the earlier
@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 
 from training.dit.config import Stage
-from training.tokens.windows import TokenWindows, WindowBatchSampler
+from training.tokens.sampling import WindowBatchSampler
+from training.tokens.windows import TokenWindows
 
 N_CTX_VALUES = (0, 1, 2)  # the dataset's n_ctx values; Stage.n_ctx holds one weight per value
 # With editing layouts in the curriculum the dataset also holds windows with an after chunk.

@@ -293,14 +293,19 @@ def to_device(tensors: list[Tensor], device) -> list[Tensor]:
     return _unpack(buf.to(device, non_blocking=cuda), spans)
 
 
+@lru_cache(maxsize=64)
+def _target_row(n_ctx: int, n_after: int, fpc: tuple[int, ...], st: tuple[int, ...]) -> Tensor:
+    """(2, L) int64: one row of LayoutBatch.target_start."""
+    out = torch.full((2, len(fpc)), -1, dtype=torch.long)
+    for s in _cached_layout(n_ctx, fpc, st, n_after).segments:
+        if s.role != CONTEXT:
+            out[s.role - CLEAN, s.level] = s.start
+    return out
+
+
 def _target_starts(n_ctx, n_after, fpc, st) -> Tensor:
     """(B, 2, L) int64 on the host: LayoutBatch.target_start."""
-    out = torch.full((len(n_ctx), 2, len(fpc)), -1, dtype=torch.long)
-    for b, (n, a) in enumerate(zip(n_ctx, n_after, strict=True)):
-        for s in _cached_layout(n, fpc, st, a).segments:
-            if s.role != CONTEXT:
-                out[b, s.role - CLEAN, s.level] = s.start
-    return out
+    return torch.stack([_target_row(n, a, fpc, st) for n, a in zip(n_ctx, n_after, strict=True)])
 
 
 def collate(n_ctx, frames_per_chunk=SNAC_FRAMES, strides=SNAC_STRIDES,

@@ -42,7 +42,7 @@ def chords(names: list[list[int]], seconds_each: float = 2.0) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-@pytest.mark.parametrize("bpm, per_bar", [(120, 4), (120, 3), (97, 4), (143, 4)])
+@pytest.mark.parametrize("bpm, per_bar", [(120, 4), (120, 3), (97, 4), (143, 4), (160, 4)])
 def test_click_tracks_give_their_tempo_beats_and_downbeats(bpm, per_bar):
     a = analyze(clicks(bpm, per_bar), SR)
     assert abs(a.tempo - bpm) / bpm < 0.01

@@ -4,6 +4,8 @@ The input is a click track of known tempo and metre (tests/test_analysis.py)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -150,7 +152,8 @@ def test_client_analyze_and_edit_by_bars(url, beat_file):
         a = c.analyze(beat_file)
         assert abs(a["tempo"] - 120) < 1.2 and a["time_signature"] == "4/4"
         r = c.inpaint(beat_file, start_bar=3, bars=2, steps=1, seed=2)
-        assert r.edit["span_seconds"].startswith("4.5")
+        s, e = map(float, r.edit["span_seconds"].split(","))
+        assert abs(s - 4.5) < 0.02 and abs(e - 8.5) < 0.02
         lp = c.loop(beat_file, bars=8, steps=1, seed=2)
         assert lp.edit["bars"] == 8 and abs(len(lp.audio) - 16 * SR) < 0.02 * SR
         v = c.vary(beat_file, keep="beats", steps=1)
@@ -166,7 +169,7 @@ def test_cli_analyze_and_edit_by_bars(url, beat_file, tmp_path):
     out = tmp_path / "in.wav"
     r = _cli("inpaint", beat_file, "-o", str(out), "--start-bar", "2", "--bars", "1",
              "--steps", "1", url=url)
-    assert r.returncode == 0 and "span_seconds=2.5" in r.stderr, r.stderr
+    assert r.returncode == 0 and re.search(r"span_seconds=2\.(49|50)", r.stderr), r.stderr
     r = _cli("loop", beat_file, "-o", str(out), "--force", "--bars", "8", "--steps", "1",
              url=url)
     assert r.returncode == 0 and "bars=8" in r.stderr, r.stderr

@@ -217,8 +217,11 @@ def _metre(accent: np.ndarray) -> tuple[int, int]:
 
 
 def _pulse(onset: np.ndarray, lag: float) -> float:
-    """Normalised autocorrelation of the onset envelope at the beat period (0..1)."""
-    x = onset - onset.mean()
+    """Normalised autocorrelation of the onset envelope at the beat period (0..1), after its
+    slow trend (a 1 s moving average) is removed: a swelling pad's envelope correlates with
+    itself at every short lag without any beat."""
+    box = np.ones(101) / 101
+    x = onset - np.convolve(np.pad(onset, 50, mode="edge"), box, mode="valid")
     denom = float((x * x).sum())
     if denom <= 0:
         return 0.0

@@ -33,7 +33,7 @@ ONSET_LAG = 0.01             # the envelope's peak trails an attack by a frame (
 MIN_BEATS = 8                # fewer beats than this is no grid to edit on (4 s at 120 BPM)
 MIN_PULSE = 0.25             # the onset envelope's autocorrelation at the beat period; noise
                              # scores < 0.1, click tracks ~0.9, the corpus's music 0.3-0.8
-MIN_ONSET = 0.3              # the onset envelope's 95th percentile (dB rise per frame, mean over
+MIN_ONSET = 0.3              # the onset envelope's 99th percentile (dB rise per frame, mean over
                              # mel bands): a held sine ~0.04, noise ~0.7, clicks and music > 2
 MAX_JITTER = 0.08            # median deviation of the beat-to-beat intervals, in beats
 HALF_TEMPO = 0.8             # halfway onsets this strong against the beats': twice the tempo
@@ -105,7 +105,7 @@ def analyze(audio: np.ndarray, rate: int) -> Analysis:
     chroma = librosa.feature.chroma_stft(S=spec, sr=rate, n_fft=4096)          # (12, T / 4)
     key, key_strength = _key(chroma)
 
-    if np.percentile(onset, 95) < MIN_ONSET:
+    if np.percentile(onset, 99) < MIN_ONSET:
         raise NoSteadyBeat("no steady beat: hardly anything in the audio starts (a held tone, a "
                            "drone); edit in seconds instead")
     _, frames = librosa.beat.beat_track(onset_envelope=onset, sr=rate, hop_length=hop,

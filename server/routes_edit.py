@@ -213,6 +213,11 @@ async def vary(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
         a = await analysis_of(audio, rate, "keep=beats")
         hold = tuple((round(x * rate), round(y * rate))
                      for x, y in beat_holds(a, start / rate, (start + chunk) / rate))
+        if not hold:
+            raise InvalidParameter(
+                f"keep=beats: no beat found in the chunk from {start / rate:.3f} to "
+                f"{(start + chunk) / rate:.3f} s (the input's beats run from {a.beats[0]:.2f} to "
+                f"{a.beats[-1]:.2f} s); choose another start, or keep A or AB")
         extra = {"X-Held-Beats": len(hold), "X-Tempo": f"{a.tempo:.2f}"}
         raw_keep = "beats"
     headers = _wav_headers(svc, params, None, **{"X-Chunk-Start": start, "X-Keep": raw_keep},

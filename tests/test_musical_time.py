@@ -115,6 +115,9 @@ def test_vary_keeps_the_beats(client, beat, debug_codec_dir):
     assert_error(post(client, "/vary", data, f"{FAST}&keep=bars"), 422, mentions="beats")
     assert_error(post(client, "/vary", wav_bytes(noise(20)), f"{FAST}&keep=beats"), 422,
                  "no_steady_beat")
+    late = np.concatenate([x[: 10 * SR], np.zeros(10 * SR, np.float32)])   # beats stop at 10 s
+    assert_error(post(client, "/vary", wav_bytes(late), f"{FAST}&keep=beats&start=13"), 422,
+                 "invalid_parameter", "no beat found in the chunk")
     plain = create_app(Settings(warmup=False, max_wait_ms=1), engine=make_engine(debug_codec_dir, 0))
     with TestClient(plain) as c:                          # no after-context needed
         assert post(c, "/vary", data, f"{FAST}&keep=beats").status_code == 200
@@ -180,3 +183,21 @@ def test_cli_analyze_and_edit_by_bars(url, beat_file, tmp_path):
     assert r.returncode == 1 and "at least 7 bars" in r.stderr
     r = _cli("inpaint", beat_file, "-o", str(out), url=url)
     assert r.returncode == 2 and "--start-bar" in r.stderr
+
+
+def test_held_spans_keep_their_tokens_at_every_level(debug_codec_dir):
+    """The engine's beat-driven mask: tokens overlapping a held span stay, the rest of the
+    edited span is free (-1), at every level."""
+    import torch
+
+    engine = make_engine(debug_codec_dir, 0)
+    target = [torch.arange(n).unsqueeze(0) for n in (64, 128, 256, 512)]   # one chunk
+    hold = ((16_000, 18_000), (100_000, 101_000))                          # samples in the chunk
+    given = engine._free_tokens(target, 0, 0, CHUNK, 0, hold)
+    for g, t, stride in zip(given, target, (8, 4, 2, 1), strict=True):
+        per = 384 * stride                                                  # samples per token
+        kept = set()
+        for a, b in hold:
+            kept |= set(range(a // per, -(-b // per)))
+        assert {int(i) for i in torch.nonzero(g[0] >= 0)} == kept
+        assert torch.equal(g[0, sorted(kept)], t[0, sorted(kept)])

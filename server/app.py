@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
+from audio.analysis import warmup as warm_analysis
 from server.batcher import Batcher
 from server.codec_check import check_codec, codec_report
 from server.deps import Service
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
             # the first user, on the shapes serving runs: the full 12.288 s context first,
             # with the lead-in /continue asks for; one step per level.
             await service.batcher.run_on_engine(eng.warmup, service.defaults)
+            await asyncio.to_thread(warm_analysis, eng.sample_rate)  # /analyze, bars and beats
         service.ready = True
         log.info("engine ready on %s; accepting requests", getattr(eng, "device", "?"))
         try:

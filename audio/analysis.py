@@ -93,23 +93,27 @@ def analyze(audio: np.ndarray, rate: int) -> Analysis:
     if duration < 2.0:
         raise NoSteadyBeat(f"no steady beat: {duration:.2f} s of audio is too little to find one "
                            "(send at least a few bars)")
-    # Onsets from a short window (32 ms at 32 kHz: beat times within a frame of the attack),
-    # chroma from a long one (7.8 Hz bins: semitones apart down to ~130 Hz).
-    short = np.abs(librosa.stft(y, n_fft=NFFT, hop_length=hop)) ** 2        # (F, T)
-    mel = librosa.power_to_db(librosa.feature.melspectrogram(S=short, sr=rate, n_mels=64))
+    # Onsets from a 64 ms window, chroma from a 128 ms one (7.8 Hz bins: semitones apart down
+    # to ~130 Hz) at 4 onset frames a frame: harmony moves slower than attacks.
+    mel = librosa.power_to_db(_per_block(y, NFFT, hop, lambda s: librosa.feature.melspectrogram(
+        S=s, sr=rate, n_mels=64)))                                               # (64, T)
     onset = librosa.onset.onset_strength(S=mel, sr=rate, hop_length=hop, n_fft=NFFT)  # (T,)
     low = librosa.onset.onset_strength(S=mel[:5], sr=rate, hop_length=hop, n_fft=NFFT)  # <250 Hz
-    # Chroma at 4 onset frames a frame: harmony moves slower than attacks, and a 10-minute
-    # upload's long-window spectrogram stays ~120 MB instead of ~500.
-    spec = np.abs(librosa.stft(y, n_fft=4096, hop_length=4 * hop)) ** 2
-    chroma = librosa.feature.chroma_stft(S=spec, sr=rate, n_fft=4096)          # (12, T / 4)
+    tuning = librosa.estimate_tuning(y=y[: 60 * rate], sr=rate)
+    chroma = _per_block(y, 4096, 4 * hop, lambda s: librosa.feature.chroma_stft(
+        S=s, sr=rate, n_fft=4096, tuning=tuning))                                # (12, T / 4)
     key, key_strength = _key(chroma)
 
     if np.percentile(onset, 99) < MIN_ONSET:
         raise NoSteadyBeat("no steady beat: hardly anything in the audio starts (a held tone, a "
                            "drone); edit in seconds instead")
+    # The tempo from at most the middle minute: librosa's tempogram over a 10-minute upload
+    # takes 2 GB; the beat tracker itself then follows the whole piece.
+    mid, half = len(onset) // 2, round(30 / HOP_SECONDS)
+    bpm = float(librosa.feature.tempo(onset_envelope=onset[max(0, mid - half): mid + half],
+                                      sr=rate, hop_length=hop)[0])
     _, frames = librosa.beat.beat_track(onset_envelope=onset, sr=rate, hop_length=hop,
-                                        trim=True)
+                                        trim=True, bpm=bpm)
     frames = _trim_weak_ends(np.asarray(frames, dtype=int), onset)
     if len(frames) >= MIN_BEATS and _half_tempo(frames, onset):
         _, frames = librosa.beat.beat_track(onset_envelope=onset, sr=rate, hop_length=hop,
@@ -147,6 +151,23 @@ def warmup(rate: int) -> None:
     for i in range(12):
         y[i * rate // 2: i * rate // 2 + len(click)] += click
     analyze(y, rate)
+
+
+def _per_block(y: np.ndarray, n_fft: int, hop: int, features, block: int = 2048) -> np.ndarray:
+    """features(|STFT|^2) for librosa.stft's frames (centred, zero-padded), computed `block`
+    frames at a time and joined on the time axis: a 10-minute upload never holds its whole
+    spectrogram (1.5 GB as complex64 and its powers), only the features (~16 MB)."""
+    import librosa
+
+    padded = np.pad(y, n_fft // 2)
+    n_frames = 1 + len(y) // hop
+    out = []
+    for f0 in range(0, n_frames, block):
+        f1 = min(n_frames, f0 + block)
+        seg = padded[f0 * hop: (f1 - 1) * hop + n_fft]
+        out.append(features(np.abs(librosa.stft(seg, n_fft=n_fft, hop_length=hop,
+                                                center=False)) ** 2))
+    return np.concatenate(out, axis=-1)
 
 
 def _trim_weak_ends(frames: np.ndarray, onset: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
@@ -33,6 +34,7 @@ from server.params import (
 from server.upload import declared_seconds, read_upload
 
 router = APIRouter(tags=["generate"])
+log = logging.getLogger("server")
 
 _PER_LEVEL = "one value for all levels, or one per level coarse to fine (e.g. 16,12,8,8)"
 _PARAM_DOCS = {
@@ -326,5 +328,8 @@ def _chunk_bars(audio: np.ndarray, rate: int, n: int, chunk: int):
     try:
         a = analyze(audio, rate)
     except NoSteadyBeat:
+        return None, None
+    except Exception:  # noqa: BLE001 - a report beside the audio must never fail the request
+        log.exception("analysis for /extend's bar grid failed")
         return None, None
     return a.tempo, [grid_position(a, (len(audio) + i * chunk) / rate) for i in range(n)]

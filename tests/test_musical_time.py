@@ -163,6 +163,10 @@ def test_client_analyze_and_edit_by_bars(url, beat_file):
         assert v.edit["keep"] == "beats" and v.edit["held_beats"] > 0
         with pytest.raises(clients.InvalidParameter, match="no steady beat"):
             c.analyze(noise(5), sample_rate=SR)
+        ext = c.extend(beat_file, 2, steps=1, seed=1)
+        assert ext.edit["chunk_bars"] == "10:4,13:4.29" and ext.edit["tempo"].startswith("12")
+        pieces = list(c.extend_stream(beat_file, 2, steps=1, seed=1))
+        assert [(p.bar, p.beat) for p in pieces] == [(10, 4.0), (13, 4.29)]
 
 
 def test_cli_analyze_and_edit_by_bars(url, beat_file, tmp_path):

@@ -12,6 +12,10 @@ Only the caller knows which tokens it needs logits for (the noised segments), so
 4096-way heads are applied separately. With a `KVCache` the same forward runs on a token subset
 whose keys/values are appended after the cached prefix (staged sampling, `model/sampler.py`);
 the attention table is the training one, so cached inference equals a full recompute.
+
+With `style_actions` > 0 the model also takes a style vector per row (model/style.py): it joins
+the (level, role, t) conditioning of the target segments only, so a cached context is shared by
+every style, and a row of zeros (style dropout) is exactly the model without a style.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from model.attention import attention
-from model.layout import SNAC_FRAMES, SNAC_STRIDES, LayoutBatch, check_geometry
+from model.layout import CONTEXT, SNAC_FRAMES, SNAC_STRIDES, LayoutBatch, check_geometry
+from model.style import StyleActions
 
 
 @dataclass
@@ -48,6 +53,16 @@ class DiTConfig:
     qk_norm: bool = True  # RMS-normalised q/k keep attention logits bounded (bf16 training)
     rope_base: float = 10000.0  # positions reach ~1.5k finest frames; the usual base suffices
     t_freq_dim: int = 256  # sinusoidal features of t before its MLP (as in DiT)
+    # Style actions (model/style.py, issue 37). 0 = no style path: every model before it, and
+    # what a checkpoint without these fields loads as.
+    style_actions: int = 0  # K learned style embeddings; 8 knobs a person can still tell apart
+    style_topk: int = 2  # after the warm-up a chunk mixes at most this many styles
+    # Training steps of a dense softmax over the K styles before top-k: every style first gets
+    # a gradient from every chunk, so none dies before it means something.
+    style_warmup: int = 2000
+    # Share of training rows whose style is dropped (all zeros = no style): trains the
+    # unconditioned path the model serves without a style and classifier-free guidance uses.
+    style_dropout: float = 0.2
 
     def __post_init__(self):
         self.frames_per_chunk, self.strides = check_geometry(self.frames_per_chunk, self.strides)
@@ -63,6 +78,12 @@ class DiTConfig:
             raise ValueError("codebook_size must be >= 2 and max_ctx_chunks >= 0")
         if self.max_after_chunks not in (0, 1):
             raise ValueError("max_after_chunks must be 0 or 1")
+        if self.style_actions < 0 or self.style_warmup < 0:
+            raise ValueError("style_actions and style_warmup must be >= 0")
+        if self.style_actions and not 1 <= self.style_topk <= self.style_actions:
+            raise ValueError(f"style_topk must lie in [1, style_actions = {self.style_actions}]")
+        if not 0.0 <= self.style_dropout <= 1.0:
+            raise ValueError(f"style_dropout must lie in [0, 1], got {self.style_dropout}")
 
     @property
     def head_dim(self) -> int:
@@ -279,6 +300,10 @@ class DiT(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Linear(d, 2 * d)
         self.heads = nn.ModuleList(nn.Linear(d, V) for _ in range(L))
+        if cfg.style_actions:
+            self.style = StyleActions(d, cfg.style_actions, cfg.style_topk)
+            # Bias-free: a style of zeros adds exactly nothing (the unconditioned model).
+            self.style_proj = nn.Linear(d, d, bias=False)
         # Per-block activation checkpointing (a run-time switch, not architecture: the trainer
         # sets it): a training forward keeps only each block's input and recomputes the block in
         # the backward, ~1/3 more compute for a fraction of the activation memory.
@@ -290,7 +315,8 @@ class DiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         # Embeddings small so the first LayerNorm sees similar scales for every level.
         for emb in (self.tok_emb, self.level_emb, self.role_emb):
             nn.init.normal_(emb.weight, std=0.02)
@@ -303,6 +329,11 @@ class DiT(nn.Module):
             nn.init.zeros_(blk.adaLN.bias)
         nn.init.zeros_(self.final_adaLN.weight)
         nn.init.zeros_(self.final_adaLN.bias)
+        if self.config.style_actions:
+            self.style.initialize_weights()
+            # Zero projection: at init a style changes nothing, so adding the style path to a
+            # trained model starts from that model exactly (tested).
+            nn.init.zeros_(self.style_proj.weight)
         # Zero heads: uniform predictions at init, loss starts at exactly log(codebook_size).
         for head in self.heads:
             nn.init.zeros_(head.weight)
@@ -322,6 +353,7 @@ class DiT(nn.Module):
         seg_t: Tensor,
         cache: KVCache | None = None,
         commit: bool = False,
+        style: Tensor | None = None,
     ) -> Tensor:
         """Hidden states (B, N, d) of `tokens` (B, N), ready for `logits(h, level)`.
 
@@ -329,6 +361,9 @@ class DiT(nn.Module):
         layout: the LayoutBatch of these tokens (possibly `select`ed from a full batch).
         seg_t: (B, S) diffusion time per segment (0 for context / clean segments).
         cache: attend to its prefix too and write this call's K/V after it; `commit` keeps them.
+        style: (B, d_model) style vectors (`style_of`, `style_action`) conditioning the target
+        segments (clean and noised; context never sees it, so a cached context serves every
+        style); a row of zeros is no style. None = no style at all (the model without one).
         """
         cfg = self.config
         B, N = tokens.shape
@@ -350,6 +385,13 @@ class DiT(nn.Module):
             + self.role_emb(layout.seg_role.clamp(min=0))
             + self.t_emb(seg_t)
         )
+        if style is not None:
+            if not self.config.style_actions:
+                raise ValueError("this model has no style path (style_actions = 0)")
+            if style.shape != (B, cfg.d_model):
+                raise ValueError(f"style must be ({B}, {cfg.d_model}), got {tuple(style.shape)}")
+            on = (layout.seg_role != CONTEXT)[..., None]  # (B, S, 1): target segments
+            cond = torch.where(on, cond + self.style_proj(style.to(cond.dtype))[:, None], cond)
         cond = F.silu(torch.cat([cond, cond.new_zeros(B, 1, cond.shape[-1])], dim=1))  # (B, S+1, d)
         seg_idx = torch.where(valid, layout.seg_id, S)  # (B, N)
 
@@ -370,6 +412,21 @@ class DiT(nn.Module):
 
         shift, scale = self.final_adaLN(cond).chunk(2, dim=-1)  # (B, S+1, d) each
         return segment_modulate(self.final_norm(x), shift, scale, seg_idx)
+
+    def style_of(self, chunk: list[Tensor], sparse: bool = True) -> Tensor:
+        """Style vectors (B, d_model) of whole chunks: chunk[l] (B, F_l) clean token ids.
+        sparse: top-k mixing (after the training warm-up, and at inference)."""
+        cfg = self.config
+        if not cfg.style_actions:
+            raise ValueError("this model has no style path (style_actions = 0)")
+        ids = torch.cat([c + lvl * (cfg.codebook_size + 1) for lvl, c in enumerate(chunk)], 1)
+        return self.style(self.tok_emb(ids), sparse=sparse)  # (B, N=sum F_l, d) pooled
+
+    def style_action(self, k: Tensor) -> Tensor:
+        """Style vectors (B, d_model) of chosen actions k (B,) in 0..style_actions-1."""
+        if not self.config.style_actions:
+            raise ValueError("this model has no style path (style_actions = 0)")
+        return self.style.action(k)
 
     def logits(self, h: Tensor, level: int) -> Tensor:
         """(…, d) hidden states of level-`level` tokens -> (…, codebook_size) logits."""

@@ -44,6 +44,8 @@ class EditRequest:
     # Sample spans inside [start, end) whose tokens stay as given at every level (the windows
     # around the beats of a beat-driven variation); only the tokens between them are new.
     hold: tuple[tuple[int, int], ...] = ()
+    # A style vector (engine.style_vector) for the regenerated tokens; None = no style.
+    style: Tensor | None = None
 
 
 def crossfade(a: Tensor, b: Tensor) -> Tensor:
@@ -140,6 +142,7 @@ class EditingMixin:
             plans.append((audio.float().cpu(), *self.edit_plan(audio.shape[0], r.start, r.end,
                                                                r.keep)))
         params = [self._params(r.params) for r in requests]
+        style = self._styles([r.style for r in requests], len(requests))
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (_, _, n_ctx, n_after) in enumerate(plans):
             groups.setdefault((n_ctx, n_after), []).append(i)
@@ -160,7 +163,8 @@ class EditingMixin:
                                   requests[i].end, requests[i].keep, requests[i].hold)
                 for b, i in enumerate(rows)], strict=True)]
             new = generate(self.dit, ctx, [params[i] for i in rows], self.diffusion.schedules,
-                           after=after, given=given)
+                           after=after, given=given,
+                           style=None if style is None else style[rows])
             for b, i in enumerate(rows):
                 parts = [ctx, new] + ([after] if after else [])
                 seq = [torch.cat([p[lvl][b:b + 1] for p in parts], 1)

@@ -40,6 +40,12 @@ then reports `healthy = False` and refuses further work with `DeviceFault`, so a
 check can fail and the process be restarted. `warmup()` pays first-call costs on the shapes
 serving runs (the full two-chunk context first).
 
+Style (issue 37): a model trained with style actions (`DiTConfig.style_actions` > 0) takes a
+style per request, `style_vector(reference=audio)` (the feel of another clip: the mean style of
+its last whole chunks) or `style_vector(action=k)`; continue_batch, extend and edit requests
+carry it, and SamplingParams.style_scale / style_guidance guide on it. A model without the path
+raises `StyleUnsupported` (a ValueError: bad input, not a fault).
+
 Checkpoints: a directory with `model.safetensors` and `config.json` = {"dit": DiTConfig fields,
 ...extra}; the engine also reads the optional extras "diffusion" (DiffusionConfig fields: the
 schedules the model was trained with) and "sampling" (SamplingParams fields: defaults).
@@ -49,7 +55,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
@@ -74,6 +80,20 @@ from model.weights import load_dit, read_dit_config
 # than two units: decoding 0.768 s of neighbours gives the same samples as decoding everything.
 HOLDBACK_PADS = 2  # after: how much of a chunk's end waits for the next chunk
 LEFT_PADS = 2      # before: instead of the whole 12.288 s context (3x less decoding)
+
+
+class StyleUnsupported(ValueError):
+    """A style was asked of a model trained without style actions (style_actions = 0)."""
+
+
+@dataclass(frozen=True)
+class StyleRequest:
+    """A style to resolve where the engine runs (a server's engine thread): the style of a
+    reference clip (mono float audio at the codec's rate) or of action k. Wherever the engine
+    takes a style it takes one of these, a `style_vector`, or None."""
+
+    reference: Tensor | None = None
+    action: int | None = None
 
 
 class DeviceFault(RuntimeError):
@@ -214,6 +234,51 @@ class ContinuationEngine(EditingMixin):
             defaults = SamplingParams(**fields)
         return cls(codec, dit, diffusion, defaults)
 
+    # ------------------------------------------------------------------ style
+    @property
+    def style_actions(self) -> int:
+        """K, the number of style actions; 0 = this model takes no style."""
+        return self.dit.config.style_actions
+
+    @_guarded
+    @torch.no_grad()
+    def style_vector(self, reference=None, action: int | None = None) -> Tensor:
+        """(d_model,) style of a reference clip (mono float audio at the codec's rate: the mean
+        style of its last whole chunks, as the context is read) or of action k."""
+        if not self.style_actions:
+            raise StyleUnsupported("this model has no style actions (it was trained without "
+                                   "them): continue without a style")
+        if (reference is None) == (action is None):
+            raise ValueError("give either a reference clip or an action, not both or neither")
+        if action is not None:
+            if isinstance(action, bool) or not isinstance(action, int) or not (
+                    0 <= action < self.style_actions):
+                raise ValueError(f"action must be an int in [0, {self.style_actions}), "
+                                 f"got {action!r}")
+            return self.dit.style_action(torch.tensor([action], device=self.device))[0].float()
+        tokens = self._encode([reference])  # [(1, n * F_l)]
+        fpc = self.dit.config.frames_per_chunk
+        n = tokens[0].shape[1] // fpc[0]
+        chunks = [t.reshape(n, f) for t, f in zip(tokens, fpc, strict=True)]  # (n, F_l) each
+        return self.dit.style_of(chunks).mean(0).float()
+
+    def _styles(self, styles, n: int) -> Tensor | None:
+        """(n, d) style rows (zeros where None) of per-request styles, or None if none has one."""
+        styles = [None] * n if styles is None else list(styles)
+        if len(styles) != n:
+            raise ValueError(f"{len(styles)} styles for {n} requests")
+        if all(s is None for s in styles):
+            return None
+        if not self.style_actions:
+            raise StyleUnsupported("this model has no style actions")
+        d = self.dit.config.d_model
+        rows = [torch.zeros(d) if s is None
+                else self.style_vector(s.reference, s.action).cpu() if isinstance(s, StyleRequest)
+                else torch.as_tensor(s).float().cpu() for s in styles]
+        if any(r.shape != (d,) for r in rows):
+            raise ValueError(f"a style is a ({d},) vector (style_vector)")
+        return torch.stack(rows).to(self.device)
+
     # ------------------------------------------------------------------ helpers
     def context_chunks_for(self, n_samples: int) -> int:
         """How many whole chunks of context an input of n_samples gives: up to context_chunks;
@@ -291,11 +356,12 @@ class ContinuationEngine(EditingMixin):
     @_guarded
     def continue_batch(
         self, audios: Sequence, params: Sequence[SamplingParams | None] | None = None,
-        lead_in: int = 0,
+        lead_in: int = 0, styles: Sequence[Tensor | None] | None = None,
     ) -> list[Tensor]:
         """One continuation (chunk_samples,) per input audio; requests batch together.
         lead_in > 0: each result starts with the last `lead_in` samples of the decoded context,
-        (lead_in + chunk_samples,): what a join to the input crossfades over (join_input)."""
+        (lead_in + chunk_samples,): what a join to the input crossfades over (join_input).
+        styles: per request a `style_vector` or None (models with style actions only)."""
         audios = list(audios)
         if not audios:
             return []
@@ -303,6 +369,7 @@ class ContinuationEngine(EditingMixin):
         if len(params) != len(audios):
             raise ValueError(f"{len(params)} SamplingParams for {len(audios)} audios")
         params = [self._params(p) for p in params]
+        style = self._styles(styles, len(audios))
         self._check_lead_in(lead_in)
         # Inputs with as many context chunks run together (encode, sample, decode): one group
         # for a uniform batch; a request's result never depends on the others (per-row seeds).
@@ -313,7 +380,7 @@ class ContinuationEngine(EditingMixin):
         for n, rows in groups.items():
             context = self._encode([audios[i] for i in rows])
             new = generate(self.dit, context, [params[i] for i in rows], self.diffusion.schedules,
-                           chunk_index=0)
+                           chunk_index=0, style=None if style is None else style[rows])
             start = n * self.chunk_samples
             # The join and the output decode run for the whole group at once, each row with
             # its own seed: the same samples as one request at a time, in one codec call each.
@@ -326,8 +393,9 @@ class ContinuationEngine(EditingMixin):
                 out[i] = decoded[b]
         return out
 
-    def continue_audio(self, audio, params: SamplingParams | None = None) -> Tensor:
-        return self.continue_batch([audio], [params])[0]
+    def continue_audio(self, audio, params: SamplingParams | None = None,
+                       style: Tensor | None = None) -> Tensor:
+        return self.continue_batch([audio], [params], styles=[style])[0]
 
     @_guarded
     def round_trip(self, audios: Sequence, start: int, end: int, seed: int = 0) -> list[Tensor]:
@@ -351,7 +419,8 @@ class ContinuationEngine(EditingMixin):
 
     @_guarded
     def extend(
-        self, audio, n_chunks: int, params: SamplingParams | None = None, lead_in: int = 0
+        self, audio, n_chunks: int, params: SamplingParams | None = None, lead_in: int = 0,
+        style: Tensor | None = None,
     ) -> Iterator[Tensor]:
         """Yield `n_chunks` chained pieces as they finish: together n_chunks * chunk_samples,
         seam-exact (module docstring). The first piece is `continue_audio(audio, params)`'s first
@@ -361,13 +430,16 @@ class ContinuationEngine(EditingMixin):
         if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
             raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
         p = self._params(params)
+        rows = self._styles([style], 1)
         self._check_lead_in(lead_in)
         context = self._encode([audio])
-        return self._chunks(context, n_chunks, p, lead_in, self._window(audio))
+        return self._chunks(context, n_chunks, p, lead_in, self._window(audio), rows)
 
     def _chunks(self, context: list[Tensor], n_chunks: int, p: SamplingParams,
-                lead_in: int = 0, window: Tensor | None = None) -> Iterator[Tensor]:
-        tokens = extend_tokens(self.dit, context, n_chunks, p, self.diffusion.schedules)
+                lead_in: int = 0, window: Tensor | None = None,
+                style: Tensor | None = None) -> Iterator[Tensor]:
+        tokens = extend_tokens(self.dit, context, n_chunks, p, self.diffusion.schedules,
+                               style=style)
         seq = list(context)                 # the request's whole token sequence so far, as decoded
         ctx = context[0].shape[1] // self.codec.frames_per_chunk[0] * self.chunk_samples
         start = ctx - lead_in               # first sample not yet sent
@@ -448,4 +520,15 @@ class ContinuationEngine(EditingMixin):
             diffusion=asdict(self.diffusion),
             defaults=asdict(self.default_params),
             editing=dict(inpaint=self.can_edit, loop=self.can_edit, vary=True),
+            style=self.style_info(),
         )
+
+    def style_info(self) -> dict:
+        """What the model offers as style actions. Descriptions of each action (measured
+        properties of the chunks that select it) are not computed yet: null until measured."""
+        cfg = self.dit.config
+        if not cfg.style_actions:
+            return dict(available=False, actions=[],
+                        detail="this model has no style actions (trained without them)")
+        return dict(available=True, topk=cfg.style_topk,
+                    actions=[dict(action=k, description=None) for k in range(cfg.style_actions)])

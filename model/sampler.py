@@ -16,6 +16,12 @@ unconditional row per request (no context: the n_ctx = 0 layout) to the same for
 Reproducibility: each request owns torch.Generators seeded from (seed, chunk, level), and draws
 only its own row's noise, so its output does not depend on its batch mates (up to floating-point
 differences of batched matmuls, which do not move sampled tokens in practice).
+Style (issue 37, models with `style_actions` > 0): `style` gives each row a style vector (a
+reference clip's, `DiT.style_of`, or a chosen action's, `DiT.style_action`; zeros = none). With
+`style_scale` != 1 a row is guided on it: "cfg" adds one row per request without the style (the
+path style dropout trained), "icg" (independent condition guidance) one with a random action
+instead, which needs no dropout in training. Which of the two serves by default waits for the
+measurement (docs/model.md). Without a style, generation runs exactly as before (tested).
 Editing (DESIGN §5.5) uses the same loop: `after` adds a context chunk after the target (the
 model must have been trained with one: `DiTConfig.max_after_chunks`), and `given` fixes target
 tokens, so only the masked positions are denoised: a time span at every level (inpaint), or
@@ -45,6 +51,7 @@ MAX_STEPS = 1024  # more steps than tokens commit nothing new; this bounds the w
 # schedule's t (MaskGIT-style annealing: random order early, pure confidence at the end).
 CONFIDENCE_NOISE = 1.0
 CONFIDENCES = ("top", "sampled")
+STYLE_GUIDANCE = ("cfg", "icg")  # classifier-free / independent condition guidance on the style
 
 
 def _levels(name: str, value, n_levels: int, cast) -> tuple:
@@ -75,6 +82,10 @@ class SamplingParams:
     # sampled there ("sampled", MaskGIT's), plus Gumbel noise of this scale x temperature x t.
     confidence: str = "top"
     gumbel: tuple[float, ...] = (CONFIDENCE_NOISE,) * 4
+    # Guidance on the style (rows that have one): 1.0 = conditioned, no guidance; 0 = ignore
+    # it (cfg); > 1 pushes away from the unstyled (cfg) or a random style's (icg) prediction.
+    style_scale: float = 1.0
+    style_guidance: str = "cfg"
 
     def validated(self, n_levels: int) -> SamplingParams:
         """Normalised copy (scalars broadcast to all levels); ValueError naming the bad field."""
@@ -96,12 +107,20 @@ class SamplingParams:
         if self.confidence not in CONFIDENCES:
             raise ValueError(f"confidence must be one of {', '.join(CONFIDENCES)}, "
                              f"got {self.confidence!r}")
+        scale = self.style_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
+                0.0 <= scale <= 100.0):
+            raise ValueError(f"style_scale must be a number in [0, 100], got {scale!r}")
+        if self.style_guidance not in STYLE_GUIDANCE:
+            raise ValueError(f"style_guidance must be one of {', '.join(STYLE_GUIDANCE)}, "
+                             f"got {self.style_guidance!r}")
         seed = self.seed
         if seed is not None and (
             isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63
         ):
             raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
-        return SamplingParams(steps, temperature, top_p, guidance, seed, self.confidence, gumbel)
+        return SamplingParams(steps, temperature, top_p, guidance, seed, self.confidence, gumbel,
+                              float(scale), self.style_guidance)
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -120,13 +139,16 @@ class StagedDenoiser:
 
     context[l]: (R, W * F_l) tokens of W context chunks; n_ctx[r] <= W chunks are used by row r
     (the most recent ones; 0 = unconditional row). after[l]: (R, F_l) tokens of the chunk after
-    the target, seen by the rows with n_after[r] = 1 (None: no row has one).
+    the target, seen by the rows with n_after[r] = 1 (None: no row has one). style: (R, d)
+    style vectors of the target (zeros = none), or None: the model is called without one.
     """
 
     def __init__(self, model, context: list[Tensor], n_ctx: Sequence[int],
-                 after: list[Tensor] | None = None, n_after: Sequence[int] | None = None):
+                 after: list[Tensor] | None = None, n_after: Sequence[int] | None = None,
+                 style: Tensor | None = None):
         cfg = self.config = model.config
         self.model = model
+        self.style = style
         fpc = cfg.frames_per_chunk
         R = context[0].shape[0]
         dev = model.tok_emb.weight.device
@@ -159,7 +181,10 @@ class StagedDenoiser:
 
     def _run(self, tokens, layout, seg_t, commit: bool) -> Tensor:
         self.forwards += 1
-        return self.model(tokens, layout, seg_t, cache=self.cache, commit=commit)
+        if self.style is None:
+            return self.model(tokens, layout, seg_t, cache=self.cache, commit=commit)
+        return self.model(tokens, layout, seg_t, cache=self.cache, commit=commit,
+                          style=self.style)
 
     def logits(self, level: int, x: Tensor, t: Tensor) -> Tensor:
         """(R, F_l, V) float logits of the noised level-`level` tokens x (R, F_l) at times t (R,)."""
@@ -232,6 +257,7 @@ def generate(
     n_ctx: Sequence[int] | None = None,
     after: list[Tensor] | None = None,
     given: list[Tensor] | None = None,
+    style: Tensor | None = None,
 ) -> list[Tensor]:
     """Generate the chunk that follows `context` (and precedes `after`).
 
@@ -241,6 +267,8 @@ def generate(
     trained with after-context (`max_after_chunks` = 1).
     given[l]: (B, F_l) int64 target tokens to keep, -1 where a token is to be generated (None:
     generate everything). Kept tokens are returned unchanged.
+    style: (B, d_model) float style vectors (`DiT.style_of` / `style_action`), zeros where a
+    row has none; needs a model with `style_actions` > 0. None: no style (as before).
     params: one SamplingParams per row (or one for all). schedules: the per-level mask schedules
     the model was trained with (DiffusionConfig.schedules; default cosine).
     chunk_index: which chained chunk this is (seeds a different stream per chunk).
@@ -287,11 +315,40 @@ def generate(
     n_after = [int(after is not None)] * B
     cfg_rows = (any(n_ctx) or after is not None) and any(
         g != 1.0 for p in params for g in p.guidance)
-    rows_ctx = [torch.cat([c, c]) if cfg_rows else c for c in context]
-    rows_after = None if after is None else [torch.cat([a, a]) if cfg_rows else a for a in after]
-    runner = StagedDenoiser(model, rows_ctx, n_ctx + ([0] * B if cfg_rows else []), rows_after,
-                            n_after + ([0] * B if cfg_rows else []))
-    dup = (lambda x: torch.cat([x, x])) if cfg_rows else (lambda x: x)  # noqa: E731
+    style_rows, style_uncond, s_scale = False, None, None
+    if style is not None:
+        if not getattr(cfg, "style_actions", 0):
+            raise ValueError("this model has no style actions (style_actions = 0)")
+        if style.shape != (B, cfg.d_model) or not style.is_floating_point():
+            raise ValueError(f"style must be float ({B}, {cfg.d_model}), got {style.dtype} "
+                             f"{tuple(style.shape)}")
+        style = style.to(dev, model.tok_emb.weight.dtype)
+        has = style.ne(0).any(1).tolist()  # host bools, before the loop
+        scales = [p.style_scale if h else 1.0 for p, h in zip(params, has, strict=True)]
+        style_rows = any(x != 1.0 for x in scales)
+        s_scale = torch.tensor(scales, device=dev)[:, None, None]
+        if style_rows:  # the reference prediction guidance pushes away from, per row
+            icg = [p.style_guidance == "icg" for p in params]
+            k = torch.tensor([torch.randint(cfg.style_actions, (1,), generator=torch.Generator()
+                              .manual_seed(derive_seed(sd, chunk_index, "icg"))).item()
+                              for sd in seeds], device=dev)
+            style_uncond = torch.where(torch.tensor(icg, device=dev)[:, None],
+                                       model.style_action(k).to(style.dtype),
+                                       torch.zeros_like(style))
+    # Rows: the requests; with context guidance, each again without context; with style
+    # guidance, each again with its reference style (none, or a random action).
+    groups = [(n_ctx, n_after, style)]
+    if cfg_rows:
+        groups.append(([0] * B, [0] * B, style))
+    if style_rows:
+        groups.append((n_ctx, n_after, style_uncond))
+    n_rep = len(groups)
+    rows_ctx = [torch.cat([c] * n_rep) for c in context]
+    rows_after = None if after is None else [torch.cat([a] * n_rep) for a in after]
+    runner = StagedDenoiser(model, rows_ctx, [n for g in groups for n in g[0]], rows_after,
+                            [a for g in groups for a in g[1]],
+                            None if style is None else torch.cat([g[2] for g in groups]))
+    dup = (lambda x: torch.cat([x] * n_rep)) if n_rep > 1 else (lambda x: x)  # noqa: E731
 
     out = []
     for lvl in range(L):
@@ -324,13 +381,19 @@ def generate(
             x_in, t_rows = dup(x), dup(t_in[step])
             logits = runner.logits(lvl, x_in, t_rows)  # (R, F, V)
             logp = torch.log_softmax(logits, dim=-1)
-            if cfg_rows:
-                cond, uncond = logp[:B], logp[B:]
-                guided = torch.log_softmax(cond + (g - 1) * (cond - uncond), dim=-1)
+            if n_rep > 1:
+                cond, plain = logp[:B], torch.ones_like(g, dtype=torch.bool)
+                guided = cond
+                if cfg_rows:
+                    guided = guided + (g - 1) * (cond - logp[B: 2 * B])
+                    plain = plain & (g == 1.0)
+                if style_rows:
+                    guided = guided + (s_scale - 1) * (cond - logp[(n_rep - 1) * B:])
+                    plain = plain & (s_scale == 1.0)
                 # Rows without guidance keep the conditional log-probs bit for bit: re-normalising
                 # them would move them by rounding and could flip a near-tie, making a request's
                 # tokens depend on whether a guided request shares its batch.
-                logp = torch.where(g == 1.0, cond, guided)
+                logp = torch.where(plain, cond, torch.log_softmax(guided, dim=-1))
             # Each row draws its own uniforms: one per position for the order, one per
             # position for the token (used only where a token is sampled).
             u_pos = torch.stack([torch.rand(F, generator=gb, device=dev) for gb in gens])
@@ -390,8 +453,10 @@ def extend(
     n_chunks: int,
     params: SamplingParams | Sequence[SamplingParams],
     schedules: Sequence[str] | None = None,
+    style: Tensor | None = None,
 ) -> Iterator[list[Tensor]]:
-    """Yield `n_chunks` chained chunks ([(B, F_l)] each); the window slides in token space."""
+    """Yield `n_chunks` chained chunks ([(B, F_l)] each); the window slides in token space.
+    style: (B, d_model) as in `generate`, the same for every chunk."""
     if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
         raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
     B = context[0].shape[0]
@@ -400,6 +465,6 @@ def extend(
     # Resolve seeds once so every chunk of a request draws from the same seeded family.
     params = [replace(p, seed=resolve_seed(p.seed)) for p in params]
     for k in range(n_chunks):
-        new = generate(model, context, params, schedules, chunk_index=k)
+        new = generate(model, context, params, schedules, chunk_index=k, style=style)
         yield new
         context = slide_window(context, new, model.config.max_ctx_chunks)

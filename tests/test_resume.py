@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from training.dit.config import load_config
@@ -65,13 +66,19 @@ def debug_config(tokens, out, name, **extra):
     return load_config(ROOT / "training/configs/debug.toml", tiny_overrides(tokens, out, name, **extra))
 
 
-def test_resume_is_bitwise_exact(tmp_path):
+# With style actions (issue 37) the split falls on the last dense-softmax step, so the resumed
+# half starts with the top-k switch and the style dropout draws.
+STYLE = {"model.style_actions": 4, "model.style_topk": 2, "model.style_warmup": 3}
+
+
+@pytest.mark.parametrize("extra", [{}, STYLE], ids=["plain", "style"])
+def test_resume_is_bitwise_exact(tmp_path, extra):
     tokens = make_tokens(tmp_path / "tokens")
-    straight = Trainer(debug_config(tokens, tmp_path, "straight"))
+    straight = Trainer(debug_config(tokens, tmp_path, "straight", **extra))
     assert straight.fit() == 0
     assert straight.step == 6
 
-    first = Trainer(debug_config(tokens, tmp_path, "split", stop_at=3))  # mid-stage
+    first = Trainer(debug_config(tokens, tmp_path, "split", stop_at=3, **extra))  # mid-stage
     assert first.fit() == 0 and first.step == 3
     saved = ckpt_io.latest_checkpoint(tmp_path / "split")
     assert saved.name == "ckpt-000003"
@@ -80,7 +87,7 @@ def test_resume_is_bitwise_exact(tmp_path):
     record = json.loads((saved / "config.json").read_text())
     assert record.pop("weights") == ["model", "ema"]
     (saved / "config.json").write_text(json.dumps(record))
-    second = Trainer(debug_config(tokens, tmp_path, "split"))
+    second = Trainer(debug_config(tokens, tmp_path, "split", **extra))
     second.load(tmp_path / "split")
     assert second.step == 3
     assert second.fit() == 0 and second.step == 6
@@ -97,8 +104,11 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert straight.sched.get_last_lr() == second.sched.get_last_lr()
     assert straight.data_state == second.data_state
     # The run really trained (and crossed all three stages), not a no-op on both sides.
-    fresh = Trainer(debug_config(tokens, tmp_path, "fresh"))
+    fresh = Trainer(debug_config(tokens, tmp_path, "fresh", **extra))
     assert any(not torch.equal(v, fresh.dit.state_dict()[k]) for k, v in a.items())
+    if extra:  # the style path is there and trains
+        assert straight.dit.config.style_actions == 4
+        assert not torch.equal(a["style_proj.weight"], fresh.dit.state_dict()["style_proj.weight"])
     stages = [json.loads(line).get("stage") for line in
               (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
     assert {"pretrain", "one_chunk", "full"} <= set(stages)

@@ -4,6 +4,13 @@ Host syncs: a CUDA step should queue work and never wait for it. The layouts of 
 built on the host (they depend on each row's n_ctx), so the context dropout that decides them is
 drawn here on a host generator when the model is on CUDA; drawn on the device generator it would
 be copied back, a sync every micro-batch. On CPU the device generator draws it, as before.
+
+Style actions (issue 37, `DiTConfig.style_actions` > 0): each row's style vector is computed
+from its target chunk's clean tokens (all levels; the target is never in the context, so the
+style carries what the context cannot), zeroed for a `style_dropout` share of rows (drawn on the
+step's device generator: no host sync, and a resumed run draws the same), and given to every
+DiT call of the loss. The softmax over styles is dense until `style_warmup` steps, top-k after.
+A model without style actions draws nothing extra: its runs are unchanged bit for bit.
 """
 
 from __future__ import annotations
@@ -26,6 +33,32 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+class _Styled:
+    """The DiT seen by the diffusion loss, with a fixed style per row."""
+
+    def __init__(self, dit: DiT, style: torch.Tensor):
+        self.dit, self.style, self.config = dit, style, dit.config
+
+    def __call__(self, tokens, layout, seg_t):
+        return self.dit(tokens, layout, seg_t, style=self.style)
+
+    def logits(self, h, level):
+        return self.dit.logits(h, level)
+
+
+def target_style(dit: DiT, windows, generator, sparse: bool, after: bool) -> torch.Tensor:
+    """(B, d) style vectors of the windows' target chunks, a `style_dropout` share zeroed."""
+    cfg = dit.config
+    fpc = cfg.frames_per_chunk
+    W = windows[0].shape[1] // fpc[0] - 1 - int(after)  # context chunks before the target
+    target = [w[:, W * f:(W + 1) * f] for w, f in zip(windows, fpc, strict=True)]
+    style = dit.style_of(target, sparse=sparse)
+    B = style.shape[0]
+    keep = torch.rand(B, generator=generator, device=generator.device if generator is not None
+                      else style.device).to(style.device) >= cfg.style_dropout
+    return style * keep[:, None].to(style.dtype)
+
+
 class LossModule(nn.Module):
     """DiT + diffusion process as one module, so DDP sees every parameter use in its forward."""
 
@@ -35,7 +68,9 @@ class LossModule(nn.Module):
         self._no_dropout = MaskedDiffusion(dataclasses.replace(diffusion.config,
                                                                context_dropout=0.0))
 
-    def forward(self, windows, n_ctx, generator, n_after=None, host_generator=None):
+    def forward(self, windows, n_ctx, generator, n_after=None, host_generator=None,
+                step: int = 0):
+        """step: the optimizer step, for the style warm-up (dense softmax before it)."""
         diffusion = self.diffusion
         if host_generator is not None and diffusion.config.context_dropout > 0:
             A = 0 if n_after is None else 1
@@ -43,7 +78,12 @@ class LossModule(nn.Module):
             n_ctx, after = diffusion._n_ctx(n_ctx, len(n_ctx), W, host_generator, n_after, A)
             n_after = after if n_after is not None else None
             diffusion = self._no_dropout
-        return diffusion.loss(self.dit, windows, n_ctx=n_ctx, generator=generator,
+        model = self.dit
+        if self.dit.config.style_actions:
+            sparse = step >= self.dit.config.style_warmup
+            model = _Styled(self.dit, target_style(self.dit, windows, generator, sparse,
+                                                   n_after is not None))
+        return diffusion.loss(model, windows, n_ctx=n_ctx, generator=generator,
                               n_after=n_after)
 
 

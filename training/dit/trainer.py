@@ -321,7 +321,8 @@ class Trainer:
                 with self.autocast():
                     # Windows carry an after chunk only when some row of the batch has one.
                     terms = self.model(windows, n_ctx, self.gen,
-                                       n_after if any(n_after) else None, self.host_gen)
+                                       n_after if any(n_after) else None, self.host_gen,
+                                       step=self.step)
                 (terms["loss"] / accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum

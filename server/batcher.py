@@ -41,6 +41,7 @@ class ContinueJob:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    style: object = None  # a model.engine.StyleRequest, resolved on the engine thread
 
 
 @dataclass(eq=False)
@@ -62,6 +63,7 @@ class ExtendJob:
     produced: int = 0
     iterator: object = None  # engine.extend(...) generator, created on the engine thread
     cancelled: bool = False
+    style: object = None  # a model.engine.StyleRequest, resolved on the engine thread
 
 
 def _engine_fault(kind: str, exc: BaseException) -> Unavailable:
@@ -166,9 +168,9 @@ class Batcher:
         """Cheap early refusal, before an upload is decoded."""
         self._admit()
 
-    def submit_continue(self, audio: np.ndarray, params) -> ContinueJob:
+    def submit_continue(self, audio: np.ndarray, params, style=None) -> ContinueJob:
         self._admit()
-        job = ContinueJob(audio, params, asyncio.get_running_loop().create_future())
+        job = ContinueJob(audio, params, asyncio.get_running_loop().create_future(), style=style)
         self._continues.append(job)
         self._changed()
         return job
@@ -180,9 +182,9 @@ class Batcher:
         self._changed()
         return job
 
-    def submit_extend(self, audio: np.ndarray, params, n_chunks: int) -> ExtendJob:
+    def submit_extend(self, audio: np.ndarray, params, n_chunks: int, style=None) -> ExtendJob:
         self._admit()
-        job = ExtendJob(audio, params, n_chunks, asyncio.Queue())
+        job = ExtendJob(audio, params, n_chunks, asyncio.Queue(), style=style)
         self._extends.append(job)
         self._streams.add(job)
         self._changed()
@@ -253,7 +255,11 @@ class Batcher:
         audios = [torch.from_numpy(j.audio) for j in batch]
         # Every result comes with the decoded end of its input in front (JOIN_SAMPLES): the
         # route crossfades into it for include_input, or drops it.
-        outs = self.engine.continue_batch(audios, [j.params for j in batch], lead_in=JOIN_SAMPLES)
+        styles = [j.style for j in batch]
+        outs = (self.engine.continue_batch(audios, [j.params for j in batch], lead_in=JOIN_SAMPLES)
+                if all(s is None for s in styles) else  # engines and fakes without styles
+                self.engine.continue_batch(audios, [j.params for j in batch],
+                                           lead_in=JOIN_SAMPLES, styles=styles))
         if len(outs) != len(batch):
             raise RuntimeError(f"engine returned {len(outs)} results for {len(batch)} requests")
         return [o.detach().cpu().float().numpy() for o in outs]
@@ -322,7 +328,8 @@ class Batcher:
             if job.iterator is None:
                 job.iterator = iter(
                     self.engine.extend(torch.from_numpy(job.audio), job.n_chunks, job.params,
-                                       lead_in=JOIN_SAMPLES)
+                                       lead_in=JOIN_SAMPLES,
+                                       **({} if job.style is None else {"style": job.style}))
                 )
             # StopIteration must not cross into a Future; an early end is an engine fault.
             chunk = next(job.iterator, None)

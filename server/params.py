@@ -16,11 +16,15 @@ from model.sampler import SamplingParams
 from server.errors import InvalidParameter
 
 SAMPLING_FIELDS = ("steps", "temperature", "top_p", "guidance", "gumbel", "confidence", "seed")
-CONTINUE_PARAMS = (*SAMPLING_FIELDS, "include_input")
+# Style actions (issue 37): a reference clip as a second file field 'style', or action=<k>;
+# style_scale and style_guidance (cfg | icg) guide on it. Models without them answer 422.
+STYLE_FIELDS = ("style", "action", "style_scale", "style_guidance")
+CONTINUE_PARAMS = (*SAMPLING_FIELDS, *STYLE_FIELDS, "include_input")
 EXTEND_PARAMS = (*CONTINUE_PARAMS, "chunks", "stream")
-INPAINT_PARAMS = (*SAMPLING_FIELDS, "start", "end", "start_bar", "bars", "start_beat", "beats")
+INPAINT_PARAMS = (*SAMPLING_FIELDS, *STYLE_FIELDS, "start", "end", "start_bar", "bars",
+                  "start_beat", "beats")
 LOOP_PARAMS = (*SAMPLING_FIELDS, "bars")
-VARY_PARAMS = (*SAMPLING_FIELDS, "keep", "start")
+VARY_PARAMS = (*SAMPLING_FIELDS, *STYLE_FIELDS, "keep", "start")
 SEED_MAX = 2**63 - 1
 # The words pydantic accepts for a boolean, so every query, form field and SNAC_DIT_* setting
 # reads the same way (any case).
@@ -107,6 +111,13 @@ def sampling_params(
             changes[name] = per_level(name, given[name], n_levels, cast)
     if given.get("confidence") is not None:
         changes["confidence"] = given["confidence"].strip().lower()
+    if given.get("style_scale") is not None:
+        try:
+            changes["style_scale"] = float(given["style_scale"])
+        except ValueError:
+            raise InvalidParameter(f"style_scale: not a number: {given['style_scale']!r}") from None
+    if given.get("style_guidance") is not None:
+        changes["style_guidance"] = given["style_guidance"].strip().lower()
     steps = changes.get("steps", defaults.steps)
     if any(s < 1 for s in steps):
         raise InvalidParameter(f"steps: every level needs at least 1 step, got {steps}")

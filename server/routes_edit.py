@@ -30,6 +30,7 @@ from server.routes_generate import (
     _sampling,
     _until_done_or_gone,
     _wav_headers,
+    style_request,
 )
 
 router = APIRouter(tags=["edit"])
@@ -140,6 +141,7 @@ async def inpaint(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     _need_editing_model(svc, "fill in a span between given audio")
     given, audio = await _read_input(request, svc, INPAINT_PARAMS)
     params = _sampling(given, svc)
+    style = style_request(request, given, svc)
     check_budget(params, 1, svc.settings.max_request_passes)
     start_s, end_s, said = await _musical_span(svc, audio, given)
     try:
@@ -152,7 +154,8 @@ async def inpaint(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
         "X-Edit-End": min(len(audio), end + JOIN_SAMPLES),
         "X-Span-Seconds": f"{start / svc.engine.sample_rate:.4f},"
                           f"{end / svc.engine.sample_rate:.4f}"})
-    return await _run(request, svc, "edit", EditRequest(audio, start, end, 0, params), params,
+    return await _run(request, svc, "edit", EditRequest(audio, start, end, 0, params, style=style),
+                      params,
                       headers)
 
 
@@ -193,6 +196,7 @@ async def vary(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     next level; the rest (timbre, texture) is new. Crossfaded in over 64 ms at both ends."""
     given, audio = await _read_input(request, svc, VARY_PARAMS)
     params = _sampling(given, svc)
+    style = style_request(request, given, svc)
     check_budget(params, 1, svc.settings.max_request_passes)
     raw_keep = (given.get("keep") or "A").strip().upper()
     if raw_keep not in KEEP:
@@ -224,4 +228,4 @@ async def vary(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
                            **extra)
     return await _run(request, svc, "edit",
                       EditRequest(audio, start, start + chunk, KEEP[raw_keep.upper()], params,
-                                  hold=hold), params, headers)
+                                  hold=hold, style=style), params, headers)

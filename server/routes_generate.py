@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from audio import read_audio, write_wav
 from audio.analysis import NoSteadyBeat, analyze, grid_position
-from model.engine import JOIN_SAMPLES, join_input
+from model.engine import JOIN_SAMPLES, StyleRequest, join_input
 from server.deps import AuthDep, ReadyDep, Service
 from server.errors import ClientGone, InvalidParameter, Unavailable, error_payload
 from server.params import (
@@ -63,6 +63,12 @@ _PARAM_DOCS = {
     "start_beat": ("integer", "/inpaint: the first beat to regenerate (beat 1 is the first "
                               "beat found); instead of start/end"),
     "beats": ("integer", "/inpaint: how many beats from start_beat (default 1)"),
+    # style actions (models trained with them; /info's "style" says whether this one was)
+    "style": ("string", "a second file field: continue with the style of this reference clip"),
+    "action": ("integer", "a style action 0..K-1 (/info lists them); instead of 'style'"),
+    "style_scale": ("number", "guidance on the style: 1 = conditioned (default), 0 = ignore, "
+                              "> 1 stronger"),
+    "style_guidance": ("string", "'cfg' (against no style) or 'icg' (against a random action)"),
 }
 
 
@@ -143,6 +149,14 @@ async def _receive_and_decode(request: Request, svc: Service, given: dict, allow
     upload = await read_upload(request, svc.settings.max_upload_bytes,
                                svc.settings.upload_timeout_s)
     reject_unknown(upload.fields, allowed)
+    if "style" in upload.fields:
+        raise InvalidParameter("style: send the reference clip as a file field 'style'")
+    if upload.style is not None:
+        if "style" not in allowed:
+            raise InvalidParameter("unexpected file field 'style'; the audio goes in 'audio'",
+                                   code="unknown_parameter")
+        request.state.style_audio = await run_in_threadpool(read_audio, upload.style,
+                                                            svc.engine.sample_rate)
     for k, v in upload.fields.items():
         if k in given:
             raise InvalidParameter(f"{k}: given both in the query and in the form")
@@ -187,6 +201,29 @@ async def _until_done_or_gone(request: Request, awaitable):
     raise ClientGone
 
 
+def style_request(request: Request, given: dict, svc: Service) -> StyleRequest | None:
+    """The request's style (a reference clip or an action), checked before any work is queued:
+    a model without style actions gets a clear 422, never an engine error."""
+    if given.get("style") is not None:
+        raise InvalidParameter("style: send the reference clip as a file field 'style'")
+    reference = getattr(request.state, "style_audio", None)
+    action = given.get("action")
+    if reference is None and action is None:
+        return None
+    k = svc.engine.style_actions
+    if not k:
+        raise InvalidParameter("this model has no style actions (it was trained without them); "
+                               "send the request without 'style' and 'action'",
+                               code="no_style_actions")
+    if reference is not None and action is not None:
+        raise InvalidParameter("give either a 'style' clip or an 'action', not both")
+    if action is not None:
+        return StyleRequest(action=parse_int("action", action, 0, 0, k - 1))
+    if len(reference) == 0:
+        raise InvalidParameter("style: the reference clip is empty", code="audio_too_short")
+    return StyleRequest(reference=reference)  # the engine reads numpy audio as it is
+
+
 def _sampling(given: dict, svc: Service):
     return sampling_params(given, svc.defaults, svc.engine.codec.n_levels, svc.settings.max_steps)
 
@@ -217,8 +254,9 @@ async def continue_(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     params = _sampling(given, svc)
     check_budget(params, 1, svc.settings.max_request_passes)
     include_input = parse_bool("include_input", given.get("include_input"))
+    style = style_request(request, given, svc)
 
-    job = svc.batcher.submit_continue(audio, params)
+    job = svc.batcher.submit_continue(audio, params, style=style)
     try:
         out = await _until_done_or_gone(request, job.future)
     except ClientGone:
@@ -251,10 +289,11 @@ async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     check_budget(params, n, svc.settings.max_request_passes)
     include_input = parse_bool("include_input", given.get("include_input"))
     stream = parse_bool("stream", given.get("stream"))
+    style = style_request(request, given, svc)
     rate = svc.engine.sample_rate
     headers = _wav_headers(svc, params, len(audio) if include_input else None, **{"X-Chunks": n})
 
-    job = svc.batcher.submit_extend(audio, params, n)
+    job = svc.batcher.submit_extend(audio, params, n, style=style)
     # The chunks' starts on the input's bar grid (its tempo carried on): found while they run.
     grid = asyncio.ensure_future(run_in_threadpool(_chunk_bars, audio, rate, n,
                                                    svc.engine.chunk_samples))

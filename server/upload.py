@@ -34,6 +34,7 @@ HOW_TO_SEND = (
 class Upload:
     audio: bytes
     fields: dict[str, str] = field(default_factory=dict)  # multipart text fields (parameters)
+    style: bytes | None = None  # a second file, 'style': the reference clip of a style request
 
 
 async def read_bounded(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
@@ -155,6 +156,7 @@ async def read_upload(request: Request, max_bytes: int, timeout_s: float | None 
         raise BadAudio(f"malformed multipart body ({e})", code="malformed_multipart") from None
 
     audio: bytes | None = None
+    style: bytes | None = None
     fields: dict[str, str] = {}
     for headers, data in parts:
         _, disp = parse_options_header(headers.get("content-disposition", ""))
@@ -163,6 +165,10 @@ async def read_upload(request: Request, max_bytes: int, timeout_s: float | None 
             if audio is not None:
                 raise InvalidParameter("audio: send exactly one 'audio' part")
             audio = data
+        elif name == "style" and b"filename" in disp:
+            if style is not None:
+                raise InvalidParameter("style: send at most one 'style' file")
+            style = data
         elif b"filename" in disp:
             raise InvalidParameter(
                 f"unexpected file field {name!r}; the audio goes in 'audio'",
@@ -174,4 +180,4 @@ async def read_upload(request: Request, max_bytes: int, timeout_s: float | None 
             fields[name] = data.decode("utf-8", "replace")
     if audio is None:
         raise InvalidParameter(f"audio: missing; {HOW_TO_SEND}", code="missing_audio")
-    return Upload(audio, fields)
+    return Upload(audio, fields, style)

@@ -1,0 +1,99 @@
+"""Style requests through HTTP (issue 37): a model without style actions answers a clear 422;
+one with them takes `action=<k>` or a reference clip in a second file field 'style'."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from model.codec import Codec
+from model.dit import DiT, DiTConfig
+from model.engine import ContinuationEngine
+from server.app import create_app
+from server.settings import Settings
+from tests.test_server import assert_error, post, read_wav, wav_bytes
+
+SR = 32000
+FAST = "steps=2,1,1,1&seed=3"
+
+
+def song(seconds: float, hz: float = 220.0) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def make_engine(codec_dir: str, style_actions: int) -> ContinuationEngine:
+    torch.manual_seed(0)
+    codec = Codec.load(codec_dir)
+    dit = DiT(DiTConfig.from_name("debug", codebook_size=codec.codebook_size, max_after_chunks=1,
+                                  style_actions=style_actions, style_topk=min(2, style_actions)
+                                  or 2))
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0.0, 0.05)
+    return ContinuationEngine(codec, dit)
+
+
+@pytest.fixture(scope="module")
+def plain(debug_codec_dir):
+    app = create_app(Settings(warmup=False, max_wait_ms=1), engine=make_engine(debug_codec_dir, 0))
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def styled(debug_codec_dir):
+    app = create_app(Settings(warmup=False, max_wait_ms=1), engine=make_engine(debug_codec_dir, 4))
+    with TestClient(app) as c:
+        yield c
+
+
+def with_style(client, path, data, ref, query=FAST):
+    return client.post(f"{path}?{query}", files={"audio": ("a.wav", data, "audio/wav"),
+                                                 "style": ("ref.wav", ref, "audio/wav")})
+
+
+def test_a_model_without_style_actions_refuses_style_requests_with_a_422(plain):
+    data, ref = wav_bytes(song(8.0)), wav_bytes(song(7.0, 440.0))
+    info = plain.get("/info").json()["engine"]["style"]
+    assert info["available"] is False and info["actions"] == []
+    for path, q in (("/continue", ""), ("/extend", "&chunks=2"), ("/inpaint", "&start=2&end=3"),
+                    ("/vary", "")):
+        assert_error(post(plain, path, data, f"{FAST}&action=0{q}"), 422, "no_style_actions",
+                     "no style actions")
+        assert_error(with_style(plain, path, data, ref, FAST + q), 422, "no_style_actions")
+    # Without a style the same server answers as before; style_scale alone changes nothing.
+    assert post(plain, "/continue", data, FAST + "&style_scale=2").status_code == 200
+    assert_error(with_style(plain, "/loop", data, ref), 422, "unknown_parameter")
+
+
+def test_a_model_with_style_actions_takes_an_action_or_a_reference(styled):
+    data, ref = wav_bytes(song(8.0)), wav_bytes(song(7.0, 440.0))
+    info = styled.get("/info").json()["engine"]["style"]
+    assert info["available"] and [a["action"] for a in info["actions"]] == [0, 1, 2, 3]
+    base = post(styled, "/continue", data, FAST)
+    act = post(styled, "/continue", data, f"{FAST}&action=1&style_scale=2")
+    clip = with_style(styled, "/continue", data, ref, f"{FAST}&style_guidance=icg&style_scale=2")
+    for r in (base, act, clip):
+        assert r.status_code == 200, r.text
+    assert act.content != base.content and clip.content != base.content
+    assert len(read_wav(act.content)[0]) == len(read_wav(base.content)[0])
+    ext = post(styled, "/extend", data, f"{FAST}&action=2&chunks=2")
+    assert ext.status_code == 200, ext.text
+    assert post(styled, "/vary", data, f"{FAST}&action=3").status_code == 200
+    assert_error(post(styled, "/continue", data, f"{FAST}&action=4"), 422)
+    assert_error(post(styled, "/continue", data, f"{FAST}&style_guidance=both"), 422)
+    assert_error(with_style(styled, "/continue", data, ref, f"{FAST}&action=1"), 422)
+
+
+def test_client_sends_the_reference_as_a_second_file_and_the_style_fields():
+    from clients import endpoints
+
+    req = endpoints.continue_(b"song", None, False, {"style": b"ref", "style_scale": 2.0,
+                                                     "style_guidance": "icg"})
+    assert req.files["audio"][1] == b"song" and req.files["style"][1] == b"ref"
+    assert req.params == {"style_scale": "2.0", "style_guidance": "icg"}
+    req = endpoints.extend(b"song", 2, None, False, {"action": 3})
+    assert "style" not in req.files and req.params["action"] == "3"

@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="what ranks positions for unmasking: the top log-prob (default) or "
                           "the sampled token's (MaskGIT)")
     gen.add_argument("--seed", type=int)
+    gen.add_argument("--style", type=Path,
+                     help="reference clip: take its style (models with style actions; /info)")
+    gen.add_argument("--action", type=int, help="a style action 0..K-1 instead of --style")
+    gen.add_argument("--style-scale", type=float,
+                     help="guidance on the style: 1 = conditioned (default), 0 = ignore")
+    gen.add_argument("--style-guidance", choices=["cfg", "icg"],
+                     help="against no style (cfg, default) or a random action (icg)")
     cont = argparse.ArgumentParser(add_help=False)
     cont.add_argument(
         "--include-input", action="store_true", help="write the input followed by the continuation"
@@ -128,6 +135,10 @@ def _sampling(args) -> dict:
         gumbel=args.gumbel,
         confidence=args.confidence,
         seed=args.seed,
+        style=args.style,
+        action=args.action,
+        style_scale=args.style_scale,
+        style_guidance=args.style_guidance,
     )
 
 

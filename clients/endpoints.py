@@ -33,6 +33,12 @@ class Sampling(TypedDict, total=False):
     gumbel: PerLevel  # Gumbel noise on the unmasking order; 0 = by confidence alone
     confidence: str | None  # what ranks positions for unmasking: "top" or "sampled"
     seed: int | None
+    # Style actions (models trained with them; /info "style"): a reference clip (a path, file
+    # bytes, or an array at the call's sample_rate) or an action k, and guidance on it.
+    style: Any
+    action: int | None
+    style_scale: float | None  # 1 = conditioned (default), 0 = ignore, > 1 stronger
+    style_guidance: str | None  # "cfg" or "icg"
 
 
 _SAMPLING = tuple(Sampling.__annotations__)
@@ -100,6 +106,8 @@ def _query(sampling: Sampling, **more) -> dict[str, str]:
         raise TypeError(f"unknown sampling parameter(s) {unknown}; use {list(_SAMPLING)}")
     q = {k: _per_level(sampling.get(k)) for k in _PER_LEVEL}
     q["confidence"] = sampling.get("confidence")
+    for k in ("action", "style_scale", "style_guidance"):
+        q[k] = None if sampling.get(k) is None else str(sampling[k])
     seed = sampling.get("seed")
     q["seed"] = None if seed is None else str(int(seed))
     for k, v in more.items():
@@ -227,7 +235,10 @@ INFO = Request("GET", "/info", _json)
 def _upload(path: str, audio: AudioInput, sample_rate: int | None, sampling: Sampling,
             **more) -> Request:
     """A generating call: `audio` uploaded, the query built from `sampling` and `more`."""
-    return Request("POST", path, _result, _query(sampling, **more), _files(audio, sample_rate))
+    files = _files(audio, sample_rate)
+    if sampling.get("style") is not None:  # the reference clip: a second file field
+        files["style"] = _files(sampling["style"], sample_rate)["audio"]
+    return Request("POST", path, _result, _query(sampling, **more), files)
 
 
 def continue_(audio, sample_rate, include_input, sampling) -> Request:

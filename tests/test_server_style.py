@@ -97,3 +97,19 @@ def test_client_sends_the_reference_as_a_second_file_and_the_style_fields():
     assert req.params == {"style_scale": "2.0", "style_guidance": "icg"}
     req = endpoints.extend(b"song", 2, None, False, {"action": 3})
     assert "style" not in req.files and req.params["action"] == "3"
+
+
+def test_cli_style_flags_reach_the_request(tmp_path):
+    from clients import endpoints
+    from clients.__main__ import _parser, _sampling
+
+    (tmp_path / "in.wav").write_bytes(b"song")
+    (tmp_path / "ref.wav").write_bytes(b"ref")
+    args = _parser().parse_args(["continue", str(tmp_path / "in.wav"), "--style",
+                                 str(tmp_path / "ref.wav"), "--style-scale", "2",
+                                 "--style-guidance", "icg"])
+    req = endpoints.continue_(args.input, None, False, _sampling(args))
+    assert req.files["style"][1] == b"ref" and req.params["style_guidance"] == "icg"
+    args = _parser().parse_args(["extend", str(tmp_path / "in.wav"), "--chunks", "2",
+                                 "--action", "1"])
+    assert endpoints.extend(args.input, 2, None, False, _sampling(args)).params["action"] == "1"

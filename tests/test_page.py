@@ -92,7 +92,7 @@ def test_page_is_served_and_its_requests_are_the_api(app, clip_path):
     with TestClient(app) as c:
         r = c.get("/")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-        page = _page_contract(r.text)
+        page, html_text = _page_contract(r.text), r.text
         assert page["endpoints"] == {"continue": "continue", "extend": "extend",
                                      "inpaint": "inpaint", "loop": "loop", "vary": "vary",
                                      "info": "info", "analyze": "analyze"}
@@ -154,6 +154,11 @@ def test_page_is_served_and_its_requests_are_the_api(app, clip_path):
             assert needs[m["event"]] <= set(m), m.keys()
         wav = base64.b64decode(lines[1]["audio"])
         assert sf.info(io.BytesIO(wav)).frames == CHUNK
+
+        # analyzeInput(): the upload as it is; a clip without a beat is the 422 it names.
+        r = c.post("/" + page["endpoints"]["analyze"], files=files)
+        assert r.status_code == 422 and r.json()["error"] == "no_steady_beat"
+        assert '"no_steady_beat"' in html_text and "g.tempo" in html_text
 
         # An error the page shows as "status error: detail".
         r = c.post("/continue", params={"steps": "0"}, files=files)

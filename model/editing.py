@@ -9,7 +9,7 @@ nothing steps at a boundary even where the codec does not reconstruct the input 
 Inpaint and loop need a model trained with after-context (`can_edit`); else `EditUnsupported`.
 
 `EditingMixin` is mixed into `model.engine.ContinuationEngine` (whose helpers it calls: `_params`,
-`_encode`, `_codec_encode`, `_window`, `_decode_samples`, `heard_context`, `_rehear`); the server
+`_styles`, `_encode`, `_codec_encode`, `_window`, `_decode_samples`, `heard_context`, `_rehear`); the server
 imports these names from `model.engine`, which re-exports them.
 """
 

@@ -255,3 +255,23 @@ def test_train_entry_point_with_style_actions(tmp_path):
     assert json.dumps(record).count('"style_actions": 4') >= 1
     logged = [json.loads(x) for x in (tmp_path / "style/metrics.jsonl").read_text().splitlines()]
     assert any("loss" in x for x in logged)
+
+
+def test_fine_tune_adds_style_actions_to_an_exported_model(tmp_path):
+    from tests.test_resume import debug_config, make_tokens
+    from training.dit.trainer import Trainer
+
+    tokens = make_tokens(tmp_path / "tokens")
+    torch.manual_seed(0)
+    plain = DiT(DiTConfig.from_name("debug", frames_per_chunk=FPC, codebook_size=32,
+                                    max_after_chunks=1))
+    save_pretrained(plain, tmp_path / "served")
+    tuned = Trainer(debug_config(tokens, tmp_path, "tuned", init=str(tmp_path / "served"),
+                                 **{"model.style_actions": 4, "curriculum.stages.0.steps": 1,
+                                    "curriculum.stages.1.steps": 0,
+                                    "curriculum.stages.2.steps": 0, "eval.every": 0}))
+    assert tuned.model_cfg.style_actions == 4 and tuned.model_cfg.d_model == 64
+    state = tuned.dit.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+    assert torch.equal(state["style_proj.weight"], torch.zeros_like(state["style_proj.weight"]))
+    assert tuned.fit() == 0

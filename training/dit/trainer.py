@@ -115,8 +115,15 @@ class Trainer:
                         f"init {cfg.init!r} has {k} = {getattr(base, k)}, but the tokens in "
                         f"{cfg.data.tokens} have {v}: tokenise with the codec that model was "
                         "trained on")
-            self.model_cfg = dataclasses.replace(
-                base, max_after_chunks=max(base.max_after_chunks, from_tokens["max_after_chunks"]))
+            # Style actions may be added to (or retuned on) an exported model: the new path starts
+            # at zero, so the fine-tune starts from that model exactly (docs/model.md).
+            style = {k: v for k, v in overrides.items() if k.startswith("style_")}
+            try:
+                self.model_cfg = dataclasses.replace(
+                    base, max_after_chunks=max(base.max_after_chunks,
+                                               from_tokens["max_after_chunks"]), **style)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"[model] {style}: {e}") from e
             self.init_weights = Path(cfg.init) / WEIGHTS_FILE
         else:
             for k, v in from_tokens.items():
@@ -139,7 +146,12 @@ class Trainer:
             from safetensors.torch import load_file
 
             state = load_file(str(self.init_weights), device=str(self.device))
-            self.dit.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+            missing, unexpected = self.dit.load_state_dict(
+                {k: v.float() for k, v in state.items()}, strict=False)
+            # Only a style path the exported model lacks may be missing (it starts at init).
+            if unexpected or any(not k.startswith("style") for k in missing):
+                raise ConfigError(f"init {cfg.init!r} does not fit the model: missing "
+                                  f"{missing}, unexpected {unexpected}")
         self.n_params = self.dit.num_params()
         self.lora_scale = None
         if cfg.lora.rank:

@@ -275,3 +275,32 @@ def test_fine_tune_adds_style_actions_to_an_exported_model(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
     assert torch.equal(state["style_proj.weight"], torch.zeros_like(state["style_proj.weight"]))
     assert tuned.fit() == 0
+
+
+@torch.no_grad()
+def test_cached_styled_and_guided_inference_equals_full_recompute():
+    """With a style and both guidances, every logit the sampler used equals the training
+    layout's full forward with the same styles (the context cache is shared by all styles)."""
+    from model.layout import collate, fill_tokens
+    from tests.test_sampler import assert_logits_match_full_forward, context
+    from tests.test_sampler import tiny as sampler_tiny
+
+    model = sampler_tiny(**STYLE)
+    ctx = context(B=2)
+    style = torch.cat([model.style_action(torch.tensor([1])),
+                       model.style_of([c[:, -f:] for c, f in zip(ctx, FPC, strict=True)])[1:]])
+    p = [params(guidance=(2.0,) * 4, style_scale=2.5), params(style_scale=0.5)]
+    seen = []
+    out = generate(model, ctx, p, style=style, on_step=lambda *a: seen.append(a))
+    rows = torch.cat([style, style, torch.zeros_like(style)])  # cond, no context, no style
+
+    class Styled:
+        def __call__(self, tokens, batch, seg_t):
+            return model(tokens, batch, seg_t, style=rows)
+
+        def logits(self, h, level):
+            return model.logits(h, level)
+
+    batch = collate([2, 2, 0, 0, 2, 2], FPC, model.config.strides)
+    windows = [torch.cat([torch.cat([c, o], 1)] * 3) for c, o in zip(ctx, out, strict=True)]
+    assert_logits_match_full_forward(Styled(), batch, fill_tokens(batch, windows), seen)

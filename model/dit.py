@@ -55,7 +55,7 @@ class DiTConfig:
     t_freq_dim: int = 256  # sinusoidal features of t before its MLP (as in DiT)
     # Style actions (model/style.py, issue 37). 0 = no style path: every model before it, and
     # what a checkpoint without these fields loads as.
-    style_actions: int = 0  # K learned style embeddings; 8 knobs a person can still tell apart
+    style_actions: int = 0  # K learned style embeddings; a run sets it (e.g. 8: few knobs)
     style_topk: int = 2  # after the warm-up a chunk mixes at most this many styles
     # Training steps of a dense softmax over the K styles before top-k: every style first gets
     # a gradient from every chunk, so none dies before it means something.

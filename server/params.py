@@ -154,20 +154,22 @@ PARAM_HEADERS = ("X-Seed", "X-Steps", "X-Temperature", "X-Top-P", "X-Guidance", 
                  "X-Confidence")
 
 
-def request_passes(params: SamplingParams, chunks: int = 1) -> int:
+def request_passes(params: SamplingParams, chunks: int = 1, styled: bool = False) -> int:
     """Model passes one request costs: every denoising step of every level of every chunk, with
-    guided levels counted twice (the unconditional rows are as much work again)."""
-    per_chunk = sum(s * (2 if g != 1.0 else 1) for s, g in zip(params.steps, params.guidance,
-                                                               strict=True))
+    guided levels counted twice (the unconditional rows are as much work again), and once more
+    for guidance on a style (its reference rows)."""
+    extra = int(styled and params.style_scale != 1.0)
+    per_chunk = sum(s * (1 + (g != 1.0) + extra)
+                    for s, g in zip(params.steps, params.guidance, strict=True))
     return per_chunk * chunks
 
 
-def check_budget(params: SamplingParams, chunks: int, budget: int) -> None:
-    cost = request_passes(params, chunks)
+def check_budget(params: SamplingParams, chunks: int, budget: int, styled: bool = False) -> None:
+    cost = request_passes(params, chunks, styled)
     if cost > budget:
         raise InvalidParameter(
             f"compute_budget: this request needs {cost} model passes (steps {list(params.steps)}"
-            f" per chunk, guided levels twice, x {chunks} chunk{'s' * (chunks != 1)}); this "
+            f" per chunk, guided levels twice, style guidance once more, x {chunks} chunk{'s' * (chunks != 1)}); this "
             f"server allows at most {budget} (SNAC_DIT_MAX_REQUEST_PASSES). Ask for fewer "
             "steps or chunks.",
             code="compute_budget",

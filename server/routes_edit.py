@@ -142,7 +142,7 @@ async def inpaint(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     given, audio = await _read_input(request, svc, INPAINT_PARAMS)
     params = _sampling(given, svc)
     style = style_request(request, given, svc)
-    check_budget(params, 1, svc.settings.max_request_passes)
+    check_budget(params, 1, svc.settings.max_request_passes, style is not None)
     start_s, end_s, said = await _musical_span(svc, audio, given)
     try:
         start, end = _span(svc, len(audio), start_s, end_s)
@@ -197,7 +197,7 @@ async def vary(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     given, audio = await _read_input(request, svc, VARY_PARAMS)
     params = _sampling(given, svc)
     style = style_request(request, given, svc)
-    check_budget(params, 1, svc.settings.max_request_passes)
+    check_budget(params, 1, svc.settings.max_request_passes, style is not None)
     raw_keep = (given.get("keep") or "A").strip().upper()
     if raw_keep not in KEEP:
         raise InvalidParameter(f"keep: A, AB or beats, got {given.get('keep')!r}")

@@ -252,9 +252,9 @@ def _wav_headers(svc: Service, params, n_input: int | None, **extra) -> dict[str
 async def continue_(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     given, audio = await _read_input(request, svc, CONTINUE_PARAMS)
     params = _sampling(given, svc)
-    check_budget(params, 1, svc.settings.max_request_passes)
-    include_input = parse_bool("include_input", given.get("include_input"))
     style = style_request(request, given, svc)
+    check_budget(params, 1, svc.settings.max_request_passes, style is not None)
+    include_input = parse_bool("include_input", given.get("include_input"))
 
     job = svc.batcher.submit_continue(audio, params, style=style)
     try:
@@ -286,10 +286,10 @@ async def extend(request: Request, _: AuthDep, svc: ReadyDep) -> Response:
     given, audio = await _read_input(request, svc, EXTEND_PARAMS)
     params = _sampling(given, svc)
     n = parse_int("chunks", given.get("chunks"), 1, 1, svc.settings.max_chunks)
-    check_budget(params, n, svc.settings.max_request_passes)
+    style = style_request(request, given, svc)
+    check_budget(params, n, svc.settings.max_request_passes, style is not None)
     include_input = parse_bool("include_input", given.get("include_input"))
     stream = parse_bool("stream", given.get("stream"))
-    style = style_request(request, given, svc)
     rate = svc.engine.sample_rate
     headers = _wav_headers(svc, params, len(audio) if include_input else None, **{"X-Chunks": n})
 

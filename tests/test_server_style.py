@@ -113,3 +113,12 @@ def test_cli_style_flags_reach_the_request(tmp_path):
     args = _parser().parse_args(["extend", str(tmp_path / "in.wav"), "--chunks", "2",
                                  "--action", "1"])
     assert endpoints.extend(args.input, 2, None, False, _sampling(args)).params["action"] == "1"
+
+
+def test_style_guidance_counts_in_the_compute_budget():
+    from model.sampler import SamplingParams
+    from server.params import request_passes
+
+    p = SamplingParams(steps=(4, 2, 2, 2), guidance=(2.0, 1.0, 1.0, 1.0), style_scale=2.0)
+    assert request_passes(p) == 4 * 2 + 6 == 14          # no style given: no reference rows
+    assert request_passes(p, 2, styled=True) == 2 * (4 * 3 + 6 * 2)

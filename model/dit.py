@@ -419,8 +419,15 @@ class DiT(nn.Module):
         cfg = self.config
         if not cfg.style_actions:
             raise ValueError("this model has no style path (style_actions = 0)")
+        return self.style_weights(chunk, sparse) @ self.style.styles
+
+    def style_weights(self, chunk: list[Tensor], sparse: bool = True) -> Tensor:
+        """(B, K) mixing weights over the style actions of whole chunks (as `style_of`)."""
+        cfg = self.config
+        if not cfg.style_actions:
+            raise ValueError("this model has no style path (style_actions = 0)")
         ids = torch.cat([c + lvl * (cfg.codebook_size + 1) for lvl, c in enumerate(chunk)], 1)
-        return self.style(self.tok_emb(ids), sparse=sparse)  # (B, N=sum F_l, d) pooled
+        return self.style.weights(self.tok_emb(ids), sparse=sparse)  # pooled over N = sum F_l
 
     def style_action(self, k: Tensor) -> Tensor:
         """Style vectors (B, d_model) of chosen actions k (B,) in 0..style_actions-1."""

@@ -132,17 +132,19 @@ def test_training_loss_uses_the_target_chunks_style_with_dropout():
     module = LossModule(dit, MaskedDiffusion())
     terms = module(windows, [2, 1, 0], g, step=10_000)
     terms["loss"].backward()
+    assert 1.0 <= terms["style_usage"] <= 4.0
     assert dit.style.styles.grad.abs().sum() > 0 and dit.style.query.grad is not None
     # The style comes from the target chunk (the last one), not from the context.
     dit.config.style_dropout = 0.0
-    a = target_style(dit, windows, None, True, False)
+    a, w = target_style(dit, windows, None, True, False)
     other = [torch.cat([torch.randint(0, 32, (3, 2 * f)), w[:, 2 * f:]], 1)
              for w, f in zip(windows, FPC, strict=True)]
-    assert torch.equal(a, target_style(dit, other, None, True, False))
+    assert torch.equal(a, target_style(dit, other, None, True, False)[0])
+    assert ((w > 0).sum(1) <= 2).all()  # top-k after the warm-up
     assert torch.equal(a, dit.style_of([w[:, 2 * f:] for w, f in zip(windows, FPC, strict=True)]))
     # Dropout 1: every style zeroed, the loss is the plain model's for the same draws.
     dit.config.style_dropout = 1.0
-    z = target_style(dit, windows, torch.Generator().manual_seed(1), True, False)
+    z = target_style(dit, windows, torch.Generator().manual_seed(1), True, False)[0]
     assert torch.equal(z, torch.zeros_like(z))
     dit.config.style_dropout = 0.2
 
@@ -255,6 +257,8 @@ def test_train_entry_point_with_style_actions(tmp_path):
     assert json.dumps(record).count('"style_actions": 4') >= 1
     logged = [json.loads(x) for x in (tmp_path / "style/metrics.jsonl").read_text().splitlines()]
     assert any("loss" in x for x in logged)
+    usage = [x["style_usage"] for x in logged if x.get("kind") == "train"]
+    assert usage and all(1.0 <= u <= 4.0 for u in usage)  # effective actions in use, 1..K
 
 
 def test_fine_tune_adds_style_actions_to_an_exported_model(tmp_path):

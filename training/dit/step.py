@@ -46,17 +46,19 @@ class _Styled:
         return self.dit.logits(h, level)
 
 
-def target_style(dit: DiT, windows, generator, sparse: bool, after: bool) -> torch.Tensor:
-    """(B, d) style vectors of the windows' target chunks, a `style_dropout` share zeroed."""
+def target_style(dit: DiT, windows, generator, sparse: bool, after: bool):
+    """(B, d) style vectors of the windows' target chunks, a `style_dropout` share zeroed, and
+    their (B, K) mixing weights over the actions."""
     cfg = dit.config
     fpc = cfg.frames_per_chunk
     W = windows[0].shape[1] // fpc[0] - 1 - int(after)  # context chunks before the target
     target = [w[:, W * f:(W + 1) * f] for w, f in zip(windows, fpc, strict=True)]
-    style = dit.style_of(target, sparse=sparse)
+    weights = dit.style_weights(target, sparse=sparse)
+    style = weights @ dit.style.styles
     B = style.shape[0]
     keep = torch.rand(B, generator=generator, device=generator.device if generator is not None
                       else style.device).to(style.device) >= cfg.style_dropout
-    return style * keep[:, None].to(style.dtype)
+    return style * keep[:, None].to(style.dtype), weights
 
 
 class LossModule(nn.Module):
@@ -78,12 +80,18 @@ class LossModule(nn.Module):
             n_ctx, after = diffusion._n_ctx(n_ctx, len(n_ctx), W, host_generator, n_after, A)
             n_after = after if n_after is not None else None
             diffusion = self._no_dropout
-        model = self.dit
         if self.dit.config.style_actions:
             sparse = step >= self.dit.config.style_warmup
-            model = _Styled(self.dit, target_style(self.dit, windows, generator, sparse,
-                                                   n_after is not None))
-        return diffusion.loss(model, windows, n_ctx=n_ctx, generator=generator,
+            style, weights = target_style(self.dit, windows, generator, sparse,
+                                          n_after is not None)
+            terms = diffusion.loss(_Styled(self.dit, style), windows, n_ctx=n_ctx,
+                                   generator=generator, n_after=n_after)
+            # How many actions the batch's chunks use (exp of the entropy of their mean mix):
+            # K = every action used alike, 1 = all collapsed onto one. Logged with the loss.
+            m = weights.detach().float().mean(0)
+            terms["style_usage"] = torch.exp(-(m * m.clamp(min=1e-12).log()).sum())
+            return terms
+        return diffusion.loss(self.dit, windows, n_ctx=n_ctx, generator=generator,
                               n_after=n_after)
 
 

@@ -308,3 +308,11 @@ def test_cached_styled_and_guided_inference_equals_full_recompute():
     batch = collate([2, 2, 0, 0, 2, 2], FPC, model.config.strides)
     windows = [torch.cat([torch.cat([c, o], 1)] * 3) for c, o in zip(ctx, out, strict=True)]
     assert_logits_match_full_forward(Styled(), batch, fill_tokens(batch, windows), seen)
+
+
+def test_model_card_names_the_style_actions():
+    from training.dit.card import _style_line
+
+    assert _style_line({}).startswith("none")
+    line = _style_line(asdict(DiTConfig.from_name("debug", style_actions=8)))
+    assert line.startswith("8 learned without labels (top-2 after 2,000 steps")

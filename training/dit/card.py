@@ -150,6 +150,16 @@ def shown_path(source) -> str:
         return str(p)
 
 
+def _style_line(dit: dict) -> str:
+    """The card's line on style actions (issue 37; configs before it have none)."""
+    k = dit.get("style_actions", 0)
+    if not k:
+        return "none (requests with a style or an action get a 422)."
+    return (f"{k} learned without labels (top-{dit['style_topk']} after "
+            f"{dit['style_warmup']:,} steps, dropout {dit['style_dropout']:g}); "
+            "docs/model.md, \"Style actions\".")
+
+
 def card(run: Path, weights: Path, corpus: Path | None = None, result: dict | None = None,
          notes: str = "", tokens: Path | None = None) -> str:
     served = read_dit_config(weights)
@@ -258,6 +268,7 @@ music offline. {status}
 - Architecture: preset `{train['model'].get('preset')}`, d_model {dit['d_model']}, {dit['n_layers']}
   layers, {dit['n_heads']} heads, {n_levels} levels of {V:,} codes
   ({f'{n_params:,} parameters' if n_params else 'parameters: see model.safetensors'}).
+- Style actions: {_style_line(dit)}
 - Files: `config.json` (model, diffusion schedules, codec, provenance) and `model.safetensors`
   ({', '.join(dtypes) if n_params else '?'}; the engine computes in fp32 on CPU, bf16 on CUDA).
 - Codec: the tokens were made by codec fingerprint `{codec['fingerprint']}`{codes} from

@@ -13,6 +13,7 @@ from model.dit import DiT, DiTConfig
 from model.engine import ContinuationEngine
 from server.app import create_app
 from server.settings import Settings
+from tests.test_page import browser  # noqa: F401 - the page tests' chromium fixture
 from tests.test_server import assert_error, post, read_wav, wav_bytes
 
 SR = 32000
@@ -122,3 +123,46 @@ def test_style_guidance_counts_in_the_compute_budget():
     p = SamplingParams(steps=(4, 2, 2, 2), guidance=(2.0, 1.0, 1.0, 1.0), style_scale=2.0)
     assert request_passes(p) == 4 * 2 + 6 == 14          # no style given: no reference rows
     assert request_passes(p, 2, styled=True) == 2 * (4 * 3 + 6 * 2)
+
+
+def test_browser_page_offers_the_actions_only_when_the_model_has_them(
+        debug_codec_dir, browser, tmp_path):  # noqa: F811 - the fixture imported above
+    """The page's style controls: hidden for a model without style actions (the shipped demo);
+    with them, the K actions as a choice and a reference clip, sent with continue."""
+    import soundfile as sf
+
+    from server.background import serve_in_background
+    from tests.test_page import _duration, _run
+
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, song(8.0), SR, subtype="PCM_16")
+    for k in (0, 4):
+        engine, sent = make_engine(debug_codec_dir, k), []
+        run = engine.continue_batch
+
+        def recorded(*args, _sent=sent, _run=run, **kw):
+            _sent.append(kw.get("styles"))
+            return _run(*args, **kw)
+
+        engine.continue_batch = recorded
+        app = create_app(Settings(warmup=False, max_wait_ms=1), engine=engine)
+        with serve_in_background(app) as url:
+            browser.cmd("POST", "/url", {"url": url + "/"})
+            browser.wait_js("return document.getElementById('max-chunks').textContent"
+                            ".includes('at most')")  # /info has been read
+            hidden = browser.js("return document.getElementById('style-panel').hidden")
+            options = browser.js("return document.getElementById('style-action').options.length")
+            assert (hidden, options) == ((True, 1) if k == 0 else (False, 1 + k))
+            if k:
+                browser.type("#audio", str(clip))
+                browser.type("input[name=steps]", "1")
+                browser.js("const s = document.getElementById('style-action');"
+                           "s.value = '2'; s.dispatchEvent(new Event('change'))")
+                browser.type("#style-file", str(clip))
+                browser.wait_js("return document.getElementById('input-audio').readyState >= 1")
+                _run(browser, "#continue-btn")
+                assert _duration(browser, "#result-audio") > 6.0
+                assert sent[-1][0].reference is not None     # the clip's style went along
+                browser.js("document.getElementById('style-file').value = ''")
+                _run(browser, "#continue-btn")
+                assert sent[-1][0].action == 2               # then the chosen action

@@ -58,7 +58,12 @@ def load_snac(source: str | dict | os.PathLike, seed: int = 0) -> tuple[SNAC, di
     if isinstance(source, dict):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return build_snac(source), dict(source)
+            snac, config = build_snac(source), dict(source)
+        if config.get("decoder"):   # the whole spec, as its saved decoder.json will hold it
+            from model.vocoder import decoder_spec
+
+            config["decoder"] = decoder_spec(snac.decoder)
+        return snac, config
     path = Path(source)
     if path.is_dir():
         return _snac_from_dir(path)

@@ -229,6 +229,16 @@ def test_the_istft_codec_trains_resumes_exactly_and_exports(tmp_path, chord_dir)
     y = export.decode(export.encode(torch.randn(1, 12288) * 0.1))
     assert y.shape == (1, 12288) and torch.isfinite(y).all()
 
+    # A fresh machine warm-starts from the export with the recipe's own command line (its
+    # `decoder` table is ignored: the export's decoder is kept).
+    warm = tmp_path / "warm"
+    assert main(common + ["--out_dir", str(warm), "--init", str(straight / "export"),
+                          "--steps", "1", "--val_every", "0"]) == 0
+    again = Codec.load(str(warm / "export"))
+    assert again.decoder_name == "istft" and again.fingerprint != export.fingerprint
+    x = torch.randn(1, 12288) * 0.1
+    assert [c.shape for c in again.encode(x)] == [c.shape for c in export.encode(x)]
+
 
 def test_eval_and_card_of_a_pitch_codec(tmp_path, chord_dir):
     """bench/eval_codec.py on a folder of audio (--audio) with every reference row, and the

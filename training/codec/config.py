@@ -49,7 +49,7 @@ class CodecTrainConfig:
     #                                   codes (and any tokenised dataset) stay valid
     # A decoder that replaces SNAC's (model/vocoder.py), e.g. {kind = "istft", dim = 384,
     # layers = 8, n_fft = 1536}; its latent_dim and hop follow from the SNAC config. Empty =
-    # SNAC's own decoder.
+    # SNAC's own decoder. A run from `init` keeps the decoder it was saved with (like `model`).
     decoder: dict = field(default_factory=dict)
     # Pitch distillation (training/codec/pitch_head.py): a head predicts each coarse frame's
     # chroma from levels < chroma_levels; its weight is loss_weights.chroma (0 = no head).
@@ -188,9 +188,6 @@ class CodecTrainConfig:
                              "dead_code_noise >= 0")
         if self.val_every < 0:
             raise ValueError("val_every must be >= 0 (0 = only at the end)")
-        if self.decoder and self.init:
-            raise ValueError("`decoder` builds a new decoder for a from-scratch run; a run "
-                             "from `init` keeps the decoder it was saved with")
         if self.decoder.get("kind", "istft") != "istft":
             raise ValueError(f"unknown decoder kind {self.decoder['kind']!r}; known: istft")
         spectral = {"amp", "phase", "consistency"} & {k for k, v in self.loss_weights.items()

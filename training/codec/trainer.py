@@ -63,9 +63,9 @@ class CodecTrainer:
         torch.manual_seed(cfg.seed)  # weight init of model and discriminator
         source = model_source if model_source is not None else (cfg.init or cfg.model_config())
         self.model, self.model_config = load_for_training(source)
-        if cfg.init and cfg.model and model_source is None:
-            print("warning: `model` overrides are ignored when fine-tuning from `init`",
-                  file=sys.stderr)
+        if cfg.init and (cfg.model or cfg.decoder) and model_source is None:
+            print("warning: `model` and `decoder` are ignored when fine-tuning from `init` "
+                  "(the model keeps the architecture it was saved with)", file=sys.stderr)
         self.model.to(self.device).train()
         if cfg.freeze_encoder:
             freeze_encoder_and_quantizer(self.model)

@@ -199,10 +199,10 @@ if v and k not in ('adv', 'feat'))}; GAN {'on' if train['gan'] else 'off'}. Code
 (docs/codec-training.md §4): batch-centred quantiser input folded into `in_proj` for export,
 data-initialised codebooks, codes unused for {train.get('dead_code_window', 10)} steps restarted
 (checked every {train['dead_code_every']} steps), VQ gradients `{train.get('vq_gradients', 'raw')}`.
-Recipe changes made during the run and why: docs/codec-training.md §4 and §6.{anneal_text(train, parent)}
+Recipe changes made during the run and why: docs/codec-training.md {'§7 and §8' if decoder else '§4 and §6'}.{anneal_text(train, parent)}
 
 - Steps: {step}. Training time: {hours:.2f} h on a 2-core AMD EPYC VM (no GPU), fp32,
-  {train['threads']} torch threads; the figure counts the steps at their quiet-machine speed
+  {train['threads']} torch thread{'s' if train['threads'] != 1 else ''}; the figure counts the steps at their quiet-machine speed
   (`training/codec/card.py` says how).
 
 ## Metrics (held-out tracks)

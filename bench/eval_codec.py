@@ -55,7 +55,7 @@ from training.codec.eval import codebook_stats  # noqa: E402
 from training.codec.losses import MelLoss, si_sdr  # noqa: E402
 
 SYSTEMS = ("codec", "envelope_noise", "opus", "griffin_lim", "original")
-PITCH_KEYS = ("chroma", "frame_f1", "chroma_f1", "onset_f1", "comb_db")
+PITCH_KEYS = ("chroma", "frame_f1", "chroma_f1", "onset_f1", "comb_db", "bin_comb_db")
 
 
 def opus_roundtrip(x: np.ndarray, sr: int) -> tuple[np.ndarray, float]:
@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         from training.codec import pitch
     mel = MelLoss(sr)
     frame_rate = sr / codec.hop_length
+    n_fft = getattr(getattr(codec.snac.decoder, "cfg", None), "n_fft", None)
+    bin_spacing = sr / n_fft if n_fft else None       # an inverse-STFT decoder's bin comb
     rows, codes, recon = [], [[] for _ in range(codec.n_levels)], []
     for i, (name, start, x) in enumerate(segments):
         print(f"segment {i + 1}/{len(segments)}: {name} @ {start:.1f} s", file=sys.stderr)
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             m = {"mel": float(mel(ot.view(1, 1, -1), xt.view(1, 1, -1))),
                  "si_sdr": float(si_sdr(ot.view(1, -1), xt))}
             if pitch is not None:
-                m.update(pitch.pitch_metrics(x, out, sr, frame_rate, ref_events))
+                m.update(pitch.pitch_metrics(x, out, sr, frame_rate, ref_events, bin_spacing))
             row.update({f"{system}_{k}": v for k, v in m.items()})
         rows.append(row)
         recon.append((f"{name}@{start:.0f}s", x, y.numpy(), o))

@@ -24,7 +24,7 @@ Configured by a plain dict (`DECODER_KINDS`), stored as decoder.json beside the 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -181,3 +181,19 @@ def build_decoder(spec: dict) -> nn.Module:
 
 def decoder_spec(decoder: nn.Module) -> dict:
     return {"kind": decoder.cfg.kind, **asdict(decoder.cfg)}
+
+
+# Fields that change how a decoder renders its spectrum, not what its weights are: a trained
+# decoder can take new values for them (a warm start switching to Griffin-Lim phase, say).
+RENDER_OPTIONS = ("phase", "gl_iters")
+
+
+def set_render_options(decoder: nn.Module, spec: dict) -> dict:
+    """In place: apply `spec`'s render options to `decoder` (validated as at construction).
+    Returns the rest of `spec` that differs from the decoder's own, which cannot be applied."""
+    own = decoder_spec(decoder)
+    options = {k: v for k, v in spec.items() if k in RENDER_OPTIONS}
+    if options.get("phase", decoder.cfg.phase) not in ("learned", "griffin_lim"):
+        raise ValueError(f"phase must be 'learned' or 'griffin_lim', not {options['phase']!r}")
+    decoder.cfg = replace(decoder.cfg, **options)
+    return {k: v for k, v in spec.items() if k not in RENDER_OPTIONS and own.get(k) != v}

@@ -201,7 +201,7 @@ def chord_dir(tmp_path_factory) -> Path:
     return d
 
 
-def test_the_istft_codec_trains_resumes_exactly_and_exports(tmp_path, chord_dir):
+def test_the_istft_codec_trains_resumes_exactly_and_exports(tmp_path, chord_dir, capsys):
     common = FAST + ["--train", str(chord_dir), "--steps", "6", "--log_every", "1",
                      "--val_every", "6", "--ckpt_every", "100", "--resume", "never"]
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -238,6 +238,21 @@ def test_the_istft_codec_trains_resumes_exactly_and_exports(tmp_path, chord_dir)
     assert again.decoder_name == "istft" and again.fingerprint != export.fingerprint
     x = torch.randn(1, 12288) * 0.1
     assert [c.shape for c in again.encode(x)] == [c.shape for c in export.encode(x)]
+
+    # ...but its render options may change: the same weights, Griffin-Lim phase from then on,
+    # kept by the checkpoint (a resume) and the export; a shape field still cannot change.
+    gl = tmp_path / "gl"
+    args = [a for a in common if a != '{kind = "istft", dim = 32, layers = 2}']
+    at = args.index("--decoder") + 1
+    args.insert(at, '{kind = "istft", dim = 32, layers = 3, phase = "griffin_lim", gl_iters = 4}')
+    capsys.readouterr()
+    assert main(args + ["--out_dir", str(gl), "--init", str(straight / "export"),
+                        "--steps", "1", "--val_every", "0"]) == 0
+    assert "decoder.layers ignored" in capsys.readouterr().err
+    spec = Codec.load(str(gl / "export")).snac.decoder.cfg
+    assert (spec.phase, spec.gl_iters, spec.layers) == ("griffin_lim", 4, 2)
+    ck = load_checkpoint(list_checkpoints(gl / "checkpoints")[-1][1])
+    assert ck["config"]["model"]["decoder"]["phase"] == "griffin_lim"
 
 
 def test_eval_and_card_of_a_pitch_codec(tmp_path, chord_dir):
@@ -291,19 +306,24 @@ def test_a_still_decoder_does_not_buzz_at_the_frame_rate():
     frame rate (the buzz of the first demo decoder)."""
     torch.manual_seed(0)
     z = torch.randn(1, 16, 1).expand(1, 16, 250).contiguous()
-    combs = {}
+    combs, outputs = {}, {}
     for advance in (True, False):
         torch.manual_seed(0)
         d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1,
                                             phase_advance=advance))
         with torch.no_grad():
             y = d(z)[0, 0, 384 * 8: -384 * 8].numpy()
-        combs[advance] = pitch.frame_rate_comb(y, SR, FRAME_RATE)
+        combs[advance], outputs[advance] = pitch.frame_rate_comb(y, SR, FRAME_RATE), y
     assert combs[False] > 20 and abs(combs[True]) < 3
     # the advance repeats every 4 frames: a window starting on the 32-frame grid sees the
     # same phases as the whole sequence
     d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1))
     assert torch.allclose(d.advance(64)[:, 32:].cos(), d.advance(32).cos(), atol=1e-5)
+    # ...but that tone mix is a drone of bin-centre tones (every sr / n_fft = 20.8 Hz), which
+    # the bin comb sees and the frame-rate comb does not; real notes show neither
+    drone = pitch.frame_rate_comb(outputs[True], SR, SR / 1536, 96)
+    notes = pitch.frame_rate_comb(chord_progression(), SR, SR / 1536, 96)
+    assert drone > 10 and abs(notes) < 3, (drone, notes)
 
 
 def test_the_server_decodes_a_dits_codes_with_the_istft_decoder(tmp_path, debug_codec):

@@ -73,8 +73,10 @@ def pitch_table(result: dict, title: str) -> str:
              "Griffin-Lim of the true magnitudes", "original": "the original"}
     keys = [("chroma", "chroma corr."), ("frame_f1", "frame F1"), ("chroma_f1", "chroma F1"),
             ("onset_f1", "onset F1"), ("comb_db", "comb dB"), ("mel", "mel")]
+    if "bin_comb_db" in c:     # an inverse-STFT decoder: its bin-rate comb too
+        keys.insert(5, ("bin_comb_db", "bin comb dB"))
     rows = "\n".join(f"| {names.get(n, n)} | " + " | ".join(
-        (f"{m[k]:+.1f}" if k == "comb_db" else f"{m[k]:.3f}") if k in m else "—"
+        (f"{m[k]:+.1f}" if k.endswith("comb_db") else f"{m[k]:.3f}") if k in m else "—"
         for k, _ in keys) + " |" for n, m in table.items())
     checks = [
         f"chroma correlation ≥ {TARGET_CHROMA}: {ok(c['chroma'] >= TARGET_CHROMA)} "

@@ -14,6 +14,9 @@ codec is judged by what a listener hears as music:
 - `frame_rate_comb`: the long-term spectrum (Welch, 1 Hz bins) in dB at k x f0 minus at
   (k + 1/2) x f0 for k = 1..24, averaged; f0 = the codec's frame rate (83.33 Hz for hop 384 at
   32 kHz). A decoder that buzzes at its frame rate shows a positive comb the original lacks.
+  The same measure at an inverse-STFT decoder's bin spacing (sr / n_fft, 20.8 Hz for n_fft
+  1536; k = 1..96, up to 2 kHz) catches a decoder that renders every bin as a steady tone at
+  its centre frequency (a drone the frame-rate comb cannot see): `bin_comb_db`.
 
 References (`envelope_noise`, `griffin_lim`): noise with the original's 40-band mel envelope
 and random phase (what a mel target alone can be met by), and Griffin-Lim of the original's true
@@ -40,6 +43,7 @@ import numpy as np
 CHROMA_HOP = 1024
 LOUDNESS_FLOOR_DB = 40.0
 COMB_HARMONICS = 24
+BIN_COMB_HZ = 2000.0          # the bin comb looks at the partials' range, 0-2 kHz
 MULTIPITCH_HOP_S = 0.01
 
 
@@ -197,13 +201,17 @@ def griffin_lim(x: np.ndarray, sr: int, n_fft: int = 2048, hop: int = 512,
 
 
 def pitch_metrics(x: np.ndarray, y: np.ndarray, sr: int, frame_rate: float,
-                  ref_events=None) -> dict[str, float]:
+                  ref_events=None, bin_spacing: float | None = None) -> dict[str, float]:
     """Every pitch figure of y against the original x. ref_events: x's transcription, if
-    already made (it is shared by every system compared on x)."""
+    already made (it is shared by every system compared on x). bin_spacing: an inverse-STFT
+    decoder's sr / n_fft, for `bin_comb_db`."""
     if ref_events is None:
         ref_events = transcribe(x, sr)
     out = {"chroma": chroma_correlation(x, y, sr),
            "comb_db": frame_rate_comb(y, sr, frame_rate)}
+    if bin_spacing:
+        out["bin_comb_db"] = frame_rate_comb(y, sr, bin_spacing,
+                                             int(BIN_COMB_HZ // bin_spacing))
     scores = transcription_scores(ref_events, transcribe(y, sr), len(x) / sr)
     if scores is not None:
         out.update(scores)

@@ -63,9 +63,20 @@ class CodecTrainer:
         torch.manual_seed(cfg.seed)  # weight init of model and discriminator
         source = model_source if model_source is not None else (cfg.init or cfg.model_config())
         self.model, self.model_config = load_for_training(source)
-        if cfg.init and (cfg.model or cfg.decoder) and model_source is None:
-            print("warning: `model` and `decoder` are ignored when fine-tuning from `init` "
-                  "(the model keeps the architecture it was saved with)", file=sys.stderr)
+        if cfg.init and model_source is None:
+            ignored = dict(cfg.model)
+            if cfg.decoder and hasattr(self.model.decoder, "cfg"):
+                # render options (Griffin-Lim phase, its iterations) may change on a warm start
+                from model.vocoder import decoder_spec, set_render_options
+
+                rest = set_render_options(self.model.decoder, cfg.decoder)
+                self.model_config["decoder"] = decoder_spec(self.model.decoder)
+                ignored.update({f"decoder.{k}": v for k, v in rest.items()})
+            elif cfg.decoder:
+                ignored["decoder"] = cfg.decoder
+            if ignored:
+                print(f"warning: {', '.join(ignored)} ignored when fine-tuning from `init` "
+                      "(the model keeps the architecture it was saved with)", file=sys.stderr)
         self.model.to(self.device).train()
         if cfg.freeze_encoder:
             freeze_encoder_and_quantizer(self.model)

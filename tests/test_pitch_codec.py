@@ -180,6 +180,13 @@ def test_chroma_head_target_finds_the_pitch_class():
     loss = head.loss(levels, a4.view(1, 1, -1))
     loss.backward()
     assert loss > 0 and levels[0].grad.abs().sum() > 0 and levels[2].grad is None
+    # the KL is 0 for the exact chroma; against the chord progression's mean chroma (what a
+    # head that learned nothing predicts, validation's `chroma_kl_prior`) it is well above 0
+    chords = torch.from_numpy(chord_progression().astype(np.float32)).view(1, 1, -1)
+    p, mask = head.target(chords, frames=64)
+    assert head.kl(p, p.log(), mask) < 1e-6
+    mean = p.transpose(1, 2)[mask].mean(0)
+    assert head.kl(p, mean.log()[None, :, None].expand_as(p), mask) > 0.3
 
 
 # ---------------------------------------------------------------- training
@@ -223,6 +230,7 @@ def test_the_istft_codec_trains_resumes_exactly_and_exports(tmp_path, chord_dir,
     assert train[-1]["loss/total"] < train[0]["loss/total"]
     val = [r for r in rows if "val/mel" in r][-1]
     assert -1 <= val["val/chroma"] <= 1 and math.isfinite(val["val/comb_db"])
+    assert val["val/chroma_kl"] >= 0 and val["val/chroma_kl_prior"] > 0
 
     export = Codec.load(str(straight / "export"))
     assert export.decoder_name == "istft"

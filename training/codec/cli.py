@@ -143,7 +143,8 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
 
     def validate():
         metrics = evaluate(trainer.export_model(), val_segments, trainer.recon, trainer.codebook_size,
-                           trainer.device, seed=cfg.seed, sample_rate=trainer.sample_rate)
+                           trainer.device, seed=cfg.seed, sample_rate=trainer.sample_rate,
+                           chroma_head=trainer.chroma_head)
         if not metrics:
             return
         collapsed = collapsed_levels(metrics, cfg.collapse_perplexity)
@@ -153,6 +154,9 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
                             f"{metrics[f'val/perplexity_{lv}']:.0f}" for lv in levels)
         pitch = (f"chroma {metrics['val/chroma']:.3f}  comb {metrics['val/comb_db']:+.1f} dB  "
                  if "val/chroma" in metrics else "")
+        if "val/chroma_kl" in metrics:   # the coarse codes' pitch: the head's KL vs the prior's
+            pitch += (f"chroma KL {metrics['val/chroma_kl']:.3f} "
+                      f"(prior {metrics['val/chroma_kl_prior']:.3f})  ")
         tqdm.write(f"val step {trainer.step}: mel {metrics['val/mel']:.3f}  "
                    f"si_sdr {metrics['val/si_sdr']:.1f} dB  {pitch}{summary}", file=sys.stderr)
         for lv in collapsed:

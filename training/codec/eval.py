@@ -50,13 +50,16 @@ def _pitch_metrics():
 @torch.no_grad()
 def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
              codebook_size: int, device: torch.device, seed: int = 0,
-             sample_rate: int | None = None) -> dict[str, float]:
+             sample_rate: int | None = None, chroma_head=None) -> dict[str, float]:
     """segments: (1, 1, T) tensors. Returns {'val/mel': ..., 'val/usage_0': ..., ...}, and
-    'val/chroma', 'val/comb_db' when `sample_rate` is given and librosa is installed."""
+    'val/chroma', 'val/comb_db' when `sample_rate` is given and librosa is installed.
+    With the training's chroma head (pitch_head.py): 'val/chroma_kl', its KL on the held-out
+    audio, beside 'val/chroma_kl_prior', the KL of the held-out chroma against its own mean
+    (what a head that learned nothing from the codes scores): do levels A and B carry pitch?"""
     if not segments:
         return {}
     pitch = _pitch_metrics() if sample_rate else None
-    chroma, comb = [], []
+    chroma, comb, head_kl, targets = [], [], [], []
     was_training = model.training
     model.eval()
     sums = {"mel": 0.0, "stft": 0.0, "si_sdr": 0.0}
@@ -79,6 +82,11 @@ def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
                     chroma.append(c)
                 comb.append(pitch.frame_rate_comb(ya, sample_rate,
                                                   sample_rate / int(model.hop_length)))
+            if chroma_head is not None:
+                log_q = chroma_head(out.level_z_q)
+                p, mask = chroma_head.target(x, log_q.shape[-1])
+                head_kl.append(chroma_head.kl(p, log_q, mask))
+                targets.append((p, mask))
             if not codes:
                 codes = [[] for _ in out.codes]
             for level, c in enumerate(out.codes):
@@ -89,6 +97,11 @@ def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
         metrics["val/chroma"] = sum(chroma) / len(chroma)
     if comb:
         metrics["val/comb_db"] = sum(comb) / len(comb)
+    if head_kl:
+        mean = torch.cat([p.transpose(1, 2)[m] for p, m in targets]).mean(0).clamp(min=1e-8)
+        prior = [chroma_head.kl(p, mean.log()[None, :, None].expand_as(p), m) for p, m in targets]
+        metrics["val/chroma_kl"] = float(sum(head_kl) / len(head_kl))
+        metrics["val/chroma_kl_prior"] = float(sum(prior) / len(prior))
     metrics.update({f"val/{k}": v for k, v in codebook_stats(codes, codebook_size).items()})
     return metrics
 

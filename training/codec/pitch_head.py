@@ -61,8 +61,13 @@ class ChromaHead(nn.Module):
         # speaks to the head.
         return F.log_softmax(self.net(F.group_norm(coarse, 1)), dim=1)
 
+    @staticmethod
+    def kl(p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean KL(p || q) over the loud frames; p, log_q (B, 12, frames), mask (B, frames)."""
+        kl = (p * (p.clamp(min=1e-8).log() - log_q)).sum(dim=1)           # (B, frames)
+        return (kl * mask).sum() / mask.sum().clamp(min=1)
+
     def loss(self, level_z_q: list[torch.Tensor], audio: torch.Tensor) -> torch.Tensor:
         log_q = self(level_z_q)
         p, mask = self.target(audio, log_q.shape[-1])
-        kl = (p * (p.clamp(min=1e-8).log() - log_q)).sum(dim=1)           # (B, frames)
-        return (kl * mask).sum() / mask.sum().clamp(min=1)
+        return self.kl(p, log_q, mask)

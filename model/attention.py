@@ -17,6 +17,11 @@ Backends:
              that fails to import is a warning with the error, never silently skipped.
 Switch with `set_backend(name)` or `with attention_backend(name): ...`.
 
+Maskless SDPA (issue 38): on a CPU, where the mask lets every query see every key (a single
+request's sampling passes against the KV cache: each pass's keys are exactly what it may see),
+"sdpa" calls SDPA without a mask, its fastest path (~10 % faster at the demo DiT's shapes), with
+the same attention. Decided once per forward with the mask; `set_maskless(False)` turns it off.
+
 Dtypes: every backend computes in one dtype, `compute_dtype(q, k, v)`: the autocast dtype inside
 an autocast region, else v's. Under CUDA autocast rms_norm is an fp32 op, so the model's normed
 q/k arrive in fp32 beside a bf16 v; they are cast rather than rejected (the kernel needs one
@@ -32,7 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.attention_rule import LastInputsCache, attention_ref, check_inputs, sdpa_mask
+from model.attention_rule import (
+    LastInputsCache,
+    attention_ref,
+    check_inputs,
+    dense_mask,
+    sdpa_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +54,7 @@ _triton_fn = None  # cached kernel entry point once imported
 _triton_error: Exception | None = None  # why it could not be imported, for "triton" errors
 _mask_cache = LastInputsCache()  # the dense mask, built once per forward instead of per layer
 _logged: set[tuple[str, str]] = set()  # (backend, reason) choices already logged
+_maskless = True  # module docstring: SDPA without a mask where the mask allows everything
 
 
 def set_backend(name: str) -> None:
@@ -54,6 +66,16 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _backend
+
+
+def set_maskless(enabled: bool) -> None:
+    """Whether "sdpa" drops a mask that allows every pair (CPU only; module docstring)."""
+    global _maskless
+    _maskless = bool(enabled)
+
+
+def get_maskless() -> bool:
+    return _maskless
 
 
 @contextlib.contextmanager
@@ -141,9 +163,10 @@ def attention(q, k, v, seg_q, seg_k, allowed, scale: float | None = None) -> Ten
             raise RuntimeError(f"triton attention backend unavailable: {_triton_error!r}"
                                ) from _triton_error
         return fn(q, k, v, seg_q, seg_k, allowed, scale=scale)
-    mask, split = _mask_cache.get((seg_q, seg_k, allowed), (dtype,),
-                                  lambda: (sdpa_mask(seg_q, seg_k, allowed, dtype),
-                                           context_prefix(seg_q, seg_k, allowed)))
+    mask, split, full = _mask_cache.get((seg_q, seg_k, allowed), (dtype, _maskless),
+                                        lambda: _sdpa_plan(seg_q, seg_k, allowed, dtype))
+    if full:  # every query sees every key: no mask, no rows to zero
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if not split:
         return attention_ref(q, k, v, seg_q, seg_k, allowed, scale=scale, mask=mask)
     # The context block attends to itself alone: SDPA without a mask on that square (its
@@ -154,6 +177,15 @@ def attention(q, k, v, seg_q, seg_k, allowed, scale: float | None = None) -> Ten
     tail = attention_ref(q[:, :, split:], k, v, None, None, None, scale=scale,
                          mask=(attn_mask[:, :, split:], sees[:, :, split:]))
     return torch.cat([head, tail], dim=2)
+
+
+def _sdpa_plan(seg_q: Tensor, seg_k: Tensor, allowed: Tensor, dtype) -> tuple:
+    """(mask, context prefix, full) for "sdpa"; full: every query sees every key, so SDPA runs
+    without a mask (checked on CPU only: on CUDA it would cost a host sync per forward)."""
+    if (_maskless and seg_q.device.type == "cpu"
+            and bool(dense_mask(seg_q, seg_k, allowed).all())):  # padding is never allowed
+        return None, 0, True
+    return sdpa_mask(seg_q, seg_k, allowed, dtype), context_prefix(seg_q, seg_k, allowed), False
 
 
 def context_prefix(seg_q: Tensor, seg_k: Tensor, allowed: Tensor) -> int:

@@ -129,7 +129,7 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 def _rows(table: Tensor, idx: Tensor) -> Tensor:
-    """table (B, S', C), idx (B, N) -> (B, N, C)."""
+    """table (B, S', C), idx (B, N) -> (B, N, C); idx (B, 1) gives (B, 1, C), which broadcasts."""
     return table.gather(1, idx[:, :, None].expand(-1, -1, table.shape[-1]))
 
 
@@ -394,6 +394,12 @@ class DiT(nn.Module):
             cond = torch.where(on, cond + self.style_proj(style.to(cond.dtype))[:, None], cond)
         cond = F.silu(torch.cat([cond, cond.new_zeros(B, 1, cond.shape[-1])], dim=1))  # (B, S+1, d)
         seg_idx = torch.where(valid, layout.seg_id, S)  # (B, N)
+        if cache is not None and ids.device.type == "cpu" and bool(
+                (seg_idx == seg_idx[:, :1]).all()):
+            # One segment per row (every sampling pass of one level): its modulation broadcasts
+            # from (B, 1) instead of being gathered to every token, the same values for less
+            # memory traffic. A CPU check: on a GPU it would cost a host sync per forward.
+            seg_idx = seg_idx[:, :1]
 
         rope = rope_tables(layout.pos, cfg.head_dim, cfg.rope_base)
         if cache is not None:

@@ -71,6 +71,7 @@ from model.editing import (  # noqa: F401 - re-exported: the server's names for 
     crossfade,
     join_input,
 )
+from model.fast import describe as describe_fast_path
 from model.sampler import SamplingParams, derive_seed, generate, resolve_seed
 from model.sampler import extend as extend_tokens
 from model.weights import load_dit, read_dit_config
@@ -521,6 +522,7 @@ class ContinuationEngine(EditingMixin):
             defaults=asdict(self.default_params),
             editing=dict(inpaint=self.can_edit, loop=self.can_edit, vary=True),
             style=self.style_info(),
+            fast_path=describe_fast_path(self),
         )
 
     def style_info(self) -> dict:

@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from audio.analysis import warmup as warm_analysis
+from model.fast import apply_fast_path
 from server.batcher import Batcher
 from server.codec_check import check_codec, codec_report
 from server.deps import Service
@@ -92,6 +93,10 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         eng = engine if engine is not None else await asyncio.to_thread(load_engine, settings)
         service.engine = eng
+        # The CPU levers (model/fast.py) before the warm-up, which pays any compile.
+        levers = await asyncio.to_thread(apply_fast_path, eng, settings.fast_path())
+        log.info("fast path: %s", "; ".join(f"{k} {'on' if v['on'] else 'off'} ({v['detail']})"
+                                            for k, v in levers.items()))
         # An engine built in code has no DiT directory to compare with: "codes_match" is null.
         service.codec = getattr(eng, "codec_report", None) or codec_report(eng.codec, None, None)
         service.defaults = _defaults(eng, settings)

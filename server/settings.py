@@ -12,6 +12,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.fast import FastPath
+
 # A Hugging Face hub id is exactly "owner/name"; anything else is a local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -58,6 +60,14 @@ class Settings(BaseSettings):
     # Closed by default: the page is served same-origin and needs no CORS.
     cors_origins: Annotated[list[str], NoDecode] = []
     warmup: bool = True  # engine.warmup() at startup (full context), so the first user is not slow
+    # The CPU fast path (model/fast.py, docs/server.md "Speed switches"): /info and the start-up
+    # log say which levers serve. maskless is exact, so on; int8 Linear layers and a compiled
+    # codec encoder change numbers (int8: within the measured noise, docs/benchmarks.md), so
+    # they are opt-in.
+    maskless: bool = True
+    int8: bool = False
+    compile_codec: bool = False
+    threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default (one per core)
     # Hand freed memory back to the system (glibc malloc_trim) once big uploads are served
     # and the server is idle; off only to measure what it saves (bench/server_load.py).
     trim_memory: bool = True
@@ -80,6 +90,10 @@ class Settings(BaseSettings):
                 return json.loads(v)
             return [o.strip() for o in v.split(",") if o.strip()]
         return v
+
+    def fast_path(self) -> FastPath:
+        return FastPath(maskless=self.maskless, int8=self.int8,
+                        compile_codec=self.compile_codec, threads=self.threads)
 
     @property
     def max_upload_bytes(self) -> int:

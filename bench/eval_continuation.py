@@ -64,6 +64,7 @@ import torch
 from audio import read_audio  # noqa: E402
 from audio.plots import spectrogram_sheet  # noqa: E402
 from model.engine import ContinuationEngine  # noqa: E402
+from model.fast import FastPath, apply_fast_path  # noqa: E402
 from training.codec.data import find_audio_files  # noqa: E402
 from training.codec.losses import mel_filterbank, stft_magnitude  # noqa: E402
 
@@ -236,6 +237,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/continuation_eval.json"))
     p.add_argument("--samples", type=Path, help="write the first windows' WAVs here")
+    p.add_argument("--levers", default="",
+                   help="the engine's fast path (model/fast.py), e.g. maskless,int8 or none; "
+                        "default: the engine's own")
     p.add_argument("--variants", default="",
                    help="sampling ablation: 'all' or a comma list of " + ", ".join(VARIANTS))
     a = p.parse_args(argv)
@@ -243,6 +247,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
 
     engine = ContinuationEngine.load(a.weights, a.codec)
+    if a.levers:
+        apply_fast_path(engine, FastPath.from_names(a.levers))
     rate, chunk, context = engine.sample_rate, engine.chunk_samples, engine.context_samples
     files = held_out_files(a.audio, a.tokens, a.split)
     wins = windows(files, rate, chunk, context, a.per_track)
@@ -314,7 +320,8 @@ def main(argv=None) -> int:
         date=time.strftime("%Y-%m-%d"), weights=str(a.weights), codec=str(a.codec),
         tracks=len({w[0] for w in wins}), windows=len(wins),
         steps=list(base.steps), seed=a.seed, model_seconds=round(model_s, 1),
-        platform=platform.platform(), torch=torch.__version__, metrics=table,
+        platform=platform.platform(), torch=torch.__version__,
+        fast_path={k: v["on"] for k, v in engine.info()["fast_path"].items()}, metrics=table,
         metrics_codec_domain=table_coded,
     )
     if variants:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import model.engine as engine_module
+import model.sampler as sampler_module
 from model.codec import DEBUG_CODEC_CONFIG, SNAC_32KHZ_CONFIG, Codec
 from model.dit import DiT, DiTConfig
 from model.engine import JOIN_SAMPLES, ContinuationEngine
@@ -66,15 +67,15 @@ def instrumented(engine: ContinuationEngine, clock: PhaseClock):
     """The engine's phases timed through `clock` for the duration of the block."""
     saved = {name: engine.__dict__.get(name) for name in ("_encode", "heard_context",
                                                           "_decode_rows")}
-    generate = engine_module.generate
+    generate = engine_module.generate  # continue_batch's; extend's chunks call the sampler's
     engine._encode = clock.wrap("encode", engine._encode)
     engine.heard_context = clock.wrap("heard_context", engine.heard_context)
     engine._decode_rows = clock.wrap("decode", engine._decode_rows)  # every decode goes here
-    engine_module.generate = clock.wrap("sample", generate)
+    engine_module.generate = sampler_module.generate = clock.wrap("sample", generate)
     try:
         yield clock
     finally:
-        engine_module.generate = generate
+        engine_module.generate = sampler_module.generate = generate
         for name, fn in saved.items():
             if fn is None:
                 engine.__dict__.pop(name, None)

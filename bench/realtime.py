@@ -1,0 +1,176 @@
+"""Real time on a CPU: what `POST /continue` and each `/extend` piece cost, per phase.
+
+    python bench/realtime.py --threads 2 --isa avx2 --out bench/results/realtime_avx2.jsonl
+    python bench/realtime.py --threads 2 --isa avx2 --levers maskless,int8 --steps 8,6,4,4
+
+The served weights (default the shipped demo DiT and codec), 12.288 s inputs (the two-chunk
+context), one request. `continue` is the server's call, `engine.continue_batch([audio],
+lead_in=JOIN_SAMPLES)`; `extend` is `engine.extend(audio, N, lead_in=JOIN_SAMPLES)`, timed
+piece by piece as /extend streams them (the first piece includes the context encode, which
+`extend` runs at the call). Both include the join (`heard_context`) and the lead-in. Phases as in
+bench/latency.py: encode, sample (the DiT), heard_context (the join's decode and re-encode),
+decode (the output). Real time = new audio seconds / wall seconds: 6.144 s per /continue; per
+/extend piece its own new samples (6.144 s - 0.768 s first, 6.144 s middle, + 0.768 s last).
+
+`--isa avx2` runs it as an AVX2 machine without AVX-512 would, from any x86 host: the script
+re-executes itself with ATen, oneDNN, MKL and fbgemm capped at AVX2 (ATEN_CPU_CAPABILITY,
+ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, FBGEMM_ENABLE_INSTRUCTIONS); every row records the
+capability torch reports, the host's AVX-512 flags and those variables. `--levers` is the fast
+path (model/fast.py; "none" = all off); `--decoder DIR` decodes with another codec's decoder
+(timing only: a codec not trained with this DiT, e.g. weights/next/codec). Medians over
+`--repeats` after `--warmup` runs. One JSON line per mode to stdout and, with `--out`, appended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ISA_ENV = {"avx2": dict(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+                        MKL_ENABLE_INSTRUCTIONS="AVX2", FBGEMM_ENABLE_INSTRUCTIONS="AVX2")}
+
+
+def _latency():
+    """bench/latency.py (its PhaseClock and run_once), loaded by path like every bench script."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_latency",
+                                                  Path(__file__).with_name("latency.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cpu_record() -> dict:
+    """What the CPU offers and what torch uses of it."""
+    import torch
+
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    field = lambda name: next((ln.split(":", 1)[1].strip() for ln in lines  # noqa: E731
+                               if ln.startswith(name)), "")
+    flags = set(field("flags").split())
+    model = field("model name") or platform.processor()
+    return dict(
+        model=model, cores=os.cpu_count(), torch_capability=torch.backends.cpu.get_cpu_capability(),
+        host_avx2="avx2" in flags, host_avx512=sorted(f for f in flags if f.startswith("avx512")),
+        env={k: os.environ.get(k) for k in ISA_ENV["avx2"]},
+        quantized_engine=torch.backends.quantized.engine,
+    )
+
+
+def build(args):
+    from model.codec import Codec
+    from model.engine import ContinuationEngine
+    from model.fast import FastPath, apply_fast_path
+
+    engine = ContinuationEngine.load(args.weights, args.codec)
+    if args.decoder:  # another codec's decoder behind this codec's encoder (timing only)
+        other = Codec.load(args.decoder)
+        engine.codec.snac.decoder = other.snac.decoder
+        engine.codec.config = {**engine.codec.config, **{k: other.config[k] for k in (
+            "decoder_dim", "decoder_rates", "noise", "decoder") if k in other.config}}
+    try:
+        fast = FastPath.from_names(args.levers, args.threads)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    report = apply_fast_path(engine, fast)
+    return engine, report
+
+
+def time_continue(engine, audio, params) -> dict:
+    return _latency().run_once(engine, [audio], [params])
+
+
+def time_extend(engine, audio, params, n: int) -> list[dict]:
+    """Per piece: seconds per phase and in total, and the piece's new audio seconds."""
+    from model.engine import JOIN_SAMPLES
+
+    latency = _latency()
+    pieces, clock = [], latency.PhaseClock(engine.device)
+    with latency.instrumented(engine, clock):
+        t0 = time.perf_counter()
+        it = engine.extend(audio, n, params, lead_in=JOIN_SAMPLES)
+        for k in range(n):
+            piece = next(it)
+            t1 = time.perf_counter()
+            new = piece.shape[-1] - (JOIN_SAMPLES if k == 0 else 0)
+            pieces.append({**clock.seconds, "total": t1 - t0,
+                           "audio_s": new / engine.sample_rate})
+            clock.seconds = dict.fromkeys(clock.seconds, 0.0)
+            t0 = time.perf_counter()
+    return pieces
+
+
+def median_rows(rows: list[dict]) -> dict:
+    return {k: round(statistics.median(r[k] for r in rows), 4) for k in rows[0]}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", default="weights/demo/dit")
+    ap.add_argument("--codec", default="weights/demo/codec")
+    ap.add_argument("--decoder", default="", help="decode with this codec's decoder (timing)")
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--levers", default="maskless", help="comma list of maskless, int8, "
+                    "compile_codec; or none")
+    ap.add_argument("--steps", default="", help="per-level steps (default: the model's)")
+    ap.add_argument("--modes", default="continue,extend")
+    ap.add_argument("--chunks", type=int, default=3, help="/extend chunks")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+
+    want = ISA_ENV.get(args.isa, {})
+    if any(os.environ.get(k) != v for k, v in want.items()):  # before torch reads them
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **want})
+    import torch
+
+    torch.manual_seed(0)
+    engine, report = build(args)
+    audio = torch.randn(engine.context_samples, generator=torch.Generator().manual_seed(0)) * 0.1
+    steps = tuple(int(s) for s in args.steps.split(",")) if args.steps else None
+    params = replace(engine.default_params, seed=0, **({"steps": steps} if steps else {}))
+    rows = []
+    for mode in args.modes.split(","):
+        if mode == "continue":
+            runs = [time_continue(engine, audio, params) for _ in range(args.warmup + args.repeats)]
+            med = median_rows(runs[args.warmup:])
+            timing = dict(median_s=med, realtime_factor=round(
+                engine.chunk_samples / engine.sample_rate / med["total"], 3))
+        elif mode == "extend":
+            runs = [time_extend(engine, audio, params, args.chunks)
+                    for _ in range(args.warmup + args.repeats)][args.warmup:]
+            pieces = [median_rows([r[k] for r in runs]) for k in range(args.chunks)]
+            total = statistics.median(sum(p["total"] for p in r) for r in runs)
+            timing = dict(pieces=[{**p, "realtime_factor": round(p["audio_s"] / p["total"], 3)}
+                                  for p in pieces], total_s=round(total, 4),
+                          realtime_factor=round(args.chunks * engine.chunk_samples
+                                                / engine.sample_rate / total, 3))
+        else:
+            raise SystemExit(f"unknown mode {mode!r}")
+        row = dict(mode=mode, date=time.strftime("%Y-%m-%d %H:%M"), weights=args.weights,
+                   codec=args.codec, decoder=args.decoder or args.codec, isa=args.isa,
+                   cpu=cpu_record(), threads=torch.get_num_threads(),
+                   steps=list(params.validated(engine.codec.n_levels).steps),
+                   levers={k: v["on"] for k, v in report.items() if k != "threads"},
+                   warmup=args.warmup, repeats=args.repeats, torch=torch.__version__, **timing)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -189,6 +189,21 @@ def test_chroma_head_target_finds_the_pitch_class():
     assert head.kl(p, mean.log()[None, :, None].expand_as(p), mask) > 0.3
 
 
+def test_spectrum_head_target_sees_the_partial_and_teaches_the_encoder():
+    from training.codec.pitch_head import SpectrumHead
+
+    head = SpectrumHead(latent_dim=16, sample_rate=SR, hop=384)
+    t = np.arange(int(1.152 * SR)) / SR
+    a4 = torch.from_numpy((0.3 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32))
+    target = head.target(a4.view(1, 1, -1), frames=96)
+    assert target.shape == (1, head.bins, 96) and head.bins == 257   # 0-4 kHz
+    assert (target[0, :, 2:-2].argmax(dim=0) == round(440 * 2048 / SR)).all()
+    z = torch.randn(1, 16, 96, requires_grad=True)
+    loss = head.loss(z, a4.view(1, 1, -1))
+    loss.backward()
+    assert loss > 0 and z.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- training
 FAST = ["--preset", "debug", "--curriculum", "[[0, 0.384, 2]]", "--val_seconds", "0.384",
         "--val_files", "1", "--num_workers", "0", "--threads", "1", "--progress", "false",
@@ -196,6 +211,7 @@ FAST = ["--preset", "debug", "--curriculum", "[[0, 0.384, 2]]", "--val_seconds",
         "--decoder", '{kind = "istft", dim = 32, layers = 2}',
         "--loss_weights.amp", "4", "--loss_weights.phase", "1",
         "--loss_weights.consistency", "1", "--loss_weights.chroma", "2",
+        "--loss_weights.encoder_spectrum", "1",
         "--loss_weights.l1", "0"]
 
 
@@ -218,14 +234,14 @@ def test_the_istft_codec_trains_resumes_exactly_and_exports(tmp_path, chord_dir,
                 + ["--out_dir", str(split)]) == 0
     a = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1][1])
     b = load_checkpoint(list_checkpoints(split / "checkpoints")[-1][1])
-    for part in ("model", "aux"):                          # the chroma head is checkpointed too
+    for part in ("model", "aux", "aux_spectrum"):          # the training heads are checkpointed too
         assert a["weights"][part].keys() == b["weights"][part].keys()
         for name, tensor in a["weights"][part].items():
             assert torch.equal(tensor, b["weights"][part][name]), (part, name)
 
     rows = [json.loads(r) for r in (straight / "log.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss/total" in r]
-    for term in ("amp", "phase", "consistency", "chroma", "mel"):
+    for term in ("amp", "phase", "consistency", "chroma", "encoder_spectrum", "mel"):
         assert all(math.isfinite(r[f"loss/{term}"]) for r in train), term
     assert train[-1]["loss/total"] < train[0]["loss/total"]
     val = [r for r in rows if "val/mel" in r][-1]

@@ -80,7 +80,7 @@ def prepare_data(cfg: CodecTrainConfig, sample_rate: int, pad: int):
 
 
 # A checkpoint's weights files; the rest of CodecTrainer.state_dict() is trainer state.
-WEIGHT_PARTS = ("model", "disc", "aux")
+WEIGHT_PARTS = ("model", "disc", "aux", "aux_spectrum")
 
 
 def checkpoint_state(trainer: CodecTrainer, cfg: CodecTrainConfig) -> tuple[dict, dict, dict]:

@@ -202,7 +202,7 @@ class CodecTrainConfig:
 
 
 LOSS_TERMS = {"mel", "stft", "l1", "commitment", "codebook", "adv", "feat",
-              "amp", "phase", "consistency", "chroma"}
+              "amp", "phase", "consistency", "chroma", "encoder_spectrum"}
 
 
 def segment_samples(seconds: float, sample_rate: int, pad_samples: int) -> int:

@@ -35,6 +35,7 @@ class CodecOutput:
     #                                  input (straight-through), at the hop rate
     spectrum: tuple[torch.Tensor, torch.Tensor] | None = None  # a spectral decoder's
     #                                  (log magnitude, phase), each (B, F, frames)
+    z: torch.Tensor | None = None      # (B, D, frames) the encoder's output, before quantising
 
 
 def quantize(rvq: ResidualVectorQuantize, z: torch.Tensor,
@@ -121,7 +122,7 @@ def codec_forward(model: SNAC, audio: torch.Tensor, freeze_encoder: bool = False
     else:
         audio_hat = model.decoder(z_q)[..., :length]
     return CodecOutput(audio_hat, codes, commitment, codebook, latents, means, level_z_q,
-                       spectrum)
+                       spectrum, z)
 
 
 def load_for_training(source: str | dict) -> tuple[SNAC, dict]:

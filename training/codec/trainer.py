@@ -91,11 +91,21 @@ class CodecTrainer:
             self.chroma_head = ChromaHead(
                 self.model_config["encoder_dim"] * 2 ** len(rates), self.sample_rate,
                 math.prod(rates), strides[0], cfg.chroma_levels).to(self.device).train()
+        # The encoder taught to hear partials directly (pitch_head.SpectrumHead; not exported).
+        self.spectrum_head = None
+        if cfg.loss_weights.get("encoder_spectrum") and not cfg.freeze_encoder:
+            from training.codec.pitch_head import SpectrumHead
+
+            self.spectrum_head = SpectrumHead(
+                self.model_config["encoder_dim"] * 2 ** len(self.model_config["encoder_rates"]),
+                self.sample_rate, math.prod(self.model_config["encoder_rates"])
+            ).to(self.device).train()
         self.spectral = hasattr(self.model.decoder, "spectrum") and any(
             cfg.loss_weights.get(k) for k in ("amp", "phase", "consistency"))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if self.chroma_head is not None:
-            self.trainable += list(self.chroma_head.parameters())
+        for head in (self.chroma_head, self.spectrum_head):
+            if head is not None:
+                self.trainable += list(head.parameters())
 
         self.recon = ReconstructionLosses(self.sample_rate, cfg.mel_windows, cfg.mel_bins,
                                           cfg.stft_ffts).to(self.device)
@@ -219,6 +229,8 @@ class CodecTrainer:
             losses.update(spectral_decoder_losses(self.model.decoder, *out.spectrum, x))
         if self.chroma_head is not None:
             losses["chroma"] = self.chroma_head.loss(out.level_z_q, x)
+        if self.spectrum_head is not None:
+            losses["encoder_spectrum"] = self.spectrum_head.loss(out.z, x)
         metrics: dict[str, torch.Tensor] = {}
 
         if self.disc is not None and self.step >= cfg.gan_start_step:
@@ -271,6 +283,8 @@ class CodecTrainer:
             sd["keeper"] = self.keeper.state_dict()
         if self.chroma_head is not None:
             sd["aux"] = self.chroma_head.state_dict()
+        if self.spectrum_head is not None:
+            sd["aux_spectrum"] = self.spectrum_head.state_dict()
         # The model is stored unfolded (resume continues from it as it is); readers of the
         # checkpoint (export, fine-tuning) fold these calibrated means in.
         sd["vq_input_means"] = self.input_means()
@@ -287,6 +301,8 @@ class CodecTrainer:
             self.keeper.load_state_dict(sd["keeper"])
         if self.chroma_head is not None and "aux" in sd:
             self.chroma_head.load_state_dict(sd["aux"])
+        if self.spectrum_head is not None and "aux_spectrum" in sd:
+            self.spectrum_head.load_state_dict(sd["aux_spectrum"])
         self.needs_data_init = False  # a resumed model's codebooks are already trained
         self.needs_unfold = False     # and its weights are stored unfolded
         if self.disc is not None and "disc" in sd:

@@ -13,7 +13,8 @@ when the decoder is rebuilt (docs/codec-training.md, "Do the codes carry pitch?"
     other phase sets: chance 1/12. Nearest neighbour of each tone's pooled features (mean + std
     over frames) against another phase set: chance 1/24.
 (b) Real music: a ridge probe at the codec's frame rate (83.3 Hz; 5 stacked frames) from the
-    summed quantised latents to the original's 12-bin chroma and to its fine log magnitude
+    summed quantised latents (and from the encoder's continuous output: is pitch lost by the
+    encoder or by the quantiser?) to the original's 12-bin chroma and to its fine log magnitude
     (0-4 kHz, 20.8 Hz bins), trained on segments of the training tracks and scored on the
     held-out ones; against the same probe fed only a 16-band envelope of the original (what
     envelope-shaped noise knows) and a 128-band log mel (a ceiling that does see partials).
@@ -155,12 +156,14 @@ def music_probe(codec: Codec, corpus: list[str], n_val: int, per_track: int, tra
                 x = np.zeros(n, np.float32)
                 piece = audio[s: s + n]
                 x[: len(piece)] = piece
-                lat = latents(codec, x)["sum"]
+                feats = latents(codec, x)
+                lat = feats["sum"]
                 tg = targets(x, lat.shape[0], codec.hop_length)
                 m = tg["chroma"].shape[0]
                 rms = np.sqrt((x[: m * codec.hop_length].reshape(m, -1) ** 2).mean(1))
                 loud = 20 * np.log10(rms + 1e-10) > 20 * np.log10(rms.max() + 1e-10) - 40
-                rows[split].append({"sum": lat[:m], **tg, "loud": loud})
+                rows[split].append({"sum": lat[:m], "encoder": feats["encoder"][:m], **tg,
+                                    "loud": loud})
 
     def cat(split, key):
         return np.concatenate([r[key] for r in rows[split]])
@@ -173,7 +176,7 @@ def music_probe(codec: Codec, corpus: list[str], n_val: int, per_track: int, tra
 
     out = {}
     loud = cat("val", "loud")
-    for inp in ("sum", "env16", "mel128"):
+    for inp in ("sum", "encoder", "env16", "mel128"):
         Xtr = np.concatenate([stack(r[inp]) for r in rows["train"]])
         Xva = np.concatenate([stack(r[inp]) for r in rows["val"]])
         sc = StandardScaler().fit(Xtr)
@@ -191,6 +194,7 @@ def music_probe(codec: Codec, corpus: list[str], n_val: int, per_track: int, tra
         out[inp] = res
     return {"train_segments": len(rows["train"]), "val_segments": len(rows["val"]),
             "inputs": {"sum": "the summed quantised latents (what the decoder sees)",
+                       "encoder": "the encoder's continuous output (before quantising)",
                        "env16": "a 16-band log-mel envelope of the original (control)",
                        "mel128": "a 128-band log mel of the original (ceiling)"},
             "probes": out}

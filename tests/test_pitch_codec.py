@@ -374,3 +374,24 @@ def test_the_server_decodes_a_dits_codes_with_the_istft_decoder(tmp_path, debug_
         assert r.status_code == 200, r.text
     audio, sr = sf.read(io.BytesIO(r.content))
     assert sr == SR and len(audio) == 196_608 and np.abs(audio).max() > 0
+
+
+def test_codes_pitch_probe_runs_through_its_entry_point(tmp_path, chord_dir, debug_codec_dir):
+    """bench/codes_pitch_probe.py on a codec: its controls must see pitch (or it is blind),
+    and the music probe reads the encoder's continuous output beside the codes."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "codes_pitch_probe.py"
+    spec = importlib.util.spec_from_file_location("codes_pitch_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "probe.json"
+    assert probe.main(["--codec", debug_codec_dir, "--corpus", str(chord_dir), "--val-files",
+                       "1", "--per-track", "1", "--phase-sets", "3", "--threads", "1",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    control = result["synthetic"]["features"]["logmel128 (control)"]
+    assert control["pitch_class_linear"] > 0.9
+    probes = result["music"]["probes"]
+    assert set(probes) == {"sum", "encoder", "env16", "mel128"}
+    assert all(math.isfinite(p["chroma_r2"]) for p in probes.values())

@@ -321,6 +321,8 @@ def test_eval_and_card_of_a_pitch_codec(tmp_path, chord_dir):
     assert "chroma correlation ≥ 0.75: **not met**" in text
     assert "envelope-shaped noise (floor)" in text and "Griffin-Lim" in text
     assert "Pitch on independent music" in text
+    assert "bin comb dB" in text and "bin_comb_db" in table["codec"]   # an inverse-STFT decoder
+    assert "chroma head KL / prior" in text
     assert "training/configs/codec_pitch.toml" not in text      # a debug run names its config
 
 

@@ -135,6 +135,8 @@ def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = ""
         f"| {r['step']} | {r['val/mel']:.3f} | {r['val/si_sdr']:.1f} | "
         + (f"{r['val/chroma']:.3f} | {r['val/comb_db']:+.1f} | " if "val/chroma" in r
            else "— | — | ")
+        + (f"{r['val/chroma_kl']:.3f} / {r['val/chroma_kl_prior']:.3f} | "
+           if "val/chroma_kl" in r else "— | ")
         + " / ".join(str(r.get(f"val/unique_{lv}", "?")) for lv in range(4)) + " | "
         + " / ".join(f"{r[f'val/perplexity_{lv}']:.0f}" for lv in range(4)) + " |"
         for r in val_rows)
@@ -229,10 +231,11 @@ The decode time is what the server pays per chunk: it decodes each chunk with 0.
 on either side (docs/benchmarks.md, "Decode window").
 
 Validation during training (one 6.144 s segment from the middle of each held-out track,
-`log.jsonl`):
+`log.jsonl`). The chroma head's KL is the pitch distilled into levels A and B: a head that
+learned nothing from the codes scores the prior (the held-out chroma against its own mean).
 
-| step | mel | SI-SDR dB | chroma | comb dB | distinct codes A/B/C/D | perplexity A/B/C/D |
-|---|---|---|---|---|---|---|
+| step | mel | SI-SDR dB | chroma | comb dB | chroma head KL / prior | distinct codes A/B/C/D | perplexity A/B/C/D |
+|---|---|---|---|---|---|---|---|
 {curve}
 
 Samples: `docs/samples/codec/` (held-out originals, reconstructions, spectrograms).

@@ -1,7 +1,7 @@
 """Real time on a CPU: what `POST /continue` and each `/extend` piece cost, per phase.
 
     python bench/realtime.py --threads 2 --isa avx2 --out bench/results/realtime_avx2.jsonl
-    python bench/realtime.py --threads 2 --isa avx2 --levers maskless,int8 --steps 8,6,4,4
+    python bench/realtime.py --threads 2 --isa avx2 --levers maskless,inplace_snake,int8 --steps 8,6,4,4
 
 The served weights (default the shipped demo DiT and codec), 12.288 s inputs (the two-chunk
 context), one request. `continue` is the server's call, `engine.continue_batch([audio],
@@ -120,8 +120,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--decoder", default="", help="decode with this codec's decoder (timing)")
     ap.add_argument("--isa", choices=("native", "avx2"), default="native")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--levers", default="maskless", help="comma list of maskless, int8, "
-                    "compile_codec; or none")
+    ap.add_argument("--levers", default="maskless,inplace_snake",
+                    help="comma list of maskless, inplace_snake, int8; or none (default: the "
+                         "server's defaults)")
     ap.add_argument("--steps", default="", help="per-level steps (default: the model's)")
     ap.add_argument("--modes", default="continue,extend")
     ap.add_argument("--chunks", type=int, default=3, help="/extend chunks")

@@ -60,13 +60,12 @@ class Settings(BaseSettings):
     # Closed by default: the page is served same-origin and needs no CORS.
     cors_origins: Annotated[list[str], NoDecode] = []
     warmup: bool = True  # engine.warmup() at startup (full context), so the first user is not slow
-    # The CPU fast path (model/fast.py, docs/server.md "Speed switches"): /info and the start-up
-    # log say which levers serve. maskless is exact, so on; int8 Linear layers and a compiled
-    # codec encoder change numbers (int8: within the measured noise, docs/benchmarks.md), so
-    # they are opt-in.
+    # The CPU fast path (model/fast.py, docs/server.md): /info and the start-up log say which
+    # levers serve. maskless and inplace_snake are exact, so on; int8 Linear layers change the
+    # numbers (within the measured noise, docs/benchmarks.md), so they are opt-in.
     maskless: bool = True
+    inplace_snake: bool = True
     int8: bool = False
-    compile_codec: bool = False
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default (one per core)
     # Hand freed memory back to the system (glibc malloc_trim) once big uploads are served
     # and the server is idle; off only to measure what it saves (bench/server_load.py).
@@ -92,8 +91,8 @@ class Settings(BaseSettings):
         return v
 
     def fast_path(self) -> FastPath:
-        return FastPath(maskless=self.maskless, int8=self.int8,
-                        compile_codec=self.compile_codec, threads=self.threads)
+        return FastPath(maskless=self.maskless, inplace_snake=self.inplace_snake, int8=self.int8,
+                        threads=self.threads)
 
     @property
     def max_upload_bytes(self) -> int:

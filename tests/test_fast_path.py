@@ -98,14 +98,19 @@ def test_int8_switches_on_and_off_and_is_refused_where_it_cannot_apply(engine):
         FastPath.from_names("maskless,turbo")
 
 
-def test_compile_codec_keeps_the_fingerprints_and_switches_off(engine):
+def test_inplace_snake_is_snacs_bit_for_bit_and_keeps_the_fingerprints(engine):
     codec = engine.codec
     before = codec.fingerprint, codec.codes_fingerprint
+    audio = torch.randn(1, 2 * codec.pad_samples, generator=torch.Generator().manual_seed(0))
+    apply_fast_path(engine, FastPath(inplace_snake=False))
+    assert not describe(engine)["inplace_snake"]["on"]
+    tokens = codec.encode(audio * 0.1)
+    decoded = codec.decode(tokens, seed=0)
     codec._fingerprint = codec._codes_fingerprint = None
-    assert apply_fast_path(engine, FastPath(compile_codec=True))["compile_codec"]["on"]
+    assert apply_fast_path(engine, FastPath())["inplace_snake"]["on"]
     assert (codec.fingerprint, codec.codes_fingerprint) == before  # state_dict keys unchanged
-    assert not apply_fast_path(engine, FastPath())["compile_codec"]["on"]
-    assert "forward" not in codec.snac.encoder.__dict__
+    assert all(torch.equal(a, b) for a, b in zip(tokens, codec.encode(audio * 0.1), strict=True))
+    assert torch.equal(decoded, codec.decode(tokens, seed=0))
 
 
 def test_server_reports_the_levers_and_each_switch_turns_one_off(engine, caplog, monkeypatch):
@@ -113,9 +118,10 @@ def test_server_reports_the_levers_and_each_switch_turns_one_off(engine, caplog,
     with TestClient(create_app(Settings(warmup=False), engine=engine)) as c:
         levers = c.get("/info").json()["engine"]["fast_path"]
     assert levers["maskless"] == dict(on=True, exact=True, detail=levers["maskless"]["detail"])
-    assert not levers["int8"]["on"] and not levers["compile_codec"]["on"]
+    assert levers["inplace_snake"]["on"] and not levers["int8"]["on"]
     assert any(r.getMessage().startswith("fast path: maskless on") for r in caplog.records)
     monkeypatch.setenv("SNAC_DIT_MASKLESS", "0")
+    monkeypatch.setenv("SNAC_DIT_INPLACE_SNAKE", "false")
     monkeypatch.setenv("SNAC_DIT_INT8", "1")
     monkeypatch.setenv("SNAC_DIT_THREADS", "1")
     with TestClient(create_app(Settings(warmup=False), engine=engine)) as c:
@@ -123,7 +129,8 @@ def test_server_reports_the_levers_and_each_switch_turns_one_off(engine, caplog,
         r = c.post("/continue?steps=1&seed=0", files={"audio": (
             "a.wav", _wav(torch.randn(32000).numpy() * 0.1), "audio/wav")})
     assert r.status_code == 200, r.text
-    assert not levers["maskless"]["on"] and levers["int8"]["on"]
+    assert not levers["maskless"]["on"] and not levers["inplace_snake"]["on"]
+    assert levers["int8"]["on"]
     assert levers["threads"]["detail"].startswith("1 ")
     monkeypatch.setenv("SNAC_DIT_THREADS", "-1")
     with pytest.raises(ValueError, match="threads"):
@@ -152,7 +159,7 @@ def test_realtime_bench_times_continue_and_each_extend_piece(debug_weights_dir, 
     assert cont["mode"] == "continue" and ext["mode"] == "extend"
     assert cont["cpu"]["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
     assert cont["cpu"]["torch_capability"] in ("AVX2", "DEFAULT")
-    assert cont["levers"] == dict(maskless=True, int8=True, compile_codec=False)
+    assert cont["levers"] == dict(maskless=True, inplace_snake=False, int8=True)
     med = cont["median_s"]
     assert med["total"] >= med["encode"] + med["sample"] + med["decode"] > 0
     assert [p["audio_s"] for p in ext["pieces"]] == [5.376, 6.912]  # 6.144 -/+ the holdback

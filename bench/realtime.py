@@ -18,7 +18,8 @@ ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, FBGEMM_ENABLE_INSTRUCTIONS); every 
 capability torch reports, the host's AVX-512 flags and those variables. `--levers` is the fast
 path (model/fast.py; "none" = all off); `--decoder DIR` decodes with another codec's decoder
 (timing only: a codec not trained with this DiT, e.g. weights/next/codec). Medians over
-`--repeats` after `--warmup` runs. One JSON line per mode to stdout and, with `--out`, appended.
+`--repeats` after `--warmup` runs; `--profile` adds one profiled /continue's top ops. One JSON
+line per mode to stdout and, with `--out`, appended.
 """
 
 from __future__ import annotations
@@ -72,11 +73,8 @@ def build(args):
     from model.fast import FastPath, apply_fast_path
 
     engine = ContinuationEngine.load(args.weights, args.codec)
-    if args.decoder:  # another codec's decoder behind this codec's encoder (timing only)
-        other = Codec.load(args.decoder)
-        engine.codec.snac.decoder = other.snac.decoder
-        engine.codec.config = {**engine.codec.config, **{k: other.config[k] for k in (
-            "decoder_dim", "decoder_rates", "noise", "decoder") if k in other.config}}
+    if args.decoder:  # another codec decodes (its quantiser and decoder), this one encodes:
+        engine.codec.decode = Codec.load(args.decoder).decode  # timing only, not music
     try:
         fast = FastPath.from_names(args.levers, args.threads)
     except ValueError as e:
@@ -109,6 +107,16 @@ def time_extend(engine, audio, params, n: int) -> list[dict]:
     return pieces
 
 
+def top_ops(engine, audio, params, n: int = 12) -> list[tuple[str, float]]:
+    """Where one /continue's time goes: the n ops with the most self CPU seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_continue(engine, audio, params)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
+    return [(e.key, round(e.self_cpu_time_total / 1e6, 3)) for e in ops]
+
+
 def median_rows(rows: list[dict]) -> dict:
     return {k: round(statistics.median(r[k] for r in rows), 4) for k in rows[0]}
 
@@ -128,6 +136,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--chunks", type=int, default=3, help="/extend chunks")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one /continue: its top ops by self CPU time")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
@@ -148,6 +158,8 @@ def main(argv=None) -> list[dict]:
             med = median_rows(runs[args.warmup:])
             timing = dict(median_s=med, realtime_factor=round(
                 engine.chunk_samples / engine.sample_rate / med["total"], 3))
+            if args.profile:
+                timing["top_ops_s"] = top_ops(engine, audio, params)
         elif mode == "extend":
             runs = [time_extend(engine, audio, params, args.chunks)
                     for _ in range(args.warmup + args.repeats)][args.warmup:]

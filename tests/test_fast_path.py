@@ -170,3 +170,25 @@ def test_describe_reads_the_engine_state(engine):
     attn.set_maskless(False)
     assert not describe(engine)["maskless"]["on"]
     assert engine.info()["fast_path"]["threads"]["on"]
+
+
+def test_same_music_check_reports_masked_ce_and_token_identity(debug_weights_dir,
+                                                              debug_codec_dir, tmp_path):
+    import soundfile as sf
+
+    from tests.conftest import tone
+
+    files = []
+    for i, f0 in enumerate((220.0, 330.0)):
+        files.append(tmp_path / f"t{i}.wav")
+        sf.write(files[-1], tone(19.0, freq=f0), 32000)
+    out = tmp_path / "check.json"
+    subprocess.run([sys.executable, "bench/fast_path_check.py", "--weights", debug_weights_dir,
+                    "--codec", debug_codec_dir, "--audio", *map(str, files), "--per-track", "1",
+                    "--steps", "1,1,1,1", "--levers", "maskless", "maskless,int8",
+                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["windows"] == 2
+    assert set(r["masked_ce"]) == {"none", "none, other masks", "maskless", "maskless,int8"}
+    assert r["masked_ce"]["maskless"] == r["masked_ce"]["none"]  # full layout: no cache path
+    assert r["same_tokens"]["maskless"] == [1.0] * 4  # exact: the same tokens

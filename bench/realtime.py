@@ -7,17 +7,19 @@ The served weights (default the shipped demo DiT and codec), 12.288 s inputs (th
 context), one request. `continue` is the server's call, `engine.continue_batch([audio],
 lead_in=JOIN_SAMPLES)`; `extend` is `engine.extend(audio, N, lead_in=JOIN_SAMPLES)`, timed
 piece by piece as /extend streams them (the first piece includes the context encode, which
-`extend` runs at the call). Both include the join (`heard_context`) and the lead-in. Phases as in
-bench/latency.py: encode, sample (the DiT), heard_context (the join's decode and re-encode),
-decode (the output). Real time = new audio seconds / wall seconds: 6.144 s per /continue; per
-/extend piece its own new samples (6.144 s - 0.768 s first, 6.144 s middle, + 0.768 s last).
+`extend` runs at the call); `http` is POST /continue through the app (a test client: upload
+decode, batcher, engine, WAV out; the server's warm-up first). All include the join
+(`heard_context`) and the lead-in. Phases as in bench/latency.py: encode, sample (the DiT),
+heard_context (the join's decode and re-encode), decode (the output). Real time = new audio
+seconds / wall seconds: 6.144 s per /continue; per /extend piece its own new samples (6.144 s
+- 0.768 s first, 6.144 s middle, + 0.768 s last).
 
 `--isa avx2` runs it as an AVX2 machine without AVX-512 would, from any x86 host: the script
 re-executes itself with ATen, oneDNN, MKL and fbgemm capped at AVX2 (ATEN_CPU_CAPABILITY,
 ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, FBGEMM_ENABLE_INSTRUCTIONS); every row records the
 capability torch reports, the host's AVX-512 flags and those variables. `--levers` is the fast
-path (model/fast.py; "none" = all off); `--decoder DIR` decodes with another codec's decoder
-(timing only: a codec not trained with this DiT, e.g. weights/next/codec). Medians over
+path (model/fast.py; "none" = all off); `--decoder DIR` decodes through another codec (its
+quantiser and decoder; timing only: a codec not trained with this DiT, e.g. weights/next/codec). Medians over
 `--repeats` after `--warmup` runs; `--profile` adds one profiled /continue's top ops. One JSON
 line per mode to stdout and, with `--out`, appended.
 """
@@ -79,8 +81,7 @@ def build(args):
         fast = FastPath.from_names(args.levers, args.threads)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    report = apply_fast_path(engine, fast)
-    return engine, report
+    return engine, apply_fast_path(engine, fast), fast
 
 
 def time_continue(engine, audio, params) -> dict:
@@ -105,6 +106,35 @@ def time_extend(engine, audio, params, n: int) -> list[dict]:
             clock.seconds = dict.fromkeys(clock.seconds, 0.0)
             t0 = time.perf_counter()
     return pieces
+
+
+def time_http(args, fast, audio, runs: int) -> list[float]:
+    """Seconds of `runs` POST /continue calls through the app (upload decode, batcher, engine,
+    WAV out), as a client of the running server sees them, after the server's own warm-up."""
+    import io
+
+    import soundfile as sf
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    settings = Settings(weights=args.weights, codec=args.codec, maskless=fast.maskless,
+                        inplace_snake=fast.inplace_snake, int8=fast.int8, threads=fast.threads,
+                        max_wait_ms=0)
+    buf = io.BytesIO()
+    sf.write(buf, audio.numpy(), 32000, format="WAV", subtype="PCM_16")
+    query = "seed=0" + (f"&steps={args.steps}" if args.steps else "")
+    seconds = []
+    with TestClient(create_app(settings)) as client:
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            r = client.post(f"/continue?{query}",
+                            files={"audio": ("in.wav", buf.getvalue(), "audio/wav")})
+            seconds.append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                raise SystemExit(f"POST /continue answered {r.status_code}: {r.text}")
+    return seconds
 
 
 def top_ops(engine, audio, params, n: int = 12) -> list[tuple[str, float]]:
@@ -132,7 +162,7 @@ def main(argv=None) -> list[dict]:
                     help="comma list of maskless, inplace_snake, int8; or none (default: the "
                          "server's defaults)")
     ap.add_argument("--steps", default="", help="per-level steps (default: the model's)")
-    ap.add_argument("--modes", default="continue,extend")
+    ap.add_argument("--modes", default="continue,extend", help="continue, extend, http")
     ap.add_argument("--chunks", type=int, default=3, help="/extend chunks")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
@@ -147,7 +177,7 @@ def main(argv=None) -> list[dict]:
     import torch
 
     torch.manual_seed(0)
-    engine, report = build(args)
+    engine, report, fast = build(args)
     audio = torch.randn(engine.context_samples, generator=torch.Generator().manual_seed(0)) * 0.1
     steps = tuple(int(s) for s in args.steps.split(",")) if args.steps else None
     params = replace(engine.default_params, seed=0, **({"steps": steps} if steps else {}))
@@ -169,6 +199,11 @@ def main(argv=None) -> list[dict]:
                                   for p in pieces], total_s=round(total, 4),
                           realtime_factor=round(args.chunks * engine.chunk_samples
                                                 / engine.sample_rate / total, 3))
+        elif mode == "http":
+            secs = time_http(args, fast, audio, args.warmup + args.repeats)[args.warmup:]
+            med = statistics.median(secs)
+            timing = dict(median_s=dict(total=round(med, 4)), realtime_factor=round(
+                engine.chunk_samples / engine.sample_rate / med, 3))
         else:
             raise SystemExit(f"unknown mode {mode!r}")
         row = dict(mode=mode, date=time.strftime("%Y-%m-%d %H:%M"), weights=args.weights,

@@ -19,9 +19,9 @@ re-executes itself with ATen, oneDNN, MKL and fbgemm capped at AVX2 (ATEN_CPU_CA
 ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, FBGEMM_ENABLE_INSTRUCTIONS); every row records the
 capability torch reports, the host's AVX-512 flags and those variables. `--levers` is the fast
 path (model/fast.py; "none" = all off); `--decoder DIR` decodes through another codec (its
-quantiser and decoder; timing only: a codec not trained with this DiT, e.g. weights/next/codec). Medians over
-`--repeats` after `--warmup` runs; `--profile` adds one profiled /continue's top ops. One JSON
-line per mode to stdout and, with `--out`, appended.
+quantiser and decoder; timing only: a codec not trained with this DiT, e.g. weights/next/codec).
+Medians over `--repeats` after `--warmup` runs; `--profile` adds one profiled /continue's top
+ops. One JSON line per mode to stdout and, with `--out`, appended.
 """
 
 from __future__ import annotations

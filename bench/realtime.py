@@ -65,6 +65,7 @@ def cpu_record() -> dict:
         model=model, cores=os.cpu_count(), torch_capability=torch.backends.cpu.get_cpu_capability(),
         host_avx2="avx2" in flags, host_avx512=sorted(f for f in flags if f.startswith("avx512")),
         env={k: os.environ.get(k) for k in ISA_ENV["avx2"]},
+        load_avg_1min=round(os.getloadavg()[0], 2),  # others' work slows a 2-thread run badly
         quantized_engine=torch.backends.quantized.engine,
     )
 

@@ -5,7 +5,7 @@
 | lever | what it does | the music |
 |---|---|---|
 | maskless | SDPA without a mask where every query sees every key (`model/attention.py`): every pass of a single unguided request | the same attention (tested against the masked path and a full recompute) |
-| int8 | the DiT trunk's Linear layers (qkv, proj, MLP) as dynamic int8: weights per output channel, activations per call (fbgemm / oneDNN) | changed: opt-in; the measured check is docs/benchmarks.md |
+| int8 | the DiT trunk's Linear layers (qkv, proj, MLP) as dynamic int8: weights per output channel, activations per call (fbgemm / oneDNN) | changed: masked CE within noise, a rougher seam (docs/benchmarks.md): opt-in |
 | inplace_snake | the codec's Snake activations (x + sin(a x)^2 / a, where SNAC's encoder and decoder spend much of their time at full rate) computed in one buffer instead of five fresh ones: 15-35 % faster each | the same operations in the same order: bit for bit the same (tested) |
 | threads | torch's intra-op threads (0 = torch's default, one per core) | the same |
 

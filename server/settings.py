@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     warmup: bool = True  # engine.warmup() at startup (full context), so the first user is not slow
     # The CPU fast path (model/fast.py, docs/server.md): /info and the start-up log say which
     # levers serve. maskless and inplace_snake are exact, so on; int8 Linear layers change the
-    # numbers (within the measured noise, docs/benchmarks.md), so they are opt-in.
+    # numbers (a rougher seam measured, docs/benchmarks.md), so they are opt-in.
     maskless: bool = True
     inplace_snake: bool = True
     int8: bool = False

@@ -279,6 +279,43 @@ def test_the_istft_codec_trains_resumes_exactly_and_exports(tmp_path, chord_dir,
     assert ck["config"]["model"]["decoder"]["phase"] == "griffin_lim"
 
 
+def test_encoder_warmup_trains_the_encoder_alone_then_the_codec_resumably(tmp_path, chord_dir):
+    """encoder_warmup_steps: the first steps move only the encoder and its spectrum head; the
+    codebooks are then initialised from the warmed-up encoder; a run stopped inside the
+    warm-up resumes exactly."""
+    common = FAST + ["--train", str(chord_dir), "--steps", "4", "--encoder_warmup_steps", "2",
+                     "--log_every", "1", "--val_every", "2", "--ckpt_every", "100",
+                     "--resume", "never"]
+    straight, split, warm_only = tmp_path / "straight", tmp_path / "split", tmp_path / "warm"
+    assert main(common + ["--out_dir", str(straight)]) == 0
+    assert main(common + ["--out_dir", str(split), "--steps", "1"]) == 0
+    assert main([a for a in common if a not in ("--resume", "never")]
+                + ["--out_dir", str(split)]) == 0
+    a = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1][1])["weights"]
+    b = load_checkpoint(list_checkpoints(split / "checkpoints")[-1][1])["weights"]
+    for part in ("model", "aux", "aux_spectrum"):
+        for name, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][name]), (part, name)
+
+    # the warm-up moves the encoder only: its two checkpoints differ there and nowhere else
+    assert main(common + ["--out_dir", str(warm_only), "--steps", "2", "--ckpt_every", "1"]) == 0
+    one, two = (load_checkpoint(p)["weights"]["model"]
+                for _, p in list_checkpoints(warm_only / "checkpoints")[-2:])
+    moved = {k for k in one if not torch.equal(one[k], two[k])}
+    assert moved and all(k.startswith("encoder.") for k in moved)
+    rows = [json.loads(r) for r in (warm_only / "log.jsonl").read_text().splitlines()]
+    assert [sorted(k for k in r if k.startswith("loss/")) for r in rows if "it_per_s" in r] \
+        == [["loss/encoder_spectrum", "loss/total"]] * 2
+    assert any("val/encoder_spectrum" in r and "val/mel" not in r for r in rows)
+    # after the warm-up the codec trains whole: every loss term, codebooks from the data
+    rows = [json.loads(r) for r in (straight / "log.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "loss/mel" in r]
+    assert [r["step"] for r in last] == [3, 4] and "loss/encoder_spectrum" in last[-1]
+    assert any("val/mel" in r and "val/encoder_spectrum" in r for r in rows)
+    codebook = "quantizer.quantizers.0.codebook.weight"
+    assert not torch.equal(two[codebook], a["model"][codebook])
+
+
 def test_eval_and_card_of_a_pitch_codec(tmp_path, chord_dir):
     """bench/eval_codec.py on a folder of audio (--audio) with every reference row, and the
     card that reads it: the decoder named, the pitch table beside its floor and ceiling."""

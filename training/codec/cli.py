@@ -47,7 +47,7 @@ from training.codec.data import (
     load_val_segments,
     split_train_val,
 )
-from training.codec.eval import collapsed_levels, evaluate
+from training.codec.eval import collapsed_levels, encoder_spectrum, evaluate
 from training.codec.model import count_params, load_for_training
 from training.codec.trainer import CodecTrainer
 from training.run import checkpoint as ckpt_io
@@ -142,9 +142,17 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
                                 cfg.keep_last)
 
     def validate():
+        if trainer.step <= cfg.encoder_warmup_steps and trainer.spectrum_head is not None:
+            # the warm-up: only the encoder has trained; the codes and decoder are untouched
+            loss = encoder_spectrum(trainer.model, val_segments, trainer.spectrum_head,
+                                    trainer.device)
+            log({"step": trainer.step, "val/encoder_spectrum": loss})
+            tqdm.write(f"val step {trainer.step} (encoder warm-up): encoder spectrum "
+                       f"{loss:.3f}", file=sys.stderr)
+            return
         metrics = evaluate(trainer.export_model(), val_segments, trainer.recon, trainer.codebook_size,
                            trainer.device, seed=cfg.seed, sample_rate=trainer.sample_rate,
-                           chroma_head=trainer.chroma_head)
+                           chroma_head=trainer.chroma_head, spectrum_head=trainer.spectrum_head)
         if not metrics:
             return
         collapsed = collapsed_levels(metrics, cfg.collapse_perplexity)
@@ -157,6 +165,8 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
         if "val/chroma_kl" in metrics:   # the coarse codes' pitch: the head's KL vs the prior's
             pitch += (f"chroma KL {metrics['val/chroma_kl']:.3f} "
                       f"(prior {metrics['val/chroma_kl_prior']:.3f})  ")
+        if "val/encoder_spectrum" in metrics:
+            pitch += f"encoder spectrum {metrics['val/encoder_spectrum']:.3f}  "
         tqdm.write(f"val step {trainer.step}: mel {metrics['val/mel']:.3f}  "
                    f"si_sdr {metrics['val/si_sdr']:.1f} dB  {pitch}{summary}", file=sys.stderr)
         for lv in collapsed:
@@ -193,7 +203,8 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
                            segment_samples=batch.shape[-1], batch=batch.shape[0],
                            it_per_s=window_steps / elapsed)
                 log(row)
-                bar.set_postfix(mel=f"{row['loss/mel']:.3f}", total=f"{row['loss/total']:.3f}")
+                bar.set_postfix({k.split("/")[1]: f"{row[k]:.3f}" for k in ("loss/mel", "loss/total")
+                                 if k in row})
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
             if cfg.val_every and trainer.step % cfg.val_every == 0:
                 validate()

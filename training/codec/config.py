@@ -54,6 +54,12 @@ class CodecTrainConfig:
     # Pitch distillation (training/codec/pitch_head.py): a head predicts each coarse frame's
     # chroma from levels < chroma_levels; its weight is loss_weights.chroma (0 = no head).
     chroma_levels: int = 2
+    # Encoder warm-up: for the first N steps only the encoder and its spectrum head train
+    # (loss_weights.encoder_spectrum; no quantiser, no decoder: a step costs about half), then
+    # the codebooks are initialised from the warmed-up encoder and the codec trains whole. A
+    # fresh encoder learns the fine spectrum from this head alone faster than from the whole
+    # codec's gradient (docs/codec-training.md §8).
+    encoder_warmup_steps: int = 0
     # ---- data
     train: list[str] = field(default_factory=lambda: ["data/corpus"])  # dirs, files, manifest.jsonl
     val: list[str] = field(default_factory=list)  # held-out dirs/files; empty = hold out from train
@@ -194,6 +200,11 @@ class CodecTrainConfig:
                                                      if v}
         if spectral and not self.decoder and not self.init:
             raise ValueError(f"loss terms {sorted(spectral)} need a spectral `decoder`")
+        if self.encoder_warmup_steps < 0:
+            raise ValueError("encoder_warmup_steps must be >= 0")
+        if self.encoder_warmup_steps and not self.loss_weights.get("encoder_spectrum"):
+            raise ValueError("encoder_warmup_steps needs loss_weights.encoder_spectrum > 0 "
+                             "(the warm-up trains the encoder on that head alone)")
         if self.chroma_levels < 1:
             raise ValueError("chroma_levels must be >= 1")
         if not self.init:

@@ -50,16 +50,18 @@ def _pitch_metrics():
 @torch.no_grad()
 def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
              codebook_size: int, device: torch.device, seed: int = 0,
-             sample_rate: int | None = None, chroma_head=None) -> dict[str, float]:
+             sample_rate: int | None = None, chroma_head=None,
+             spectrum_head=None) -> dict[str, float]:
     """segments: (1, 1, T) tensors. Returns {'val/mel': ..., 'val/usage_0': ..., ...}, and
     'val/chroma', 'val/comb_db' when `sample_rate` is given and librosa is installed.
     With the training's chroma head (pitch_head.py): 'val/chroma_kl', its KL on the held-out
     audio, beside 'val/chroma_kl_prior', the KL of the held-out chroma against its own mean
-    (what a head that learned nothing from the codes scores): do levels A and B carry pitch?"""
+    (what a head that learned nothing from the codes scores): do levels A and B carry pitch?
+    With the encoder's spectrum head: 'val/encoder_spectrum', its loss on held-out audio."""
     if not segments:
         return {}
     pitch = _pitch_metrics() if sample_rate else None
-    chroma, comb, head_kl, targets = [], [], [], []
+    chroma, comb, head_kl, targets, spectrum = [], [], [], [], []
     was_training = model.training
     model.eval()
     sums = {"mel": 0.0, "stft": 0.0, "si_sdr": 0.0}
@@ -82,6 +84,8 @@ def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
                     chroma.append(c)
                 comb.append(pitch.frame_rate_comb(ya, sample_rate,
                                                   sample_rate / int(model.hop_length)))
+            if spectrum_head is not None:
+                spectrum.append(float(spectrum_head.loss(out.z, x)))
             if chroma_head is not None:
                 log_q = chroma_head(out.level_z_q)
                 p, mask = chroma_head.target(x, log_q.shape[-1])
@@ -97,6 +101,8 @@ def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
         metrics["val/chroma"] = sum(chroma) / len(chroma)
     if comb:
         metrics["val/comb_db"] = sum(comb) / len(comb)
+    if spectrum:
+        metrics["val/encoder_spectrum"] = sum(spectrum) / len(spectrum)
     if head_kl:
         mean = torch.cat([p.transpose(1, 2)[m] for p, m in targets]).mean(0).clamp(min=1e-8)
         prior = [chroma_head.kl(p, mean.log()[None, :, None].expand_as(p), m) for p, m in targets]
@@ -104,6 +110,16 @@ def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
         metrics["val/chroma_kl_prior"] = float(sum(prior) / len(prior))
     metrics.update({f"val/{k}": v for k, v in codebook_stats(codes, codebook_size).items()})
     return metrics
+
+
+@torch.no_grad()
+def encoder_spectrum(model, segments: list[torch.Tensor], head, device: torch.device) -> float:
+    """The encoder spectrum head's loss on held-out segments (the warm-up's validation)."""
+    total = 0.0
+    for seg in segments:
+        x = seg.to(device)
+        total += float(head.loss(model.encoder(model.preprocess(x)), x))
+    return total / len(segments)
 
 
 def collapsed_levels(metrics: dict, threshold: float) -> list[int]:

@@ -141,8 +141,9 @@ class CodecTrainer:
         self.centre = "batch" if cfg.centre_vq_input and not cfg.freeze_encoder else None
         self.calibration: list[torch.Tensor] = []
         self._last_batch: torch.Tensor | None = None
-        self.needs_data_init = (cfg.codebook_init == "data" and not cfg.init
-                                and not cfg.freeze_encoder and model_source is None)
+        self.wants_data_init = (cfg.codebook_init == "data" and not cfg.init
+                                and not cfg.freeze_encoder)
+        self.needs_data_init = self.wants_data_init and model_source is None
         # A model loaded from `init` is a plain snac model (exports, the hub, checkpoints: all
         # folded). Before batch centring trains it, its mean quantiser input is moved back out of
         # in_proj (`_unfold`), so the first centred step sees the model as it was.
@@ -212,7 +213,9 @@ class CodecTrainer:
         """x: (B, 1, T) real audio. One generator (+ discriminator) update; advances self.step."""
         cfg, w = self.cfg, self.cfg.loss_weights
         x = x.to(self.device, non_blocking=True)
-        if self.needs_data_init and self.step == 0:
+        if self.step < cfg.encoder_warmup_steps and self.spectrum_head is not None:
+            return self._warmup_step(x)
+        if self.needs_data_init and self.step == cfg.encoder_warmup_steps:
             self._init_codebooks(x)
         self.needs_data_init = False
         if self.needs_unfold:
@@ -273,6 +276,21 @@ class CodecTrainer:
         metrics["loss/total"] = total.detach()
         return metrics
 
+    def _warmup_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The encoder and its spectrum head only (cfg.encoder_warmup_steps)."""
+        with self.autocast():
+            z = self.model.encoder(self.model.preprocess(x))
+        loss = self.spectrum_head.loss(z, x)
+        total = self.cfg.loss_weights["encoder_spectrum"] * loss
+        self.opt_g.zero_grad(set_to_none=True)
+        total.backward()
+        metrics = {"grad_norm/gen": clip_grad_norm_(self.trainable, self.cfg.grad_clip)}
+        self.opt_g.step()          # parameters without a gradient are left as they are
+        self.sched_g.step()
+        self.step += 1
+        self._last_batch = x.detach()
+        return {**metrics, "loss/encoder_spectrum": loss.detach(), "loss/total": total.detach()}
+
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict:
         sd = {
@@ -303,7 +321,9 @@ class CodecTrainer:
             self.chroma_head.load_state_dict(sd["aux"])
         if self.spectrum_head is not None and "aux_spectrum" in sd:
             self.spectrum_head.load_state_dict(sd["aux_spectrum"])
-        self.needs_data_init = False  # a resumed model's codebooks are already trained
+        # a resumed model's codebooks are already trained, unless it stopped in the warm-up
+        self.needs_data_init = (self.wants_data_init
+                                and int(sd["step"]) <= self.cfg.encoder_warmup_steps)
         self.needs_unfold = False     # and its weights are stored unfolded
         if self.disc is not None and "disc" in sd:
             self.disc.load_state_dict(sd["disc"])

@@ -314,6 +314,10 @@ def test_encoder_warmup_trains_the_encoder_alone_then_the_codec_resumably(tmp_pa
     assert any("val/mel" in r and "val/encoder_spectrum" in r for r in rows)
     codebook = "quantizer.quantizers.0.codebook.weight"
     assert not torch.equal(two[codebook], a["model"][codebook])
+    from training.codec.card import warmup_text       # the card says so
+
+    record = json.loads((straight / "config.json").read_text())["train"]
+    assert "first 2 steps trained the encoder" in warmup_text(record)
 
 
 def test_eval_and_card_of_a_pitch_codec(tmp_path, chord_dir):

@@ -61,6 +61,16 @@ def codes_text(result: dict, frozen: bool) -> str:
             "frozen codec will say so.")
 
 
+def warmup_text(train: dict) -> str:
+    """The encoder warm-up and the decoder's phase, where the recipe had them."""
+    n = train.get("encoder_warmup_steps", 0)
+    text = (f" The first {n} steps trained the encoder and its spectrum head alone "
+            f"(`encoder_warmup_steps`), then the codebooks were initialised from it." if n else "")
+    if (train.get("decoder") or {}).get("phase") == "griffin_lim":
+        text += " The decoder's phase is rebuilt by Griffin-Lim from its magnitudes."
+    return text
+
+
 def pitch_table(result: dict, title: str) -> str:
     """The pitch figures of the codec beside its references and the targets (empty without)."""
     table = result.get("table")
@@ -199,7 +209,7 @@ resumes). From scratch; batch {train['curriculum'][0][2]} × {train['curriculum'
 segments; AdamW, lr {train['lr']:g} for the decoder and {train['lr'] * train['encoder_lr_scale']:.2g}
 for encoder + quantiser (`encoder_lr_scale` {train['encoder_lr_scale']}), per-step decay
 {train['lr_decay']}; losses {', '.join(f'{k} {v:g}' for k, v in train['loss_weights'].items()
-if v and k not in ('adv', 'feat'))}; GAN {'on' if train['gan'] else 'off'}. Codebook health
+if v and k not in ('adv', 'feat'))}; GAN {'on' if train['gan'] else 'off'}.{warmup_text(train)} Codebook health
 (docs/codec-training.md §4): batch-centred quantiser input folded into `in_proj` for export,
 data-initialised codebooks, codes unused for {train.get('dead_code_window', 10)} steps restarted
 (checked every {train['dead_code_every']} steps), VQ gradients `{train.get('vq_gradients', 'raw')}`.

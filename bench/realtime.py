@@ -8,7 +8,9 @@ context), one request. `continue` is the server's call, `engine.continue_batch([
 lead_in=JOIN_SAMPLES)`; `extend` is `engine.extend(audio, N, lead_in=JOIN_SAMPLES)`, timed
 piece by piece as /extend streams them (the first piece includes the context encode, which
 `extend` runs at the call); `http` is POST /continue through the app (a test client: upload
-decode, batcher, engine, WAV out; the server's warm-up first). All include the join
+decode, batcher, engine, WAV out; the server's warm-up first); `paired` runs /continue with
+each of `--compare`'s lever sets in turn, every repeat, in one process (on a shared machine
+the fairest comparison: slow spells hit every set alike). All include the join
 (`heard_context`) and the lead-in. Phases as in bench/latency.py: encode, sample (the DiT),
 heard_context (the join's decode and re-encode), decode (the output). Real time = new audio
 seconds / wall seconds: 6.144 s per /continue; per /extend piece its own new samples (6.144 s
@@ -163,7 +165,9 @@ def main(argv=None) -> list[dict]:
                     help="comma list of maskless, inplace_snake, int8; or none (default: the "
                          "server's defaults)")
     ap.add_argument("--steps", default="", help="per-level steps (default: the model's)")
-    ap.add_argument("--modes", default="continue,extend", help="continue, extend, http")
+    ap.add_argument("--modes", default="continue,extend", help="continue, extend, http, paired")
+    ap.add_argument("--compare", default="none/maskless,inplace_snake/maskless,inplace_snake,int8",
+                    help="paired: lever sets, '/'-separated, run in turn every repeat")
     ap.add_argument("--chunks", type=int, default=3, help="/extend chunks")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
@@ -176,6 +180,8 @@ def main(argv=None) -> list[dict]:
     if any(os.environ.get(k) != v for k, v in want.items()):  # before torch reads them
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **want})
     import torch
+
+    from model.fast import FastPath, apply_fast_path
 
     torch.manual_seed(0)
     engine, report, fast = build(args)
@@ -200,6 +206,19 @@ def main(argv=None) -> list[dict]:
                                   for p in pieces], total_s=round(total, 4),
                           realtime_factor=round(args.chunks * engine.chunk_samples
                                                 / engine.sample_rate / total, 3))
+        elif mode == "paired":  # lever sets interleaved in one process: drift hits all alike
+            sets = args.compare.split("/")
+            fasts = [FastPath.from_names(names, args.threads) for names in sets]
+            runs = {names: [] for names in sets}
+            for r in range(args.warmup + args.repeats):
+                for names, f in zip(sets, fasts, strict=True):
+                    apply_fast_path(engine, f)
+                    got = time_continue(engine, audio, params)
+                    if r >= args.warmup:
+                        runs[names].append(got)
+            apply_fast_path(engine, fast)
+            timing = dict(compare={names: dict(median_s=median_rows(rows), totals_s=[
+                round(x["total"], 3) for x in rows]) for names, rows in runs.items()})
         elif mode == "http":
             secs = time_http(args, fast, audio, args.warmup + args.repeats)[args.warmup:]
             med = statistics.median(secs)

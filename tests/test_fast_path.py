@@ -153,9 +153,12 @@ def test_realtime_bench_times_continue_and_each_extend_piece(debug_weights_dir, 
     subprocess.run([sys.executable, "bench/realtime.py", "--weights", debug_weights_dir,
                     "--codec", debug_codec_dir, "--threads", "1", "--steps", "1,1,1,1",
                     "--warmup", "0", "--repeats", "1", "--chunks", "2", "--isa", "avx2",
-                    "--levers", "maskless,int8", "--out", str(out)],
+                    "--levers", "maskless,int8", "--modes", "continue,extend,paired",
+                    "--compare", "none/maskless,int8", "--out", str(out)],
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
-    cont, ext = (json.loads(line) for line in out.read_text().splitlines())
+    cont, ext, paired = (json.loads(line) for line in out.read_text().splitlines())
+    assert set(paired["compare"]) == {"none", "maskless,int8"}
+    assert all(len(v["totals_s"]) == 1 for v in paired["compare"].values())
     assert cont["mode"] == "continue" and ext["mode"] == "extend"
     assert cont["cpu"]["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
     assert cont["cpu"]["torch_capability"] in ("AVX2", "DEFAULT")

@@ -19,8 +19,8 @@ Switch with `set_backend(name)` or `with attention_backend(name): ...`.
 
 Maskless SDPA (issue 38): on a CPU, where the mask lets every query see every key (a single
 request's sampling passes against the KV cache: each pass's keys are exactly what it may see),
-"sdpa" calls SDPA without a mask, its fastest path (~10 % faster at the demo DiT's shapes), with
-the same attention. Decided once per forward with the mask; `set_maskless(False)` turns it off.
+"sdpa" calls SDPA without a mask, its fastest path, with the same attention (bit for bit on the
+demo DiT). Decided once per forward with the mask; `set_maskless(False)` turns it off.
 
 Dtypes: every backend computes in one dtype, `compute_dtype(q, k, v)`: the autocast dtype inside
 an autocast region, else v's. Under CUDA autocast rms_norm is an fp32 op, so the model's normed

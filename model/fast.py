@@ -6,7 +6,7 @@
 |---|---|---|
 | maskless | SDPA without a mask where every query sees every key (`model/attention.py`): every pass of a single unguided request | the same attention (tested against the masked path and a full recompute) |
 | int8 | the DiT trunk's Linear layers (qkv, proj, MLP) as dynamic int8: weights per output channel, activations per call (fbgemm / oneDNN) | changed: masked CE within noise, a rougher seam (docs/benchmarks.md): opt-in |
-| inplace_snake | the codec's Snake activations (x + sin(a x)^2 / a, where SNAC's encoder and decoder spend much of their time at full rate) computed in one buffer instead of five fresh ones: 15-35 % faster each | the same operations in the same order: bit for bit the same (tested) |
+| inplace_snake | the codec's Snake activations (x + sin(a x)^2 / a, where SNAC's encoder and decoder spend much of their time at full rate) computed in one buffer instead of five fresh ones (the codec's share of /continue fell 40 % on 2 AVX2 cores, docs/benchmarks.md) | the same operations in the same order: bit for bit the same (tested) |
 | threads | torch's intra-op threads (0 = torch's default, one per core) | the same |
 
 The heads, adaLN and the t embedding stay fp32: the heads make the logits the sampler ranks by,

@@ -22,6 +22,7 @@ from snac import SNAC
 from model.codec import DEBUG_CODEC_CONFIG, Codec
 from model.vocoder import ISTFTDecoder, ISTFTDecoderConfig
 from training.codec import pitch
+from training.codec.card import warmup_text
 from training.codec.cli import main
 from training.codec.losses import anti_wrap, spectral_decoder_losses
 from training.run.checkpoint import list_checkpoints, load_checkpoint
@@ -314,9 +315,7 @@ def test_encoder_warmup_trains_the_encoder_alone_then_the_codec_resumably(tmp_pa
     assert any("val/mel" in r and "val/encoder_spectrum" in r for r in rows)
     codebook = "quantizer.quantizers.0.codebook.weight"
     assert not torch.equal(two[codebook], a["model"][codebook])
-    from training.codec.card import warmup_text       # the card says so
-
-    record = json.loads((straight / "config.json").read_text())["train"]
+    record = json.loads((straight / "config.json").read_text())["train"]   # the card says so
     assert "first 2 steps trained the encoder" in warmup_text(record)
 
 

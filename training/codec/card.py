@@ -129,7 +129,7 @@ def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = ""
     if ckpts:
         last = ckpts[-1][0]
         rows = [r for r in rows if r.get("step", 0) <= last]
-    train_rows = [r for r in rows if "loss/mel" in r]
+    train_rows = [r for r in rows if "loss/total" in r]   # the encoder warm-up counts too
     val_rows = [r for r in rows if "val/mel" in r]
     step = last if ckpts else max(r["step"] for r in rows)
     hours = training_hours(train_rows, train["log_every"])

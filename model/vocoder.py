@@ -55,6 +55,10 @@ class ISTFTDecoderConfig:
     # window's relative frame index gives the same phases as the absolute one: seams stay exact.
     phase_advance: bool = True
 
+    def __post_init__(self):   # also checks what `replace` (set_render_options) gives
+        if self.phase not in ("learned", "griffin_lim"):
+            raise ValueError(f"phase must be 'learned' or 'griffin_lim', not {self.phase!r}")
+
     @property
     def kind(self) -> str:
         return "istft"
@@ -80,8 +84,6 @@ class ISTFTDecoder(nn.Module):
         super().__init__()
         if cfg.n_fft < cfg.hop or (cfg.n_fft - cfg.hop) % 2:
             raise ValueError("n_fft must be >= hop and n_fft - hop even ('same' framing)")
-        if cfg.phase not in ("learned", "griffin_lim"):
-            raise ValueError(f"phase must be 'learned' or 'griffin_lim', not {cfg.phase!r}")
         self.cfg = cfg
         self.embed = nn.Conv1d(cfg.latent_dim, cfg.dim, cfg.kernel, padding=cfg.kernel // 2)
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
@@ -189,11 +191,9 @@ RENDER_OPTIONS = ("phase", "gl_iters")
 
 
 def set_render_options(decoder: nn.Module, spec: dict) -> dict:
-    """In place: apply `spec`'s render options to `decoder` (validated as at construction).
+    """In place: apply `spec`'s render options to `decoder` (its config validates them).
     Returns the rest of `spec` that differs from the decoder's own, which cannot be applied."""
     own = decoder_spec(decoder)
     options = {k: v for k, v in spec.items() if k in RENDER_OPTIONS}
-    if options.get("phase", decoder.cfg.phase) not in ("learned", "griffin_lim"):
-        raise ValueError(f"phase must be 'learned' or 'griffin_lim', not {options['phase']!r}")
     decoder.cfg = replace(decoder.cfg, **options)
     return {k: v for k, v in spec.items() if k not in RENDER_OPTIONS and own.get(k) != v}

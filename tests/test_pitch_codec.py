@@ -20,7 +20,7 @@ import torch
 from snac import SNAC
 
 from model.codec import DEBUG_CODEC_CONFIG, Codec
-from model.vocoder import ISTFTDecoder, ISTFTDecoderConfig
+from model.vocoder import ISTFTDecoder, ISTFTDecoderConfig, set_render_options
 from training.codec import pitch
 from training.codec.card import warmup_text
 from training.codec.cli import main
@@ -278,6 +278,8 @@ def test_the_istft_codec_trains_resumes_exactly_and_exports(tmp_path, chord_dir,
     assert (spec.phase, spec.gl_iters, spec.layers) == ("griffin_lim", 4, 2)
     ck = load_checkpoint(list_checkpoints(gl / "checkpoints")[-1][1])
     assert ck["config"]["model"]["decoder"]["phase"] == "griffin_lim"
+    with pytest.raises(ValueError, match="phase must be"):     # checked as at construction
+        set_render_options(Codec.load(str(gl / "export")).snac.decoder, {"phase": "minimum"})
 
 
 def test_encoder_warmup_trains_the_encoder_alone_then_the_codec_resumably(tmp_path, chord_dir):

@@ -5,7 +5,8 @@
     codec  load_snac(config dict | local dir | hub id), save_snac(snac, config, DIR)
            (DIR/config.json + model.safetensors + pytorch_model.bin: snac.SNAC.from_pretrained
            reads it too; a decoder that is not SNAC's own (model/vocoder.py) adds
-           DIR/decoder.json + DIR/decoder.safetensors beside them)
+           DIR/decoder.json + DIR/decoder.safetensors beside them, an encoder that is not
+           (model/spectral_encoder.py) DIR/encoder.json + DIR/encoder.safetensors)
 
 `dit.py`, `codec.py` and `engine.py` build and run models; they never open a file themselves.
 Training checkpoints (optimiser state, resumable runs) are training/run/checkpoint.py's.
@@ -25,6 +26,21 @@ from model.dit import DiT, DiTConfig
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 DECODER_CONFIG_FILE, DECODER_WEIGHTS_FILE = "decoder.json", "decoder.safetensors"
+ENCODER_CONFIG_FILE, ENCODER_WEIGHTS_FILE = "encoder.json", "encoder.safetensors"
+# SNAC parts a codec may replace: config key -> (its files, the module that builds it)
+REPLACED_PARTS = {"encoder": (ENCODER_CONFIG_FILE, ENCODER_WEIGHTS_FILE),
+                  "decoder": (DECODER_CONFIG_FILE, DECODER_WEIGHTS_FILE)}
+
+
+def _part_builders(part: str):
+    """(build(spec) -> module, spec(module) -> dict) for a replaced SNAC part."""
+    if part == "decoder":
+        from model.vocoder import build_decoder, decoder_spec
+
+        return build_decoder, decoder_spec
+    from model.spectral_encoder import build_encoder, encoder_spec
+
+    return build_encoder, encoder_spec
 
 
 class CodecLoadError(RuntimeError):
@@ -33,19 +49,19 @@ class CodecLoadError(RuntimeError):
 
 # ----------------------------------------------------------------------------- codec
 def snac_kwargs(config: dict) -> dict:
-    """The SNAC constructor's part of a codec config (without its "decoder" spec)."""
-    return {k: v for k, v in config.items() if k != "decoder"}
+    """The SNAC constructor's part of a codec config (without its "encoder"/"decoder" specs)."""
+    return {k: v for k, v in config.items() if k not in REPLACED_PARTS}
 
 
 def build_snac(config: dict) -> SNAC:
     """SNAC(**config), with SNAC's decoder replaced by the one `config["decoder"]` describes (a
-    model/vocoder.py spec), if any. The replaced SNAC decoder is built at the config's
-    decoder_dim, which such configs keep tiny: it only exists so the SNAC files load."""
+    model/vocoder.py spec) and its encoder by `config["encoder"]`'s (model/spectral_encoder.py),
+    if any. A replaced SNAC decoder is built at the config's decoder_dim, which such configs keep
+    tiny: it only exists so the SNAC files load."""
     snac = SNAC(**snac_kwargs(config))
-    if config.get("decoder"):
-        from model.vocoder import build_decoder
-
-        snac.decoder = build_decoder(config["decoder"])
+    for part in REPLACED_PARTS:
+        if config.get(part):
+            setattr(snac, part, _part_builders(part)[0](config[part]))
     return snac
 
 
@@ -59,10 +75,9 @@ def load_snac(source: str | dict | os.PathLike, seed: int = 0) -> tuple[SNAC, di
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             snac, config = build_snac(source), dict(source)
-        if config.get("decoder"):   # the whole spec, as its saved decoder.json will hold it
-            from model.vocoder import decoder_spec
-
-            config["decoder"] = decoder_spec(snac.decoder)
+        for part in REPLACED_PARTS:   # the whole spec, as its saved PART.json will hold it
+            if config.get(part):
+                config[part] = _part_builders(part)[1](getattr(snac, part))
         return snac, config
     path = Path(source)
     if path.is_dir():
@@ -94,18 +109,19 @@ def _snac_from_dir(path: Path) -> tuple[SNAC, dict]:
         snac.load_state_dict(state)
     except RuntimeError as e:
         raise CodecLoadError(f"codec weights in {path} do not match its config.json: {e}") from e
-    if (path / DECODER_CONFIG_FILE).is_file():
+    for part, (spec_file, weights_file) in REPLACED_PARTS.items():
+        if not (path / spec_file).is_file():
+            continue
         from safetensors.torch import load_file
 
-        from model.vocoder import build_decoder
-
-        config["decoder"] = json.loads((path / DECODER_CONFIG_FILE).read_text())
+        config[part] = json.loads((path / spec_file).read_text())
         try:
-            snac.decoder = build_decoder(config["decoder"])
-            snac.decoder.load_state_dict(load_file(path / DECODER_WEIGHTS_FILE))
+            module = _part_builders(part)[0](config[part])
+            module.load_state_dict(load_file(path / weights_file))
         except (ValueError, TypeError, RuntimeError, OSError) as e:
-            raise CodecLoadError(f"the decoder in {path} ({DECODER_CONFIG_FILE} + "
-                                 f"{DECODER_WEIGHTS_FILE}) cannot be loaded: {e}") from e
+            raise CodecLoadError(f"the {part} in {path} ({spec_file} + {weights_file}) cannot "
+                                 f"be loaded: {e}") from e
+        setattr(snac, part, module)
     return snac, config
 
 
@@ -150,29 +166,32 @@ def save_snac(snac: SNAC, config: dict, out_dir: str | os.PathLike,
     A codec whose decoder is not SNAC's (config["decoder"]) writes it to decoder.json +
     decoder.safetensors; the SNAC files then hold the encoder and quantiser with a tiny
     placeholder SNAC decoder (untrained, seeded), so `snac.SNAC.from_pretrained` still loads
-    them for tokenising while `Codec.load` decodes with the real decoder."""
+    them for tokenising while `Codec.load` decodes with the real decoder. An encoder that is not
+    SNAC's (config["encoder"]) goes to encoder.json + encoder.safetensors the same way, with a
+    placeholder SNAC encoder: such a codec tokenises only through `Codec.load`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cast = lambda v: v.detach().cpu().to(dtype or v.dtype).contiguous()  # noqa: E731
     state = {k: cast(v) for k, v in snac.state_dict().items()}
     tmp = out / ".tmp-export"
-    if config.get("decoder"):
+    for part, (spec_file, weights_file) in REPLACED_PARTS.items():
+        if not config.get(part):
+            for name in (spec_file, weights_file):  # overwriting an export that had one
+                (out / name).unlink(missing_ok=True)
+            continue
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            placeholder = SNAC(**snac_kwargs(config)).decoder.state_dict()
-        state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
-        state.update({f"decoder.{k}": cast(v) for k, v in placeholder.items()})
-        save_readable_safetensors({k: cast(v) for k, v in snac.decoder.state_dict().items()},
-                                  tmp.with_suffix(".dec"))
-        os.replace(tmp.with_suffix(".dec"), out / DECODER_WEIGHTS_FILE)
-        from model.vocoder import decoder_spec
-
+            placeholder = getattr(SNAC(**snac_kwargs(config)), part).state_dict()
+        module = getattr(snac, part)
+        state = {k: v for k, v in state.items() if not k.startswith(f"{part}.")}
+        state.update({f"{part}.{k}": cast(v) for k, v in placeholder.items()})
+        save_readable_safetensors({k: cast(v) for k, v in module.state_dict().items()},
+                                  tmp.with_suffix(".part"))
+        os.replace(tmp.with_suffix(".part"), out / weights_file)
         # the whole spec, defaults included: the files say what they are without the code
-        tmp.with_suffix(".djson").write_text(json.dumps(decoder_spec(snac.decoder), indent=2))
-        os.replace(tmp.with_suffix(".djson"), out / DECODER_CONFIG_FILE)
-    else:
-        for name in (DECODER_CONFIG_FILE, DECODER_WEIGHTS_FILE):  # overwriting a vocoder export
-            (out / name).unlink(missing_ok=True)
+        tmp.with_suffix(".pjson").write_text(json.dumps(_part_builders(part)[1](module),
+                                                        indent=2))
+        os.replace(tmp.with_suffix(".pjson"), out / spec_file)
     tmp.with_suffix(".json").write_text(json.dumps(snac_kwargs(config), indent=2))
     os.replace(tmp.with_suffix(".json"), out / "config.json")
     torch.save(state, tmp.with_suffix(".bin"))

@@ -51,6 +51,11 @@ class CodecTrainConfig:
     # layers = 8, n_fft = 1536}; its latent_dim and hop follow from the SNAC config. Empty =
     # SNAC's own decoder. A run from `init` keeps the decoder it was saved with (like `model`).
     decoder: dict = field(default_factory=dict)
+    # An encoder that replaces SNAC's (model/spectral_encoder.py): a fixed log-magnitude STFT and
+    # ConvNeXt blocks at the hop rate, e.g. {kind = "stft", layers = 4}; latent_dim, hop and
+    # sample_rate follow from the SNAC config. Empty = SNAC's waveform encoder. A run from `init`
+    # keeps the encoder it was saved with.
+    encoder: dict = field(default_factory=dict)
     # Pitch distillation (training/codec/pitch_head.py): a head predicts each coarse frame's
     # chroma from levels < chroma_levels; its weight is loss_weights.chroma (0 = no head).
     chroma_levels: int = 2
@@ -150,6 +155,13 @@ class CodecTrainConfig:
             config["decoder"] = decoder_spec(build_decoder({
                 "latent_dim": config["encoder_dim"] * 2 ** len(config["encoder_rates"]),
                 "hop": math.prod(config["encoder_rates"]), **self.decoder}))
+        if self.encoder:
+            from model.spectral_encoder import build_encoder, encoder_spec
+
+            config["encoder"] = encoder_spec(build_encoder({
+                "latent_dim": config["encoder_dim"] * 2 ** len(config["encoder_rates"]),
+                "hop": math.prod(config["encoder_rates"]),
+                "sample_rate": config["sampling_rate"], **self.encoder}))
         return config
 
     def validate(self) -> CodecTrainConfig:
@@ -197,6 +209,8 @@ class CodecTrainConfig:
             raise ValueError("val_every must be >= 0 (0 = only at the end)")
         if self.decoder.get("kind", "istft") != "istft":
             raise ValueError(f"unknown decoder kind {self.decoder['kind']!r}; known: istft")
+        if self.encoder.get("kind", "stft") != "stft":
+            raise ValueError(f"unknown encoder kind {self.encoder['kind']!r}; known: stft")
         spectral = {"amp", "phase", "consistency"} & {k for k, v in self.loss_weights.items()
                                                      if v}
         if spectral and not self.decoder and not self.init:

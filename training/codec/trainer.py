@@ -74,6 +74,8 @@ class CodecTrainer:
                 ignored.update({f"decoder.{k}": v for k, v in rest.items()})
             elif cfg.decoder:
                 ignored["decoder"] = cfg.decoder
+            if cfg.encoder:
+                ignored["encoder"] = cfg.encoder
             if ignored:
                 print(f"warning: {', '.join(ignored)} ignored when fine-tuning from `init` "
                       "(the model keeps the architecture it was saved with)", file=sys.stderr)

@@ -1,0 +1,139 @@
+"""The spectral encoder (model/spectral_encoder.py): its features hold a tone's partials where
+they belong, a codec built with it saves beside SNAC's files, loads, tokenises the same and
+keeps its tokens local, and the codec trainer's entry point trains, resumes and exports it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from model.codec import DEBUG_CODEC_CONFIG, Codec
+from model.spectral_encoder import (SpectralEncoder, SpectralEncoderConfig, build_encoder,
+                                    high_band_filters)
+from training.codec.cli import main
+from training.run.checkpoint import list_checkpoints, load_checkpoint
+
+SR = 32000
+SPECTRAL_DEBUG = dict(DEBUG_CODEC_CONFIG, noise=False,
+                      encoder=dict(kind="stft", latent_dim=128, hop=384, dim=32, layers=1),
+                      decoder=dict(kind="istft", latent_dim=128, hop=384, n_fft=1536, dim=32,
+                                   layers=2, phase="griffin_lim", gl_iters=4))
+
+
+def tone(freq: float, seconds: float = 0.768, amp: float = 0.3) -> torch.Tensor:
+    t = torch.arange(int(seconds * SR)) / SR
+    return (amp * torch.sin(2 * math.pi * freq * t))[None, None]
+
+
+def test_features_hold_a_partial_in_its_own_bin_and_highs_in_bands():
+    enc = SpectralEncoder(SpectralEncoderConfig(latent_dim=16, dim=16, layers=1))
+    cfg = enc.cfg
+    assert cfg.n_linear == 192 and cfg.n_features == 224
+    low = enc.features(tone(440.0))
+    assert low.shape == (1, cfg.n_features, int(0.768 * SR) // cfg.hop)
+    mid = low[0, :, low.shape[-1] // 2]
+    assert int(mid[: cfg.n_linear].argmax()) == round(440.0 * cfg.n_fft / SR)   # bin 28
+    # a semitone up is a different bin: the pitch is in the input
+    up = enc.features(tone(466.2))[0, :, low.shape[-1] // 2]
+    assert int(up[: cfg.n_linear].argmax()) == round(466.2 * cfg.n_fft / SR)    # bin 30
+    # a 6 kHz tone lights one high band, not the linear bins
+    high = enc.features(tone(6000.0))[0, :, low.shape[-1] // 2]
+    assert high[cfg.n_linear:].max() > high[: cfg.n_linear].max() + 3
+    bands = high_band_filters(cfg)
+    assert torch.allclose(bands.sum(1), torch.ones(cfg.high_bands))
+    assert (bands[:, : cfg.n_linear] == 0).all()
+    with pytest.raises(ValueError, match="multiple of hop"):
+        enc.features(torch.zeros(1, 1, 1000))
+    with pytest.raises(ValueError, match="linear_max_hz"):
+        SpectralEncoderConfig(linear_max_hz=20000.0)
+    with pytest.raises(ValueError, match="unknown encoder kind"):
+        build_encoder({"kind": "wavelet"})
+
+
+def test_a_spectral_codec_saves_loads_and_tokenises_locally(tmp_path):
+    codec = Codec.load(SPECTRAL_DEBUG, seed=0)
+    out = codec.save(tmp_path / "c")
+    names = {p.name for p in out.iterdir()}
+    assert {"encoder.json", "encoder.safetensors", "decoder.json", "decoder.safetensors",
+            "config.json", "model.safetensors"} <= names
+    assert "encoder" not in json.loads((out / "config.json").read_text())
+    again = Codec.load(str(out))
+    assert again.fingerprint == codec.fingerprint
+    assert again.codes_fingerprint == codec.codes_fingerprint
+    x = torch.randn(1, 3 * 12288) * 0.2
+    codes = codec.encode(x)
+    assert all(torch.equal(a, b) for a, b in zip(codes, again.encode(x), strict=True))
+    assert [c.shape[-1] for c in codes] == [12, 24, 48, 96]
+    # the encoder is part of what the codes mean; the SNAC encoder it replaces is not this one
+    snac_encoder = Codec.load({k: v for k, v in SPECTRAL_DEBUG.items() if k != "encoder"}, seed=0)
+    assert snac_encoder.codes_fingerprint != codec.codes_fingerprint
+    # tokens stay local: the measured reach is within the geometry's border (what serving
+    # and the tokeniser re-encode around a seam), and well inside SNAC's own
+    assert codec.encoder_reach() <= codec.border_samples <= snac_encoder.border_samples
+    # re-saving a SNAC-encoder codec over it removes the stale encoder files
+    snac_encoder.save(out)
+    assert not (out / "encoder.json").exists()
+
+
+def test_a_broken_encoder_file_is_a_clear_load_error(tmp_path):
+    from model.weights import CodecLoadError
+
+    out = Codec.load(SPECTRAL_DEBUG, seed=0).save(tmp_path / "c")
+    spec = json.loads((out / "encoder.json").read_text())
+    (out / "encoder.json").write_text(json.dumps(dict(spec, dim=48)))
+    with pytest.raises(CodecLoadError, match="encoder.*cannot be loaded"):
+        Codec.load(str(out))
+
+
+@pytest.fixture(scope="module")
+def tone_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tones")
+    for i, f in enumerate((220.0, 330.0, 440.0)):
+        sf.write(d / f"t{i}.wav", tone(f, 1.5)[0, 0].numpy().astype(np.float32), SR)
+    return d
+
+
+def test_the_spectral_codec_trains_resumes_exactly_and_exports(tmp_path, tone_dir, capsys):
+    common = ["--preset", "debug", "--curriculum", "[[0, 0.384, 2]]", "--val_seconds", "0.384",
+              "--val_files", "1", "--num_workers", "0", "--threads", "1", "--progress", "false",
+              "--gan", "false", "--model.noise", "false",
+              "--encoder", '{kind = "stft", dim = 32, layers = 1}',
+              "--decoder", '{kind = "istft", dim = 32, layers = 2, phase = "griffin_lim", '
+                           'gl_iters = 4}',
+              "--loss_weights.amp", "4", "--loss_weights.phase", "0",
+              "--loss_weights.consistency", "0", "--loss_weights.chroma", "2",
+              "--loss_weights.encoder_spectrum", "1", "--loss_weights.l1", "0",
+              "--train", str(tone_dir), "--steps", "4", "--log_every", "1", "--val_every", "4",
+              "--ckpt_every", "100", "--resume", "never"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(common + ["--out_dir", str(straight)]) == 0
+    assert main(common + ["--out_dir", str(split), "--steps", "2"]) == 0
+    assert main([a for a in common if a not in ("--resume", "never")]
+                + ["--out_dir", str(split)]) == 0
+    a = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1][1])
+    b = load_checkpoint(list_checkpoints(split / "checkpoints")[-1][1])
+    assert a["config"]["model"]["encoder"]["kind"] == "stft"
+    assert any(k.startswith("encoder.embed") for k in a["weights"]["model"])
+    for name, tensor in a["weights"]["model"].items():
+        assert torch.equal(tensor, b["weights"]["model"][name]), name
+    rows = [json.loads(r) for r in (straight / "log.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss/total" in r]
+    assert all(math.isfinite(r["loss/total"]) for r in train)
+    export = Codec.load(str(straight / "export"))
+    assert export.snac.encoder.cfg.kind == "stft" and export.decoder_name == "istft"
+    y = export.decode(export.encode(tone(330.0)[0]))
+    assert y.shape == (1, int(0.768 * SR)) and torch.isfinite(y).all()
+    # a warm start keeps the saved encoder and says that a new `encoder` table is ignored
+    capsys.readouterr()
+    assert main(common + ["--out_dir", str(tmp_path / "warm"), "--init",
+                          str(straight / "export"), "--steps", "1", "--val_every", "0"]) == 0
+    assert "encoder ignored" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(common + ["--encoder", '{kind = "wavelet"}', "--out_dir", str(tmp_path / "bad")])
+    assert stop.value.code == 2
+    assert "unknown encoder kind 'wavelet'" in capsys.readouterr().err

@@ -128,6 +128,33 @@ def test_the_spectral_codec_trains_resumes_exactly_and_exports(tmp_path, tone_di
     assert export.snac.encoder.cfg.kind == "stft" and export.decoder_name == "istft"
     y = export.decode(export.encode(tone(330.0)[0]))
     assert y.shape == (1, int(0.768 * SR)) and torch.isfinite(y).all()
+    # its card says which encoder the codes come from, and what snac alone cannot do with them
+    import importlib.util
+    from pathlib import Path
+
+    from training.codec.card import main as card_main
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_codec", Path(__file__).resolve().parents[1] / "bench" / "eval_codec.py")
+    eval_codec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_codec)
+    result = tmp_path / "eval.json"
+    assert eval_codec.main(["--codec", str(straight / "export"), "--audio", str(tone_dir),
+                            "--seconds", "0.768", "--segments", "1", "--repeats", "1",
+                            "--threads", "1", "--out", str(result)]) == 0
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "manifest.jsonl").write_text(json.dumps(
+        {"status": "kept", "output_path": "audio/t0.wav", "package": "synthetic",
+         "licence": "CC0-1.0"}) + "\n")
+    (corpus / "summary.json").write_text(json.dumps({"total_hours": 0.01, "kept": 1, "packages": {
+        "synthetic": {"kept": 1, "hours": 0.01, "licences": {"CC0-1.0": 1}}}}))
+    assert card_main(["--run", str(straight), "--codec", str(straight / "export"), "--eval",
+                      str(result), "--corpus", str(corpus)]) == 0
+    text = (straight / "export" / "MODEL_CARD.md").read_text()
+    assert "Encoder: **stft**" in text and "spectral encoder 32 × 1" in text
+    assert "tokenises only through `Codec.load`" in text
+    assert "loads them for tokenising" not in text
     # a warm start keeps the saved encoder and says that a new `encoder` table is ignored
     capsys.readouterr()
     assert main(common + ["--out_dir", str(tmp_path / "warm"), "--init",

@@ -150,9 +150,11 @@ def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = ""
         + " / ".join(str(r.get(f"val/unique_{lv}", "?")) for lv in range(4)) + " | "
         + " / ".join(f"{r[f'val/perplexity_{lv}']:.0f}" for lv in range(4)) + " |"
         for r in val_rows)
-    decoder = model.get("decoder")
+    decoder, encoder = model.get("decoder"), model.get("encoder")
     if (codec_dir / "decoder.json").is_file():       # the exported spec has every field
         decoder = json.loads((codec_dir / "decoder.json").read_text())
+    if (codec_dir / "encoder.json").is_file():
+        encoder = json.loads((codec_dir / "encoder.json").read_text())
     pitch = pitch_table(result, "Pitch (the judge), held-out tracks of the corpus")
     if independent:
         pitch += pitch_table(independent, "Pitch on independent music (no codec here trained "
@@ -179,6 +181,19 @@ def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = ""
                  f"{decoder['dim']} × {decoder['layers']}")
     else:
         width = f"encoder_dim {model['encoder_dim']}, decoder_dim {model['decoder_dim']}"
+    if encoder:
+        files = files.replace("`snac.SNAC.from_pretrained` loads them for tokenising, not for "
+                              "decoding.", "they load in `snac.SNAC.from_pretrained`, which can "
+                              "then neither tokenise nor decode as trained.")
+        files += (f"\n- Encoder: **{encoder['kind']}** (`model/spectral_encoder.py`: the log "
+                  f"magnitude of an n_fft {encoder['n_fft']} STFT, bins one by one below "
+                  f"{encoder['linear_max_hz']:g} Hz and {encoder['high_bands']} mel-spaced bands "
+                  f"above, then {encoder['layers']} ConvNeXt blocks of width {encoder['dim']} at "
+                  "the hop rate), in `encoder.json` + `encoder.safetensors`. The SNAC files hold "
+                  "an *untrained placeholder* SNAC encoder, so this codec tokenises only through "
+                  "`Codec.load`, not `snac.SNAC.from_pretrained`.")
+        width = width.replace(f"encoder_dim {model['encoder_dim']}",
+                              f"spectral encoder {encoder['dim']} × {encoder['layers']}")
     return f"""# Codec (snac-dit) — snapshot at step {step}
 
 A small SNAC-architecture codec (32 kHz, hop 384, `vq_strides` [8, 4, 2, 1], the 6.144 s chunk

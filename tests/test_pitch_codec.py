@@ -127,6 +127,27 @@ def test_spectral_terms_vanish_on_the_truth_and_wrap_phase():
                           torch.tensor([0.1, 0.1, math.pi - 0.1]), atol=1e-5)
 
 
+def test_the_partials_term_weighs_partials_where_log_magnitude_weighs_the_noise_floor():
+    d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1))
+    x = torch.from_numpy(chord_progression(1.152)).view(1, 1, -1)
+    x = x + 1e-3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    S = d.analysis(x)
+    log_mag = S.abs().clamp(min=1e-5).log()
+    # the partials smeared over 9 bins (the envelope kept: what a decoder that has not heard
+    # the notes predicts), against the truth with its noise floor scattered as noise scatters
+    smeared = torch.nn.functional.avg_pool1d(S.abs().transpose(1, 2), 9, 1, 4,
+                                             count_include_pad=False).transpose(1, 2)
+    smeared = smeared.clamp(min=1e-5).log()
+    floor = log_mag < log_mag.max() - 40 / 8.69
+    jitter = torch.randn(log_mag.shape, generator=torch.Generator().manual_seed(1))
+    scattered = torch.where(floor, log_mag + 1.5 * jitter, log_mag)
+    a = spectral_decoder_losses(d, smeared, S.angle(), x)
+    b = spectral_decoder_losses(d, scattered, S.angle(), x)
+    assert spectral_decoder_losses(d, log_mag, S.angle(), x)["partials"] < 1e-8
+    assert a["amp"] < b["amp"]                     # log-magnitude MSE prefers the smear...
+    assert a["partials"] > 1.5 * b["partials"]     # ...the partials term does not
+
+
 def test_a_codec_with_the_istft_decoder_saves_beside_snac_files(tmp_path):
     codec = Codec.load(ISTFT_DEBUG, seed=0)
     assert codec.decoder_name == "istft"

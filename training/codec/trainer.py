@@ -103,7 +103,7 @@ class CodecTrainer:
                 self.sample_rate, math.prod(self.model_config["encoder_rates"])
             ).to(self.device).train()
         self.spectral = hasattr(self.model.decoder, "spectrum") and any(
-            cfg.loss_weights.get(k) for k in ("amp", "phase", "consistency"))
+            cfg.loss_weights.get(k) for k in ("amp", "partials", "phase", "consistency"))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         for head in (self.chroma_head, self.spectrum_head):
             if head is not None:

@@ -188,6 +188,27 @@ def test_istft_decoding_with_context_is_seam_free():
     assert torch.equal(codec.decode(b, seed=0), codec.decode(b, seed=5))   # no noise
 
 
+def test_griffin_lim_decoding_in_the_servers_windows_matches_the_whole_decode():
+    """Griffin-Lim couples every frame to its neighbours a little more each iteration, but it
+    starts from each bin's own advance, which repeats on the codec's padding grid, and its
+    reach fades fast: the server's windows (two padding units before, one after) decode what a
+    decode of the whole sequence gives there."""
+    spec = dict(ISTFT_DEBUG["decoder"], phase="griffin_lim", gl_iters=32)
+    codec = Codec.load(dict(ISTFT_DEBUG, decoder=spec), seed=1)
+    g = torch.Generator().manual_seed(0)
+    n = [4, 8, 16, 32]                                          # one padding unit per level
+    tokens = [torch.randint(0, 4096, (1, 6 * k), generator=g) for k in n]
+    whole = codec.decode(tokens)
+    window = [t[:, 1 * k: 5 * k] for t, k in zip(tokens, n, strict=True)]
+    part = codec.decode(window, first_frame=n[0] * 8)           # units 1-4 decoded alone
+    unit = 8 * 384 * n[0]
+    a, b = part[:, 2 * unit: 3 * unit], whole[:, 3 * unit: 4 * unit]   # unit 3: 2 before, 1 after
+    assert (a - b).norm() / b.norm() < 1e-3
+    # the first unit of the window, with no context before it, is not the whole decode's
+    assert (part[:, :unit] - whole[:, unit: 2 * unit]).norm() / whole[:, unit: 2 * unit].norm() \
+        > 1e-2
+
+
 def test_chroma_head_target_finds_the_pitch_class():
     from training.codec.pitch_head import ChromaHead
 

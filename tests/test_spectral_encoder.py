@@ -110,6 +110,7 @@ def test_the_spectral_codec_trains_resumes_exactly_and_exports(tmp_path, tone_di
               "--loss_weights.encoder_spectrum", "1", "--loss_weights.l1", "0",
               "--train", str(tone_dir), "--steps", "4", "--log_every", "1", "--val_every", "4",
               "--ckpt_every", "100", "--resume", "never"]
+    common += ["--train_gl_iters", "2"]     # training renders with 2, validation with 4
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(common + ["--out_dir", str(straight)]) == 0
     assert main(common + ["--out_dir", str(split), "--steps", "2"]) == 0
@@ -126,6 +127,7 @@ def test_the_spectral_codec_trains_resumes_exactly_and_exports(tmp_path, tone_di
     assert all(math.isfinite(r["loss/total"]) for r in train)
     export = Codec.load(str(straight / "export"))
     assert export.snac.encoder.cfg.kind == "stft" and export.decoder_name == "istft"
+    assert export.snac.decoder.cfg.gl_iters == 4          # training's own count is not exported
     y = export.decode(export.encode(tone(330.0)[0]))
     assert y.shape == (1, int(0.768 * SR)) and torch.isfinite(y).all()
     # its card says which encoder the codes come from, and what snac alone cannot do with them
@@ -164,3 +166,21 @@ def test_the_spectral_codec_trains_resumes_exactly_and_exports(tmp_path, tone_di
         main(common + ["--encoder", '{kind = "wavelet"}', "--out_dir", str(tmp_path / "bad")])
     assert stop.value.code == 2
     assert "unknown encoder kind 'wavelet'" in capsys.readouterr().err
+
+
+def test_training_batches_render_with_train_gl_iters_and_validation_with_the_decoders_own():
+    from training.codec.config import load_config
+    from training.codec.trainer import CodecTrainer
+
+    cfg = load_config(None, ["--preset", "debug", "--model.noise", "false", "--threads", "1",
+                             "--decoder", '{kind = "istft", dim = 16, layers = 1, '
+                                          'phase = "griffin_lim", gl_iters = 6}',
+                             "--train_gl_iters", "2", "--loss_weights.amp", "1"]).validate()
+    trainer = CodecTrainer(cfg)
+    decoder, seen = trainer.model.decoder, []
+    render = decoder.render
+    decoder.render = lambda *a: seen.append(decoder.cfg.gl_iters) or render(*a)
+    trainer.train_step(torch.randn(2, 1, 12288) * 0.1)
+    assert seen == [2] and decoder.cfg.gl_iters == 6
+    with pytest.raises(ValueError, match="train_gl_iters"):
+        load_config(None, ["--train_gl_iters", "-1"]).validate()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import math
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 import torch
 from torch.nn.utils import clip_grad_norm_
@@ -211,6 +212,22 @@ class CodecTrainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    @contextmanager
+    def _training_render(self):
+        """The decoder renders training batches with `train_gl_iters` Griffin-Lim iterations
+        (if set); validation, checkpoints and exports keep its own."""
+        decoder = self.model.decoder
+        if not self.cfg.train_gl_iters or getattr(getattr(decoder, "cfg", None), "phase",
+                                                  None) != "griffin_lim":
+            yield
+            return
+        own = decoder.cfg
+        decoder.cfg = replace(own, gl_iters=self.cfg.train_gl_iters)
+        try:
+            yield
+        finally:
+            decoder.cfg = own
+
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: (B, 1, T) real audio. One generator (+ discriminator) update; advances self.step."""
         cfg, w = self.cfg, self.cfg.loss_weights
@@ -223,7 +240,7 @@ class CodecTrainer:
         if self.needs_unfold:
             self._unfold(x)
             self.needs_unfold = False
-        with self.autocast():
+        with self.autocast(), self._training_render():
             out = codec_forward(self.model, x, cfg.freeze_encoder, self.centre,
                                 cfg.vq_gradients)
         self._last_batch = x.detach()

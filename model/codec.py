@@ -207,6 +207,12 @@ class Codec:
         or the kind of a replacement decoder ("istft": model/vocoder.py)."""
         return (self.config.get("decoder") or {}).get("kind", "snac")
 
+    @property
+    def encoder_name(self) -> str:
+        """Which encoder makes the codes: "snac" (SNAC's waveform encoder) or the kind of a
+        replacement ("stft": model/spectral_encoder.py)."""
+        return (self.config.get("encoder") or {}).get("kind", "snac")
+
     def geometry(self) -> dict:
         return dict(
             sample_rate=self.sample_rate,

@@ -4,8 +4,8 @@ A DiT predicts a codec's tokens: with a codec whose encoder or quantiser differ,
 nothing and the output is noise. `Codec.codes_fingerprint` hashes exactly what decides the codes
 (a decoder-only change keeps it), and the DiT's config.json records the one its training tokens
 came from (training/dit/export.py). The server refuses to start when they differ, unless told
-otherwise (`SNAC_DIT_ALLOW_CODEC_MISMATCH=1`, for experiments), and /info says which codec and
-decoder serve.
+otherwise (`SNAC_DIT_ALLOW_CODEC_MISMATCH=1`, for experiments), and /info says which codec,
+encoder and decoder serve.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def codec_report(codec, trained: dict | None, source: str | None) -> dict:
         match = None
     return {
         "source": source,
+        "encoder": getattr(codec, "encoder_name", "snac"),
         "decoder": getattr(codec, "decoder_name", "snac"),
         "fingerprint": codec.fingerprint,
         "codes_fingerprint": codec.codes_fingerprint,

@@ -184,3 +184,29 @@ def test_training_batches_render_with_train_gl_iters_and_validation_with_the_dec
     assert seen == [2] and decoder.cfg.gl_iters == 6
     with pytest.raises(ValueError, match="train_gl_iters"):
         load_config(None, ["--train_gl_iters", "-1"]).validate()
+
+
+def test_the_server_serves_a_dit_on_a_spectral_codecs_codes(tmp_path):
+    """A DiT trained on a spectral codec's codes is served by it: /info names both parts and
+    the codes match; /continue answers a chunk."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+    from tests.test_server_entry import _dit_trained_on, _wav
+
+    codec = Codec.load(SPECTRAL_DEBUG, seed=0)
+    assert (codec.encoder_name, codec.decoder_name) == ("stft", "istft")
+    codec_dir = str(codec.save(tmp_path / "spectral"))
+    weights = _dit_trained_on(tmp_path, "dit", {"fingerprint": codec.fingerprint,
+                                                 "codes_fingerprint": codec.codes_fingerprint})
+    with TestClient(create_app(Settings(weights=weights, codec=codec_dir, device="cpu",
+                                        warmup=False))) as c:
+        info = c.get("/info").json()["codec"]
+        assert (info["encoder"], info["decoder"], info["codes_match"]) == ("stft", "istft", True)
+        r = c.post("/continue?steps=1", files={"audio": ("a.wav", _wav(7.0), "audio/wav")})
+        assert r.status_code == 200, r.text
+    audio, sr = sf.read(io.BytesIO(r.content))
+    assert sr == SR and len(audio) == 196_608 and np.abs(audio).max() > 0

@@ -21,7 +21,9 @@ re-executes itself with ATen, oneDNN, MKL and fbgemm capped at AVX2 (ATEN_CPU_CA
 ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, FBGEMM_ENABLE_INSTRUCTIONS); every row records the
 capability torch reports, the host's AVX-512 flags and those variables. `--levers` is the fast
 path (model/fast.py; "none" = all off); `--decoder DIR` decodes through another codec (its
-quantiser and decoder; timing only: a codec not trained with this DiT, e.g. weights/next/codec).
+quantiser and decoder; timing only: a codec not trained with this DiT, e.g. weights/next/codec);
+`--time-codec DIR` encodes and decodes through another codec (timing only, likewise: a codec
+with its own encoder, such as the spectral one, costs differently on both sides).
 Medians over `--repeats` after `--warmup` runs; `--profile` adds one profiled /continue's top
 ops. One JSON line per mode to stdout and, with `--out`, appended.
 """
@@ -80,6 +82,12 @@ def build(args):
     engine = ContinuationEngine.load(args.weights, args.codec)
     if args.decoder:  # another codec decodes (its quantiser and decoder), this one encodes:
         engine.codec.decode = Codec.load(args.decoder).decode  # timing only, not music
+    if args.time_codec:  # another codec on both sides, the DiT's geometry: timing only
+        other = Codec.load(args.time_codec)
+        if other.geometry() != engine.codec.geometry():
+            raise SystemExit(f"error: {args.time_codec} has another token geometry than "
+                             f"{args.codec}; it cannot stand in for it")
+        engine.codec.encode, engine.codec.decode = other.encode, other.decode
     try:
         fast = FastPath.from_names(args.levers, args.threads)
     except ValueError as e:
@@ -159,6 +167,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--weights", default="weights/demo/dit")
     ap.add_argument("--codec", default="weights/demo/codec")
     ap.add_argument("--decoder", default="", help="decode with this codec's decoder (timing)")
+    ap.add_argument("--time-codec", default="",
+                    help="encode and decode with this codec (timing; same geometry)")
     ap.add_argument("--isa", choices=("native", "avx2"), default="native")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--levers", default="maskless,inplace_snake",
@@ -220,6 +230,9 @@ def main(argv=None) -> list[dict]:
             timing = dict(compare={names: dict(median_s=median_rows(rows), totals_s=[
                 round(x["total"], 3) for x in rows]) for names, rows in runs.items()})
         elif mode == "http":
+            if args.decoder or args.time_codec:
+                raise SystemExit("error: the http mode serves --codec as the server would; "
+                                 "--decoder and --time-codec apply to the other modes")
             secs = time_http(args, fast, audio, args.warmup + args.repeats)[args.warmup:]
             med = statistics.median(secs)
             timing = dict(median_s=dict(total=round(med, 4)), realtime_factor=round(
@@ -227,7 +240,8 @@ def main(argv=None) -> list[dict]:
         else:
             raise SystemExit(f"unknown mode {mode!r}")
         row = dict(mode=mode, date=time.strftime("%Y-%m-%d %H:%M"), weights=args.weights,
-                   codec=args.codec, decoder=args.decoder or args.codec, isa=args.isa,
+                   codec=args.codec, decoder=args.decoder or args.time_codec or args.codec,
+                   encoder=args.time_codec or args.codec, isa=args.isa,
                    cpu=cpu_record(), threads=torch.get_num_threads(),
                    steps=list(params.validated(engine.codec.n_levels).steps),
                    levers={k: v["on"] for k, v in report.items() if k != "threads"},

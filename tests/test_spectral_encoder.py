@@ -210,3 +210,25 @@ def test_the_server_serves_a_dit_on_a_spectral_codecs_codes(tmp_path):
         assert r.status_code == 200, r.text
     audio, sr = sf.read(io.BytesIO(r.content))
     assert sr == SR and len(audio) == 196_608 and np.abs(audio).max() > 0
+
+
+def test_realtime_bench_times_the_path_through_a_spectral_codec(tmp_path, debug_weights_dir,
+                                                                debug_codec_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spectral = str(Codec.load(SPECTRAL_DEBUG, seed=0).save(tmp_path / "spectral"))
+    out = tmp_path / "rt.jsonl"
+    args = [sys.executable, "bench/realtime.py", "--weights", debug_weights_dir, "--codec",
+            debug_codec_dir, "--time-codec", spectral, "--threads", "1", "--steps", "1,1,1,1",
+            "--warmup", "0", "--repeats", "1", "--levers", "none", "--out", str(out)]
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(args + ["--modes", "continue"], cwd=root, check=True, capture_output=True,
+                   timeout=600)
+    row = json.loads(out.read_text())
+    assert row["encoder"] == row["decoder"] == spectral
+    assert row["median_s"]["encode"] > 0 and row["median_s"]["decode"] > 0
+    http = subprocess.run(args + ["--modes", "http"], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert http.returncode != 0 and "--time-codec apply to the other modes" in http.stderr

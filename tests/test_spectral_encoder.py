@@ -13,8 +13,12 @@ import soundfile as sf
 import torch
 
 from model.codec import DEBUG_CODEC_CONFIG, Codec
-from model.spectral_encoder import (SpectralEncoder, SpectralEncoderConfig, build_encoder,
-                                    high_band_filters)
+from model.spectral_encoder import (
+    SpectralEncoder,
+    SpectralEncoderConfig,
+    build_encoder,
+    high_band_filters,
+)
 from training.codec.cli import main
 from training.run.checkpoint import list_checkpoints, load_checkpoint
 

@@ -188,12 +188,13 @@ def test_istft_decoding_with_context_is_seam_free():
     assert torch.equal(codec.decode(b, seed=0), codec.decode(b, seed=5))   # no noise
 
 
-def test_griffin_lim_decoding_in_the_servers_windows_matches_the_whole_decode():
+@pytest.mark.parametrize("gl_init", ["advance", "random"])
+def test_griffin_lim_decoding_in_the_servers_windows_matches_the_whole_decode(gl_init):
     """Griffin-Lim couples every frame to its neighbours a little more each iteration, but it
-    starts from each bin's own advance, which repeats on the codec's padding grid, and its
-    reach fades fast: the server's windows (two padding units before, one after) decode what a
-    decode of the whole sequence gives there."""
-    spec = dict(ISTFT_DEBUG["decoder"], phase="griffin_lim", gl_iters=32)
+    starts from phases that repeat on the codec's padding grid, and its reach fades fast: the
+    server's windows (two padding units before, one after) decode what a decode of the whole
+    sequence gives there."""
+    spec = dict(ISTFT_DEBUG["decoder"], phase="griffin_lim", gl_iters=32, gl_init=gl_init)
     codec = Codec.load(dict(ISTFT_DEBUG, decoder=spec), seed=1)
     g = torch.Generator().manual_seed(0)
     n = [4, 8, 16, 32]                                          # one padding unit per level
@@ -207,6 +208,24 @@ def test_griffin_lim_decoding_in_the_servers_windows_matches_the_whole_decode():
     # the first unit of the window, with no context before it, is not the whole decode's
     assert (part[:, :unit] - whole[:, unit: 2 * unit]).norm() / whole[:, unit: 2 * unit].norm() \
         > 1e-2
+
+
+def test_griffin_lim_from_random_phases_renders_no_bin_grid():
+    """A smooth spectrum (what a decoder that has not heard the partials predicts) rendered by
+    Griffin-Lim from each bin's own advance comes out as steady tones on the 20.8 Hz bin grid;
+    started from random phases, it does not."""
+    combs = {}
+    for gl_init in ("advance", "random"):
+        d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1,
+                                            phase="griffin_lim", gl_init=gl_init))
+        frames = 256
+        freqs = torch.arange(d.n_bins).float() * SR / 1536
+        log_mag = (2.0 - freqs / 4000.0)[None, :, None].expand(1, -1, frames).contiguous()
+        y = d.render(log_mag, d.advance(frames)[None])[0, 0].numpy()
+        combs[gl_init] = pitch.frame_rate_comb(y, SR, SR / 1536, 48)
+    assert combs["advance"] > 6 and abs(combs["random"]) < 2, combs
+    with pytest.raises(ValueError, match="gl_init must be"):
+        ISTFTDecoderConfig(gl_init="zero")
 
 
 def test_chroma_head_target_finds_the_pitch_class():

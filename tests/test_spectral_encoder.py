@@ -134,6 +134,19 @@ def test_the_spectral_codec_trains_resumes_exactly_and_exports(tmp_path, tone_di
     assert export.snac.decoder.cfg.gl_iters == 4          # training's own count is not exported
     y = export.decode(export.encode(tone(330.0)[0]))
     assert y.shape == (1, int(0.768 * SR)) and torch.isfinite(y).all()
+    # a resume takes the recipe's new render options (no weight changes); a shape change is
+    # ignored with a warning
+    at = common.index("--decoder") + 1
+    resumed = [a for a in common if a not in ("--resume", "never")]
+    resumed[at] = ('{kind = "istft", dim = 32, layers = 3, phase = "griffin_lim", gl_iters = 4, '
+                   'gl_init = "random"}')
+    capsys.readouterr()
+    assert main(resumed + ["--out_dir", str(split), "--steps", "5", "--val_every", "0"]) == 0
+    assert "decoder.layers ignored on resume" in capsys.readouterr().err
+    ck = load_checkpoint(list_checkpoints(split / "checkpoints")[-1][1])
+    assert ck["config"]["model"]["decoder"]["gl_init"] == "random"
+    assert ck["config"]["model"]["decoder"]["layers"] == 2
+    assert Codec.load(str(split / "export")).snac.decoder.cfg.gl_init == "random"
     # its card says which encoder the codes come from, and what snac alone cannot do with them
     import importlib.util
     from pathlib import Path

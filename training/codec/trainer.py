@@ -80,6 +80,15 @@ class CodecTrainer:
             if ignored:
                 print(f"warning: {', '.join(ignored)} ignored when fine-tuning from `init` "
                       "(the model keeps the architecture it was saved with)", file=sys.stderr)
+        elif model_source is not None and cfg.decoder and hasattr(self.model.decoder, "cfg"):
+            # a resume: the recipe's render options apply from here on (they change no weight)
+            from model.vocoder import decoder_spec, set_render_options
+
+            rest = set_render_options(self.model.decoder, cfg.decoder)
+            self.model_config["decoder"] = decoder_spec(self.model.decoder)
+            if rest:
+                print(f"warning: {', '.join(f'decoder.{k}' for k in rest)} ignored on resume "
+                      "(the run keeps the decoder it was built with)", file=sys.stderr)
         self.model.to(self.device).train()
         if cfg.freeze_encoder:
             freeze_encoder_and_quantizer(self.model)

@@ -24,7 +24,7 @@ from model.vocoder import ISTFTDecoder, ISTFTDecoderConfig, set_render_options
 from training.codec import pitch
 from training.codec.card import warmup_text
 from training.codec.cli import main
-from training.codec.losses import anti_wrap, spectral_decoder_losses
+from training.codec.losses import anti_wrap, chroma_filterbank, spectral_decoder_losses
 from training.run.checkpoint import list_checkpoints, load_checkpoint
 
 SR = 32000
@@ -146,6 +146,28 @@ def test_the_partials_term_weighs_partials_where_log_magnitude_weighs_the_noise_
     assert spectral_decoder_losses(d, log_mag, S.angle(), x)["partials"] < 1e-8
     assert a["amp"] < b["amp"]                     # log-magnitude MSE prefers the smear...
     assert a["partials"] > 1.5 * b["partials"]     # ...the partials term does not
+
+
+def test_the_output_chroma_term_tells_the_notes_from_their_envelope():
+    d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1))
+    x = torch.from_numpy(chord_progression(1.152)).view(1, 1, -1)
+    S = d.analysis(x)
+    log_mag = S.abs().clamp(min=1e-5).log()
+    term = lambda lm: float(spectral_decoder_losses(d, lm, S.angle(), x)["output_chroma"])  # noqa: E731
+    # the envelope with its partials smeared over 9 bins, and the chord a semitone up
+    smeared = torch.nn.functional.avg_pool1d(S.abs().transpose(1, 2), 9, 1, 4,
+                                             count_include_pad=False).transpose(1, 2)
+    t = torch.arange(x.shape[-1]) / SR
+    up = sum(torch.sin(2 * math.pi * f * 2 ** (1 / 12) * k * t) / k
+             for f in (261.6, 329.6, 392.0) for k in range(1, 6)).view(1, 1, -1) * 0.05
+    shifted = d.analysis(up).abs().clamp(min=1e-5).log()
+    assert term(log_mag) < 1e-4
+    assert term(smeared.clamp(min=1e-5).log()) > 0.2
+    assert term(shifted) > 0.8          # the wrong pitch classes: no better than none
+    fb = chroma_filterbank(1536, SR, 769)
+    assert fb.shape == (12, 769) and fb[:, :12].abs().sum() == 0       # nothing below 250 Hz
+    a4 = round(440 * 1536 / SR)                                        # bin 21: A4
+    assert int(fb[:, a4].argmax()) == 9                                # pitch class A
 
 
 def test_a_codec_with_the_istft_decoder_saves_beside_snac_files(tmp_path):

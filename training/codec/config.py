@@ -215,7 +215,7 @@ class CodecTrainConfig:
             raise ValueError(f"unknown decoder kind {self.decoder['kind']!r}; known: istft")
         if self.encoder.get("kind", "stft") != "stft":
             raise ValueError(f"unknown encoder kind {self.encoder['kind']!r}; known: stft")
-        spectral = {"amp", "partials", "phase", "consistency"} & {k for k, v in self.loss_weights.items()
+        spectral = {"amp", "partials", "output_chroma", "phase", "consistency"} & {k for k, v in self.loss_weights.items()
                                                      if v}
         if spectral and not self.decoder and not self.init:
             raise ValueError(f"loss terms {sorted(spectral)} need a spectral `decoder`")
@@ -234,7 +234,8 @@ class CodecTrainConfig:
 
 
 LOSS_TERMS = {"mel", "stft", "l1", "commitment", "codebook", "adv", "feat",
-              "amp", "partials", "phase", "consistency", "chroma", "encoder_spectrum"}
+              "amp", "partials", "output_chroma", "phase", "consistency", "chroma",
+              "encoder_spectrum"}
 
 
 def segment_samples(seconds: float, sample_rate: int, pad_samples: int) -> int:

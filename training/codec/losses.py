@@ -171,8 +171,35 @@ def anti_wrap(x: torch.Tensor) -> torch.Tensor:
     return (x - 2 * math.pi * torch.round(x / (2 * math.pi))).abs()
 
 
+def chroma_filterbank(n_fft: int, sample_rate: int, n_bins: int, lo_hz: float = 250.0,
+                      hi_hz: float = 4000.0) -> torch.Tensor:
+    """(12, n_bins): each bin's share of each pitch class, a raised cosine of its distance in
+    semitones to the class (circular, half-width one semitone), bins outside [lo_hz, hi_hz]
+    zero."""
+    f = torch.arange(n_bins, dtype=torch.float64) * sample_rate / n_fft
+    keep = (f >= lo_hz) & (f <= hi_hz)
+    pitch = 12 * torch.log2(f.clamp(min=1.0) / 440.0) + 69          # MIDI number
+    d = (pitch[None, :] - torch.arange(12, dtype=torch.float64)[:, None]) % 12
+    d = torch.minimum(d, 12 - d)                                     # circular distance
+    w = torch.where(d < 1, 0.5 + 0.5 * torch.cos(torch.pi * d), torch.zeros_like(d))
+    return (w * keep[None, :]).float()
+
+
+def centred_chroma_cos(fb: torch.Tensor, pred_mag: torch.Tensor, true_mag: torch.Tensor,
+                       eps: float = 1e-8) -> torch.Tensor:
+    """Loudness-weighted mean over frames of the cosine between the two spectra's chroma
+    vectors, each centred over the 12 classes (a flat frame scores 0, as the metric's does)."""
+    cp = torch.einsum("cf,bft->btc", fb, pred_mag)
+    ct = torch.einsum("cf,bft->btc", fb, true_mag)
+    cp, ct = cp - cp.mean(-1, keepdim=True), ct - ct.mean(-1, keepdim=True)
+    cos = (cp * ct).sum(-1) / (cp.norm(dim=-1) * ct.norm(dim=-1)).clamp(min=eps)
+    w = true_mag.square().sum(1).detach()                            # (B, T) frame energy
+    return (cos * w).sum() / w.sum().clamp(min=eps)
+
+
 def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: torch.Tensor,
-                            audio: torch.Tensor) -> dict[str, torch.Tensor]:
+                            audio: torch.Tensor,
+                            sample_rate: int = 32000) -> dict[str, torch.Tensor]:
     """Terms on a spectral decoder's own frames (model/vocoder.py), against the STFT of the
     real audio in the same framing (APNet's recipe, phase terms weighted by magnitude):
 
@@ -183,6 +210,10 @@ def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: to
       toward the strong bins, so a partial smeared or in the wrong bin costs more than a
       scattered noise floor (spectral convergence, |X|^1, ignores quieter partials; |X|^0.3
       ranks the two alike);
+    - output_chroma: 1 - the centred chroma correlation of the predicted and the real
+      magnitudes (bins from 250 Hz, where 20.8 Hz bins are narrower than a semitone, to 4 kHz;
+      frames weighted by the real loudness): what the pitch judge measures, on the decoder's
+      own frames, so that a wrong pitch class costs whatever the envelope does;
     - phase: anti-wrapped distances of the instantaneous phase, the group delay (phase
       difference across frequency) and the instantaneous frequency (phase difference across
       frames), each averaged with the real magnitude as weight: the phase of a partial is
@@ -210,7 +241,9 @@ def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: to
     pred_c, true_c = log_mag.mul(0.5).exp(), mag.clamp(min=1e-5).sqrt()
     partials = ((pred_c - true_c).square().sum(dim=(1, 2))
                 / true_c.square().sum(dim=(1, 2)).clamp(min=1e-8)).mean()
+    fb = chroma_filterbank(decoder.cfg.n_fft, sample_rate, log_mag.shape[1]).to(mag)
     return {"amp": F.mse_loss(log_mag, mag.clamp(min=1e-5).log()),
             "partials": partials,
+            "output_chroma": 1.0 - centred_chroma_cos(fb, log_mag.exp(), mag),
             "phase": ip + gd + iaf,
             "consistency": consistency}

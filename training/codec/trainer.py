@@ -113,7 +113,8 @@ class CodecTrainer:
                 self.sample_rate, math.prod(self.model_config["encoder_rates"])
             ).to(self.device).train()
         self.spectral = hasattr(self.model.decoder, "spectrum") and any(
-            cfg.loss_weights.get(k) for k in ("amp", "partials", "phase", "consistency"))
+            cfg.loss_weights.get(k) for k in ("amp", "partials", "output_chroma", "phase",
+                                              "consistency"))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         for head in (self.chroma_head, self.spectrum_head):
             if head is not None:
@@ -257,7 +258,8 @@ class CodecTrainer:
         losses = self.recon(y, x)
         losses["commitment"], losses["codebook"] = out.commitment, out.codebook
         if self.spectral:
-            losses.update(spectral_decoder_losses(self.model.decoder, *out.spectrum, x))
+            losses.update(spectral_decoder_losses(self.model.decoder, *out.spectrum, x,
+                                                 self.sample_rate))
         if self.chroma_head is not None:
             losses["chroma"] = self.chroma_head.loss(out.level_z_q, x)
         if self.spectrum_head is not None:

@@ -29,6 +29,16 @@ TARGET_PITCH_DECODE_S = 0.35  # a served chunk's decode on 2 cores
 RECIPES = {"demo": "training/configs/codec_demo.toml", "pitch": "training/configs/codec_pitch.toml"}
 
 
+def recipe_file(train: dict, run) -> str:
+    """The recipe a run came from: the training/configs file whose out_dir is the run's, else
+    its preset's, else the run's own config.json."""
+    root = Path(__file__).resolve().parents[2]
+    for path in sorted((root / "training" / "configs").glob("*.toml")):
+        if f'out_dir = "{train.get("out_dir")}"' in path.read_text():
+            return str(path.relative_to(root))
+    return RECIPES.get(train.get("preset"), f"{run}/config.json")
+
+
 def training_hours(rows: list[dict], log_every: int) -> float:
     return quiet_hours([(log_every, log_every / r["it_per_s"]) for r in rows if r.get("it_per_s")])
 
@@ -161,7 +171,7 @@ def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = ""
                                           "on it)")
     decode_target = TARGET_PITCH_DECODE_S if decoder else TARGET_DECODE_S
     mel_target = 1.0 if decoder else TARGET_MEL_RATIO    # a guardrail now: pitch judges
-    recipe = RECIPES.get(train.get("preset"), f"{run}/config.json")
+    recipe = recipe_file(train, run)
     status = ("Its codes are final (below); the decoder may still be fine-tuned, which keeps "
               "them. The targets below say what this snapshot does and does not meet."
               if frozen else
@@ -228,7 +238,7 @@ if v and k not in ('adv', 'feat'))}; GAN {'on' if train['gan'] else 'off'}.{warm
 (docs/codec-training.md §4): batch-centred quantiser input folded into `in_proj` for export,
 data-initialised codebooks, codes unused for {train.get('dead_code_window', 10)} steps restarted
 (checked every {train['dead_code_every']} steps), VQ gradients `{train.get('vq_gradients', 'raw')}`.
-Recipe changes made during the run and why: docs/codec-training.md {'§7 and §8' if decoder else '§4 and §6'}.{anneal_text(train, parent)}
+Recipe changes made during the run and why: docs/codec-training.md {'§9' if encoder else '§7 and §8' if decoder else '§4 and §6'}.{anneal_text(train, parent)}
 
 - Steps: {step}. Training time: {hours:.2f} h on a 2-core AMD EPYC VM (no GPU), fp32,
   {train['threads']} torch thread{'s' if train['threads'] != 1 else ''}; the figure counts the steps at their quiet-machine speed

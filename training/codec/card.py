@@ -206,7 +206,7 @@ def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = ""
                               f"spectral encoder {encoder['dim']} × {encoder['layers']}")
     return f"""# Codec (snac-dit) — snapshot at step {step}
 
-A small SNAC-architecture codec (32 kHz, hop 384, `vq_strides` [8, 4, 2, 1], the 6.144 s chunk
+A small {"codec with SNAC's residual quantiser" if encoder else "SNAC-architecture codec"} (32 kHz, hop 384, `vq_strides` [8, 4, 2, 1], the 6.144 s chunk
 geometry of the project), trained from scratch on a 2-core CPU so that a fresh checkout can
 serve without downloading anything. {status}
 

@@ -23,13 +23,13 @@ beside the SNAC files (model/weights.py), which then hold a placeholder SNAC enc
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.vocoder import ConvNeXtBlock
+from model.vocoder import ConvNeXtBlock, build_part, part_spec
 
 
 @dataclass
@@ -127,9 +127,6 @@ class SpectralEncoder(nn.Module):
             h = block(h)
         return self.out(self.final_norm(h.transpose(1, 2))).transpose(1, 2)
 
-    @property
-    def receptive_frames(self) -> int:
-        return (self.cfg.kernel // 2) * (len(self.blocks) + 1)
 
 
 ENCODER_KINDS = {"stft": (SpectralEncoderConfig, SpectralEncoder)}
@@ -137,13 +134,7 @@ ENCODER_KINDS = {"stft": (SpectralEncoderConfig, SpectralEncoder)}
 
 def build_encoder(spec: dict) -> nn.Module:
     """An encoder from its encoder.json dict ({"kind": "stft", ...fields})."""
-    spec = dict(spec)
-    kind = spec.pop("kind", None)
-    if kind not in ENCODER_KINDS:
-        raise ValueError(f"unknown encoder kind {kind!r}; known: {sorted(ENCODER_KINDS)}")
-    config_cls, module_cls = ENCODER_KINDS[kind]
-    return module_cls(config_cls(**spec))
+    return build_part(spec, ENCODER_KINDS, "encoder")
 
 
-def encoder_spec(encoder: nn.Module) -> dict:
-    return {"kind": encoder.cfg.kind, **asdict(encoder.cfg)}
+encoder_spec = part_spec

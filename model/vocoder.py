@@ -193,18 +193,28 @@ class ISTFTDecoder(nn.Module):
 DECODER_KINDS = {"istft": (ISTFTDecoderConfig, ISTFTDecoder)}
 
 
-def build_decoder(spec: dict) -> nn.Module:
-    """A decoder from its decoder.json dict ({"kind": "istft", ...fields})."""
+def build_part(spec: dict, kinds: dict, part: str) -> nn.Module:
+    """A replaced SNAC part (encoder or decoder) from its PART.json dict ({"kind": ..., fields})
+    and the kinds its module knows ({kind: (config class, module class)})."""
     spec = dict(spec)
     kind = spec.pop("kind", None)
-    if kind not in DECODER_KINDS:
-        raise ValueError(f"unknown decoder kind {kind!r}; known: {sorted(DECODER_KINDS)}")
-    config_cls, module_cls = DECODER_KINDS[kind]
+    if kind not in kinds:
+        raise ValueError(f"unknown {part} kind {kind!r}; known: {sorted(kinds)}")
+    config_cls, module_cls = kinds[kind]
     return module_cls(config_cls(**spec))
 
 
-def decoder_spec(decoder: nn.Module) -> dict:
-    return {"kind": decoder.cfg.kind, **asdict(decoder.cfg)}
+def part_spec(module: nn.Module) -> dict:
+    """The PART.json dict of a replaced part: its kind and every config field."""
+    return {"kind": module.cfg.kind, **asdict(module.cfg)}
+
+
+def build_decoder(spec: dict) -> nn.Module:
+    """A decoder from its decoder.json dict ({"kind": "istft", ...fields})."""
+    return build_part(spec, DECODER_KINDS, "decoder")
+
+
+decoder_spec = part_spec
 
 
 # Fields that change how a decoder renders its spectrum, not what its weights are: a trained

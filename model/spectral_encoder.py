@@ -128,7 +128,6 @@ class SpectralEncoder(nn.Module):
         return self.out(self.final_norm(h.transpose(1, 2))).transpose(1, 2)
 
 
-
 ENCODER_KINDS = {"stft": (SpectralEncoderConfig, SpectralEncoder)}
 
 

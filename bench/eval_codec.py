@@ -49,7 +49,6 @@ from audio import (
 )
 from audio.plots import spectrogram_sheet  # noqa: E402
 from model.codec import Codec  # noqa: E402
-from model.engine import LEFT_PADS  # noqa: E402
 from training.codec.data import find_audio_files, split_train_val  # noqa: E402
 from training.codec.eval import codebook_stats  # noqa: E402
 from training.codec.losses import MelLoss, si_sdr  # noqa: E402
@@ -221,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         "opus_kbps": mean("opus_kbps"),
         "unique": [stats[f"unique_{lv}"] for lv in range(codec.n_levels)],
         "perplexity": [round(stats[f"perplexity_{lv}"], 1) for lv in range(codec.n_levels)],
-        # what serving pays per chunk (model/engine.py decodes LEFT_PADS units of context) ...
-        "decode_chunk_with_context_s": decode_seconds(codec, a.repeats, LEFT_PADS),
+        # what serving pays per chunk (model/engine.py decodes codec.decode_left_pads units of context) ...
+        "decode_chunk_with_context_s": decode_seconds(codec, a.repeats,
+                                                      codec.decode_left_pads),
         # ... and with the whole 12.288 s context, for reference
         "decode_chunk_with_full_context_s": decode_seconds(codec, a.repeats, None),
         "threads": a.threads, "machine": f"{platform.machine()} {platform.processor()}".strip(),

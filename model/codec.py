@@ -278,6 +278,18 @@ class Codec:
                 raise RuntimeError("the encoder's receptive field exceeds 6 minutes")
 
     @property
+    def decode_left_pads(self) -> int:
+        """Padding units of tokens a decode window needs before the samples it keeps, so they
+        equal a decode of the whole sequence: 2 for SNAC's decoder and for Griffin-Lim (both
+        reach under 2 units); for a decoder that integrates frequencies into phase
+        (model/vocoder.py, phase = "frequency"), its restart period plus its net's reach."""
+        cfg = getattr(self.snac.decoder, "cfg", None)
+        if getattr(cfg, "phase", None) != "frequency":
+            return 2
+        frames = cfg.frequency_period + self.snac.decoder.receptive_frames + cfg.n_fft // cfg.hop
+        return max(2, -(-frames // (self.pad_frames[0] * self.strides[0])))
+
+    @property
     def border_samples(self) -> int:
         """`encoder_reach` rounded up to the padding grid: how much of a
         stretch's ends an encode of that stretch alone gets wrong, in whole padding units.
@@ -349,6 +361,8 @@ class Codec:
                              f"{self.pad_frames[0] * self.strides[0]} (the padding grid)")
         codes = [torch.cat([p[level].to(self.device) for p in parts], dim=1)
                  for level in range(self.n_levels)]
+        if hasattr(self.snac.decoder, "first_frame"):   # a decoder keyed to positions
+            self.snac.decoder.first_frame = first_frame
         # Only SNAC's own decoder injects noise; a replacement decoder is deterministic.
         noise = (positional_noise(self.snac, seed, first_frame)
                  if seed is not None and self.decoder_name == "snac" else None)

@@ -80,7 +80,8 @@ from model.weights import load_dit, read_dit_config
 # SNAC's decoder reaches ~14,300 samples either way (measured, tests/test_engine.py), less
 # than two units: decoding 0.768 s of neighbours gives the same samples as decoding everything.
 HOLDBACK_PADS = 2  # after: how much of a chunk's end waits for the next chunk
-LEFT_PADS = 2      # before: instead of the whole 12.288 s context (3x less decoding)
+LEFT_PADS = 2      # before: instead of the whole 12.288 s context (3x less decoding); a codec
+#                    whose decoder reaches further says so (Codec.decode_left_pads)
 
 
 class StyleUnsupported(ValueError):
@@ -160,6 +161,7 @@ class ContinuationEngine(EditingMixin):
         # at 32 kHz. The decoder's reach depends on its rates, kernels and attention window,
         # which all snac_32khz-geometry codecs share, not on the widths.
         self.holdback_samples = HOLDBACK_PADS * codec.pad_samples
+        self.left_pads = max(LEFT_PADS, codec.decode_left_pads)
         self.diffusion = diffusion or DiffusionConfig()
         if len(self.diffusion.schedules) != cfg.n_levels:
             raise ValueError("diffusion config and model disagree on the number of levels")
@@ -327,14 +329,14 @@ class ContinuationEngine(EditingMixin):
                      seeds: Sequence[int]) -> Tensor:
         """(B, end - start): samples [start, end) of B requests' token sequences `seq` ((B, n_l)
         per level, alike in length), decoded together from the tokens around them only:
-        LEFT_PADS padding units before, up to `holdback_samples` after (what exists of them).
+        `left_pads` padding units before, up to `holdback_samples` after (what exists of them).
         Both exceed the decoder's reach, so the result equals a decode of all of `seq` there.
         Each row's decoder noise is keyed to its own seed as if it were decoded alone
         (`model.codec.positional_noise`), so batching changes no sample."""
         codec, hop = self.codec, self.codec.hop_length
         total, pad = seq[0].shape[1] * codec.strides[0] * hop, codec.pad_samples
         # The window's ends lie on the codec's padding grid (tokens come in whole pad units).
-        lo = max(0, (start - LEFT_PADS * pad) // pad * pad)
+        lo = max(0, (start - self.left_pads * pad) // pad * pad)
         hi = min(total, -(-(end + self.holdback_samples) // pad) * pad)
         window = [t[:, lo // (hop * s): hi // (hop * s)] for t, s in zip(seq, codec.strides,
                                                                           strict=True)]

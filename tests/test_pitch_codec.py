@@ -232,6 +232,84 @@ def test_griffin_lim_decoding_in_the_servers_windows_matches_the_whole_decode(gl
         > 1e-2
 
 
+def smeared_partial(d: ISTFTDecoder, f0: float, frames: int) -> torch.Tensor:
+    """(1, F, frames) log magnitude of one steady partial at f0, smeared over ~5 bins (what a
+    decoder that half-knows where the partial is predicts)."""
+    k = torch.arange(d.n_bins).float()
+    return (-(k - f0 / SR * d.cfg.n_fft) ** 2 / 2.0).view(1, -1, 1).expand(1, -1, frames)
+
+
+def spectrum_peak_hz(y: np.ndarray) -> float:
+    y = y[4000:-4000] * np.hanning(len(y) - 8000)
+    spec = np.abs(np.fft.rfft(y, 8 * len(y)))
+    return float(np.fft.rfftfreq(8 * len(y), 1 / SR)[spec.argmax()])
+
+
+def test_the_frequency_decoder_plays_a_smeared_partial_at_its_own_frequency():
+    """Phase integrated from each bin's instantaneous frequency renders a partial smeared over
+    several bins as one steady tone at that frequency, between bin centres, with no dips where
+    the integration restarts; Griffin-Lim on the same magnitudes cannot say where it lies."""
+    d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1, phase="frequency"))
+    frames, f0 = 384, 441.3                                  # bins are 20.8 Hz apart
+    log_mag = smeared_partial(d, f0, frames)
+    y = d.render(log_mag, torch.full((1, d.n_bins, frames), 2 * math.pi * f0 / SR))[0, 0]
+    grid = SR / (d.cfg.frequency_period * d.cfg.hop)          # 0.65 Hz: the rounding it costs
+    assert abs(spectrum_peak_hz(y.numpy()) - f0) <= grid / 2 + 0.1
+    env = y[3840:-3840].view(-1, 384).abs().amax(1)           # per-hop peak: no restart dips
+    assert env.min() > 0.97 * env.max(), (env.min(), env.max())
+    # the instantaneous frequency is what places it: the bins' own centres put it elsewhere
+    centres = 2 * math.pi * torch.arange(d.n_bins).float() / d.cfg.n_fft
+    y_centres = d.render(log_mag, centres.view(1, -1, 1).expand(1, -1, frames))[0, 0]
+    peak, bin_hz = spectrum_peak_hz(y_centres.numpy()), SR / d.cfg.n_fft
+    assert abs(peak - round(peak / bin_hz) * bin_hz) < 0.5 and abs(peak - f0) > 3
+    with pytest.raises(ValueError, match="frequency_period"):
+        ISTFTDecoderConfig(phase="frequency", frequency_period=33)
+
+
+def test_the_frequency_term_knows_the_true_frequency_and_its_aliases():
+    d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1, phase="frequency"))
+    t = np.arange(int(1.152 * SR)) / SR
+    x = torch.from_numpy((0.3 * np.sin(2 * np.pi * 441.3 * t)).astype(np.float32)).view(1, 1, -1)
+    S = d.analysis(x)
+    log_mag = S.abs().clamp(min=1e-5).log()
+    frames = log_mag.shape[-1]
+
+    def term(hz: float) -> float:
+        omega = torch.full((1, d.n_bins, frames), 2 * math.pi * hz / SR)
+        return float(spectral_decoder_losses(d, log_mag, omega, x)["frequency"])
+
+    right = term(441.3)
+    assert right < 0.05 and term(441.3 + 10.0) > 10 * right and term(430.0) > 10 * right
+    # a phase advance is only known modulo 2 pi: one hop's worth of frequency is an alias
+    assert abs(term(441.3 + SR / d.cfg.hop) - right) < 0.01
+
+
+@pytest.mark.parametrize("period", [32, 64])
+def test_frequency_decoding_in_the_servers_windows_matches_the_whole_decode(period):
+    """The integration restarts on the whole sequence's grid (Codec.decode passes the window's
+    first frame), so a window that starts `decode_left_pads` units before the samples it keeps
+    decodes them as the whole sequence does; one unit less does not."""
+    spec = dict(ISTFT_DEBUG["decoder"], phase="frequency", frequency_period=period)
+    codec = Codec.load(dict(ISTFT_DEBUG, decoder=spec), seed=1)
+    with torch.no_grad():                 # a trained head's frequencies, not bin centres
+        codec.snac.decoder.head.weight[codec.snac.decoder.n_bins:].normal_(0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    n = [4, 8, 16, 32]                                          # one padding unit per level
+    units = 10
+    tokens = [torch.randint(0, 4096, (1, units * k), generator=g) for k in n]
+    whole = codec.decode(tokens)
+    unit, keep = 8 * 384 * n[0], units - 2                      # keep unit 8, 1 after it
+    left = codec.decode_left_pads
+    assert left == -(-(period + codec.snac.decoder.receptive_frames + 4) // 32)
+    for pads, exact in ((left, True), (left - 1, False)):
+        lo = keep - pads
+        window = [t[:, lo * k: (keep + 2) * k] for t, k in zip(tokens, n, strict=True)]
+        part = codec.decode(window, first_frame=lo * n[0] * 8)
+        a, b = part[:, pads * unit: (pads + 1) * unit], whole[:, keep * unit: (keep + 1) * unit]
+        err = float((a - b).norm() / b.norm())
+        assert (err < 1e-4) is exact, (pads, err)
+
+
 def test_griffin_lim_from_random_phases_renders_no_bin_grid():
     """A smooth spectrum (what a decoder that has not heard the partials predicts) rendered by
     Griffin-Lim from each bin's own advance comes out as steady tones on the 20.8 Hz bin grid;

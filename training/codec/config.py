@@ -235,7 +235,7 @@ class CodecTrainConfig:
 
 LOSS_TERMS = {"mel", "stft", "l1", "commitment", "codebook", "adv", "feat",
               "amp", "partials", "output_chroma", "phase", "consistency", "chroma",
-              "encoder_spectrum"}
+              "encoder_spectrum", "frequency"}
 
 
 def segment_samples(seconds: float, sample_rate: int, pad_samples: int) -> int:

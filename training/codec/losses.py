@@ -219,7 +219,12 @@ def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: to
       frames), each averaged with the real magnitude as weight: the phase of a partial is
       learnable (its frequency is the pitch), the phase of a silent bin is noise;
     - consistency: how far the predicted spectrum is from the STFT of the audio it synthesises
-      (an overlap-add cannot realise every spectrum), relative to the real spectrum's energy.
+      (an overlap-add cannot realise every spectrum), relative to the real spectrum's energy;
+    - frequency (a decoder with phase = "frequency", whose second output is each bin's
+      instantaneous frequency): the anti-wrapped distance between the hop's phase advance at
+      the predicted and at the real instantaneous frequency, weighted by the real magnitude (the
+      real one is read from the phase difference of consecutive frames, so it is only known
+      modulo 2 pi / hop; its `phase` is then the integrated one).
     """
     target = decoder.analysis(audio)                       # (B, F, T) complex
     frames = min(target.shape[-1], log_mag.shape[-1])
@@ -230,6 +235,14 @@ def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: to
 
     def weighted(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return (d * w).sum(dim=(1, 2)).div(w.sum(dim=(1, 2)).clamp(min=1e-8)).mean()
+
+    extra = {}
+    if getattr(decoder.cfg, "phase", None) == "frequency":
+        omega, hop = phase, decoder.cfg.hop
+        # real advance from frame t-1 to t, against the predicted mean frequency of the two
+        advance = hop * 0.5 * (omega[..., 1:] + omega[..., :-1])
+        extra["frequency"] = weighted(anti_wrap(advance - t_phase.diff(dim=2)), weight[..., 1:])
+        phase = decoder.integrate(omega)
 
     ip = weighted(anti_wrap(phase - t_phase), weight)
     gd = weighted(anti_wrap(phase.diff(dim=1) - t_phase.diff(dim=1)), weight[:, 1:])
@@ -246,4 +259,4 @@ def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: to
             "partials": partials,
             "output_chroma": 1.0 - centred_chroma_cos(fb, log_mag.exp(), mag),
             "phase": ip + gd + iaf,
-            "consistency": consistency}
+            "consistency": consistency, **extra}

@@ -600,3 +600,27 @@ def test_codes_pitch_probe_runs_through_its_entry_point(tmp_path, chord_dir, deb
     probes = result["music"]["probes"]
     assert set(probes) == {"sum", "encoder", "env16", "mel128"}
     assert all(math.isfinite(p["chroma_r2"]) for p in probes.values())
+
+
+def test_decoder_ceiling_runs_through_its_entry_point(tmp_path, chord_dir):
+    """bench/decoder_ceiling.py: the real magnitudes with Griffin-Lim keep the chord (the
+    probe's ceiling sees pitch), an untrained decoder's own decode does not."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "decoder_ceiling.py"
+    spec = importlib.util.spec_from_file_location("decoder_ceiling", path)
+    ceiling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceiling)
+    codec_dir = tmp_path / "codec"
+    Codec.load(dict(ISTFT_DEBUG, decoder=dict(ISTFT_DEBUG["decoder"], phase="frequency")),
+               seed=1).save(codec_dir)
+    out = tmp_path / "ceiling.json"
+    assert ceiling.main(["--codec", str(codec_dir), "--audio", str(chord_dir), "--segments", "1",
+                         "--gl-iters", "32", "--threads", "1", "--out", str(out)]) == 0
+    chroma = json.loads(out.read_text())["chroma"]
+    assert set(chroma) == {"true_mag_gl32", "pred_mag_gl32", "pred_mag_true_phase",
+                           "pred_mag_true_frequency", "codec"}
+    assert chroma["true_mag_gl32"] > 0.8 and chroma["codec"] < chroma["true_mag_gl32"] - 0.3
+    Codec.load(DEBUG_CODEC_CONFIG, seed=1).save(tmp_path / "snac")      # SNAC's own decoder
+    with pytest.raises(SystemExit, match="inverse-STFT"):
+        ceiling.main(["--codec", str(tmp_path / "snac"), "--audio", str(chord_dir)])

@@ -443,6 +443,27 @@ def test_the_istft_codec_trains_resumes_exactly_and_exports(tmp_path, chord_dir,
         set_render_options(Codec.load(str(gl / "export")).snac.decoder, {"phase": "minimum"})
 
 
+def test_a_frequency_decoder_trains_through_the_cli_and_serves_with_a_longer_window(
+        tmp_path, chord_dir):
+    args = [a if a != '{kind = "istft", dim = 32, layers = 2}' else
+            '{kind = "istft", dim = 32, layers = 2, phase = "frequency"}' for a in FAST]
+    run = tmp_path / "run"
+    assert main(args + ["--train", str(chord_dir), "--steps", "3", "--log_every", "1",
+                        "--val_every", "3", "--loss_weights.frequency", "1",
+                        "--out_dir", str(run), "--resume", "never"]) == 0
+    rows = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss/total" in r]
+    assert len(train) == 3 and all(0 <= r["loss/frequency"] <= math.pi for r in train)
+    assert any("val/chroma" in r for r in rows)
+    codec = Codec.load(str(run / "export"))
+    assert codec.snac.decoder.cfg.phase == "frequency"
+    assert codec.decode_left_pads == 5   # 128 frames + the net's reach + 4, in 32-frame units
+    y = codec.decode(codec.encode(torch.randn(1, 12288) * 0.1))
+    assert y.shape == (1, 12288) and torch.isfinite(y).all()
+    with pytest.raises(SystemExit):
+        main(FAST + ["--train", str(chord_dir), "--loss_weights.frequencies", "1"])
+
+
 def test_encoder_warmup_trains_the_encoder_alone_then_the_codec_resumably(tmp_path, chord_dir):
     """encoder_warmup_steps: the first steps move only the encoder and its spectrum head; the
     codebooks are then initialised from the warmed-up encoder; a run stopped inside the
@@ -480,6 +501,8 @@ def test_encoder_warmup_trains_the_encoder_alone_then_the_codec_resumably(tmp_pa
     assert not torch.equal(two[codebook], a["model"][codebook])
     record = json.loads((straight / "config.json").read_text())["train"]   # the card says so
     assert "first 2 steps trained the encoder" in warmup_text(record)
+    assert "instantaneous frequency" in warmup_text({"decoder": {"phase": "frequency"}})
+    assert "Griffin-Lim" in warmup_text({"decoder": {"phase": "griffin_lim"}})
 
 
 def test_eval_and_card_of_a_pitch_codec(tmp_path, chord_dir):

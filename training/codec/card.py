@@ -76,8 +76,12 @@ def warmup_text(train: dict) -> str:
     n = train.get("encoder_warmup_steps", 0)
     text = (f" The first {n} steps trained the encoder and its spectrum head alone "
             f"(`encoder_warmup_steps`), then the codebooks were initialised from it." if n else "")
-    if (train.get("decoder") or {}).get("phase") == "griffin_lim":
+    phase = (train.get("decoder") or {}).get("phase")
+    if phase == "griffin_lim":
         text += " The decoder's phase is rebuilt by Griffin-Lim from its magnitudes."
+    elif phase == "frequency":
+        text += (" The decoder predicts each bin's instantaneous frequency beside its magnitude "
+                 "and integrates it into phase (no Griffin-Lim).")
     return text
 
 

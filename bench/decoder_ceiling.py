@@ -25,7 +25,6 @@ import json
 import math
 import sys
 from dataclasses import replace
-
 from pathlib import Path
 
 import numpy as np

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 PHASES = ("learned", "griffin_lim", "frequency")
 
 

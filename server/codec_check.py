@@ -31,6 +31,8 @@ def codec_report(codec, trained: dict | None, source: str | None) -> dict:
         "source": source,
         "encoder": getattr(codec, "encoder_name", "snac"),
         "decoder": getattr(codec, "decoder_name", "snac"),
+        # how a replacement decoder makes its phase (learned / griffin_lim / frequency)
+        "decoder_phase": getattr(getattr(codec.snac.decoder, "cfg", None), "phase", None),
         "fingerprint": codec.fingerprint,
         "codes_fingerprint": codec.codes_fingerprint,
         "dit_trained_on": {k: trained.get(k) for k in ("codes_fingerprint", "fingerprint",

@@ -578,9 +578,11 @@ def test_a_still_decoder_does_not_buzz_at_the_frame_rate():
     assert drone > 10 and abs(notes) < 3, (drone, notes)
 
 
-def test_the_server_decodes_a_dits_codes_with_the_istft_decoder(tmp_path, debug_codec):
+@pytest.mark.parametrize("phase", ["learned", "frequency"])
+def test_the_server_decodes_a_dits_codes_with_the_istft_decoder(tmp_path, debug_codec, phase):
     """A DiT trained on some codes is served by a codec with the same codes and the inverse-
-    STFT decoder: the codes match, /info names the decoder, /continue answers a chunk."""
+    STFT decoder: the codes match, /info names the decoder and how it makes its phase,
+    /continue answers a chunk (a frequency decoder's longer decode window included)."""
     import io
 
     from fastapi.testclient import TestClient
@@ -589,7 +591,8 @@ def test_the_server_decodes_a_dits_codes_with_the_istft_decoder(tmp_path, debug_
     from server.settings import Settings
     from tests.test_server_entry import _dit_trained_on, _wav
 
-    istft = Codec.load(ISTFT_DEBUG, seed=0)          # same seed: the debug codec's encoder
+    spec = dict(ISTFT_DEBUG, decoder=dict(ISTFT_DEBUG["decoder"], phase=phase))
+    istft = Codec.load(spec, seed=0)                 # same seed: the debug codec's encoder
     assert istft.codes_fingerprint == debug_codec.codes_fingerprint
     codec_dir = str(istft.save(tmp_path / "istft"))
     weights = _dit_trained_on(tmp_path, "dit", {"fingerprint": debug_codec.fingerprint,
@@ -598,6 +601,7 @@ def test_the_server_decodes_a_dits_codes_with_the_istft_decoder(tmp_path, debug_
                                         warmup=False))) as c:
         info = c.get("/info").json()["codec"]
         assert info["decoder"] == "istft" and info["codes_match"] is True
+        assert info["decoder_phase"] == phase
         r = c.post("/continue?steps=1", files={"audio": ("a.wav", _wav(7.0), "audio/wav")})
         assert r.status_code == 200, r.text
     audio, sr = sf.read(io.BytesIO(r.content))

@@ -161,7 +161,7 @@ def test_codec_override_and_info_say_which_codec_serves(tmp_path, debug_codec, d
     with TestClient(create_app(settings)) as c:
         codec = c.get("/info").json()["codec"]
     assert codec == {
-        "source": redecoded_dir, "encoder": "snac", "decoder": "snac",
+        "source": redecoded_dir, "encoder": "snac", "decoder": "snac", "decoder_phase": None,
         "fingerprint": redecoded.fingerprint,
         "codes_fingerprint": debug_codec.codes_fingerprint, "dit_trained_on": trained,
         "codes_match": True,

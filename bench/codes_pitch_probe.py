@@ -18,6 +18,8 @@ when the decoder is rebuilt (docs/codec-training.md, "Do the codes carry pitch?"
     (0-4 kHz, 20.8 Hz bins), trained on segments of the training tracks and scored on the
     held-out ones; against the same probe fed only a 16-band envelope of the original (what
     envelope-shaped noise knows) and a 128-band log mel (a ceiling that does see partials).
+    Chroma three ways: all octaves (the judge's), the bass register alone (C1-B3) and the rest
+    (C4-B7), with a bass control that resolves bass notes (30-520 Hz of an n_fft 8192 STFT).
     Score: R^2 on held-out frames, and for chroma the centred cosine per frame.
 The codes carry pitch if the latents beat the 16-band envelope clearly on both.
 """
@@ -127,9 +129,21 @@ def targets(x: np.ndarray, n_frames: int, hop: int) -> dict[str, np.ndarray]:
     mel16 = np.log(librosa.feature.melspectrogram(S=P, sr=SR, n_mels=16) + 1e-8).T
     mel128 = np.log(librosa.feature.melspectrogram(S=P, sr=SR, n_mels=128) + 1e-8).T
     ch = librosa.feature.chroma_cqt(y=x, sr=SR, hop_length=hop)[:, :n_frames].T
-    n = min(n_frames, fine.shape[0], ch.shape[0])
-    return {"chroma": ch[:n], "fine_logmag": fine[:n], "env16": mel16[:n],
-            "mel128": mel128[:n]}
+    # the same chroma from the bass register alone (C1-B3) and from the rest (C4-B7)
+    low = librosa.feature.chroma_cqt(y=x, sr=SR, hop_length=hop, fmin=librosa.note_to_hz("C1"),
+                                     n_octaves=3)[:, :n_frames].T
+    high = librosa.feature.chroma_cqt(y=x, sr=SR, hop_length=hop, fmin=librosa.note_to_hz("C4"),
+                                      n_octaves=4)[:, :n_frames].T
+    # a control that resolves bass notes: log magnitude of a 0.256 s STFT (3.9 Hz bins), 30-520 Hz
+    B = np.abs(librosa.stft(x, n_fft=8192, hop_length=hop, center=True))[:, :n_frames]
+    bass = np.log(B[int(30 / (SR / 8192)): int(520 / (SR / 8192)) + 1] + 1e-5).T
+    n = min(n_frames, fine.shape[0], ch.shape[0], low.shape[0], high.shape[0], bass.shape[0])
+    return {"chroma": ch[:n], "chroma_low": low[:n], "chroma_high": high[:n],
+            "fine_logmag": fine[:n], "env16": mel16[:n], "mel128": mel128[:n],
+            "bass8192": bass[:n]}
+
+
+CHROMAS = ("chroma", "chroma_low", "chroma_high")
 
 
 def stack(X: np.ndarray, k: int = 2) -> np.ndarray:
@@ -176,27 +190,29 @@ def music_probe(codec: Codec, corpus: list[str], n_val: int, per_track: int, tra
 
     out = {}
     loud = cat("val", "loud")
-    for inp in ("sum", "encoder", "env16", "mel128"):
+    for inp in ("sum", "encoder", "env16", "mel128", "bass8192"):
         Xtr = np.concatenate([stack(r[inp]) for r in rows["train"]])
         Xva = np.concatenate([stack(r[inp]) for r in rows["val"]])
         sc = StandardScaler().fit(Xtr)
         Xtr, Xva = sc.transform(Xtr), sc.transform(Xva)
         res = {}
-        for tgt in ("chroma", "fine_logmag"):
+        for tgt in CHROMAS + ("fine_logmag",):
             ytr, yva = cat("train", tgt), cat("val", tgt)
             model = Ridge(alpha=10.0).fit(Xtr, ytr)
             pred = model.predict(Xva)
             ss = ((yva - pred) ** 2).sum(0)
             var = ((yva - yva.mean(0)) ** 2).sum(0)
             res[f"{tgt}_r2"] = float(1 - ss.sum() / var.sum())
-            if tgt == "chroma":
-                res["chroma_centred_cos"] = centred_cos(pred[loud], yva[loud])
+            if tgt in CHROMAS:
+                res[f"{tgt}_centred_cos"] = centred_cos(pred[loud], yva[loud])
         out[inp] = res
     return {"train_segments": len(rows["train"]), "val_segments": len(rows["val"]),
             "inputs": {"sum": "the summed quantised latents (what the decoder sees)",
                        "encoder": "the encoder's continuous output (before quantising)",
                        "env16": "a 16-band log-mel envelope of the original (control)",
-                       "mel128": "a 128-band log mel of the original (ceiling)"},
+                       "mel128": "a 128-band log mel of the original (ceiling)",
+                       "bass8192": "30-520 Hz of an n_fft 8192 log STFT of the original "
+                                   "(a control that resolves bass notes)"},
             "probes": out}
 
 

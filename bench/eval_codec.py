@@ -5,7 +5,8 @@ numbers of the codec's targets (docs/codec-training.md, MODEL_CARD.md).
         --out bench/results/codec_demo_eval.json --samples docs/samples/codec
     python bench/eval_codec.py --codec DIR --audio INDEPENDENT_DIR --seconds 18.432 --segments 1
 
-Pitch (training/codec/pitch.py; needs the eval extra): centred-chroma correlation, basic-pitch
+Pitch (training/codec/pitch.py; needs the eval extra): centred-chroma correlation (of every
+octave, and of the bass register C1-B3 and the rest C4-B7 apart), basic-pitch
 multi-pitch frame F1, chroma F1 and note-onset F1 against the original's own transcription,
 and the frame-rate comb (dB at multiples of the codec's frame rate minus between them). Every
 figure is printed for the codec and for the references computed from the same segments:
@@ -54,7 +55,8 @@ from training.codec.eval import codebook_stats  # noqa: E402
 from training.codec.losses import MelLoss, si_sdr  # noqa: E402
 
 SYSTEMS = ("codec", "envelope_noise", "opus", "griffin_lim", "original")
-PITCH_KEYS = ("chroma", "frame_f1", "chroma_f1", "onset_f1", "comb_db", "bin_comb_db")
+PITCH_KEYS = ("chroma", "chroma_bass", "chroma_upper", "frame_f1", "chroma_f1", "onset_f1",
+              "comb_db", "bin_comb_db")
 
 
 def opus_roundtrip(x: np.ndarray, sr: int) -> tuple[np.ndarray, float]:

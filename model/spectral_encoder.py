@@ -40,6 +40,13 @@ class SpectralEncoderConfig:
     n_fft: int = 2048              # 15.6 Hz bins, a 64 ms window
     linear_max_hz: float = 3000.0  # bins below this are features one by one
     high_bands: int = 32           # mel-spaced triangular bands from there to Nyquist
+    # A second, longer STFT for the bass (0 = none): its bins from bass_min_hz to bass_max_hz
+    # one by one (3.9 Hz apart at 8192, a 0.256 s window). At n_fft 2048 a semitone below
+    # ~250 Hz is under a bin, and a linear probe read the bass register's chroma from the
+    # trained encoder's output at 0.23, from such an STFT at 0.61 (docs/codec-training.md §10).
+    bass_n_fft: int = 0
+    bass_min_hz: float = 30.0
+    bass_max_hz: float = 520.0
     floor: float = 1e-3            # log(|X| + floor): ~-110 dB re a full-scale sine's peak
     dim: int = 384
     layers: int = 4
@@ -51,6 +58,10 @@ class SpectralEncoderConfig:
             raise ValueError("n_fft must be >= hop and n_fft - hop even ('same' framing)")
         if not 0 < self.linear_max_hz < self.sample_rate / 2:
             raise ValueError(f"linear_max_hz must lie in (0, {self.sample_rate / 2}) Hz")
+        if self.bass_n_fft and (self.bass_n_fft < self.hop or (self.bass_n_fft - self.hop) % 2):
+            raise ValueError("bass_n_fft must be 0, or >= hop with bass_n_fft - hop even")
+        if self.bass_n_fft and not 0 <= self.bass_min_hz < self.bass_max_hz < self.sample_rate / 2:
+            raise ValueError("need 0 <= bass_min_hz < bass_max_hz < Nyquist")
 
     @property
     def kind(self) -> str:
@@ -61,8 +72,17 @@ class SpectralEncoderConfig:
         return int(self.linear_max_hz * self.n_fft / self.sample_rate)
 
     @property
+    def bass_bins(self) -> tuple[int, int]:
+        """[first, last) bins of the bass STFT that are features (empty without one)."""
+        if not self.bass_n_fft:
+            return 0, 0
+        per_hz = self.bass_n_fft / self.sample_rate
+        return int(self.bass_min_hz * per_hz), int(self.bass_max_hz * per_hz) + 1
+
+    @property
     def n_features(self) -> int:
-        return self.n_linear + self.high_bands
+        lo, hi = self.bass_bins
+        return self.n_linear + self.high_bands + hi - lo
 
 
 def _mel(hz):
@@ -95,6 +115,8 @@ class SpectralEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
+        self.register_buffer("bass_window", torch.hann_window(cfg.bass_n_fft or 1),
+                             persistent=False)
         self.register_buffer("bands", high_band_filters(cfg), persistent=False)
         self.embed = nn.Conv1d(cfg.n_features, cfg.dim, cfg.kernel, padding=cfg.kernel // 2)
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
@@ -113,12 +135,20 @@ class SpectralEncoder(nn.Module):
         cfg = self.cfg
         if audio.shape[-1] % cfg.hop:
             raise ValueError(f"audio length {audio.shape[-1]} is not a multiple of hop {cfg.hop}")
-        pad = (cfg.n_fft - cfg.hop) // 2
-        x = F.pad(audio.reshape(audio.shape[0], -1).float(), (pad, pad))
-        mag = torch.stft(x, cfg.n_fft, cfg.hop, window=self.window, center=False,
-                         return_complex=True).abs()                     # (B, F, frames)
+        mag = self._magnitude(audio, cfg.n_fft, self.window)             # (B, F, frames)
         high = torch.einsum("nf,bft->bnt", self.bands, mag)
-        return torch.log(torch.cat([mag[:, : cfg.n_linear], high], dim=1) + cfg.floor)
+        parts = [mag[:, : cfg.n_linear], high]
+        if cfg.bass_n_fft:
+            lo, hi = cfg.bass_bins
+            parts.append(self._magnitude(audio, cfg.bass_n_fft, self.bass_window)[:, lo:hi])
+        return torch.log(torch.cat(parts, dim=1) + cfg.floor)
+
+    def _magnitude(self, audio: torch.Tensor, n_fft: int, window: torch.Tensor) -> torch.Tensor:
+        """|STFT| in the "same" framing: frame t's window centred on hop block t."""
+        pad = (n_fft - self.cfg.hop) // 2
+        x = F.pad(audio.reshape(audio.shape[0], -1).float(), (pad, pad))
+        return torch.stft(x, n_fft, self.cfg.hop, window=window, center=False,
+                          return_complex=True).abs()
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.embed(self.features(audio).to(self.embed.weight.dtype))

@@ -67,6 +67,25 @@ def test_chroma_tells_the_notes_from_their_envelope(chord):
     assert math.isnan(pitch.chroma_correlation(np.zeros_like(x), x, SR))
 
 
+def test_register_chroma_sees_a_wrong_bass_note_where_it_is():
+    """A bass line a semitone off (the upper voices right) costs the bass register's chroma,
+    not the upper register's."""
+    t = np.arange(int(4.0 * SR)) / SR
+
+    def voices(bass_hz: float) -> np.ndarray:
+        x = sum(np.sin(2 * np.pi * bass_hz * k * t) / k for k in (1, 2, 3))
+        x = x + sum(0.5 * np.sin(2 * np.pi * f * t) for f in (523.3, 659.3, 784.0))
+        return (0.1 * x).astype(np.float32)
+
+    right, wrong = voices(65.41), voices(69.30)                    # C2 vs C#2, under C major
+    bass = pitch.chroma_correlation(right, wrong, SR, pitch.REGISTERS["chroma_bass"])
+    upper = pitch.chroma_correlation(right, wrong, SR, pitch.REGISTERS["chroma_upper"])
+    assert bass < 0.5 < 0.9 < upper, (bass, upper)
+    metrics = pitch.pitch_metrics(right, right, SR, 83.33, ref_events=[])
+    assert metrics["chroma_bass"] == pytest.approx(1.0) and metrics["chroma_upper"] == \
+        pytest.approx(1.0)
+
+
 def test_transcription_scores_the_chord_and_not_its_noise(chord):
     x, ref = chord
     assert len(ref) >= 8                           # the model hears the notes of the triads
@@ -548,6 +567,7 @@ def test_eval_and_card_of_a_pitch_codec(tmp_path, chord_dir):
     assert "envelope-shaped noise (floor)" in text and "Griffin-Lim" in text
     assert "Pitch on independent music" in text
     assert "bin comb dB" in text and "bin_comb_db" in table["codec"]   # an inverse-STFT decoder
+    assert "chroma C1-B3" in text and "chroma_upper" in table["codec"]
     assert "chroma head KL / prior" in text
     assert "training/configs/codec_pitch.toml" not in text      # a debug run names its config
 
@@ -625,7 +645,7 @@ def test_codes_pitch_probe_runs_through_its_entry_point(tmp_path, chord_dir, deb
     control = result["synthetic"]["features"]["logmel128 (control)"]
     assert control["pitch_class_linear"] > 0.9
     probes = result["music"]["probes"]
-    assert set(probes) == {"sum", "encoder", "env16", "mel128"}
+    assert set(probes) == {"sum", "encoder", "env16", "mel128", "bass8192"}
     assert all(math.isfinite(p["chroma_r2"]) for p in probes.values())
 
 

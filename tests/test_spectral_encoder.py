@@ -59,6 +59,27 @@ def test_features_hold_a_partial_in_its_own_bin_and_highs_in_bands():
         build_encoder({"kind": "wavelet"})
 
 
+def test_the_bass_stft_tells_bass_semitones_apart():
+    """C2 and C#2 (65.4 and 69.3 Hz) fall in one 15.6 Hz bin of the main STFT; the bass STFT's
+    3.9 Hz bins hold them apart. Without a bass STFT the features are the same as before."""
+    plain = SpectralEncoder(SpectralEncoderConfig(latent_dim=16, dim=16, layers=1))
+    enc = SpectralEncoder(SpectralEncoderConfig(latent_dim=16, dim=16, layers=1,
+                                                bass_n_fft=8192))
+    cfg = enc.cfg
+    lo, hi = cfg.bass_bins
+    assert (lo, hi) == (7, 134) and cfg.n_features == 224 + 127
+    peaks = {}
+    for hz in (65.41, 69.30):
+        f = enc.features(tone(hz, seconds=1.536))
+        mid = f[0, :, f.shape[-1] // 2]
+        peaks[hz] = (int(mid[: cfg.n_linear].argmax()), lo + int(mid[224:].argmax()))
+        assert torch.equal(f[:, :224], plain.features(tone(hz, seconds=1.536)))
+    assert peaks[65.41][0] == peaks[69.30][0]                        # one main bin
+    assert [p[1] for p in peaks.values()] == [round(65.41 * 8192 / SR), round(69.30 * 8192 / SR)]
+    with pytest.raises(ValueError, match="bass_n_fft"):
+        SpectralEncoderConfig(bass_n_fft=1001)
+
+
 def test_a_spectral_codec_saves_loads_and_tokenises_locally(tmp_path):
     codec = Codec.load(SPECTRAL_DEBUG, seed=0)
     out = codec.save(tmp_path / "c")

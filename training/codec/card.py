@@ -99,6 +99,8 @@ def pitch_table(result: dict, title: str) -> str:
             ("onset_f1", "onset F1"), ("comb_db", "comb dB"), ("mel", "mel")]
     if "bin_comb_db" in c:     # an inverse-STFT decoder: its bin-rate comb too
         keys.insert(5, ("bin_comb_db", "bin comb dB"))
+    if "chroma_bass" in c:     # chroma by register (evaluations since session 4)
+        keys[1:1] = [("chroma_bass", "chroma C1-B3"), ("chroma_upper", "chroma C4-B7")]
     rows = "\n".join(f"| {names.get(n, n)} | " + " | ".join(
         (f"{m[k]:+.1f}" if k.endswith("comb_db") else f"{m[k]:.3f}") if k in m else "—"
         for k, _ in keys) + " |" for n, m in table.items())

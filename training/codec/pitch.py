@@ -53,10 +53,19 @@ def _librosa():
 
 
 # ---------------------------------------------------------------------------- chroma
-def chroma(x: np.ndarray, sr: int) -> np.ndarray:
-    """(T,) audio -> (12, F) CQT chroma at hop CHROMA_HOP."""
-    return _librosa().feature.chroma_cqt(y=np.asarray(x, np.float32), sr=sr,
-                                         hop_length=CHROMA_HOP)
+# Registers for the split chroma (first octave's C, octaves): the bass, where a semitone is
+# narrower than an STFT bin of the codecs here, and the rest
+REGISTERS = {"chroma_bass": ("C1", 3), "chroma_upper": ("C4", 4)}
+
+
+def chroma(x: np.ndarray, sr: int, register: tuple[str, int] | None = None) -> np.ndarray:
+    """(T,) audio -> (12, F) CQT chroma at hop CHROMA_HOP, of every octave from C1 (librosa's
+    default, 7 octaves) or of one register (its first C, octaves)."""
+    lib = _librosa()
+    extra = {} if register is None else dict(fmin=lib.note_to_hz(register[0]),
+                                             n_octaves=register[1])
+    return lib.feature.chroma_cqt(y=np.asarray(x, np.float32), sr=sr, hop_length=CHROMA_HOP,
+                                  **extra)
 
 
 def loud_frames(x: np.ndarray, n_frames: int, floor_db: float = LOUDNESS_FLOOR_DB) -> np.ndarray:
@@ -68,12 +77,13 @@ def loud_frames(x: np.ndarray, n_frames: int, floor_db: float = LOUDNESS_FLOOR_D
     return db >= db.max() - floor_db
 
 
-def chroma_correlation(x: np.ndarray, y: np.ndarray, sr: int) -> float:
+def chroma_correlation(x: np.ndarray, y: np.ndarray, sr: int,
+                       register: tuple[str, int] | None = None) -> float:
     """Mean over the original's loud frames of the cosine between centred chroma vectors.
     1 = the same pitch classes in the same proportions; ~0 = unrelated (or flat). NaN when x is
-    silent."""
+    silent. `register`: the chroma of one register only (REGISTERS)."""
     n = min(len(x), len(y))
-    cx, cy = chroma(x[:n], sr), chroma(y[:n], sr)
+    cx, cy = chroma(x[:n], sr, register), chroma(y[:n], sr, register)
     f = min(cx.shape[1], cy.shape[1])
     cx, cy = cx[:, :f], cy[:, :f]
     cx = cx - cx.mean(axis=0, keepdims=True)
@@ -208,6 +218,7 @@ def pitch_metrics(x: np.ndarray, y: np.ndarray, sr: int, frame_rate: float,
     if ref_events is None:
         ref_events = transcribe(x, sr)
     out = {"chroma": chroma_correlation(x, y, sr),
+           **{k: chroma_correlation(x, y, sr, reg) for k, reg in REGISTERS.items()},
            "comb_db": frame_rate_comb(y, sr, frame_rate)}
     if bin_spacing:
         out["bin_comb_db"] = frame_rate_comb(y, sr, bin_spacing,

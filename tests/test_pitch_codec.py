@@ -22,7 +22,7 @@ from snac import SNAC
 from model.codec import DEBUG_CODEC_CONFIG, Codec
 from model.vocoder import ISTFTDecoder, ISTFTDecoderConfig, set_render_options
 from training.codec import pitch
-from training.codec.card import warmup_text
+from training.codec.card import bass_text, origin_text, warmup_text
 from training.codec.cli import main
 from training.codec.losses import anti_wrap, chroma_filterbank, spectral_decoder_losses
 from training.run.checkpoint import list_checkpoints, load_checkpoint
@@ -521,6 +521,10 @@ def test_encoder_warmup_trains_the_encoder_alone_then_the_codec_resumably(tmp_pa
     record = json.loads((straight / "config.json").read_text())["train"]   # the card says so
     assert "first 2 steps trained the encoder" in warmup_text(record)
     assert "instantaneous frequency" in warmup_text({"decoder": {"phase": "frequency"}})
+    assert origin_text({"init": "weights/next/codec"}).startswith("Warm-started from")
+    assert origin_text({"init": ""}) == "From scratch"
+    assert "8192 STFT" in bass_text({"bass_n_fft": 8192, "bass_min_hz": 30.0,
+                                     "bass_max_hz": 520.0}) and bass_text({}) == ""
     assert "Griffin-Lim" in warmup_text({"decoder": {"phase": "griffin_lim"}})
 
 

@@ -71,6 +71,19 @@ def codes_text(result: dict, frozen: bool) -> str:
             "frozen codec will say so.")
 
 
+def bass_text(encoder: dict) -> str:
+    """The spectral encoder's bass STFT, where it has one."""
+    n = encoder.get("bass_n_fft", 0)
+    return (f", and the bins from {encoder['bass_min_hz']:g} to {encoder['bass_max_hz']:g} Hz "
+            f"of an n_fft {n} STFT one by one" if n else "")
+
+
+def origin_text(train: dict) -> str:
+    """Where the run's weights started."""
+    return (f"Warm-started from `{train['init']}` (that snapshot's card gives its own history)"
+            if train.get("init") else "From scratch")
+
+
 def warmup_text(train: dict) -> str:
     """The encoder warm-up and the decoder's phase, where the recipe had them."""
     n = train.get("encoder_warmup_steps", 0)
@@ -204,7 +217,8 @@ def card(run: Path, codec_dir: Path, result: dict, corpus: Path, notes: str = ""
         files += (f"\n- Encoder: **{encoder['kind']}** (`model/spectral_encoder.py`: the log "
                   f"magnitude of an n_fft {encoder['n_fft']} STFT, bins one by one below "
                   f"{encoder['linear_max_hz']:g} Hz and {encoder['high_bands']} mel-spaced bands "
-                  f"above, then {encoder['layers']} ConvNeXt blocks of width {encoder['dim']} at "
+                  f"above{bass_text(encoder)}, then {encoder['layers']} ConvNeXt blocks of "
+                  f"width {encoder['dim']} at "
                   "the hop rate), in `encoder.json` + `encoder.safetensors`. The SNAC files hold "
                   "an *untrained placeholder* SNAC encoder, so this codec tokenises only through "
                   "`Codec.load`, not `snac.SNAC.from_pretrained`.")
@@ -236,7 +250,7 @@ Held out (never trained on; `val_files = {train['val_files']}`, chosen by a hash
 ## Recipe
 
 `python training/train_codec.py --config {recipe}` (re-running it
-resumes). From scratch; batch {train['curriculum'][0][2]} × {train['curriculum'][0][1]} s
+resumes). {origin_text(train)}; batch {train['curriculum'][0][2]} × {train['curriculum'][0][1]} s
 segments; AdamW, lr {train['lr']:g} for the decoder and {train['lr'] * train['encoder_lr_scale']:.2g}
 for encoder + quantiser (`encoder_lr_scale` {train['encoder_lr_scale']}), per-step decay
 {train['lr_decay']}; losses {', '.join(f'{k} {v:g}' for k, v in train['loss_weights'].items()
@@ -244,7 +258,7 @@ if v and k not in ('adv', 'feat'))}; GAN {'on' if train['gan'] else 'off'}.{warm
 (docs/codec-training.md §4): batch-centred quantiser input folded into `in_proj` for export,
 data-initialised codebooks, codes unused for {train.get('dead_code_window', 10)} steps restarted
 (checked every {train['dead_code_every']} steps), VQ gradients `{train.get('vq_gradients', 'raw')}`.
-Recipe changes made during the run and why: docs/codec-training.md {'§9' if encoder else '§7 and §8' if decoder else '§4 and §6'}.{anneal_text(train, parent)}
+Recipe changes made during the run and why: docs/codec-training.md {'§10' if (decoder or {}).get('phase') == 'frequency' else '§9' if encoder else '§7 and §8' if decoder else '§4 and §6'}.{anneal_text(train, parent)}
 
 - Steps: {step}. Training time: {hours:.2f} h on a 2-core AMD EPYC VM (no GPU), fp32,
   {train['threads']} torch thread{'s' if train['threads'] != 1 else ''}; the figure counts the steps at their quiet-machine speed

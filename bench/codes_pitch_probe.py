@@ -128,12 +128,12 @@ def targets(x: np.ndarray, n_frames: int, hop: int) -> dict[str, np.ndarray]:
     P = S ** 2
     mel16 = np.log(librosa.feature.melspectrogram(S=P, sr=SR, n_mels=16) + 1e-8).T
     mel128 = np.log(librosa.feature.melspectrogram(S=P, sr=SR, n_mels=128) + 1e-8).T
-    ch = librosa.feature.chroma_cqt(y=x, sr=SR, hop_length=hop)[:, :n_frames].T
+    from training.codec.pitch import REGISTERS, chroma
+
+    ch = chroma(x, SR, hop=hop)[:, :n_frames].T
     # the same chroma from the bass register alone (C1-B3) and from the rest (C4-B7)
-    low = librosa.feature.chroma_cqt(y=x, sr=SR, hop_length=hop, fmin=librosa.note_to_hz("C1"),
-                                     n_octaves=3)[:, :n_frames].T
-    high = librosa.feature.chroma_cqt(y=x, sr=SR, hop_length=hop, fmin=librosa.note_to_hz("C4"),
-                                      n_octaves=4)[:, :n_frames].T
+    low = chroma(x, SR, REGISTERS["chroma_bass"], hop)[:, :n_frames].T
+    high = chroma(x, SR, REGISTERS["chroma_upper"], hop)[:, :n_frames].T
     # a control that resolves bass notes: log magnitude of a 0.256 s STFT (3.9 Hz bins), 30-520 Hz
     B = np.abs(librosa.stft(x, n_fft=8192, hop_length=hop, center=True))[:, :n_frames]
     bass = np.log(B[int(30 / (SR / 8192)): int(520 / (SR / 8192)) + 1] + 1e-5).T

@@ -24,13 +24,13 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from model.codec import Codec
+from model.vocoder import render_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_codec import held_out_segments  # noqa: E402
@@ -49,12 +49,8 @@ def true_frequency(spectrum: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor
 
 def render(decoder, log_mag: torch.Tensor, second: torch.Tensor, **options) -> torch.Tensor:
     """decoder.render with some render options changed for this call only."""
-    own = decoder.cfg
-    decoder.cfg = replace(own, **options)
-    try:
+    with render_options(decoder, **options):
         return decoder.render(log_mag, second)
-    finally:
-        decoder.cfg = own
 
 
 @torch.no_grad()

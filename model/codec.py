@@ -283,10 +283,9 @@ class Codec:
         equal a decode of the whole sequence: 2 for SNAC's decoder and for Griffin-Lim (both
         reach under 2 units); for a decoder that integrates frequencies into phase
         (model/vocoder.py, phase = "frequency"), its restart period plus its net's reach."""
-        cfg = getattr(self.snac.decoder, "cfg", None)
-        if getattr(cfg, "phase", None) != "frequency":
+        frames = getattr(self.snac.decoder, "left_reach_frames", None)
+        if frames is None:
             return 2
-        frames = cfg.frequency_period + self.snac.decoder.receptive_frames + cfg.n_fft // cfg.hop
         return max(2, -(-frames // (self.pad_frames[0] * self.strides[0])))
 
     @property

@@ -24,6 +24,7 @@ Configured by a plain dict (`DECODER_KINDS`), stored as decoder.json beside the 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -140,6 +141,15 @@ class ISTFTDecoder(nn.Module):
     def receptive_frames(self) -> int:
         """Latent frames on each side that can change one output frame's spectrum."""
         return (self.cfg.kernel // 2) * (len(self.blocks) + 1)
+
+    @property
+    def left_reach_frames(self) -> int | None:
+        """Frames before an output sample that can change it, where that is further than
+        SNAC's decoder reaches (None otherwise): with phase = "frequency", a restart period
+        of integrated frequencies, the net's reach and the overlap-add's."""
+        if self.cfg.phase != "frequency":
+            return None
+        return self.cfg.frequency_period + self.receptive_frames + self.cfg.n_fft // self.cfg.hop
 
     def spectrum(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z (B, D, T) -> log magnitude and phase, each (B, n_fft/2 + 1, T), fp32. With
@@ -284,6 +294,17 @@ decoder_spec = part_spec
 # Fields that change how a decoder renders its spectrum, not what its weights are: a trained
 # decoder can take new values for them (a warm start switching to Griffin-Lim phase, say).
 RENDER_OPTIONS = ("phase", "gl_iters", "gl_init", "gl_init_period", "frequency_period")
+
+
+@contextmanager
+def render_options(decoder: nn.Module, **options):
+    """Within the block, `decoder` renders with these render options; its own after."""
+    own = decoder.cfg
+    decoder.cfg = replace(own, **options)
+    try:
+        yield decoder
+    finally:
+        decoder.cfg = own
 
 
 def set_render_options(decoder: nn.Module, spec: dict) -> dict:

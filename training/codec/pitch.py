@@ -58,14 +58,14 @@ def _librosa():
 REGISTERS = {"chroma_bass": ("C1", 3), "chroma_upper": ("C4", 4)}
 
 
-def chroma(x: np.ndarray, sr: int, register: tuple[str, int] | None = None) -> np.ndarray:
-    """(T,) audio -> (12, F) CQT chroma at hop CHROMA_HOP, of every octave from C1 (librosa's
-    default, 7 octaves) or of one register (its first C, octaves)."""
+def chroma(x: np.ndarray, sr: int, register: tuple[str, int] | None = None,
+           hop: int = CHROMA_HOP) -> np.ndarray:
+    """(T,) audio -> (12, F) CQT chroma at `hop`, of every octave from C1 (librosa's default,
+    7 octaves) or of one register (its first C, octaves)."""
     lib = _librosa()
     extra = {} if register is None else dict(fmin=lib.note_to_hz(register[0]),
                                              n_octaves=register[1])
-    return lib.feature.chroma_cqt(y=np.asarray(x, np.float32), sr=sr, hop_length=CHROMA_HOP,
-                                  **extra)
+    return lib.feature.chroma_cqt(y=np.asarray(x, np.float32), sr=sr, hop_length=hop, **extra)
 
 
 def loud_frames(x: np.ndarray, n_frames: int, floor_db: float = LOUDNESS_FLOOR_DB) -> np.ndarray:

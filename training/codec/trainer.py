@@ -13,7 +13,6 @@ import copy
 import math
 import sys
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
 
 import torch
 from torch.nn.utils import clip_grad_norm_
@@ -231,12 +230,10 @@ class CodecTrainer:
                                                   None) != "griffin_lim":
             yield
             return
-        own = decoder.cfg
-        decoder.cfg = replace(own, gl_iters=self.cfg.train_gl_iters)
-        try:
+        from model.vocoder import render_options
+
+        with render_options(decoder, gl_iters=self.cfg.train_gl_iters):
             yield
-        finally:
-            decoder.cfg = own
 
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: (B, 1, T) real audio. One generator (+ discriminator) update; advances self.step."""

@@ -1,6 +1,6 @@
 """Where does a spectral codec lose the notes: in its magnitudes or in its phase? Renders the
-held-out segments of `bench/eval_codec.py` several ways and scores each by chroma
-(docs/codec-training.md §10):
+held-out segments of `bench/eval_codec.py` several ways and scores each by chroma, of all
+octaves and of the bass (C1-B3) and upper (C4-B7) registers apart (docs/codec-training.md §10):
 
     python bench/decoder_ceiling.py --codec weights/next/codec --segments 2 \
         --out bench/results/decoder_ceiling.json
@@ -99,15 +99,27 @@ def main(argv: list[str] | None = None) -> int:
                                  every_file=bool(a.audio))
     rows = []
     for i, (name, start, x) in enumerate(segments):
-        scores = {k: pitch.chroma_correlation(x, y, sr)
-                  for k, y in renderings(codec, x, a.gl_iters).items()}
+        scores = {}
+        for k, y in renderings(codec, x, a.gl_iters).items():
+            scores[k] = pitch.chroma_correlation(x, y, sr)
+            for reg, register in pitch.REGISTERS.items():     # the bass and upper registers
+                scores[f"{k}:{reg}"] = pitch.chroma_correlation(x, y, sr, register)
         rows.append({"track": name, "start_s": round(start, 2), **scores})
         print(f"segment {i + 1}/{len(segments)} {name}: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), file=sys.stderr)
+              + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if ":" not in k),
+              file=sys.stderr)
     keys = [k for k in rows[0] if k not in ("track", "start_s")]
-    chroma = {k: round(float(np.mean([r[k] for r in rows])), 4) for k in keys}
-    result = {"codec": a.codec, "segments": len(rows), "chroma": chroma, "rows": rows}
-    print("\n".join(f"{k:26s} chroma {v:.3f}" for k, v in chroma.items()))
+    # a register a segment has no loud frames in scores NaN there: averaged over the rest
+    mean = {k: round(float(np.nanmean([r[k] for r in rows])), 4) for k in keys}
+    chroma = {k: v for k, v in mean.items() if ":" not in k}
+    result = {"codec": a.codec, "segments": len(rows), "chroma": chroma,
+              **{reg: {k: mean[f"{k}:{reg}"] for k in chroma} for reg in pitch.REGISTERS},
+              "rows": rows}
+    regs = list(pitch.REGISTERS)
+    print(f"{'rendering':26s} chroma  " + "  ".join(regs))
+    print("\n".join(f"{k:26s} {v:.3f}   " + "  ".join(f"{mean[f'{k}:{r}']:.3f}".ljust(len(r))
+                                                      for r in regs)
+                    for k, v in chroma.items()))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -354,9 +354,9 @@ def test_chroma_head_target_finds_the_pitch_class():
     t = np.arange(int(1.152 * SR)) / SR
     a4 = torch.from_numpy((0.3 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32))
     p, mask = head.target(a4.view(1, 1, -1), frames=12)
-    assert p.shape == (1, 12, 12) and mask.all()
-    assert (p[0].argmax(dim=0) == 9).all()                      # librosa's classes: C = 0, A = 9
-    assert torch.allclose(p.sum(dim=1), torch.ones(1, 12))
+    assert p.shape == (1, 1, 12, 12) and mask.all()
+    assert (p[0, 0].argmax(dim=0) == 9).all()                   # librosa's classes: C = 0, A = 9
+    assert torch.allclose(p.sum(dim=2), torch.ones(1, 1, 12))
     levels = [torch.randn(1, 16, 96, requires_grad=True) for _ in range(4)]
     loss = head.loss(levels, a4.view(1, 1, -1))
     loss.backward()
@@ -366,8 +366,37 @@ def test_chroma_head_target_finds_the_pitch_class():
     chords = torch.from_numpy(chord_progression().astype(np.float32)).view(1, 1, -1)
     p, mask = head.target(chords, frames=64)
     assert head.kl(p, p.log(), mask) < 1e-6
-    mean = p.transpose(1, 2)[mask].mean(0)
-    assert head.kl(p, mean.log()[None, :, None].expand_as(p), mask) > 0.3
+    assert head.kl(p, head.prior([(p, mask)]).expand_as(p), mask) > 0.3
+
+
+def test_chroma_head_split_by_register_hears_the_bass_line():
+    """The unsplit target barely moves when a bass line under a loud upper voice goes a
+    semitone down (librosa's octave weighting and the upper voice's power swamp it); the split
+    target's bass register follows the bass note exactly, its upper register the upper voice."""
+    from training.codec.pitch_head import ChromaHead
+
+    t = np.arange(int(1.152 * SR)) / SR
+
+    def mix(bass_hz):   # C5 loud above a bass note with three partials
+        bass = sum(0.1 / k * np.sin(2 * np.pi * k * bass_hz * t) for k in (1, 2, 3))
+        return torch.from_numpy((0.4 * np.sin(2 * np.pi * 523.25 * t) + bass)
+                                .astype(np.float32)).view(1, 1, -1)
+
+    c2, b1 = mix(65.41), mix(61.74)                             # C2, then B1 a semitone down
+    whole = ChromaHead(latent_dim=16, sample_rate=SR, hop=384, pool=8)
+    split = ChromaHead(latent_dim=16, sample_rate=SR, hop=384, pool=8, split_hz=254.0)
+    (pw_c, mw), (pw_b, _) = whole.target(c2, 12), whole.target(b1, 12)
+    (ps_c, ms), (ps_b, _) = split.target(c2, 12), split.target(b1, 12)
+    assert ps_c.shape == (1, 2, 12, 12) and ms.shape == (1, 2, 12) and ms.all()
+    assert (ps_c[0, 0].argmax(0) == 0).all() and (ps_b[0, 0].argmax(0) == 11).all()  # C, B
+    assert (ps_c[0, 1].argmax(0) == 0).all() and (ps_b[0, 1].argmax(0) == 0).all()   # C5 above
+    moved_whole = (pw_c - pw_b).abs().sum(dim=2).mean()
+    moved_bass = (ps_c[:, 0] - ps_b[:, 0]).abs().sum(dim=1).mean()
+    assert moved_bass > 0.8 and moved_whole < 0.1 * moved_bass, (moved_whole, moved_bass)
+    log_q = split([torch.randn(1, 16, 96, requires_grad=True) for _ in range(2)])
+    assert log_q.shape == (1, 2, 12, 12)
+    assert torch.allclose(log_q.exp().sum(dim=2), torch.ones(1, 2, 12))
+    assert split.kl(ps_c, ps_c.log(), ms) < 1e-6
 
 
 def test_spectrum_head_target_sees_the_partial_and_teaches_the_encoder():
@@ -443,6 +472,18 @@ def test_the_istft_codec_trains_resumes_exactly_and_exports(tmp_path, chord_dir,
     assert again.decoder_name == "istft" and again.fingerprint != export.fingerprint
     x = torch.randn(1, 12288) * 0.1
     assert [c.shape for c in again.encode(x)] == [c.shape for c in export.encode(x)]
+
+    # The chroma head split by register (chroma_split_hz): a new head on a warm start, which
+    # validation reports by register; a resumed run keeps the head it was built with.
+    bass = tmp_path / "bass"
+    assert main(common + ["--out_dir", str(bass), "--init", str(straight / "export"),
+                          "--steps", "1", "--val_every", "1", "--chroma_split_hz", "254"]) == 0
+    val = [json.loads(r) for r in (bass / "log.jsonl").read_text().splitlines()
+           if "val/mel" in r][-1]
+    assert -1 <= val["val/chroma_upper"] <= 1 and val["val/chroma_kl_prior"] > 0
+    with pytest.raises(ValueError, match="chroma_split_hz changed"):
+        main([a for a in common if a not in ("--resume", "never")]
+             + ["--out_dir", str(split), "--steps", "7", "--chroma_split_hz", "254"])
 
     # ...but its render options may change: the same weights, Griffin-Lim phase from then on,
     # kept by the checkpoint (a resume) and the export; a shape field still cannot change.
@@ -668,10 +709,13 @@ def test_decoder_ceiling_runs_through_its_entry_point(tmp_path, chord_dir):
     out = tmp_path / "ceiling.json"
     assert ceiling.main(["--codec", str(codec_dir), "--audio", str(chord_dir), "--segments", "1",
                          "--gl-iters", "32", "--threads", "1", "--out", str(out)]) == 0
-    chroma = json.loads(out.read_text())["chroma"]
+    result = json.loads(out.read_text())
+    chroma = result["chroma"]
     assert set(chroma) == {"true_mag_gl32", "pred_mag_gl32", "pred_mag_true_phase",
                            "pred_mag_true_frequency", "codec"}
     assert chroma["true_mag_gl32"] > 0.8 and chroma["codec"] < chroma["true_mag_gl32"] - 0.3
+    assert set(result["chroma_bass"]) == set(result["chroma_upper"]) == set(chroma)  # registers
+    assert result["chroma_upper"]["true_mag_gl32"] > result["chroma_upper"]["codec"]
     Codec.load(DEBUG_CODEC_CONFIG, seed=1).save(tmp_path / "snac")      # SNAC's own decoder
     with pytest.raises(SystemExit, match="inverse-STFT"):
         ceiling.main(["--codec", str(tmp_path / "snac"), "--audio", str(chord_dir)])

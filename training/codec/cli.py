@@ -162,6 +162,9 @@ def train(cfg: CodecTrainConfig, ckpt: dict | None = None) -> int:
                             f"{metrics[f'val/perplexity_{lv}']:.0f}" for lv in levels)
         pitch = (f"chroma {metrics['val/chroma']:.3f}  comb {metrics['val/comb_db']:+.1f} dB  "
                  if "val/chroma" in metrics else "")
+        if "val/chroma_bass" in metrics:
+            pitch += (f"(bass {metrics['val/chroma_bass']:.3f} "
+                      f"upper {metrics.get('val/chroma_upper', float('nan')):.3f})  ")
         if "val/chroma_kl" in metrics:   # the coarse codes' pitch: the head's KL vs the prior's
             pitch += (f"chroma KL {metrics['val/chroma_kl']:.3f} "
                       f"(prior {metrics['val/chroma_kl_prior']:.3f})  ")

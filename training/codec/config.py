@@ -63,6 +63,9 @@ class CodecTrainConfig:
     # Pitch distillation (training/codec/pitch_head.py): a head predicts each coarse frame's
     # chroma from levels < chroma_levels; its weight is loss_weights.chroma (0 = no head).
     chroma_levels: int = 2
+    # > 0: the chroma head predicts the bass register's chroma (30 Hz to this, from 3.9 Hz bins)
+    # apart from the rest's, so levels A and B must carry bass pitch too (pitch_head.py)
+    chroma_split_hz: float = 0.0
     # Encoder warm-up: for the first N steps only the encoder and its spectrum head train
     # (loss_weights.encoder_spectrum; no quantiser, no decoder; the encoder is most of a step's
     # time anyway: 2.35 s against ~2.9 s a whole Griffin-Lim step on 2 threads), then
@@ -228,6 +231,9 @@ class CodecTrainConfig:
                              "(the warm-up trains the encoder on that head alone)")
         if self.chroma_levels < 1:
             raise ValueError("chroma_levels must be >= 1")
+        if self.chroma_split_hz and not 60.0 <= self.chroma_split_hz <= 1000.0:
+            raise ValueError(f"chroma_split_hz must be 0 (one chroma) or between 60 and 1000 Hz "
+                             f"(the bass register's top), not {self.chroma_split_hz}")
         if not self.init:
             self.model_config()  # raises on an unknown preset
         return self

@@ -9,6 +9,7 @@ Metrics (per held-out segment, averaged):
 - val/perplexity_l  exp(entropy) of level l's code histogram: the effective codebook size
 - val/chroma   centred-chroma correlation with the original (training/codec/pitch.py; needs
                librosa, the eval extra): whether the notes survive, which mel cannot tell
+- val/chroma_bass, val/chroma_upper  the same of the C1-B3 and C4-B7 registers apart (pitch.REGISTERS)
 - val/comb_db  the reconstruction's frame-rate comb (dB; the original's is near 0-2)
 
 Decoding injects noise (SNAC's NoiseBlocks), so validation runs under a forked, fixed-seed RNG:
@@ -62,6 +63,7 @@ def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
         return {}
     pitch = _pitch_metrics() if sample_rate else None
     chroma, comb, head_kl, targets, spectrum = [], [], [], [], []
+    registers: dict[str, list[float]] = {}
     was_training = model.training
     model.eval()
     sums = {"mel": 0.0, "stft": 0.0, "si_sdr": 0.0}
@@ -82,6 +84,10 @@ def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
                 c = pitch.chroma_correlation(xa, ya, sample_rate)
                 if c == c:                                       # NaN: a silent segment
                     chroma.append(c)
+                for name, register in pitch.REGISTERS.items():
+                    c = pitch.chroma_correlation(xa, ya, sample_rate, register)
+                    if c == c:                                   # NaN: a silent register
+                        registers.setdefault(name, []).append(c)
                 comb.append(pitch.frame_rate_comb(ya, sample_rate,
                                                   sample_rate / int(model.hop_length)))
             if spectrum_head is not None:
@@ -99,13 +105,15 @@ def evaluate(model, segments: list[torch.Tensor], recon: ReconstructionLosses,
     metrics = {f"val/{k}": v / len(segments) for k, v in sums.items()}
     if chroma:
         metrics["val/chroma"] = sum(chroma) / len(chroma)
+    for name, values in registers.items():
+        metrics[f"val/{name}"] = sum(values) / len(values)
     if comb:
         metrics["val/comb_db"] = sum(comb) / len(comb)
     if spectrum:
         metrics["val/encoder_spectrum"] = sum(spectrum) / len(spectrum)
     if head_kl:
-        mean = torch.cat([p.transpose(1, 2)[m] for p, m in targets]).mean(0).clamp(min=1e-8)
-        prior = [chroma_head.kl(p, mean.log()[None, :, None].expand_as(p), m) for p, m in targets]
+        log_mean = chroma_head.prior(targets)
+        prior = [chroma_head.kl(p, log_mean.expand_as(p), m) for p, m in targets]
         metrics["val/chroma_kl"] = float(sum(head_kl) / len(head_kl))
         metrics["val/chroma_kl_prior"] = float(sum(prior) / len(prior))
     metrics.update({f"val/{k}": v for k, v in codebook_stats(codes, codebook_size).items()})

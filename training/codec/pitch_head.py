@@ -9,15 +9,27 @@ Target: the power spectrum (n_fft 4096: 7.8 Hz bins at 32 kHz) folded onto the 1
 classes by librosa's chroma filterbank, pooled to the coarsest level's frames and normalised
 to a distribution; frames 40 dB under the batch's loudest are left out. Loss: KL(target ||
 predicted), 0 when the head reproduces the chroma exactly.
+
+Split by register (`split_hz`, the recipe's `chroma_split_hz`): that one chroma is dominated by
+the loud partials above middle C (librosa's filterbank also weights octaves around C5 most), so
+a bass line a semitone off barely moves it, and the codes never had to carry bass pitch
+(measured: C1-B3 chroma 0.13 from the quantised latents, 0.61 from a fine STFT; §10 of
+docs/codec-training.md). Split, the head predicts two chromas: the bass register's, from
+30 Hz to `split_hz` out of an n_fft 8192 spectrum (3.9 Hz bins, which tell bass semitones
+apart) with every octave weighted alike, and the rest's as before; each with its own loudness
+mask, the loss the mean of the two KLs.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 N_FFT = 4096
+BASS_N_FFT = 8192
+BASS_LO_HZ = 30.0
 FLOOR_DB = 40.0
 
 
@@ -31,7 +43,7 @@ def standardise(z: torch.Tensor) -> torch.Tensor:
 
 class ChromaHead(nn.Module):
     def __init__(self, latent_dim: int, sample_rate: int, hop: int, pool: int,
-                 levels: int = 2, hidden: int = 128):
+                 levels: int = 2, hidden: int = 128, split_hz: float = 0.0):
         super().__init__()
         try:
             import librosa
@@ -39,40 +51,68 @@ class ChromaHead(nn.Module):
             raise ImportError("the chroma head's target needs librosa (the eval extra: "
                               "pip install -e '.[eval]')") from e
         self.hop, self.pool, self.levels = hop, pool, levels
-        fb = librosa.filters.chroma(sr=sample_rate, n_fft=N_FFT, norm=None)
-        self.register_buffer("filters", torch.from_numpy(fb).float(), persistent=False)
-        self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)
+        # One (n_fft, filterbank) per register: a filterbank row is a bin's share of a class.
+        self.n_ffts = [N_FFT] if not split_hz else [BASS_N_FFT, N_FFT]
+        for r, n_fft in enumerate(self.n_ffts):
+            f = np.arange(n_fft // 2 + 1) * sample_rate / n_fft
+            if not split_hz:
+                fb = librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, norm=None)
+            elif r == 0:                          # the bass register, every octave alike
+                fb = librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, norm=None,
+                                            octwidth=None) * ((f >= BASS_LO_HZ) & (f < split_hz))
+            else:
+                fb = librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, norm=None) * (f >= split_hz)
+            self.register_buffer(f"filters{r}", torch.from_numpy(fb).float(), persistent=False)
+            self.register_buffer(f"window{r}", torch.hann_window(n_fft), persistent=False)
+        self.registers = len(self.n_ffts)
         self.net = nn.Sequential(nn.Conv1d(latent_dim, hidden, 3, padding=1), nn.GELU(),
-                                 nn.Conv1d(hidden, 12, 1))
+                                 nn.Conv1d(hidden, 12 * self.registers, 1))
 
     @torch.no_grad()
     def target(self, audio: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, T) -> chroma distribution (B, 12, frames) and a (B, frames) loudness mask."""
+        """(B, 1, T) -> chroma distributions (B, R, 12, frames) and loudness masks (B, R, frames),
+        R the number of registers (1, or 2 when split: the bass first)."""
         x = audio.reshape(audio.shape[0], -1).float()
-        power = torch.stft(x, N_FFT, self.hop, window=self.window, center=True,
-                           return_complex=True).abs().square()            # (B, F, T/hop + 1)
-        chroma = self.filters @ power                                      # (B, 12, frames')
-        n = frames * self.pool
-        chroma = F.pad(chroma, (0, max(0, n - chroma.shape[-1])))[..., :n]
-        chroma = F.avg_pool1d(chroma, self.pool)                           # (B, 12, frames)
-        energy = chroma.sum(dim=1)
-        db = 10 * torch.log10(energy.clamp(min=1e-10))
-        mask = db > db.max() - FLOOR_DB
-        return chroma / energy.clamp(min=1e-10).unsqueeze(1), mask
+        dists, masks = [], []
+        for r, n_fft in enumerate(self.n_ffts):
+            window = getattr(self, f"window{r}")
+            power = torch.stft(x, n_fft, self.hop, window=window, center=True,
+                               return_complex=True).abs().square()        # (B, F, T/hop + 1)
+            chroma = getattr(self, f"filters{r}") @ power                  # (B, 12, frames')
+            n = frames * self.pool
+            chroma = F.pad(chroma, (0, max(0, n - chroma.shape[-1])))[..., :n]
+            chroma = F.avg_pool1d(chroma, self.pool)                       # (B, 12, frames)
+            energy = chroma.sum(dim=1)
+            db = 10 * torch.log10(energy.clamp(min=1e-10))
+            masks.append(db > db.max() - FLOOR_DB)
+            dists.append(chroma / energy.clamp(min=1e-10).unsqueeze(1))
+        return torch.stack(dists, 1), torch.stack(masks, 1)
 
     def forward(self, level_z_q: list[torch.Tensor]) -> torch.Tensor:
-        """Per-level (B, D, T) shares of the decoder input -> (B, 12, T / pool) log-probs."""
+        """Per-level (B, D, T) shares of the decoder input -> (B, R, 12, T / pool) log-probs."""
         coarse = F.avg_pool1d(sum(level_z_q[: self.levels]), self.pool)
         # Standardised: the codes' gains are learned from the decoder, and a head fed their raw
         # scale turned their growth into runaway logits (measured: KL 0.25 -> 20 over 60 steps,
         # dragging the encoder with it).
-        return F.log_softmax(self.net(standardise(coarse)), dim=1)
+        logits = self.net(standardise(coarse))
+        return F.log_softmax(logits.unflatten(1, (self.registers, 12)), dim=2)
 
     @staticmethod
     def kl(p: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean KL(p || q) over the loud frames; p, log_q (B, 12, frames), mask (B, frames)."""
-        kl = (p * (p.clamp(min=1e-8).log() - log_q)).sum(dim=1)           # (B, frames)
-        return (kl * mask).sum() / mask.sum().clamp(min=1)
+        """KL(p || q) averaged over each register's loud frames, then over the registers;
+        p, log_q (B, R, 12, frames), mask (B, R, frames)."""
+        kl = (p * (p.clamp(min=1e-8).log() - log_q)).sum(dim=2)           # (B, R, frames)
+        per_register = (kl * mask).sum(dim=(0, 2)) / mask.sum(dim=(0, 2)).clamp(min=1)
+        return per_register.mean()
+
+    @staticmethod
+    def prior(targets: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The targets' mean chroma over their loud frames, per register, as log-probs shaped
+        (1, R, 12, 1): what a head that learned nothing from the codes predicts."""
+        registers = targets[0][0].shape[1]
+        means = [torch.cat([p[:, r].transpose(1, 2)[m[:, r]] for p, m in targets]).mean(0)
+                 for r in range(registers)]
+        return torch.stack(means).clamp(min=1e-8).log()[None, :, :, None]
 
     def loss(self, level_z_q: list[torch.Tensor], audio: torch.Tensor) -> torch.Tensor:
         log_q = self(level_z_q)

@@ -101,7 +101,8 @@ class CodecTrainer:
             rates, strides = self.model_config["encoder_rates"], self.model_config["vq_strides"]
             self.chroma_head = ChromaHead(
                 self.model_config["encoder_dim"] * 2 ** len(rates), self.sample_rate,
-                math.prod(rates), strides[0], cfg.chroma_levels).to(self.device).train()
+                math.prod(rates), strides[0], cfg.chroma_levels,
+                split_hz=cfg.chroma_split_hz).to(self.device).train()
         # The encoder taught to hear partials directly (pitch_head.SpectrumHead; not exported).
         self.spectrum_head = None
         if cfg.loss_weights.get("encoder_spectrum") and not cfg.freeze_encoder:
@@ -340,6 +341,13 @@ class CodecTrainer:
 
     def load_state_dict(self, sd: dict) -> None:
         self.model.load_state_dict(sd["model"])
+        head = sd.get("aux", {}).get("net.2.bias")
+        if self.chroma_head is not None and head is not None \
+                and head.numel() != 12 * self.chroma_head.registers:
+            raise ValueError(
+                f"this checkpoint's chroma head predicts {head.numel() // 12} register(s), the "
+                f"recipe's {self.chroma_head.registers} (chroma_split_hz changed): a resumed run "
+                "keeps its head; start a new run from the weights with --init instead")
         self.opt_g.load_state_dict(sd["opt_g"])
         load_schedule(self.sched_g, sd["sched_g"])
         if self.keeper is not None and "keeper" in sd:

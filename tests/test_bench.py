@@ -71,3 +71,31 @@ def test_gpu_validation_dry_run_runs_every_phase(tmp_path):
     assert phases["env"]["auto_backend"]["base fp32"][0] == "sdpa"
     assert [row["batch_size"] for row in phases["latency"]["rows"]] == [1, 2]
     assert phases["server"]["statuses"] == {"200": 4}
+
+
+def test_independent_clips_cuts_the_middle_of_each_named_track(tmp_path):
+    """bench/independent_clips.py: 24 clips of 18.432 s at 32 kHz, each the middle of its track
+    (resampled when the track is not at 32 kHz); a missing track is named, not skipped."""
+    import numpy as np
+    import soundfile as sf
+
+    clips = load("independent_clips")
+    root = tmp_path / "root"
+    for package, (folder, names) in clips.TRACKS.items():
+        (root / folder).mkdir(parents=True)
+        for i, name in enumerate(names):
+            sr = 44100 if name == "Art" else 32000
+            n = int(20.0 * sr)
+            x = np.zeros((n, 2), np.float32)        # stereo: a click marks the middle
+            x[n // 2] = 0.5
+            sf.write(root / folder / f"{name}.ogg", x, sr)
+    out = tmp_path / "clips"
+    assert clips.main(["--root", str(root), "--out", str(out)]) == 0
+    files = sorted(out.glob("*.flac"))
+    assert len(files) == 24 and (out / "hedgewars-Art.flac").exists()
+    for f in (out / "hedgewars-Art.flac", out / "naev-snow.flac"):
+        y, sr = sf.read(f)
+        assert sr == 32000 and y.ndim == 1 and len(y) == int(18.432 * 32000)
+        assert abs(int(np.abs(y).argmax()) - len(y) // 2) < 100      # the track's middle
+    (root / clips.TRACKS["naev"][0] / "snow.ogg").unlink()
+    assert clips.main(["--root", str(root), "--out", str(tmp_path / "again")]) == 1

@@ -303,6 +303,28 @@ def test_the_frequency_term_knows_the_true_frequency_and_its_aliases():
     assert abs(term(441.3 + SR / d.cfg.hop) - right) < 0.01
 
 
+def test_the_bass_frequency_term_weighs_a_bass_semitone_more_than_the_whole_term():
+    """A2 (110 Hz) under a louder A5: playing the bass bins a semitone flat (A-flat 2) moves the
+    bass term over three times as far as the whole term, in which the upper voice's bins dilute
+    it (the more partials above, the more so)."""
+    d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1, phase="frequency"))
+    t = np.arange(int(1.152 * SR)) / SR
+    x = torch.from_numpy((0.5 * np.sin(2 * np.pi * 880.0 * t) + 0.2 * np.sin(2 * np.pi * 110.0 * t))
+                         .astype(np.float32)).view(1, 1, -1)
+    log_mag = d.analysis(x).abs().clamp(min=1e-5).log()
+    f = torch.arange(d.n_bins).float() * SR / d.cfg.n_fft
+
+    def terms(bass_hz: float) -> dict:
+        hz = torch.where(f < 500.0, bass_hz, 880.0)     # each bin plays its partial's frequency
+        omega = (2 * math.pi * hz / SR)[None, :, None].expand(1, -1, log_mag.shape[-1])
+        return spectral_decoder_losses(d, log_mag, omega.contiguous(), x)
+
+    right, flat = terms(110.0), terms(103.83)
+    assert right["frequency_bass"] < 0.05 and flat["frequency_bass"] > 0.2
+    assert flat["frequency"] - right["frequency"] < 0.3 * (flat["frequency_bass"]
+                                                         - right["frequency_bass"])
+
+
 @pytest.mark.parametrize("period", [32, 64])
 def test_frequency_decoding_in_the_servers_windows_matches_the_whole_decode(period):
     """The integration restarts on the whole sequence's grid (Codec.decode passes the window's
@@ -562,6 +584,9 @@ def test_encoder_warmup_trains_the_encoder_alone_then_the_codec_resumably(tmp_pa
     record = json.loads((straight / "config.json").read_text())["train"]   # the card says so
     assert "first 2 steps trained the encoder" in warmup_text(record)
     assert "instantaneous frequency" in warmup_text({"decoder": {"phase": "frequency"}})
+    split = {"loss_weights": {"chroma": 20.0}, "chroma_split_hz": 254.0}
+    assert "bass register's chroma (30 to 254 Hz" in warmup_text(split)
+    assert "bass register" not in warmup_text(dict(split, chroma_split_hz=0.0))
     assert origin_text({"init": "weights/next/codec"}).startswith("Warm-started from")
     assert origin_text({"init": ""}) == "From scratch"
     assert "8192 STFT" in bass_text({"bass_n_fft": 8192, "bass_min_hz": 30.0,

@@ -95,6 +95,10 @@ def warmup_text(train: dict) -> str:
     elif phase == "frequency":
         text += (" The decoder predicts each bin's instantaneous frequency beside its magnitude "
                  "and integrates it into phase (no Griffin-Lim).")
+    if train.get("loss_weights", {}).get("chroma") and train.get("chroma_split_hz"):
+        text += (f" The chroma head predicts the bass register's chroma (30 to "
+                 f"{train['chroma_split_hz']:g} Hz, 3.9 Hz bins) apart from the rest's "
+                 "(`chroma_split_hz`), so levels A and B carry bass pitch too.")
     return text
 
 
@@ -258,7 +262,7 @@ if v and k not in ('adv', 'feat'))}; GAN {'on' if train['gan'] else 'off'}.{warm
 (docs/codec-training.md §4): batch-centred quantiser input folded into `in_proj` for export,
 data-initialised codebooks, codes unused for {train.get('dead_code_window', 10)} steps restarted
 (checked every {train['dead_code_every']} steps), VQ gradients `{train.get('vq_gradients', 'raw')}`.
-Recipe changes made during the run and why: docs/codec-training.md {'§10' if (decoder or {}).get('phase') == 'frequency' else '§9' if encoder else '§7 and §8' if decoder else '§4 and §6'}.{anneal_text(train, parent)}
+Recipe changes made during the run and why: docs/codec-training.md {'§11' if train.get('chroma_split_hz') else '§10' if (decoder or {}).get('phase') == 'frequency' else '§9' if encoder else '§7 and §8' if decoder else '§4 and §6'}.{anneal_text(train, parent)}
 
 - Steps: {step}. Training time: {hours:.2f} h on a 2-core AMD EPYC VM (no GPU), fp32,
   {train['threads']} torch thread{'s' if train['threads'] != 1 else ''}; the figure counts the steps at their quiet-machine speed

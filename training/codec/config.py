@@ -241,7 +241,7 @@ class CodecTrainConfig:
 
 LOSS_TERMS = {"mel", "stft", "l1", "commitment", "codebook", "adv", "feat",
               "amp", "partials", "output_chroma", "phase", "consistency", "chroma",
-              "encoder_spectrum", "frequency"}
+              "encoder_spectrum", "frequency", "frequency_bass"}
 
 
 def segment_samples(seconds: float, sample_rate: int, pad_samples: int) -> int:

@@ -171,6 +171,9 @@ def anti_wrap(x: torch.Tensor) -> torch.Tensor:
     return (x - 2 * math.pi * torch.round(x / (2 * math.pi))).abs()
 
 
+FREQUENCY_BASS_HZ = 254.0   # the bass register's top (B3 + half a semitone), as pitch.REGISTERS
+
+
 def chroma_filterbank(n_fft: int, sample_rate: int, n_bins: int, lo_hz: float = 250.0,
                       hi_hz: float = 4000.0) -> torch.Tensor:
     """(12, n_bins): each bin's share of each pitch class, a raised cosine of its distance in
@@ -224,7 +227,11 @@ def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: to
       instantaneous frequency): the anti-wrapped distance between the hop's phase advance at
       the predicted and at the real instantaneous frequency, weighted by the real magnitude (the
       real one is read from the phase difference of consecutive frames, so it is only known
-      modulo 2 pi / hop; its `phase` is then the integrated one).
+      modulo 2 pi / hop; its `phase` is then the integrated one);
+    - frequency_bass: the same, over the bins below FREQUENCY_BASS_HZ only (their own
+      magnitude-weighted mean). There a 20.8 Hz bin holds several semitones, so the bass note
+      is the frequency the head plays, and a semitone off costs only ~0.3 rad of advance a hop:
+      within the whole term it is drowned by the upper bins' larger errors.
     """
     target = decoder.analysis(audio)                       # (B, F, T) complex
     frames = min(target.shape[-1], log_mag.shape[-1])
@@ -241,7 +248,10 @@ def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: to
         omega, hop = phase, decoder.cfg.hop
         # real advance from frame t-1 to t, against the predicted mean frequency of the two
         advance = hop * 0.5 * (omega[..., 1:] + omega[..., :-1])
-        extra["frequency"] = weighted(anti_wrap(advance - t_phase.diff(dim=2)), weight[..., 1:])
+        error = anti_wrap(advance - t_phase.diff(dim=2))
+        extra["frequency"] = weighted(error, weight[..., 1:])
+        bass = int(FREQUENCY_BASS_HZ * decoder.cfg.n_fft / sample_rate) + 1   # bins 0..bass-1
+        extra["frequency_bass"] = weighted(error[:, :bass], weight[:, :bass, 1:])
         phase = decoder.integrate(omega)
 
     ip = weighted(anti_wrap(phase - t_phase), weight)

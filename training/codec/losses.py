@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.codec.pitch import BASS_TOP_HZ
+
 
 def _hz_to_mel(f: torch.Tensor) -> torch.Tensor:
     # Slaney's scale (librosa's default, which DAC uses): linear below 1 kHz, log above.
@@ -171,9 +173,6 @@ def anti_wrap(x: torch.Tensor) -> torch.Tensor:
     return (x - 2 * math.pi * torch.round(x / (2 * math.pi))).abs()
 
 
-FREQUENCY_BASS_HZ = 254.0   # the bass register's top (B3 + half a semitone), as pitch.REGISTERS
-
-
 def chroma_filterbank(n_fft: int, sample_rate: int, n_bins: int, lo_hz: float = 250.0,
                       hi_hz: float = 4000.0) -> torch.Tensor:
     """(12, n_bins): each bin's share of each pitch class, a raised cosine of its distance in
@@ -228,7 +227,7 @@ def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: to
       the predicted and at the real instantaneous frequency, weighted by the real magnitude (the
       real one is read from the phase difference of consecutive frames, so it is only known
       modulo 2 pi / hop; its `phase` is then the integrated one);
-    - frequency_bass: the same, over the bins below FREQUENCY_BASS_HZ only (their own
+    - frequency_bass: the same, over the bins below pitch.BASS_TOP_HZ only (their own
       magnitude-weighted mean). There a 20.8 Hz bin holds several semitones, so the bass note
       is the frequency the head plays, and a semitone off costs only ~0.3 rad of advance a hop:
       within the whole term it is drowned by the upper bins' larger errors.
@@ -250,7 +249,7 @@ def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: to
         advance = hop * 0.5 * (omega[..., 1:] + omega[..., :-1])
         error = anti_wrap(advance - t_phase.diff(dim=2))
         extra["frequency"] = weighted(error, weight[..., 1:])
-        bass = int(FREQUENCY_BASS_HZ * decoder.cfg.n_fft / sample_rate) + 1   # bins 0..bass-1
+        bass = int(BASS_TOP_HZ * decoder.cfg.n_fft / sample_rate) + 1   # bins 0..bass-1
         extra["frequency_bass"] = weighted(error[:, :bass], weight[:, :bass, 1:])
         phase = decoder.integrate(omega)
 

@@ -56,6 +56,8 @@ def _librosa():
 # Registers for the split chroma (first octave's C, octaves): the bass, where a semitone is
 # narrower than an STFT bin of the codecs here, and the rest
 REGISTERS = {"chroma_bass": ("C1", 3), "chroma_upper": ("C4", 4)}
+# where the bass register ends: half a semitone under C4 (MIDI 60), B3's upper edge
+BASS_TOP_HZ = 440.0 * 2 ** ((60 - 0.5 - 69) / 12)                     # 254.2 Hz
 
 
 def chroma(x: np.ndarray, sr: int, register: tuple[str, int] | None = None,

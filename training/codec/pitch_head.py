@@ -51,17 +51,15 @@ class ChromaHead(nn.Module):
             raise ImportError("the chroma head's target needs librosa (the eval extra: "
                               "pip install -e '.[eval]')") from e
         self.hop, self.pool, self.levels = hop, pool, levels
-        # One (n_fft, filterbank) per register: a filterbank row is a bin's share of a class.
-        self.n_ffts = [N_FFT] if not split_hz else [BASS_N_FFT, N_FFT]
-        for r, n_fft in enumerate(self.n_ffts):
+        # One (n_fft, lowest Hz, highest Hz, octave weighting) per register; a filterbank row is
+        # a bin's share of a class. The bass register weights every octave alike (octwidth None).
+        bands = ([(N_FFT, 0.0, np.inf, 2.0)] if not split_hz else           # 2: librosa's own
+                 [(BASS_N_FFT, BASS_LO_HZ, split_hz, None), (N_FFT, split_hz, np.inf, 2.0)])
+        self.n_ffts = [n_fft for n_fft, *_ in bands]
+        for r, (n_fft, lo, hi, octwidth) in enumerate(bands):
             f = np.arange(n_fft // 2 + 1) * sample_rate / n_fft
-            if not split_hz:
-                fb = librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, norm=None)
-            elif r == 0:                          # the bass register, every octave alike
-                fb = librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, norm=None,
-                                            octwidth=None) * ((f >= BASS_LO_HZ) & (f < split_hz))
-            else:
-                fb = librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, norm=None) * (f >= split_hz)
+            fb = librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, norm=None, octwidth=octwidth)
+            fb = fb * ((f >= lo) & (f < hi))
             self.register_buffer(f"filters{r}", torch.from_numpy(fb).float(), persistent=False)
             self.register_buffer(f"window{r}", torch.hann_window(n_fft), persistent=False)
         self.registers = len(self.n_ffts)

@@ -341,13 +341,12 @@ class CodecTrainer:
 
     def load_state_dict(self, sd: dict) -> None:
         self.model.load_state_dict(sd["model"])
-        head = sd.get("aux", {}).get("net.2.bias")
-        if self.chroma_head is not None and head is not None \
-                and head.numel() != 12 * self.chroma_head.registers:
+        own = self.chroma_head.state_dict() if self.chroma_head is not None else {}
+        if any(k in own and v.shape != own[k].shape for k, v in sd.get("aux", {}).items()):
             raise ValueError(
-                f"this checkpoint's chroma head predicts {head.numel() // 12} register(s), the "
-                f"recipe's {self.chroma_head.registers} (chroma_split_hz changed): a resumed run "
-                "keeps its head; start a new run from the weights with --init instead")
+                f"this checkpoint's chroma head has other shapes than the recipe's "
+                f"{self.chroma_head.registers}-register one (chroma_split_hz changed): a resumed "
+                "run keeps its head; start a new run from the weights with --init instead")
         self.opt_g.load_state_dict(sd["opt_g"])
         load_schedule(self.sched_g, sd["sched_g"])
         if self.keeper is not None and "keeper" in sd:

@@ -24,6 +24,7 @@ from model.vocoder import ISTFTDecoder, ISTFTDecoderConfig, set_render_options
 from training.codec import pitch
 from training.codec.card import bass_text, origin_text, warmup_text
 from training.codec.cli import main
+from training.codec.config import CodecTrainConfig
 from training.codec.losses import anti_wrap, chroma_filterbank, spectral_decoder_losses
 from training.run.checkpoint import list_checkpoints, load_checkpoint
 
@@ -744,3 +745,26 @@ def test_decoder_ceiling_runs_through_its_entry_point(tmp_path, chord_dir):
     Codec.load(DEBUG_CODEC_CONFIG, seed=1).save(tmp_path / "snac")      # SNAC's own decoder
     with pytest.raises(SystemExit, match="inverse-STFT"):
         ceiling.main(["--codec", str(tmp_path / "snac"), "--audio", str(chord_dir)])
+
+
+def test_the_bass_frequency_terms_top_is_configurable():
+    """A middle-register note (E4, 329.6 Hz) played a semitone flat: under the default top
+    (254 Hz) the bass term does not see it; with the top raised to 520 Hz it does. A top out
+    of range is refused before training starts."""
+    d = ISTFTDecoder(ISTFTDecoderConfig(latent_dim=16, dim=16, layers=1, phase="frequency"))
+    t = np.arange(int(1.152 * SR)) / SR
+    x = torch.from_numpy((0.3 * np.sin(2 * np.pi * 329.63 * t) + 0.2 * np.sin(2 * np.pi * 110.0 * t))
+                         .astype(np.float32)).view(1, 1, -1)
+    log_mag = d.analysis(x).abs().clamp(min=1e-5).log()
+    f = torch.arange(d.n_bins).float() * SR / d.cfg.n_fft
+
+    def bass_term(mid_hz: float, top: float) -> float:
+        hz = torch.where(f < 220.0, 110.0, mid_hz)
+        omega = (2 * math.pi * hz / SR)[None, :, None].expand(1, -1, log_mag.shape[-1])
+        return float(spectral_decoder_losses(d, log_mag, omega.contiguous(), x,
+                                             bass_top_hz=top)["frequency_bass"])
+
+    assert abs(bass_term(311.13, 254.2) - bass_term(329.63, 254.2)) < 0.02
+    assert bass_term(311.13, 520.0) > bass_term(329.63, 520.0) + 0.1
+    with pytest.raises(ValueError, match="frequency_bass_hz"):
+        CodecTrainConfig(frequency_bass_hz=5000.0).validate()

@@ -66,6 +66,10 @@ class CodecTrainConfig:
     # > 0: the chroma head predicts the bass register's chroma (30 Hz to this, from 3.9 Hz bins)
     # apart from the rest's, so levels A and B must carry bass pitch too (pitch_head.py)
     chroma_split_hz: float = 0.0
+    # The top of loss_weights.frequency_bass's bins (0 = pitch.BASS_TOP_HZ, 254 Hz). The decoder's
+    # 20.8 Hz bins are wider than a semitone up to ~350 Hz and wider than half of one up to ~700
+    # Hz, so the middle register's note is also the frequency the head plays.
+    frequency_bass_hz: float = 0.0
     # Encoder warm-up: for the first N steps only the encoder and its spectrum head train
     # (loss_weights.encoder_spectrum; no quantiser, no decoder; the encoder is most of a step's
     # time anyway: 2.35 s against ~2.9 s a whole Griffin-Lim step on 2 threads), then
@@ -234,6 +238,10 @@ class CodecTrainConfig:
         if self.chroma_split_hz and not 60.0 <= self.chroma_split_hz <= 1000.0:
             raise ValueError(f"chroma_split_hz must be 0 (one chroma) or between 60 and 1000 Hz "
                              f"(the bass register's top), not {self.chroma_split_hz}")
+        if self.frequency_bass_hz and not 60.0 <= self.frequency_bass_hz <= 2000.0:
+            raise ValueError(f"frequency_bass_hz must be 0 (pitch.BASS_TOP_HZ) or between 60 and "
+                             f"2000 Hz (the top of the frequency_bass term), not "
+                             f"{self.frequency_bass_hz}")
         if not self.init:
             self.model_config()  # raises on an unknown preset
         return self

@@ -201,7 +201,8 @@ def centred_chroma_cos(fb: torch.Tensor, pred_mag: torch.Tensor, true_mag: torch
 
 def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: torch.Tensor,
                             audio: torch.Tensor,
-                            sample_rate: int = 32000) -> dict[str, torch.Tensor]:
+                            sample_rate: int = 32000,
+                            bass_top_hz: float = BASS_TOP_HZ) -> dict[str, torch.Tensor]:
     """Terms on a spectral decoder's own frames (model/vocoder.py), against the STFT of the
     real audio in the same framing (APNet's recipe, phase terms weighted by magnitude):
 
@@ -227,7 +228,7 @@ def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: to
       the predicted and at the real instantaneous frequency, weighted by the real magnitude (the
       real one is read from the phase difference of consecutive frames, so it is only known
       modulo 2 pi / hop; its `phase` is then the integrated one);
-    - frequency_bass: the same, over the bins below pitch.BASS_TOP_HZ only (their own
+    - frequency_bass: the same, over the bins below `bass_top_hz` only (their own
       magnitude-weighted mean). There a 20.8 Hz bin holds several semitones, so the bass note
       is the frequency the head plays, and a semitone off costs only ~0.3 rad of advance a hop:
       within the whole term it is drowned by the upper bins' larger errors.
@@ -249,7 +250,7 @@ def spectral_decoder_losses(decoder: nn.Module, log_mag: torch.Tensor, phase: to
         advance = hop * 0.5 * (omega[..., 1:] + omega[..., :-1])
         error = anti_wrap(advance - t_phase.diff(dim=2))
         extra["frequency"] = weighted(error, weight[..., 1:])
-        bass = int(BASS_TOP_HZ * decoder.cfg.n_fft / sample_rate) + 1   # bins 0..bass-1
+        bass = int(bass_top_hz * decoder.cfg.n_fft / sample_rate) + 1   # bins 0..bass-1
         extra["frequency_bass"] = weighted(error[:, :bass], weight[:, :bass, 1:])
         phase = decoder.integrate(omega)
 

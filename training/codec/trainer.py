@@ -34,6 +34,7 @@ from training.codec.model import (
     load_for_training,
     quantize,
 )
+from training.codec.pitch import BASS_TOP_HZ
 from training.codec.vq import CodebookKeeper
 from training.run.distributed import pick_device
 
@@ -256,8 +257,9 @@ class CodecTrainer:
         losses = self.recon(y, x)
         losses["commitment"], losses["codebook"] = out.commitment, out.codebook
         if self.spectral:
-            losses.update(spectral_decoder_losses(self.model.decoder, *out.spectrum, x,
-                                                 self.sample_rate))
+            losses.update(spectral_decoder_losses(
+                self.model.decoder, *out.spectrum, x, self.sample_rate,
+                cfg.frequency_bass_hz or BASS_TOP_HZ))
         if self.chroma_head is not None:
             losses["chroma"] = self.chroma_head.loss(out.level_z_q, x)
         if self.spectrum_head is not None:

@@ -81,9 +81,9 @@ def test_independent_clips_cuts_the_middle_of_each_named_track(tmp_path):
 
     clips = load("independent_clips")
     root = tmp_path / "root"
-    for package, (folder, names) in clips.TRACKS.items():
+    for folder, names in clips.TRACKS.values():
         (root / folder).mkdir(parents=True)
-        for i, name in enumerate(names):
+        for name in names:
             sr = 44100 if name == "Art" else 32000
             n = int(20.0 * sr)
             x = np.zeros((n, 2), np.float32)        # stereo: a click marks the middle

@@ -411,6 +411,7 @@ def test_chroma_head_split_by_register_hears_the_bass_line():
     (pw_c, mw), (pw_b, _) = whole.target(c2, 12), whole.target(b1, 12)
     (ps_c, ms), (ps_b, _) = split.target(c2, 12), split.target(b1, 12)
     assert ps_c.shape == (1, 2, 12, 12) and ms.shape == (1, 2, 12) and ms.all()
+    assert pw_c.shape == (1, 1, 12, 12) and mw.all()
     assert (ps_c[0, 0].argmax(0) == 0).all() and (ps_b[0, 0].argmax(0) == 11).all()  # C, B
     assert (ps_c[0, 1].argmax(0) == 0).all() and (ps_b[0, 1].argmax(0) == 0).all()   # C5 above
     moved_whole = (pw_c - pw_b).abs().sum(dim=2).mean()

@@ -10,7 +10,9 @@ piece by piece as /extend streams them (the first piece includes the context enc
 `extend` runs at the call); `http` is POST /continue through the app (a test client: upload
 decode, batcher, engine, WAV out; the server's warm-up first); `paired` runs /continue with
 each of `--compare`'s lever sets in turn, every repeat, in one process (on a shared machine
-the fairest comparison: slow spells hit every set alike). All include the join
+the fairest comparison: slow spells hit every set alike); `weights` does the same for the DiTs
+of `--compare-weights` (e.g. untrained DiTs of the sizes one could train: sampling costs what
+the size and the steps make it, whatever the weights). All include the join
 (`heard_context`) and the lead-in. Phases as in bench/latency.py: encode, sample (the DiT),
 heard_context (the join's decode and re-encode), decode (the output). Real time = new audio
 seconds / wall seconds: 6.144 s per /continue; per /extend piece its own new samples (6.144 s
@@ -178,6 +180,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--modes", default="continue,extend", help="continue, extend, http, paired")
     ap.add_argument("--compare", default="none/maskless,inplace_snake/maskless,inplace_snake,int8",
                     help="paired: lever sets, '/'-separated, run in turn every repeat")
+    ap.add_argument("--compare-weights", default="",
+                    help="--modes weights: DiT directories timed in turn, every repeat (timing "
+                         "only when their weights are untrained, e.g. sizes before training)")
     ap.add_argument("--chunks", type=int, default=3, help="/extend chunks")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
@@ -229,6 +234,24 @@ def main(argv=None) -> list[dict]:
             apply_fast_path(engine, fast)
             timing = dict(compare={names: dict(median_s=median_rows(rows), totals_s=[
                 round(x["total"], 3) for x in rows]) for names, rows in runs.items()})
+        elif mode == "weights":  # DiTs interleaved in one process, e.g. sizes to train
+            dirs = [d for d in args.compare_weights.split(",") if d]
+            if not dirs:
+                raise SystemExit("error: --modes weights needs --compare-weights DIR,DIR,...")
+            engines = {d: build(argparse.Namespace(**{**vars(args), "weights": d}))[0]
+                       for d in dirs}
+            runs = {d: [] for d in dirs}
+            for r in range(args.warmup + args.repeats):
+                for d, other in engines.items():
+                    got = time_continue(other, audio, params)
+                    if r >= args.warmup:
+                        runs[d].append(got)
+            timing = dict(compare={d: dict(
+                params_m=round(sum(p.numel() for p in engines[d].dit.parameters()) / 1e6, 2),
+                median_s=median_rows(rows), totals_s=[round(x["total"], 3) for x in rows],
+                realtime_factor=round(engine.chunk_samples / engine.sample_rate
+                                      / median_rows(rows)["total"], 3))
+                for d, rows in runs.items()})
         elif mode == "http":
             if args.decoder or args.time_codec:
                 raise SystemExit("error: the http mode serves --codec as the server would; "

@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py --preset debug --batch-size 4
     python bench/train_throughput.py --preset base --device cuda --compile    # batch 32, 20 steps
+    python bench/train_throughput.py --preset small --model d_model=192,n_layers=4,n_heads=3
 
 Builds a synthetic token directory (random ids, the real SNAC 32 kHz geometry) in a temp dir and
 times `Trainer.train_step` (data loading, forward, backward, clipping, AdamW, EMA) after warm-up.
@@ -28,18 +29,23 @@ from training.dit.trainer import Trainer, sequence_tokens  # noqa: E402
 from training.tokens.shards import write_token_dir  # noqa: E402
 
 
-def synthetic_tokens(out: Path, n_files: int = 8, chunks: int = 6, seed: int = 0) -> Path:
+def synthetic_tokens(out: Path, n_files: int = 8, chunks: int = 6, seed: int = 0,
+                     codebook: int = 4096) -> Path:
     rng = np.random.default_rng(seed)
     frames = chunks * 64
-    files = {f"f{i}.wav": [rng.integers(0, 4096, frames * 8 // s).astype(np.uint16)
+    files = {f"f{i}.wav": [rng.integers(0, codebook, frames * 8 // s).astype(np.uint16)
                            for s in (8, 4, 2, 1)] for i in range(n_files)}
-    write_token_dir(out, files)
+    write_token_dir(out, files, codebook_size=codebook)
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="debug")
+    p.add_argument("--model", default="",
+                   help="overrides on the preset, e.g. d_model=192,n_layers=4,n_heads=3,style_actions=8")
+    p.add_argument("--codebook", type=int, default=4096,
+                   help="codes a level (SNAC's 4,096; the project's demo codecs 1,024)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 on CUDA, 4 on CPU")
     p.add_argument("--n-ctx", default="0,0,1", help="weights of n_ctx 0,1,2 (default: all 2)")
     p.add_argument("--steps", type=int, default=None,
@@ -59,9 +65,11 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
 
     with tempfile.TemporaryDirectory() as tmp:
-        tokens = synthetic_tokens(Path(tmp) / "tokens")
+        tokens = synthetic_tokens(Path(tmp) / "tokens", codebook=args.codebook)
         weights = [float(w) for w in args.n_ctx.split(",")]
         total = args.warmup + args.steps
+        model = [(f"model.{k}", int(v)) for k, v in
+                 (kv.split("=", 1) for kv in args.model.split(",") if kv)]
         cfg = load_config(None, [
             ("name", "bench"), ("out_dir", tmp), ("device", args.device), ("dtype", args.dtype),
             ("compile", args.compile), ("model.preset", args.preset),
@@ -69,6 +77,7 @@ def main(argv=None) -> int:
             ("data.num_workers", args.workers), ("eval.every", 0),
             ("log.peak_tflops", args.peak_tflops), ("optim.warmup_steps", 1),
             ("curriculum.stages", [{"name": "bench", "steps": total, "n_ctx": weights}]),
+            *model,
         ])
         trainer = Trainer(cfg)
         for _ in range(args.warmup):
@@ -86,7 +95,7 @@ def main(argv=None) -> int:
         flops = rate["mfu"] * trainer.meter.peak if rate["mfu"] is not None else None
         mc = trainer.model_cfg
         result = dict(
-            preset=args.preset, params=trainer.n_params, batch_size=args.batch_size,
+            preset=args.preset, model=args.model, codebook=args.codebook, params=trainer.n_params, batch_size=args.batch_size,
             n_ctx_weights=weights, device=str(trainer.device),
             device_name=torch.cuda.get_device_name(trainer.device)
             if trainer.device.type == "cuda" else "cpu",

@@ -99,3 +99,23 @@ def test_independent_clips_cuts_the_middle_of_each_named_track(tmp_path):
         assert abs(int(np.abs(y).argmax()) - len(y) // 2) < 100      # the track's middle
     (root / clips.TRACKS["naev"][0] / "snow.ogg").unlink()
     assert clips.main(["--root", str(root), "--out", str(tmp_path / "again")]) == 1
+
+
+def test_train_throughput_times_a_size_given_by_overrides(tmp_path):
+    """`--model` overrides the preset's size (and adds style actions), `--codebook` sizes the
+    synthetic tokens; the row says what was timed."""
+    import json
+
+    out = tmp_path / "tp.jsonl"
+    bench = load("train_throughput")
+    bench.main(["--preset", "debug", "--model", "d_model=32,n_layers=1,n_heads=2,style_actions=2",
+                "--codebook", "64", "--batch-size", "1", "--steps", "1", "--warmup", "0",
+                "--workers", "0", "--dtype", "fp32", "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert row["model"].startswith("d_model=32") and row["codebook"] == 64
+    assert row["step_s"] > 0 and row["loss"] > 0
+    # 32 wide, one layer, 64 codes: far fewer parameters than the debug preset's 64 x 2
+    base = tmp_path / "base.jsonl"
+    bench.main(["--preset", "debug", "--codebook", "64", "--batch-size", "1", "--steps", "1",
+                "--warmup", "0", "--workers", "0", "--dtype", "fp32", "--out", str(base)])
+    assert row["params"] < 0.5 * json.loads(base.read_text())["params"]

@@ -149,16 +149,23 @@ def _wav(x) -> bytes:
 
 def test_realtime_bench_times_continue_and_each_extend_piece(debug_weights_dir, debug_codec_dir,
                                                               tmp_path):
-    out = tmp_path / "rt.jsonl"
+    import shutil
+
+    out, other = tmp_path / "rt.jsonl", str(tmp_path / "other_dit")
+    shutil.copytree(debug_weights_dir, other)
     subprocess.run([sys.executable, "bench/realtime.py", "--weights", debug_weights_dir,
                     "--codec", debug_codec_dir, "--threads", "1", "--steps", "1,1,1,1",
                     "--warmup", "0", "--repeats", "1", "--chunks", "2", "--isa", "avx2",
-                    "--levers", "maskless,int8", "--modes", "continue,extend,paired",
-                    "--compare", "none/maskless,int8", "--out", str(out)],
+                    "--levers", "maskless,int8", "--modes", "continue,extend,paired,weights",
+                    "--compare", "none/maskless,int8",
+                    "--compare-weights", f"{debug_weights_dir},{other}", "--out", str(out)],
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
-    cont, ext, paired = (json.loads(line) for line in out.read_text().splitlines())
+    cont, ext, paired, dits = (json.loads(line) for line in out.read_text().splitlines())
     assert set(paired["compare"]) == {"none", "maskless,int8"}
     assert all(len(v["totals_s"]) == 1 for v in paired["compare"].values())
+    assert list(dits["compare"]) == [debug_weights_dir, other]      # each DiT timed, in turn
+    assert all(v["params_m"] > 0 and v["median_s"]["sample"] > 0 and v["realtime_factor"] > 0
+               for v in dits["compare"].values())
     assert cont["mode"] == "continue" and ext["mode"] == "extend"
     assert cont["cpu"]["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
     assert cont["cpu"]["torch_capability"] in ("AVX2", "DEFAULT")

@@ -8,7 +8,9 @@ context), one request. `continue` is the server's call, `engine.continue_batch([
 lead_in=JOIN_SAMPLES)`; `extend` is `engine.extend(audio, N, lead_in=JOIN_SAMPLES)`, timed
 piece by piece as /extend streams them (the first piece includes the context encode, which
 `extend` runs at the call); `http` is POST /continue through the app (a test client: upload
-decode, batcher, engine, WAV out; the server's warm-up first); `paired` runs /continue with
+decode, batcher, engine, WAV out; the server's warm-up first); `http_paired` asks the server's
+own engine for the same continuation directly before each request (the HTTP layer's cost, on a
+noisy machine); `paired` runs /continue with
 each of `--compare`'s lever sets in turn, every repeat, in one process (on a shared machine
 the fairest comparison: slow spells hit every set alike); `weights` does the same for the DiTs
 of `--compare-weights` (e.g. untrained DiTs of the sizes one could train: sampling costs what
@@ -121,14 +123,18 @@ def time_extend(engine, audio, params, n: int) -> list[dict]:
     return pieces
 
 
-def time_http(args, fast, audio, runs: int) -> list[float]:
+def time_http(args, fast, audio, runs: int, paired: bool = False) -> dict[str, list[float]]:
     """Seconds of `runs` POST /continue calls through the app (upload decode, batcher, engine,
-    WAV out), as a client of the running server sees them, after the server's own warm-up."""
+    WAV out), as a client of the running server sees them, after the server's own warm-up.
+    `paired`: before each request the same continuation is also asked of the server's own engine
+    directly (continue_batch, what the batcher calls, from this thread): the HTTP layer's cost,
+    with slow spells hitting both alike."""
     import io
 
     import soundfile as sf
     from fastapi.testclient import TestClient
 
+    from model.engine import JOIN_SAMPLES
     from server.app import create_app
     from server.settings import Settings
 
@@ -138,13 +144,20 @@ def time_http(args, fast, audio, runs: int) -> list[float]:
     buf = io.BytesIO()
     sf.write(buf, audio.numpy(), 32000, format="WAV", subtype="PCM_16")
     query = "seed=0" + (f"&steps={args.steps}" if args.steps else "")
-    seconds = []
+    seconds = {"http": [], "engine": []} if paired else {"http": []}
     with TestClient(create_app(settings)) as client:
+        engine = client.app.state.service.engine
+        steps = tuple(int(s) for s in args.steps.split(",")) if args.steps else None
+        params = replace(engine.default_params, seed=0, **({"steps": steps} if steps else {}))
         for _ in range(runs):
+            if paired:
+                t0 = time.perf_counter()
+                engine.continue_batch([audio], [params], lead_in=JOIN_SAMPLES)
+                seconds["engine"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             r = client.post(f"/continue?{query}",
                             files={"audio": ("in.wav", buf.getvalue(), "audio/wav")})
-            seconds.append(time.perf_counter() - t0)
+            seconds["http"].append(time.perf_counter() - t0)
             if r.status_code != 200:
                 raise SystemExit(f"POST /continue answered {r.status_code}: {r.text}")
     return seconds
@@ -177,7 +190,8 @@ def main(argv=None) -> list[dict]:
                     help="comma list of maskless, inplace_snake, int8; or none (default: the "
                          "server's defaults)")
     ap.add_argument("--steps", default="", help="per-level steps (default: the model's)")
-    ap.add_argument("--modes", default="continue,extend", help="continue, extend, http, paired")
+    ap.add_argument("--modes", default="continue,extend",
+                    help="continue, extend, http, http_paired, paired, weights")
     ap.add_argument("--compare", default="none/maskless,inplace_snake/maskless,inplace_snake,int8",
                     help="paired: lever sets, '/'-separated, run in turn every repeat")
     ap.add_argument("--compare-weights", default="",
@@ -252,14 +266,18 @@ def main(argv=None) -> list[dict]:
                 realtime_factor=round(engine.chunk_samples / engine.sample_rate
                                       / median_rows(rows)["total"], 3))
                 for d, rows in runs.items()})
-        elif mode == "http":
+        elif mode in ("http", "http_paired"):
             if args.decoder or args.time_codec:
-                raise SystemExit("error: the http mode serves --codec as the server would; "
+                raise SystemExit("error: the http modes serve --codec as the server would; "
                                  "--decoder and --time-codec apply to the other modes")
-            secs = time_http(args, fast, audio, args.warmup + args.repeats)[args.warmup:]
-            med = statistics.median(secs)
+            secs = {k: v[args.warmup:] for k, v in time_http(
+                args, fast, audio, args.warmup + args.repeats, mode == "http_paired").items()}
+            med = statistics.median(secs["http"])
             timing = dict(median_s=dict(total=round(med, 4)), realtime_factor=round(
                 engine.chunk_samples / engine.sample_rate / med, 3))
+            if mode == "http_paired":
+                timing["totals_s"] = {k: [round(x, 3) for x in v] for k, v in secs.items()}
+                timing["engine_median_s"] = round(statistics.median(secs["engine"]), 4)
         else:
             raise SystemExit(f"unknown mode {mode!r}")
         row = dict(mode=mode, date=time.strftime("%Y-%m-%d %H:%M"), weights=args.weights,

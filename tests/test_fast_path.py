@@ -156,16 +156,19 @@ def test_realtime_bench_times_continue_and_each_extend_piece(debug_weights_dir, 
     subprocess.run([sys.executable, "bench/realtime.py", "--weights", debug_weights_dir,
                     "--codec", debug_codec_dir, "--threads", "1", "--steps", "1,1,1,1",
                     "--warmup", "0", "--repeats", "1", "--chunks", "2", "--isa", "avx2",
-                    "--levers", "maskless,int8", "--modes", "continue,extend,paired,weights",
+                    "--levers", "maskless,int8", "--modes", "continue,extend,paired,weights,http_paired",
                     "--compare", "none/maskless,int8",
                     "--compare-weights", f"{debug_weights_dir},{other}", "--out", str(out)],
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
-    cont, ext, paired, dits = (json.loads(line) for line in out.read_text().splitlines())
+    cont, ext, paired, dits, http = (json.loads(line) for line in out.read_text().splitlines())
     assert set(paired["compare"]) == {"none", "maskless,int8"}
     assert all(len(v["totals_s"]) == 1 for v in paired["compare"].values())
     assert list(dits["compare"]) == [debug_weights_dir, other]      # each DiT timed, in turn
     assert all(v["params_m"] > 0 and v["median_s"]["sample"] > 0 and v["realtime_factor"] > 0
                for v in dits["compare"].values())
+    # through the app and, before each request, the server's own engine directly
+    assert len(http["totals_s"]["http"]) == len(http["totals_s"]["engine"]) == 1
+    assert http["median_s"]["total"] > 0 and http["engine_median_s"] > 0
     assert cont["mode"] == "continue" and ext["mode"] == "extend"
     assert cont["cpu"]["env"]["ATEN_CPU_CAPABILITY"] == "avx2"
     assert cont["cpu"]["torch_capability"] in ("AVX2", "DEFAULT")

@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="print the input's tempo, beats, downbeats, time signature and key")
     ana.add_argument("input", type=Path, help="audio file (any format the server reads)")
     sub.add_parser("info", parents=[common], help="print the server's /info")
+    act = sub.add_parser("actions", parents=[common],
+                         help="list the model's style actions; --example K saves one to hear")
+    act.add_argument("--example", type=int, metavar="K",
+                     help="save action K's example chunk (OGG) to -o or action-K.ogg")
+    act.add_argument("-o", "--output", type=Path)
+    act.add_argument("--force", action="store_true", help="overwrite the output file")
     return ap
 
 
@@ -146,10 +152,31 @@ def _params(args) -> dict:
     return dict(_sampling(args), include_input=args.include_input)
 
 
+def _actions(c: Client, args) -> None:
+    if args.example is None:
+        actions = c.actions()
+        if not actions:
+            print("this model has no style actions (it was trained without them)",
+                  file=sys.stderr)
+        for a in actions:
+            print(f"{a['action']}: {a['description'] or '(not described yet)'}"
+                  + ("" if not a.get("example") else "  [example: --example "
+                     f"{a['action']}]"))
+        return
+    out = args.output or Path(f"action-{args.example}.ogg")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it, or -o another name")
+    _write(out, c.action_example(args.example), args.force)
+    print(f"saved action {args.example}'s example to {out}", file=sys.stderr)
+
+
 def _run(args) -> None:
     with Client(args.url, api_key=args.api_key, timeout=args.timeout) as c:
         if args.command == "info":
             print(json.dumps(c.info(), indent=2))
+            return
+        if args.command == "actions":
+            _actions(c, args)
             return
         if not args.input.is_file():
             raise FileNotFoundError(f"{args.input}: no such file")

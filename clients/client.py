@@ -115,6 +115,15 @@ class Client:
     def info(self) -> dict:
         return self._call(endpoints.INFO)
 
+    def actions(self) -> list[dict]:
+        """The model's style actions as /info lists them ([] for a model without them): each
+        with its measured description (None until described) and whether it has an example."""
+        return self.info()["engine"]["style"]["actions"]
+
+    def action_example(self, action: int) -> bytes:
+        """The OGG of the chunk that selects style action k most strongly."""
+        return self._call(endpoints.action_example(action))
+
     def continue_(self, audio: AudioInput, *, sample_rate: int | None = None,
                   include_input: bool = False, **sampling: Unpack[Sampling]) -> Result:
         """6.144 s continuing `audio` (a path, file bytes, or a float array with sample_rate).
@@ -224,6 +233,12 @@ class AsyncClient:
 
     async def info(self) -> dict:
         return await self._call(endpoints.INFO)
+
+    async def actions(self) -> list[dict]:
+        return (await self.info())["engine"]["style"]["actions"]
+
+    async def action_example(self, action: int) -> bytes:
+        return await self._call(endpoints.action_example(action))
 
     async def continue_(self, audio: AudioInput, *, sample_rate: int | None = None,
                         include_input: bool = False, **sampling: Unpack[Sampling]) -> Result:

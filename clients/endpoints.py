@@ -232,6 +232,16 @@ READY = Request("GET", "/ready", _is_ready)
 INFO = Request("GET", "/info", _json)
 
 
+def _bytes(resp: httpx.Response) -> bytes:
+    check(resp)
+    return resp.content
+
+
+def action_example(action: int) -> Request:
+    """The example chunk of a style action (OGG bytes), as /info lists the actions."""
+    return Request("GET", f"/actions/{int(action)}/example", _bytes)
+
+
 def _upload(path: str, audio: AudioInput, sample_rate: int | None, sampling: Sampling,
             **more) -> Request:
     """A generating call: `audio` uploaded, the query built from `sampling` and `more`."""

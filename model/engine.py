@@ -74,6 +74,7 @@ from model.editing import (  # noqa: F401 - re-exported: the server's names for 
 from model.fast import describe as describe_fast_path
 from model.sampler import SamplingParams, derive_seed, generate, resolve_seed
 from model.sampler import extend as extend_tokens
+from model.style import example_file, read_action_notes
 from model.weights import load_dit, read_dit_config
 
 # Padding units (0.384 s at 32 kHz) of tokens decoded on each side of the samples wanted.
@@ -167,6 +168,8 @@ class ContinuationEngine(EditingMixin):
             raise ValueError("diffusion config and model disagree on the number of levels")
         self.default_params = (default_params or SamplingParams()).validated(cfg.n_levels)
         self.fault: BaseException | None = None  # the device error that ended this engine
+        # what each style action means (read_action_notes; `load` reads them beside the weights)
+        self.action_notes, self.action_notes_problem, self.actions_dir = None, None, None
         # Rows per codec call (encode or decode). On a GPU a batch's rows go in one call; on a
         # CPU one at a time, which measured 2-2.5x faster than 8 together with the demo codec on
         # one thread (docs/benchmarks.md): the batched activations outgrow the caches. The
@@ -235,9 +238,27 @@ class ContinuationEngine(EditingMixin):
                 k: tuple(v) if isinstance(v, list) else v for k, v in config["sampling"].items()
             }
             defaults = SamplingParams(**fields)
-        return cls(codec, dit, diffusion, defaults)
+        engine = cls(codec, dit, diffusion, defaults)
+        engine.read_action_notes(dit_dir)
+        return engine
 
     # ------------------------------------------------------------------ style
+    def read_action_notes(self, dit_dir) -> None:
+        """What each style action means (model/style.py, ACTIONS_FILE beside the weights, written
+        by `python -m training.dit.actions`), for /info and the actions' examples."""
+        self.action_notes, self.action_notes_problem, self.actions_dir = None, None, None
+        if self.style_actions:
+            self.action_notes, self.action_notes_problem = read_action_notes(
+                dit_dir, self.style_actions)
+            self.actions_dir = dit_dir
+
+    def action_example(self, action: int):
+        """The example audio file of action k (an OGG path), or None if there is none."""
+        if not self.action_notes or not 0 <= action < self.style_actions:
+            return None
+        path = example_file(self.actions_dir, action)
+        return path if path.is_file() else None
+
     @property
     def style_actions(self) -> int:
         """K, the number of style actions; 0 = this model takes no style."""
@@ -528,11 +549,20 @@ class ContinuationEngine(EditingMixin):
         )
 
     def style_info(self) -> dict:
-        """What the model offers as style actions. Descriptions of each action (measured
-        properties of the chunks that select it) are not computed yet: null until measured."""
+        """What the model offers as style actions: each with its description (measured
+        properties of the chunks that select it; null until `python -m training.dit.actions`
+        has measured them), the share of chunks that select it, their medians, and whether an
+        example chunk is there to hear."""
         cfg = self.dit.config
         if not cfg.style_actions:
             return dict(available=False, actions=[],
                         detail="this model has no style actions (trained without them)")
-        return dict(available=True, topk=cfg.style_topk,
-                    actions=[dict(action=k, description=None) for k in range(cfg.style_actions)])
+        notes = self.action_notes or [{} for _ in range(cfg.style_actions)]
+        actions = [dict(action=k, description=n.get("description"), share=n.get("share"),
+                        medians=n.get("medians"),
+                        example=self.action_example(k) is not None if n else False)
+                   for k, n in enumerate(notes)]
+        info = dict(available=True, topk=cfg.style_topk, actions=actions)
+        if self.action_notes_problem:
+            info["detail"] = self.action_notes_problem
+        return info

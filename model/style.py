@@ -16,7 +16,9 @@ model; that is what style dropout trains and what classifier-free guidance on th
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -69,3 +71,30 @@ class StyleActions(nn.Module):
         if k.numel() and (int(k.min()) < 0 or int(k.max()) >= self.n_styles):
             raise ValueError(f"style actions are 0..{self.n_styles - 1}, got {k.tolist()}")
         return self.styles[k]
+
+
+# What each action means, measured after training (`python -m training.dit.actions`), beside the
+# DiT's weights: descriptions for /info, and one example chunk per action.
+ACTIONS_FILE = "style_actions.json"
+EXAMPLES_DIR = "actions"
+
+
+def example_file(dit_dir: str | Path, action: int) -> Path:
+    return Path(dit_dir) / EXAMPLES_DIR / f"action-{action}.ogg"
+
+
+def read_action_notes(dit_dir: str | Path, k: int) -> tuple[list[dict] | None, str | None]:
+    """(per-action notes, None), or (None, why they are not used) when the DiT's directory has
+    no usable ACTIONS_FILE: (None, None) when there is none at all."""
+    path = Path(dit_dir) / ACTIONS_FILE
+    if not path.is_file():
+        return None, None
+    try:
+        actions = json.loads(path.read_text()).get("actions")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        return None, f"{path}: unreadable ({e}); the actions stay undescribed"
+    if (not isinstance(actions, list) or len(actions) != k
+            or [a.get("action") if isinstance(a, dict) else None for a in actions] != list(range(k))):
+        return None, (f"{path} does not describe this model's {k} actions (another model's?); "
+                      "they stay undescribed: re-run python -m training.dit.actions")
+    return actions, None

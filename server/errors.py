@@ -60,6 +60,11 @@ class InvalidParameter(ApiError):
     status, code = 422, "invalid_parameter"
 
 
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
 class QueueFull(ApiError):
     status, code = 429, "queue_full"
 

@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.deps import AuthDep, ReadyDep, ServiceDep
+from server.errors import InvalidParameter, NotFound
 
 router = APIRouter(tags=["status"])
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -70,6 +71,31 @@ async def info(_: AuthDep, svc: ReadyDep):
         "context_samples": svc.engine.context_samples,
         "n_levels": svc.engine.codec.n_levels,
     }
+
+
+@router.get("/actions/{action}/example",
+            summary="Hear a style action: the chunk that selects it most strongly (OGG)",
+            response_class=FileResponse,
+            responses={200: {"content": {"audio/ogg": {}}},
+                       404: {"description": "no_example: the actions have not been described"},
+                       422: {"description": "no_style_actions, or action out of range"}})
+async def action_example(action: str, _: AuthDep, svc: ReadyDep):
+    k = svc.engine.style_actions
+    if not k:
+        raise InvalidParameter("this model has no style actions (it was trained without them)",
+                               code="no_style_actions")
+    try:
+        a = int(action)
+    except ValueError:
+        a = -1
+    if not 0 <= a < k:
+        raise InvalidParameter(f"action must be an integer in [0, {k - 1}], got {action!r}")
+    path = svc.engine.action_example(a)
+    if path is None:
+        raise NotFound(f"action {a} has no example: its model's actions have not been described "
+                       "(python -m training.dit.actions writes them beside the weights)",
+                       code="no_example")
+    return FileResponse(path, media_type="audio/ogg", filename=f"action-{a}.ogg")
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

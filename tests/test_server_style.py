@@ -128,7 +128,8 @@ def test_style_guidance_counts_in_the_compute_budget():
 def test_browser_page_offers_the_actions_only_when_the_model_has_them(
         debug_codec_dir, browser, tmp_path):  # noqa: F811 - the fixture imported above
     """The page's style controls: hidden for a model without style actions (the shipped demo);
-    with them, the K actions as a choice and a reference clip, sent with continue."""
+    with them, the K actions as a choice (with their descriptions, and a player for an action's
+    example) and a reference clip, sent with continue."""
     import soundfile as sf
 
     from server.background import serve_in_background
@@ -145,6 +146,12 @@ def test_browser_page_offers_the_actions_only_when_the_model_has_them(
             return _run(*args, **kw)
 
         engine.continue_batch = recorded
+        if k:   # action 2 has been described and has an example to hear (training.dit.actions)
+            engine.action_notes = [dict(action=a, description=f"style {a}") for a in range(k)]
+            engine.actions_dir = tmp_path
+            (tmp_path / "actions").mkdir()
+            sf.write(tmp_path / "actions" / "action-2.ogg", song(6.144), SR, format="OGG",
+                     subtype="VORBIS")
         app = create_app(Settings(warmup=False, max_wait_ms=1), engine=engine)
         with serve_in_background(app) as url:
             browser.cmd("POST", "/url", {"url": url + "/"})
@@ -156,8 +163,13 @@ def test_browser_page_offers_the_actions_only_when_the_model_has_them(
             if k:
                 browser.type("#audio", str(clip))
                 browser.type("input[name=steps]", "1")
+                assert "style 1" in browser.js(
+                    "return document.getElementById('style-action').options[2].textContent")
                 browser.js("const s = document.getElementById('style-action');"
                            "s.value = '2'; s.dispatchEvent(new Event('change'))")
+                browser.wait_js("const p = document.getElementById('style-example');"
+                                "return !p.hidden && p.readyState >= 1")   # its example plays
+                assert _duration(browser, "#style-example") > 6.0
                 browser.type("#style-file", str(clip))
                 browser.wait_js("return document.getElementById('input-audio').readyState >= 1")
                 _run(browser, "#continue-btn")

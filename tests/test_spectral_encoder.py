@@ -270,3 +270,31 @@ def test_realtime_bench_times_the_path_through_a_spectral_codec(tmp_path, debug_
     http = subprocess.run(args + ["--modes", "http"], cwd=root, capture_output=True, text=True,
                           timeout=600)
     assert http.returncode != 0 and "--time-codec apply to the other modes" in http.stderr
+
+
+def test_a_decoder_only_fine_tune_of_a_spectral_codec_keeps_its_codes(tmp_path, tone_dir):
+    """The plan once the codes are frozen (docs/codec-training.md): the decoder keeps training
+    with `freeze_encoder`, so a DiT trained on the codes stays valid. Only the decoder moves,
+    and the codes fingerprint is the same."""
+    common = ["--preset", "debug", "--curriculum", "[[0, 0.384, 2]]", "--val_seconds", "0.384",
+              "--val_files", "1", "--num_workers", "0", "--threads", "1", "--progress", "false",
+              "--gan", "false", "--model.noise", "false",
+              "--encoder", '{kind = "stft", dim = 32, layers = 1}',
+              "--decoder", '{kind = "istft", dim = 32, layers = 1, phase = "frequency"}',
+              "--loss_weights.amp", "4", "--loss_weights.phase", "0", "--loss_weights.l1", "0",
+              "--loss_weights.consistency", "0", "--loss_weights.frequency", "10",
+              "--loss_weights.frequency_bass", "10", "--loss_weights.chroma", "2",
+              "--loss_weights.encoder_spectrum", "1", "--train", str(tone_dir), "--steps", "2",
+              "--val_every", "0", "--ckpt_every", "100", "--resume", "never"]
+    assert main(common + ["--out_dir", str(tmp_path / "base")]) == 0
+    base = tmp_path / "base" / "export"
+    assert main(common + ["--out_dir", str(tmp_path / "ft"), "--init", str(base),
+                          "--freeze_encoder", "true", "--frequency_bass_hz", "520"]) == 0
+    before, after = Codec.load(str(base)), Codec.load(str(tmp_path / "ft" / "export"))
+    assert after.codes_fingerprint == before.codes_fingerprint
+    a, b = before.snac.state_dict(), after.snac.state_dict()
+    changed = {k.split(".")[0] for k in a if not torch.equal(a[k], b[k])}
+    assert changed == {"decoder"}
+    x = tone(330.0)[0]
+    for p, q in zip(before.encode(x), after.encode(x), strict=True):
+        assert torch.equal(p, q)

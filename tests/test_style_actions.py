@@ -187,3 +187,19 @@ def test_the_client_and_cli_list_the_actions_and_save_an_example(described, debu
                                text=True, timeout=120,
                                env=env)
         assert again.returncode != 0 and "exists; pass --force" in again.stderr
+
+
+def test_the_model_card_tables_the_actions_and_the_style_evaluation(described, tmp_path):
+    from training.dit.card import style_section
+
+    weights, notes, _ = described
+    evaluation = dict(windows=8, chance=0.125, rows={
+        "unstyled": dict(ref_retrieval=0.125, style_retrieval=0.25, toward_timbre=0.0,
+                         toward_chroma=0.0, seam_ratio=1.0),
+        "cfg:2": dict(ref_retrieval=0.5, style_retrieval=0.75, toward_timbre=0.12,
+                      toward_chroma=0.03, seam_ratio=1.1)})
+    text = style_section(weights, evaluation)
+    for a in notes["actions"]:
+        assert f"| {a['action']} | {100 * a['share']:.0f} % | {a['description']} |" in text
+    assert "measured on 5 chunks" in text and "| cfg:2 | 0.500 | 0.750 | 0.120 |" in text
+    assert style_section(tmp_path) == ""                  # nothing measured: no section

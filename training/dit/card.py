@@ -160,8 +160,39 @@ def _style_line(dit: dict) -> str:
             "docs/model.md, \"Style actions\".")
 
 
+def style_section(weights: Path, style_eval: dict | None = None) -> str:
+    """The card's section on what the style actions mean (`python -m training.dit.actions`
+    beside the weights) and how well a reference's style is followed (bench/eval_style.py)."""
+    from model.style import ACTIONS_FILE
+
+    parts = []
+    path = weights / ACTIONS_FILE
+    if path.is_file():
+        notes = json.loads(path.read_text())
+        rows = ["| action | share of chunks | description | example |", "|---|---|---|---|"]
+        for a in notes["actions"]:
+            example = f"`{a['example']['file']}`" if a.get("example") else "-"
+            rows.append(f"| {a['action']} | {100 * a['share']:.0f} % | {a['description']} | "
+                        f"{example} |")
+        parts.append(f"What each action means, measured on {notes['chunks']} chunks of "
+                     f"`{shown_path(notes['tokens'])}` (`python -m training.dit.actions`; "
+                     f"{notes['method']}):\n\n" + "\n".join(rows))
+    if style_eval:
+        cols = ("ref_retrieval", "style_retrieval", "toward_timbre", "toward_chroma", "seam_ratio")
+        rows = ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        rows += [f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |"
+                 for name, r in style_eval["rows"].items()]
+        parts.append(f"Following a reference clip's style (`bench/eval_style.py`, "
+                     f"{style_eval['windows']} held-out windows, chance retrieval "
+                     f"{style_eval['chance']:.3f}; the seam ratio is against the unstyled "
+                     "continuation's, the issue's bound 1.2):\n\n" + "\n".join(rows))
+    if not parts:
+        return ""
+    return "\n## Style actions\n\n" + "\n\n".join(parts) + "\n"
+
+
 def card(run: Path, weights: Path, corpus: Path | None = None, result: dict | None = None,
-         notes: str = "", tokens: Path | None = None) -> str:
+         notes: str = "", tokens: Path | None = None, style_eval: dict | None = None) -> str:
     served = read_dit_config(weights)
     if not (run / "config.json").is_file():
         raise CardError(f"{run} has no config.json: is it a training run directory?")
@@ -257,8 +288,8 @@ def card(run: Path, weights: Path, corpus: Path | None = None, result: dict | No
     total = sum(s["steps"] for s in train["curriculum"]["stages"])
     status = ("The curriculum is complete: this is its last step, trained across several "
               "working periods." if step >= total else
-              '**Work in progress**: training continues across working periods (issue "Demo\n'
-              'DiT"); the figures below are what this snapshot measures.')
+              "**Work in progress**: training continues across working periods; the figures\n"
+              "below are what this snapshot measures.")
     return f"""# Demo DiT (snac-dit) — snapshot at step {step:,}
 
 The hierarchical masked-diffusion transformer that continues music in `make serve`, trained
@@ -306,7 +337,7 @@ train split's token frequencies per level, on the same targets.
 Evaluation curve (mean masked CE over all cells, and per level):
 
 {chr(10).join(curve)}
-{cont}
+{cont}{style_section(weights, style_eval) if dit.get("style_actions") else ""}
 {f"{chr(10)}## What it sounds like{chr(10)}{chr(10)}{notes.strip()}{chr(10)}" if notes.strip() else ""}"""
 
 
@@ -318,12 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=Path, help="token directory (default: the run's data.tokens)")
     ap.add_argument("--corpus", type=Path, help="the corpus the tokens came from (licence table)")
     ap.add_argument("--eval", type=Path, help="bench/eval_continuation.py --out JSON")
+    ap.add_argument("--style-eval", type=Path, help="bench/eval_style.py --out JSON")
     ap.add_argument("--notes", type=Path, help="Markdown: what listening shows")
     a = ap.parse_args(argv)
     try:
         result = json.loads(a.eval.read_text()) if a.eval else None
+        style_eval = json.loads(a.style_eval.read_text()) if a.style_eval else None
         text = card(a.run, a.weights, a.corpus, result,
-                    a.notes.read_text() if a.notes else "", a.tokens)
+                    a.notes.read_text() if a.notes else "", a.tokens, style_eval)
     except (CardError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -589,6 +589,11 @@ def test_encoder_warmup_trains_the_encoder_alone_then_the_codec_resumably(tmp_pa
     split = {"loss_weights": {"chroma": 20.0}, "chroma_split_hz": 254.0}
     assert "bass register's chroma (30 to 254 Hz" in warmup_text(split)
     assert "bass register" not in warmup_text(dict(split, chroma_split_hz=0.0))
+    bass = {"loss_weights": {"frequency_bass": 40.0}}
+    assert "bins below 254.2 Hz alone" in warmup_text(bass)
+    assert "bins below 520 Hz alone (`frequency_bass`, top `frequency_bass_hz`)" in warmup_text(
+        dict(bass, frequency_bass_hz=520.0))
+    assert "frequency term is also" not in warmup_text({"loss_weights": {}})
     assert origin_text({"init": "weights/next/codec"}).startswith("Warm-started from")
     assert origin_text({"init": ""}) == "From scratch"
     assert "8192 STFT" in bass_text({"bass_n_fft": 8192, "bass_min_hz": 30.0,

@@ -99,6 +99,13 @@ def warmup_text(train: dict) -> str:
         text += (f" The chroma head predicts the bass register's chroma (30 to "
                  f"{train['chroma_split_hz']:g} Hz, 3.9 Hz bins) apart from the rest's "
                  "(`chroma_split_hz`), so levels A and B carry bass pitch too.")
+    if train.get("loss_weights", {}).get("frequency_bass"):
+        top = train.get("frequency_bass_hz") or 254.2
+        text += (f" The frequency term is also taken over the bins below {top:g} Hz alone "
+                 "(`frequency_bass`"
+                 + (", top `frequency_bass_hz`" if train.get("frequency_bass_hz") else "")
+                 + "), where a bin is wider than a semitone and the note is the frequency the "
+                 "head plays.")
     return text
 
 

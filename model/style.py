@@ -16,6 +16,7 @@ model; that is what style dropout trains and what classifier-free guidance on th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -83,16 +84,36 @@ def example_file(dit_dir: str | Path, action: int) -> Path:
     return Path(dit_dir) / EXAMPLES_DIR / f"action-{action}.ogg"
 
 
+def weights_digest(dit_dir: str | Path) -> str | None:
+    """sha256 of the DiT's weight file: the notes describe these weights, not a later export."""
+    from model.weights import WEIGHTS_FILE
+
+    path = Path(dit_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_action_notes(dit_dir: str | Path, k: int) -> tuple[list[dict] | None, str | None]:
     """(per-action notes, None), or (None, why they are not used) when the DiT's directory has
-    no usable ACTIONS_FILE: (None, None) when there is none at all."""
+    no usable ACTIONS_FILE: (None, None) when there is none at all. Notes of other weights (a
+    later export into the same directory) are not used."""
     path = Path(dit_dir) / ACTIONS_FILE
     if not path.is_file():
         return None, None
     try:
-        actions = json.loads(path.read_text()).get("actions")
+        notes = json.loads(path.read_text())
+        actions = notes.get("actions")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         return None, f"{path}: unreadable ({e}); the actions stay undescribed"
+    if notes.get("weights_sha256") != weights_digest(dit_dir):
+        return None, (f"{path} describes other weights than {Path(dit_dir).name}'s (exported "
+                      "again since?); the actions stay undescribed: re-run "
+                      "python -m training.dit.actions")
     if (not isinstance(actions, list) or len(actions) != k
             or [a.get("action") if isinstance(a, dict) else None for a in actions] != list(range(k))):
         return None, (f"{path} does not describe this model's {k} actions (another model's?); "

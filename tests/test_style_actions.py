@@ -131,19 +131,25 @@ def test_the_server_lists_the_descriptions_and_plays_the_examples(described, deb
                 assert_error(r, 404, "no_example", "python -m training.dit.actions")
         assert_error(client.get("/actions/3/example"), 422, "invalid_parameter", "[0, 2]")
         assert_error(client.get("/actions/x/example"), 422, "invalid_parameter")
-    # another model's notes (2 actions for 3) are not shown as this model's
+    # another model's notes (2 actions for 3), or notes of other weights (a later export), are
+    # not shown as this model's
     stale = weights.parent / "stale"
     stale.mkdir()
     for f in ("config.json", "model.safetensors"):
         (stale / f).write_bytes((weights / f).read_bytes())
-    (stale / "style_actions.json").write_text(json.dumps(
-        {"actions": [dict(action=k, description="x") for k in range(2)]}))
-    with TestClient(create_app(Settings(weights=str(stale), codec=debug_codec_dir,
-                                        warmup=False))) as client:
-        style = client.get("/info").json()["engine"]["style"]
-        assert [a["description"] for a in style["actions"]] == [None] * 3
-        assert "does not describe this model's 3 actions" in style["detail"]
-        assert_error(client.get("/actions/0/example"), 404, "no_example")
+    from model.style import weights_digest
+
+    for notes_of, why in (([0, 1], "does not describe this model's 3 actions"),
+                          ([0, 1, 2], "describes other weights")):
+        (stale / "style_actions.json").write_text(json.dumps(
+            {"weights_sha256": weights_digest(stale) if why.startswith("does") else "0" * 64,
+             "actions": [dict(action=k, description="x") for k in notes_of]}))
+        with TestClient(create_app(Settings(weights=str(stale), codec=debug_codec_dir,
+                                            warmup=False))) as client:
+            style = client.get("/info").json()["engine"]["style"]
+            assert [a["description"] for a in style["actions"]] == [None] * 3
+            assert why in style["detail"]
+            assert_error(client.get("/actions/0/example"), 404, "no_example")
     with TestClient(create_app(Settings(weights=debug_weights_dir, codec=debug_codec_dir,
                                         warmup=False))) as client:
         assert_error(client.get("/actions/0/example"), 422, "no_style_actions")

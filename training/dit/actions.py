@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.style import ACTIONS_FILE, EXAMPLES_DIR, example_file
+from model.style import ACTIONS_FILE, EXAMPLES_DIR, example_file, weights_digest
 
 # property: (words for above / below the whole set, unit formatter)
 PROPERTIES = {
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["example"] = dict(file=f"{EXAMPLES_DIR}/{target.name}", path=path, chunk=c,
                                 weight=round(float(weights[best, entry["action"]]), 4))
     result = dict(
-        weights=str(a.weights), codec=str(a.codec), codec_fingerprint=codec.fingerprint,
+        weights=str(a.weights), weights_sha256=weights_digest(a.weights), codec=str(a.codec), codec_fingerprint=codec.fingerprint,
         tokens=str(a.tokens), chunks=len(rows),
         audio=dict(original=sum(r["audio"] == "original" for r in rows),
                    decoded=sum(r["audio"] == "decoded" for r in rows)),

@@ -85,7 +85,8 @@ def described(tmp_path_factory, debug_codec_dir):
     rng = np.random.default_rng(0)
     files = {f"f{i}.wav": [rng.integers(0, codec.codebook_size, 2 * f).astype(np.uint16)
                            for f in codec.frames_per_chunk] for i in range(3)}
-    write_token_dir(tmp / "tokens", files, codebook_size=codec.codebook_size)
+    write_token_dir(tmp / "tokens", files, codebook_size=codec.codebook_size,
+                    fingerprint=codec.fingerprint)
     (tmp / "audio").mkdir()
     t = np.arange(2 * CHUNK) / SR
     sf.write(tmp / "audio" / "f1.wav", 0.3 * np.sin(2 * np.pi * 220.0 * t), SR)
@@ -161,6 +162,20 @@ def test_the_tool_refuses_a_model_without_style_actions(debug_weights_dir, debug
                         debug_weights_dir, "--codec", debug_codec_dir, "--tokens",
                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "has no style actions" in r.stderr
+
+
+def test_the_tool_refuses_tokens_of_another_codec_and_a_missing_token_directory(
+        described, debug_codec_dir, tmp_path):
+    weights, _, _ = described
+    rng = np.random.default_rng(0)
+    write_token_dir(tmp_path / "other", {"a.wav": [rng.integers(0, 64, 64 * 8 // s).astype(
+        np.uint16) for s in (8, 4, 2, 1)]}, codebook_size=64, fingerprint="another")
+    for tokens, why in ((tmp_path / "other", "holds the codes of codec another"),
+                        (tmp_path / "none", "no manifest.json")):
+        r = subprocess.run([sys.executable, "-m", "training.dit.actions", "--weights",
+                            str(weights), "--codec", debug_codec_dir, "--tokens", str(tokens)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_the_client_and_cli_list_the_actions_and_save_an_example(described, debug_codec_dir,

@@ -187,7 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     if not dit.config.style_actions:
         raise SystemExit(f"error: {a.weights} has no style actions (trained without them): "
                          "nothing to describe")
-    codec = Codec.load(a.codec)
+    from model.weights import CodecLoadError
+    from training.tokens.shards import ManifestError, read_manifest, same_codes
+
+    try:
+        codec = Codec.load(a.codec)
+        made_by = read_manifest(a.tokens)["codec"]
+    except (CodecLoadError, ManifestError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if not same_codes(made_by, codec.fingerprint, codec.codes_fingerprint):
+        raise SystemExit(f"error: {a.tokens} holds the codes of codec {made_by['fingerprint']} "
+                         f"({made_by.get('source')}), not of {a.codec}: describe the actions "
+                         "with the codec the DiT was trained on")
     sr, n = codec.sample_rate, codec.samples_per_chunk
     rows, weights, audios = [], [], {}
     chunks = read_chunks(Path(a.tokens), a.chunks, a.seed)
@@ -230,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         entry["example"] = dict(file=f"{EXAMPLES_DIR}/{target.name}", path=path, chunk=c,
                                 weight=round(float(weights[best, entry["action"]]), 4))
     result = dict(
-        weights=str(a.weights), weights_sha256=weights_digest(a.weights), codec=str(a.codec), codec_fingerprint=codec.fingerprint,
+        weights=str(a.weights), weights_sha256=weights_digest(a.weights), codec=str(a.codec),
+        codec_fingerprint=codec.fingerprint,
         tokens=str(a.tokens), chunks=len(rows),
         audio=dict(original=sum(r["audio"] == "original" for r in rows),
                    decoded=sum(r["audio"] == "decoded" for r in rows)),

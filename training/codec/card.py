@@ -63,8 +63,8 @@ def codes_text(result: dict, frozen: bool) -> str:
         if codes else ""
     if frozen:
         return (f"{which}. **These codes are final**: the encoder and quantiser are frozen at "
-                "this step, and the demo DiT's tokens are made of them. Later decoder-only "
-                "fine-tuning (`freeze_encoder = true`) may improve the sound; it keeps the codes "
+                "this step, and the DiT that serves with this codec trains on them. Later "
+                "decoder-only fine-tuning (`freeze_encoder = true`) may improve the sound; it keeps the codes "
                 "fingerprint, so tokens and DiT stay valid.")
     return (f"{which}. **These codes are not final yet**: the encoder and quantiser are still "
             "training, so do not tokenise a DiT corpus with this snapshot; the card of the "

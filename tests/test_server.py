@@ -360,7 +360,7 @@ def test_docs_list_every_endpoint_that_needs_the_api_key(engine):
 
     row = next(line for line in (Path(__file__).parents[1] / "docs" / "server.md")
                .read_text().splitlines() if line.startswith("| `SNAC_DIT_API_KEY`"))
-    documented = set(re.findall(r"`(/\w*)`", row.split("need")[0]))
+    documented = set(re.findall(r"`(/[\w{}/]*)`", row.split("need")[0]))
     with TestClient(create_app(Settings(warmup=False, api_key="s3cret"), engine=engine)) as c:
         routes = {(m, path) for path, ops in c.get("/openapi.json").json()["paths"].items()
                   for m in ops} | {("get", "/"), ("get", "/docs")}

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
 
 from tests.test_eval_continuation import chord_track
 
@@ -47,17 +46,9 @@ def test_scores_tell_a_continuation_that_follows_its_reference_from_one_that_ign
 
 def test_entry_point_on_a_model_with_style_actions(tmp_path, debug_codec_dir, debug_weights_dir):
     from model.codec import Codec
-    from model.dit import DiT, DiTConfig
-    from model.weights import save_pretrained
+    from tests.test_style_actions import saved_styled_dit
 
-    codec = Codec.load(debug_codec_dir)
-    torch.manual_seed(0)
-    dit = DiT(DiTConfig.from_name("debug", codebook_size=codec.codebook_size, style_actions=3,
-                                  style_topk=2))
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.normal_(0.0, 0.05)
-    weights = save_pretrained(dit, tmp_path / "dit")
+    weights = saved_styled_dit(Codec.load(debug_codec_dir), tmp_path / "dit", std=0.05)
     audio = tmp_path / "tracks"
     audio.mkdir()
     for i, chord in enumerate(CHORDS[:2]):

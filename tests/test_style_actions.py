@@ -69,19 +69,24 @@ def test_descriptions_name_what_sets_an_actions_chunks_apart():
     assert a2["share"] == 0 and a2["description"].startswith("unused") and a2["medians"] is None
 
 
+def saved_styled_dit(codec: Codec, out: Path, std: float, actions: int = 3) -> Path:
+    """A debug DiT with style actions, random weights of scale `std`, saved to `out`."""
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig.from_name("debug", codebook_size=codec.codebook_size,
+                                  style_actions=actions, style_topk=2))
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0.0, std)
+    return save_pretrained(dit, out)
+
+
 @pytest.fixture(scope="module")
 def described(tmp_path_factory, debug_codec_dir):
     """A debug DiT with 3 style actions, a token directory of 3 files x 2 chunks (one file's
     audio on disk), and the tool run through its entry point on 5 of the chunks."""
     tmp = tmp_path_factory.mktemp("actions")
     codec = Codec.load(debug_codec_dir)
-    torch.manual_seed(0)
-    dit = DiT(DiTConfig.from_name("debug", codebook_size=codec.codebook_size, style_actions=3,
-                                  style_topk=2))
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.normal_(0.0, 0.5)
-    weights = save_pretrained(dit, tmp / "dit")
+    weights = saved_styled_dit(codec, tmp / "dit", std=0.5)
     rng = np.random.default_rng(0)
     files = {f"f{i}.wav": [rng.integers(0, codec.codebook_size, 2 * f).astype(np.uint16)
                            for f in codec.frames_per_chunk] for i in range(3)}
